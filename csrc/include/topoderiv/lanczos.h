@@ -1,0 +1,106 @@
+// Batched Lanczos for the k algebraically largest eigenpairs of many symmetric m x m operators.
+//
+// One host-side driver (csrc/common/lanczos_driver.cpp) runs all problems in lock step: seeded
+// deterministic start vectors, full re-orthogonalisation (classical Gram-Schmidt, twice), a
+// tridiagonal QL solve per problem per step (eigenvalues and the last row of the eigenvectors only,
+// O(j^2)), and a Ritz-estimate stop |beta_j * s_{j,i}| <= tol * ||T_j||. Invariant subspaces
+// (beta ~ 0) restart with a fresh random vector orthogonal to the basis, so multiplicities and
+// rank-deficient operators are handled. The device work (operator application, orthogonalisation,
+// Ritz vectors) is behind LanczosBackend: a CPU and a CUDA implementation.
+#pragma once
+#include <cstdint>
+
+#include "topoderiv/common.h"
+#include "topoderiv/sensitivity.h"
+
+namespace topoderiv {
+
+struct LanczosParams {
+  int64_t num_problems = 0;  // B
+  int64_t m = 0;             // operator size
+  int64_t k = 1;             // eigenpairs wanted per problem, 1 <= k <= m
+  int64_t max_steps = 0;     // Krylov dimension cap, k <= max_steps <= m
+  double tol = 1e-6;         // relative Ritz-estimate tolerance
+  uint64_t seed = 0;
+  DType dtype = DType::kFloat32;  // operator / basis / output dtype: kFloat32 or kFloat64
+  // Dense operator when a != nullptr: [B, m, m] contiguous, dtype, symmetric (only the upper
+  // triangle is trusted by nothing: the full matrix is read).
+  const void* a = nullptr;
+  // Matrix-free operator when a == nullptr: the sensitivity blocks of (x, p); B = op.batch * op.n,
+  // problem index = b * n + r. op.v / op.out / op.workspace are set by the backend.
+  SensitivityMatvecParams op;
+  // Outputs.
+  void* values = nullptr;          // [B, k] dtype, descending
+  void* vectors = nullptr;         // [B, m, k] dtype, unit columns
+  void* ritz_residuals = nullptr;  // [B, k] dtype, Lanczos estimate of ||A y - theta y||
+  int32_t* steps = nullptr;        // [B] Krylov dimension used (host memory for CPU, device for CUDA)
+  double* anorm_host = nullptr;    // [B] HOST memory, always: max |Ritz value| = ||T_j|| ~ ||A||_2,
+                                   // written by the driver (not the backend); may be nullptr
+  void* workspace = nullptr;       // lanczos_workspace_elems(*this) elements of dtype
+  int num_threads = 1;
+  void* stream = nullptr;
+  bool matrix_free() const { return a == nullptr; }
+};
+
+// Workspace layout, in elements of params.dtype.
+struct LanczosWorkspaceLayout {
+  int64_t basis = 0;   // [max_steps + 1, B, m]: basis vector j of all problems is contiguous [B, m]
+  int64_t w = 0;       // [B, m]
+  int64_t s = 0;       // [B, max_steps, k] Ritz coefficients (device copy)
+  int64_t coef = 0;    // [B, max_steps + 1] Gram-Schmidt coefficients
+  int64_t scalars = 0; // [B, 4] alpha, beta, active flag, scratch
+  int64_t matvec = 0;  // [op.batch, op.N, op.n] matrix-free CUDA workspace (0 elements otherwise)
+  int64_t total = 0;
+};
+
+inline LanczosWorkspaceLayout lanczos_workspace_layout(const LanczosParams& p, bool cuda) {
+  LanczosWorkspaceLayout l;
+  const int64_t B = p.num_problems;
+  l.basis = 0;
+  l.w = l.basis + (p.max_steps + 1) * B * p.m;
+  l.s = l.w + B * p.m;
+  l.coef = l.s + B * p.max_steps * p.k;
+  l.scalars = l.coef + B * (p.max_steps + 1);
+  l.matvec = l.scalars + B * 4;
+  l.total = l.matvec + ((cuda && p.matrix_free()) ? matvec_workspace_elems(p.op) : 0);
+  return l;
+}
+
+// Device-side primitives the driver needs. j is the index of the current basis vector.
+class LanczosBackend {
+ public:
+  virtual ~LanczosBackend() = default;
+  // Problems with active[b] == 0 are frozen: the backend may skip them.
+  virtual void set_active(const uint8_t* active) = 0;
+  // W = A V_j for active problems.
+  virtual void apply(int64_t j) = 0;
+  // For active problems: alpha[b] = <V_j, W>; W -= V_{0..j} (V_{0..j}^T W), twice;
+  // beta[b] = ||W||; V_{j+1} = W / beta[b] when beta[b] > 0. alpha, beta: host arrays [B].
+  virtual void orthonormalize(int64_t j, double* alpha, double* beta) = 0;
+  // For problems with mask[b] != 0: V_{j+1} = seeded random vector (restart count tag[b]),
+  // orthogonalised against V_0..V_j (twice) and normalised. j = -1 makes the start vectors.
+  // Returns nothing; norms[b] (host) receives the norm before normalisation.
+  virtual void restart(int64_t j, const uint8_t* mask, const int32_t* tag, double* norms) = 0;
+  // vectors[b] = V_b[:, :steps[b]] @ S_b[:steps[b], :k], S host [B, max_steps, k]; also writes
+  // values, ritz_residuals (host [B, k]) and steps (host [B]) to the outputs.
+  virtual void finish(const int32_t* steps, const double* S, const double* values,
+                      const double* residuals) = 0;
+};
+
+// Runs the driver on a backend. Throws std::invalid_argument on bad parameters.
+void lanczos_run(const LanczosParams& params, LanczosBackend& backend);
+
+void lanczos_topk_cpu(const LanczosParams& params);
+#ifdef TOPODERIV_WITH_CUDA
+void lanczos_topk_cuda(const LanczosParams& params);
+#endif
+
+// Symmetric tridiagonal eigensolver (implicit QL, Wilkinson shifts), in double.
+// d[0..n) diagonal (overwritten by eigenvalues, unsorted), e[0..n-1) off-diagonal (destroyed).
+// If z != nullptr it is an n x n row-major matrix that is multiplied by the rotations (pass the
+// identity to get eigenvectors as columns). If zrow != nullptr it is one row vector of length n
+// updated the same way (pass e_{n-1} to get the last components of all eigenvectors in O(n^2)).
+// Returns false if it did not converge in 60 sweeps per eigenvalue.
+bool tridiag_ql(int64_t n, double* d, double* e, double* z, double* zrow);
+
+}  // namespace topoderiv
