@@ -1,0 +1,124 @@
+// Host-side batched Lanczos driver shared by the CPU and CUDA backends (see lanczos.h).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "topoderiv/lanczos.h"
+
+namespace topoderiv {
+namespace {
+
+// Eigen-decomposition of the leading dim x dim block of T (alpha diagonal, beta off-diagonal),
+// returning eigenvalues sorted descending and, for each, either the last row component
+// (zlast) or the full eigenvector (zfull, column-major dim x dim in sorted order).
+struct TridiagEig {
+  std::vector<double> d, e, z, zrow;
+  std::vector<int64_t> order;
+
+  void solve(int64_t dim, const double* alpha, const double* beta, bool full) {
+    d.assign(alpha, alpha + dim);
+    e.assign(dim > 1 ? dim - 1 : 1, 0.0);
+    for (int64_t i = 0; i + 1 < dim; ++i) e[i] = beta[i];
+    if (full) {
+      z.assign(static_cast<size_t>(dim * dim), 0.0);
+      for (int64_t i = 0; i < dim; ++i) z[i * dim + i] = 1.0;
+    } else {
+      zrow.assign(static_cast<size_t>(dim), 0.0);
+      zrow[dim - 1] = 1.0;
+    }
+    if (!tridiag_ql(dim, d.data(), e.data(), full ? z.data() : nullptr, full ? nullptr : zrow.data())) {
+      throw std::runtime_error("lanczos_topk: tridiagonal QL did not converge (non-finite input?)");
+    }
+    order.resize(static_cast<size_t>(dim));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return d[a] > d[b]; });
+  }
+  double value(int64_t idx) const { return d[order[idx]]; }
+  double last(int64_t idx, int64_t dim, bool full) const {
+    return full ? z[(dim - 1) * dim + order[idx]] : zrow[order[idx]];
+  }
+};
+
+}  // namespace
+
+void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
+  const char* fn = "lanczos_topk";
+  const int64_t B = P.num_problems, m = P.m, k = P.k, S = P.max_steps;
+  if (B < 0 || m < 1) fail(fn, "need num_problems >= 0 and m >= 1, got B=" + std::to_string(B) + " m=" + std::to_string(m));
+  if (k < 1 || k > m) fail(fn, "k must be in [1, m=" + std::to_string(m) + "], got " + std::to_string(k));
+  if (S < k || S > m) fail(fn, "max_steps must be in [k, m], got " + std::to_string(S));
+  if (!(P.tol > 0.0) || !std::isfinite(P.tol)) fail(fn, "tol must be a finite number > 0");
+  if (P.dtype != DType::kFloat32 && P.dtype != DType::kFloat64) fail(fn, "dtype must be float32 or float64");
+  if (B == 0) return;
+
+  const double eps = P.dtype == DType::kFloat32 ? 1.1920929e-07 : 2.220446049250313e-16;
+  const double breakdown = 64.0 * eps;  // relative size of beta that means an invariant subspace
+
+  std::vector<double> alpha(static_cast<size_t>(B * S), 0.0), beta(static_cast<size_t>(B * S), 0.0);
+  std::vector<double> a_step(B, 0.0), b_step(B, 0.0), norms(B, 0.0), anorm(B, 0.0);
+  std::vector<uint8_t> active(B, 1), mask(B, 1);
+  std::vector<int32_t> tag(B, 0), nsteps(B, 0);
+  std::vector<double> values(static_cast<size_t>(B * k), 0.0), resid(static_cast<size_t>(B * k), 0.0);
+  std::vector<double> Sfin(static_cast<size_t>(B * S * k), 0.0);
+
+  backend.set_active(active.data());
+  backend.restart(-1, mask.data(), tag.data(), norms.data());
+
+  TridiagEig te;
+  for (int64_t j = 0; j < S; ++j) {
+    backend.apply(j);
+    backend.orthonormalize(j, a_step.data(), b_step.data());
+    bool any_restart = false, changed = false;
+    std::fill(mask.begin(), mask.end(), 0);
+    for (int64_t b = 0; b < B; ++b) {
+      if (!active[b]) continue;
+      double* al = &alpha[b * S];
+      double* be = &beta[b * S];
+      al[j] = a_step[b];
+      be[j] = b_step[b];
+      if (!std::isfinite(al[j]) || !std::isfinite(be[j])) {
+        throw std::runtime_error("lanczos_topk: non-finite values appeared in problem " + std::to_string(b) +
+                                 " (the operator produced NaN or Inf)");
+      }
+      const int64_t dim = j + 1;
+      te.solve(dim, al, be, /*full=*/false);
+      double an = 0.0;
+      for (int64_t i = 0; i < dim; ++i) an = std::max(an, std::fabs(te.d[i]));
+      anorm[b] = an;
+      bool conv = false;
+      if (dim == m || an == 0.0) {
+        conv = true;  // the Krylov space is the whole space, or the operator is zero on it
+      } else if (dim >= k) {
+        conv = true;
+        for (int64_t c = 0; c < k && conv; ++c) conv = std::fabs(be[j] * te.last(c, dim, false)) <= P.tol * an;
+      }
+      if (conv || j == S - 1) {
+        te.solve(dim, al, be, /*full=*/true);
+        for (int64_t c = 0; c < k; ++c) {
+          values[b * k + c] = c < dim ? te.value(c) : 0.0;
+          resid[b * k + c] = c < dim ? std::fabs(be[j] * te.last(c, dim, true)) : 0.0;
+          for (int64_t t = 0; t < dim; ++t) Sfin[(b * S + t) * k + c] = c < dim ? te.z[t * dim + te.order[c]] : 0.0;
+        }
+        if (dim == m) std::fill(&resid[b * k], &resid[b * k] + k, 0.0);
+        nsteps[b] = static_cast<int32_t>(dim);
+        active[b] = 0;
+        changed = true;
+      } else if (be[j] <= breakdown * an) {
+        be[j] = 0.0;  // invariant subspace: T decouples, continue from a fresh vector
+        mask[b] = 1;
+        tag[b] += 1;
+        any_restart = true;
+      }
+    }
+    if (changed) backend.set_active(active.data());
+    if (std::none_of(active.begin(), active.end(), [](uint8_t a) { return a != 0; })) break;
+    if (any_restart) backend.restart(j, mask.data(), tag.data(), norms.data());
+  }
+  backend.finish(nsteps.data(), Sfin.data(), values.data(), resid.data());
+  if (P.anorm_host != nullptr) std::copy(anorm.begin(), anorm.end(), P.anorm_host);
+}
+
+}  // namespace topoderiv

@@ -1,0 +1,209 @@
+// CPU backend of the batched Lanczos driver: problems are independent, so each primitive runs
+// in parallel over problems; the hot loops (symmetric matvec, Gram-Schmidt) are SIMD.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu/microkernel.h"
+#include "topoderiv/lanczos.h"
+
+namespace topoderiv {
+namespace cpu {
+namespace {
+
+template <typename T>
+TD_TARGET_CLONES void symv(const T* a, const T* v, T* w, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) w[i] = static_cast<T>(dot<T>(a + i * m, v, m));
+}
+
+// alpha = <v_j, w>; w -= V (V^T w) twice over V_0..V_j (stride ldv between basis vectors);
+// beta = ||w||; v_{j+1} = w / beta.
+template <typename T>
+TD_TARGET_CLONES void cgs2(const T* V, int64_t ldv, int64_t j, T* w, int64_t m, double* coef, double* alpha,
+                           double* beta, T* vnext, bool with_alpha) {
+  if (with_alpha) *alpha = dot<T>(V + j * ldv, w, m);
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int64_t t = 0; t <= j; ++t) coef[t] = dot<T>(V + t * ldv, w, m);
+    for (int64_t t = 0; t <= j; ++t) axpy_neg<T>(w, V + t * ldv, static_cast<T>(coef[t]), m);
+  }
+  const double nrm = std::sqrt(dot<T>(w, w, m));
+  *beta = nrm;
+  if (vnext != nullptr && nrm > 0.0) {
+    const T inv = static_cast<T>(1.0 / nrm);
+    for (int64_t i = 0; i < m; ++i) vnext[i] = w[i] * inv;
+  }
+}
+
+template <typename T>
+class CpuBackend final : public LanczosBackend {
+ public:
+  // offset: global index of this backend's first problem (it seeds the start vectors).
+  CpuBackend(const LanczosParams& P, int64_t offset, int nthreads)
+      : P_(P), B_(P.num_problems), m_(P.m), nt_(std::max(1, nthreads)), off_(offset),
+        layout_(lanczos_workspace_layout(P, false)), active_(P.num_problems, 1) {
+    T* ws = static_cast<T*>(P.workspace);
+    basis_ = ws + layout_.basis;
+    w_ = ws + layout_.w;
+    coef_.assign(static_cast<size_t>(nt_ * (P.max_steps + 1)), 0.0);
+  }
+  T* V(int64_t j, int64_t b) const { return basis_ + (j * B_ + b) * m_; }
+
+  void set_active(const uint8_t* active) override { std::copy(active, active + B_, active_.begin()); }
+
+  void apply(int64_t j) override {
+    if (P_.matrix_free()) {
+      SensitivityMatvecParams op = P_.op;
+      op.v = V(j, 0);
+      op.out = w_;
+      op.num_threads = nt_;
+      sensitivity_matvec_cpu(op);
+      return;
+    }
+    const T* a = static_cast<const T*>(P_.a);
+#pragma omp parallel for num_threads(nt_) schedule(dynamic, 1)
+    for (int64_t b = 0; b < B_; ++b)
+      if (active_[b]) symv<T>(a + b * m_ * m_, V(j, b), w_ + b * m_, m_);
+  }
+
+  void orthonormalize(int64_t j, double* alpha, double* beta) override {
+    const bool last = j + 1 > P_.max_steps;
+#pragma omp parallel for num_threads(nt_) schedule(dynamic, 1)
+    for (int64_t b = 0; b < B_; ++b) {
+      if (!active_[b]) continue;
+      double* coef = coef_.data() + omp_tid() * (P_.max_steps + 1);
+      cgs2<T>(V(0, b), B_ * m_, j, w_ + b * m_, m_, coef, &alpha[b], &beta[b], last ? nullptr : V(j + 1, b), true);
+    }
+  }
+
+  void restart(int64_t j, const uint8_t* mask, const int32_t* tag, double* norms) override {
+#pragma omp parallel for num_threads(nt_) schedule(dynamic, 1)
+    for (int64_t b = 0; b < B_; ++b) {
+      if (!mask[b]) continue;
+      T* w = w_ + b * m_;
+      for (int64_t i = 0; i < m_; ++i) w[i] = static_cast<T>(start_value(P_.seed, off_ + b, tag[b], i));
+      double* coef = coef_.data() + omp_tid() * (P_.max_steps + 1);
+      double dummy = 0.0;
+      if (j >= 0) {
+        cgs2<T>(V(0, b), B_ * m_, j, w, m_, coef, &dummy, &norms[b], V(j + 1, b), false);
+      } else {
+        norms[b] = std::sqrt(dot<T>(w, w, m_));
+        const T inv = static_cast<T>(1.0 / norms[b]);
+        for (int64_t i = 0; i < m_; ++i) V(0, b)[i] = w[i] * inv;
+      }
+    }
+  }
+
+  void finish(const int32_t* steps, const double* S, const double* values, const double* residuals) override {
+    const int64_t k = P_.k, Smax = P_.max_steps;
+    T* vec = static_cast<T*>(P_.vectors);
+    T* val = static_cast<T*>(P_.values);
+    T* res = static_cast<T*>(P_.ritz_residuals);
+#pragma omp parallel for num_threads(nt_) schedule(dynamic, 1)
+    for (int64_t b = 0; b < B_; ++b) {
+      std::vector<double> y(static_cast<size_t>(m_));
+      for (int64_t c = 0; c < k; ++c) {
+        std::fill(y.begin(), y.end(), 0.0);
+        for (int64_t t = 0; t < steps[b]; ++t) {
+          const double s = S[(b * Smax + t) * k + c];
+          const T* v = V(t, b);
+          for (int64_t i = 0; i < m_; ++i) y[i] += s * static_cast<double>(v[i]);
+        }
+        double nrm = 0.0;
+        for (double e : y) nrm += e * e;
+        nrm = nrm > 0.0 ? 1.0 / std::sqrt(nrm) : 0.0;
+        for (int64_t i = 0; i < m_; ++i) vec[(b * m_ + i) * k + c] = static_cast<T>(y[i] * nrm);
+        val[b * k + c] = static_cast<T>(values[b * k + c]);
+        res[b * k + c] = static_cast<T>(residuals[b * k + c]);
+      }
+      P_.steps[b] = steps[b];
+    }
+  }
+
+ private:
+  static int omp_tid() {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+  }
+  const LanczosParams& P_;
+  int64_t B_, m_;
+  int nt_;
+  int64_t off_;
+  LanczosWorkspaceLayout layout_;
+  std::vector<uint8_t> active_;
+  std::vector<double> coef_;
+  T* basis_ = nullptr;
+  T* w_ = nullptr;
+};
+
+// Dense operators: groups of problems small enough to stay in one core's L2 cache run the whole
+// Lanczos iteration one group per thread, so each matrix is read from memory once instead of once
+// per step. Matrix-free operators run in lock step (one GEMM pair serves all blocks per step).
+template <typename T>
+void run(const LanczosParams& P) {
+  const int nt = std::max(1, P.num_threads);
+  if (P.matrix_free() || P.num_problems <= 1) {
+    CpuBackend<T> be(P, 0, nt);
+    lanczos_run(P, be);
+    return;
+  }
+  const int64_t B = P.num_problems, m = P.m, k = P.k;
+  const int64_t bytes = m * m * static_cast<int64_t>(sizeof(T));
+  const int64_t group = std::max<int64_t>(1, std::min<int64_t>((512 << 10) / std::max<int64_t>(bytes, 1),
+                                                               (B + nt - 1) / nt));
+  const int64_t ngroups = (B + group - 1) / group;
+  std::vector<std::string> errors(static_cast<size_t>(ngroups));
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int64_t b0 = g * group, bg = std::min(group, B - b0);
+    LanczosParams sub = P;
+    sub.num_problems = bg;
+    sub.a = static_cast<const T*>(P.a) + b0 * m * m;
+    sub.values = static_cast<T*>(P.values) + b0 * k;
+    sub.vectors = static_cast<T*>(P.vectors) + b0 * m * k;
+    sub.ritz_residuals = static_cast<T*>(P.ritz_residuals) + b0 * k;
+    sub.steps = P.steps + b0;
+    sub.anorm_host = P.anorm_host != nullptr ? P.anorm_host + b0 : nullptr;
+    // the workspace size is linear in the number of problems: slice it proportionally
+    sub.workspace = static_cast<T*>(P.workspace) + b0 * (lanczos_workspace_layout(P, false).total / B);
+    try {
+      CpuBackend<T> be(sub, b0, 1);
+      lanczos_run(sub, be);
+    } catch (const std::exception& e) {
+      errors[g] = e.what();
+    }
+  }
+  for (const auto& e : errors)
+    if (!e.empty()) throw std::runtime_error(e);
+}
+
+}  // namespace
+}  // namespace cpu
+
+void lanczos_topk_cpu(const LanczosParams& P) {
+  if (P.num_problems > 0 && (P.workspace == nullptr || P.values == nullptr || P.vectors == nullptr ||
+                             P.ritz_residuals == nullptr || P.steps == nullptr))
+    fail("lanczos_topk", "workspace and output pointers must not be null");
+  if (!P.matrix_free()) {
+    // dense operator
+  } else if (P.op.batch * P.op.n != P.num_problems || P.op.m() != P.m) {
+    fail("lanczos_topk", "matrix-free operator shape does not match num_problems / m");
+  }
+  if (P.dtype == DType::kFloat32) {
+    cpu::run<float>(P);
+  } else if (P.dtype == DType::kFloat64) {
+    cpu::run<double>(P);
+  } else {
+    fail("lanczos_topk", std::string("dtype must be float32 or float64, got ") + dtype_name(P.dtype));
+  }
+}
+
+}  // namespace topoderiv

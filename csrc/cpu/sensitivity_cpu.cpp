@@ -1,0 +1,303 @@
+// CPU sensitivity kernels: the readable spec of the CUDA twins, and fast.
+//
+// Blocks. B[r, i, j] = sum_s p[s, r] xt[s, i] xt[s, j] is one GEMM  C[r, (i,j)] = P^T Z  with
+// K = samples and Z[s, (i,j)] = xt[s, i] xt[s, j]. Z is never stored: its packed panels are
+// generated while packing (one multiply per element, amortised over all n rows of P^T), and only
+// the column tiles of the upper triangle are computed (half the flops). Each tile is one row i and
+// NR consecutive columns j, so the micro-kernel writes NR contiguous elements of each block r.
+// The lower triangle is mirrored at the end of the call.
+//
+// Matvec. out[r] = B[r] v[r] = ((P .* (Xt V^T))^T Xt)[r]: per chunk of KC samples one GEMM into a
+// [KC, n] buffer, then a second GEMM whose A panels fuse the product with P.
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu/microkernel.h"
+#include "topoderiv/sensitivity.h"
+
+namespace topoderiv {
+namespace cpu {
+namespace {
+
+constexpr int64_t KC = 256;  // rows (samples) per chunk
+
+template <typename T>
+struct AlignedBuffer {
+  struct Free { void operator()(T* p) const { std::free(p); } };
+  std::unique_ptr<T, Free> ptr;
+  explicit AlignedBuffer(int64_t n) {
+    size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
+    bytes = (bytes + 63) / 64 * 64;
+    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    if (!ptr) throw std::bad_alloc();
+  }
+  T* get() const { return ptr.get(); }
+};
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Feature i of the augmented row xt (x followed by the bias 1).
+template <typename Tacc, typename Tin>
+TD_INLINE Tacc feat(const Tin* xrow, int64_t i, int64_t d) {
+  return i < d ? convert<Tacc>(xrow[i]) : Tacc(1);
+}
+
+// A panel of P^T: Ap[k, ii] = p[k, r0 + ii] (zero past n).
+template <typename Tin, typename Tacc>
+TD_TARGET_CLONES void pack_p_panel(const Tin* p, int64_t ldp, int64_t n, int64_t r0, int64_t kc, Tacc* Ap) {
+  const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
+  for (int64_t k = 0; k < kc; ++k) {
+    const Tin* row = p + k * ldp + r0;
+    Tacc* dst = Ap + k * MR;
+    for (int ii = 0; ii < mr; ++ii) dst[ii] = convert<Tacc>(row[ii]);
+    for (int ii = mr; ii < MR; ++ii) dst[ii] = Tacc(0);
+  }
+}
+
+// One upper-triangle tile (row i, columns j0 .. j0+NR) of every block, for a chunk of kc rows.
+template <typename Tin, typename Tacc>
+TD_TARGET_CLONES void blocks_tile(const Tin* x, int64_t ldx, int64_t d, int64_t m, int64_t kc, int64_t i,
+                                  int64_t j0, const Tacc* Apack, int64_t n, Tacc* out, Tacc* Bp) {
+  constexpr int nr = NR<Tacc>;
+  const int hi = static_cast<int>(std::min<int64_t>(nr, m - j0));
+  const int lo = static_cast<int>(std::max<int64_t>(0, i - j0));
+  for (int64_t k = 0; k < kc; ++k) {
+    const Tin* row = x + k * ldx;
+    const Tacc xi = feat<Tacc>(row, i, d);
+    Tacc* dst = Bp + k * nr;
+    for (int c = 0; c < hi; ++c) dst[c] = xi * feat<Tacc>(row, j0 + c, d);
+    for (int c = hi; c < nr; ++c) dst[c] = Tacc(0);
+  }
+  const int64_t mm = m * m;
+  for (int64_t r0 = 0; r0 < n; r0 += MR) {
+    const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
+    microkernel<Tacc>(kc, Apack + (r0 / MR) * KC * MR, Bp, out + r0 * mm + i * m + j0, mm, mr, lo, hi);
+  }
+}
+
+template <typename T>
+void mirror_lower(T* out, int64_t n, int64_t m, int nthreads) {
+  constexpr int64_t TB = 32;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t ib = 0; ib < m; ib += TB) {
+      T* a = out + r * m * m;
+      for (int64_t jb = 0; jb <= ib; jb += TB) {
+        for (int64_t i = ib; i < std::min(ib + TB, m); ++i)
+          for (int64_t j = jb; j < std::min({jb + TB, m, i}); ++j) a[i * m + j] = a[j * m + i];
+      }
+    }
+  }
+}
+
+template <typename Tin, typename Tacc>
+void blocks_impl(const SensitivityBlocksParams& P) {
+  constexpr int nr = NR<Tacc>;
+  const int64_t m = P.m(), n = P.n, d = P.d, N = P.N;
+  const int nthreads = std::max(1, P.num_threads);
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j0 = (i / nr) * nr; j0 < m; j0 += nr) tiles.emplace_back(i, j0);
+  const int64_t nrb = (n + MR - 1) / MR;
+  AlignedBuffer<Tacc> Apack(nrb * KC * MR);
+  AlignedBuffer<Tacc> Bbuf(static_cast<int64_t>(nthreads) * KC * nr);
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
+  for (int64_t b = 0; b < P.batch; ++b) {
+    const Tin* x = static_cast<const Tin*>(P.x) + b * P.x_bstride;
+    const Tin* p = static_cast<const Tin*>(P.p) + b * P.p_bstride;
+    Tacc* out = static_cast<Tacc*>(P.out) + b * n * m * m;
+    for (int64_t s0 = 0; s0 < N; s0 += KC) {
+      const int64_t kc = std::min(KC, N - s0);
+      const Tin* xs = x + s0 * P.x_rstride;
+      const Tin* ps = p + s0 * P.p_rstride;
+#pragma omp parallel num_threads(nthreads)
+      {
+#pragma omp for schedule(static)
+        for (int64_t rb = 0; rb < nrb; ++rb) pack_p_panel<Tin, Tacc>(ps, P.p_rstride, n, rb * MR, kc, Apack.get() + rb * KC * MR);
+        Tacc* Bp = Bbuf.get() + static_cast<int64_t>(thread_id()) * KC * nr;
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t t = 0; t < ntiles; ++t)
+          blocks_tile<Tin, Tacc>(xs, P.x_rstride, d, m, kc, tiles[t].first, tiles[t].second, Apack.get(), n, out, Bp);
+      }
+    }
+    mirror_lower(out, n, m, nthreads);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// matvec
+
+// GEMM-1 A panel: Xp[i, ii] = xt[s0 + ii, i]  (K = m features, MR samples).
+template <typename Tin, typename Tacc>
+TD_TARGET_CLONES void pack_x_rows(const Tin* x, int64_t ldx, int64_t d, int64_t m, int64_t rows, Tacc* Xp) {
+  for (int ii = 0; ii < MR; ++ii) {
+    if (ii < rows) {
+      const Tin* row = x + ii * ldx;
+      for (int64_t i = 0; i < m; ++i) Xp[i * MR + ii] = feat<Tacc>(row, i, d);
+    } else {
+      for (int64_t i = 0; i < m; ++i) Xp[i * MR + ii] = Tacc(0);
+    }
+  }
+}
+
+// GEMM-2 B panel: XB[k, c] = xt[s0 + k, j0 + c]  (K = kc samples, NR features).
+template <typename Tin, typename Tacc>
+TD_TARGET_CLONES void pack_x_cols(const Tin* x, int64_t ldx, int64_t d, int64_t m, int64_t kc, int64_t j0, Tacc* XB) {
+  constexpr int nr = NR<Tacc>;
+  const int hi = static_cast<int>(std::min<int64_t>(nr, m - j0));
+  for (int64_t k = 0; k < kc; ++k) {
+    const Tin* row = x + k * ldx;
+    for (int c = 0; c < hi; ++c) XB[k * nr + c] = feat<Tacc>(row, j0 + c, d);
+    for (int c = hi; c < nr; ++c) XB[k * nr + c] = Tacc(0);
+  }
+}
+
+// GEMM-1 B panel: Vp[i, c] = v[r0 + c, i].
+template <typename Tacc>
+TD_TARGET_CLONES void pack_v_panel(const Tacc* v, int64_t n, int64_t m, int64_t r0, Tacc* Vp) {
+  constexpr int nr = NR<Tacc>;
+  const int hi = static_cast<int>(std::min<int64_t>(nr, n - r0));
+  for (int64_t i = 0; i < m; ++i) {
+    for (int c = 0; c < hi; ++c) Vp[i * nr + c] = v[(r0 + c) * m + i];
+    for (int c = hi; c < nr; ++c) Vp[i * nr + c] = Tacc(0);
+  }
+}
+
+template <typename Tacc>
+TD_TARGET_CLONES void gemm1_task(int64_t m, const Tacc* Xp, const Tacc* Vp, Tacc* Y, int64_t ldy, int mr, int hi) {
+  microkernel<Tacc>(m, Xp, Vp, Y, ldy, mr, 0, hi);
+}
+
+// GEMM-2 for one row block of out: A2[k, ii] = p[k, r0+ii] * Y[k, r0+ii], then out += A2^T XB.
+template <typename Tin, typename Tacc>
+TD_TARGET_CLONES void gemm2_task(const Tin* p, int64_t ldp, const Tacc* Y, int64_t n, int64_t m, int64_t kc,
+                                 int64_t r0, const Tacc* XB, Tacc* A2, Tacc* out) {
+  constexpr int nr = NR<Tacc>;
+  const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
+  for (int64_t k = 0; k < kc; ++k) {
+    const Tin* prow = p + k * ldp + r0;
+    const Tacc* yrow = Y + k * n + r0;
+    for (int ii = 0; ii < mr; ++ii) A2[k * MR + ii] = convert<Tacc>(prow[ii]) * yrow[ii];
+    for (int ii = mr; ii < MR; ++ii) A2[k * MR + ii] = Tacc(0);
+  }
+  for (int64_t j0 = 0; j0 < m; j0 += nr) {
+    const int hi = static_cast<int>(std::min<int64_t>(nr, m - j0));
+    microkernel<Tacc>(kc, A2, XB + (j0 / nr) * KC * nr, out + r0 * m + j0, m, mr, 0, hi);
+  }
+}
+
+template <typename Tin, typename Tacc>
+void matvec_impl(const SensitivityMatvecParams& P) {
+  constexpr int nr = NR<Tacc>;
+  const int64_t m = P.m(), n = P.n, d = P.d, N = P.N;
+  const int nthreads = std::max(1, P.num_threads);
+  const int64_t nvt = (n + nr - 1) / nr;      // column tiles of V^T (GEMM-1)
+  const int64_t nxt = (m + nr - 1) / nr;      // column tiles of Xt (GEMM-2)
+  const int64_t nsb = (KC + MR - 1) / MR;     // sample row blocks per chunk
+  const int64_t nrb = (n + MR - 1) / MR;      // row blocks of out
+  AlignedBuffer<Tacc> Vp(nvt * m * nr), Xp(nsb * m * MR), XB(nxt * KC * nr), Y(KC * n);
+  AlignedBuffer<Tacc> A2(static_cast<int64_t>(nthreads) * KC * MR);
+  for (int64_t b = 0; b < P.batch; ++b) {
+    const Tin* x = static_cast<const Tin*>(P.x) + b * P.x_bstride;
+    const Tin* p = static_cast<const Tin*>(P.p) + b * P.p_bstride;
+    const Tacc* v = static_cast<const Tacc*>(P.v) + b * n * m;
+    Tacc* out = static_cast<Tacc*>(P.out) + b * n * m;
+    std::fill(out, out + n * m, Tacc(0));
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < nvt; ++t) pack_v_panel<Tacc>(v, n, m, t * nr, Vp.get() + t * m * nr);
+    for (int64_t s0 = 0; s0 < N; s0 += KC) {
+      const int64_t kc = std::min(KC, N - s0);
+      const int64_t sbs = (kc + MR - 1) / MR;
+      const Tin* xs = x + s0 * P.x_rstride;
+      const Tin* ps = p + s0 * P.p_rstride;
+#pragma omp parallel num_threads(nthreads)
+      {
+#pragma omp for schedule(static) nowait
+        for (int64_t sb = 0; sb < sbs; ++sb)
+          pack_x_rows<Tin, Tacc>(xs + sb * MR * P.x_rstride, P.x_rstride, d, m, std::min<int64_t>(MR, kc - sb * MR), Xp.get() + sb * m * MR);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < nxt; ++t) pack_x_cols<Tin, Tacc>(xs, P.x_rstride, d, m, kc, t * nr, XB.get() + t * KC * nr);
+#pragma omp for schedule(static)
+        for (int64_t s = 0; s < kc; ++s) std::fill(Y.get() + s * n, Y.get() + (s + 1) * n, Tacc(0));
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t t = 0; t < nvt; ++t)
+          for (int64_t sb = 0; sb < sbs; ++sb)
+            gemm1_task<Tacc>(m, Xp.get() + sb * m * MR, Vp.get() + t * m * nr, Y.get() + sb * MR * n + t * nr, n,
+                             static_cast<int>(std::min<int64_t>(MR, kc - sb * MR)),
+                             static_cast<int>(std::min<int64_t>(nr, n - t * nr)));
+        Tacc* a2 = A2.get() + static_cast<int64_t>(thread_id()) * KC * MR;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t rb = 0; rb < nrb; ++rb)
+          gemm2_task<Tin, Tacc>(ps, P.p_rstride, Y.get(), n, m, kc, rb * MR, XB.get(), a2, out);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+
+namespace {
+template <class F32, class BF, class F64, class F32D, class BFD>
+void dispatch(const char* fn, DType in, DType acc, F32 f32, BF bf, F64 f64, F32D f32d, BFD bfd) {
+  if (in == DType::kFloat32 && acc == DType::kFloat32) return f32();
+  if (in == DType::kBFloat16 && acc == DType::kFloat32) return bf();
+  if (in == DType::kFloat64 && acc == DType::kFloat64) return f64();
+  if (in == DType::kFloat32 && acc == DType::kFloat64) return f32d();
+  if (in == DType::kBFloat16 && acc == DType::kFloat64) return bfd();
+  fail(fn, std::string("unsupported (input, accumulation) dtypes (") + dtype_name(in) + ", " + dtype_name(acc) + ")");
+}
+
+template <class Params>
+void check_common(const char* fn, const Params& P) {
+  if (P.batch < 0 || P.N < 0 || P.d < 0 || P.n < 0) fail(fn, "sizes must be >= 0");
+  if (P.m() < 1) fail(fn, "m = d + bias must be >= 1");
+  if ((P.N > 0 && P.n > 0) && (P.x == nullptr || P.p == nullptr)) fail(fn, "x and p must not be null");
+}
+}  // namespace
+
+void sensitivity_blocks_cpu(const SensitivityBlocksParams& P) {
+  const char* fn = "sensitivity_blocks";
+  check_common(fn, P);
+  if (P.batch == 0 || P.n == 0 || P.N == 0) return;
+  if (P.out == nullptr) fail(fn, "out must not be null");
+  using cpu::bf16;
+  dispatch(fn, P.in_dtype, P.acc_dtype,
+           [&] { cpu::blocks_impl<float, float>(P); }, [&] { cpu::blocks_impl<bf16, float>(P); },
+           [&] { cpu::blocks_impl<double, double>(P); }, [&] { cpu::blocks_impl<float, double>(P); },
+           [&] { cpu::blocks_impl<bf16, double>(P); });
+}
+
+void sensitivity_matvec_cpu(const SensitivityMatvecParams& P) {
+  const char* fn = "sensitivity_matvec";
+  check_common(fn, P);
+  if (P.batch == 0 || P.n == 0) return;
+  if (P.out == nullptr || P.v == nullptr) fail(fn, "v and out must not be null");
+  if (P.acc_dtype == DType::kFloat32) {
+    std::fill(static_cast<float*>(P.out), static_cast<float*>(P.out) + P.batch * P.n * P.m(), 0.0f);
+  } else {
+    std::fill(static_cast<double*>(P.out), static_cast<double*>(P.out) + P.batch * P.n * P.m(), 0.0);
+  }
+  if (P.N == 0) return;
+  using cpu::bf16;
+  dispatch(fn, P.in_dtype, P.acc_dtype,
+           [&] { cpu::matvec_impl<float, float>(P); }, [&] { cpu::matvec_impl<bf16, float>(P); },
+           [&] { cpu::matvec_impl<double, double>(P); }, [&] { cpu::matvec_impl<float, double>(P); },
+           [&] { cpu::matvec_impl<bf16, double>(P); });
+}
+
+}  // namespace topoderiv
