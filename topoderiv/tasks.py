@@ -1,0 +1,593 @@
+"""Built-in tasks: data generated in the package (no downloads), deterministic per seed.
+
+Three tasks, all returned by :func:`get_task` as a :class:`Task`:
+
+``"heat"``
+    The paper's parameter-field inversion for the heat equation (METHOD.md section 8), in 1-D:
+    ``u_t = (kappa(x) u_x)_x + f(x)`` on ``(0, 1)``, ``u(0, t) = u(1, t) = 0``, ``u(x, 0) = u0(x)``.
+    The parameter field ``m = log kappa`` is a mean-zero Gaussian random field (a truncated
+    Karhunen-Loeve expansion on a cosine basis). The solution is observed, with Gaussian noise, at a
+    few sensors and a few times; the network learns observations -> ``m`` on the cell midpoints of
+    the grid. Test metric: the average relative L2 error ``mean_s ||m_pred - m|| / ||m||``
+    (lower is better). The solver, :func:`heat_solve`, is a conservative second-order finite
+    difference discretisation with implicit Euler time stepping, batched over fields.
+``"digits"``
+    scikit-learn's bundled 8x8 digits (1797 images, 10 classes; shipped with scikit-learn, no
+    download). Cross-entropy; test metric: accuracy (higher is better).
+``"regression"``
+    A smooth function of two variables with a little noise. MSE; test metric: test MSE.
+
+Every split is an ``(x, y)`` pair of tensors; :meth:`Task.loader` turns a split into a re-iterable
+sequence of ``(x, y)`` mini-batches (reshuffled, deterministically, at every pass), the form the
+training loop and the scorer take.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "Task",
+    "ModelConfig",
+    "Metric",
+    "Batches",
+    "get_task",
+    "available_tasks",
+    "heat_solve",
+    "heat_task",
+    "digits_task",
+    "regression_task",
+    "sample_log_kappa",
+]
+
+Split = Tuple[Tensor, Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# containers
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Default network and training budget of a task.
+
+    Attributes:
+        width: width of the residual stream.
+        depth: number of residual blocks of the initial network (2, as in the paper).
+        lr: Adam learning rate.
+        batch_size: mini-batch size for training.
+        epochs_per_round: epochs trained before the first insertion and after every insertion.
+        rounds: growth rounds (insertions) at most. The total training budget of every method is
+            ``epochs_per_round * (rounds + 1)`` epochs.
+        max_depth: depth cap for growth.
+    """
+
+    width: int
+    depth: int = 2
+    lr: float = 1e-3
+    batch_size: int = 64
+    epochs_per_round: int = 40
+    rounds: int = 5
+    max_depth: int = 12
+
+    @property
+    def total_epochs(self) -> int:
+        """The training budget every method gets: ``epochs_per_round * (rounds + 1)``."""
+        return self.epochs_per_round * (self.rounds + 1)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A test metric: ``fn(pred [N, d_out], y) -> float``."""
+
+    name: str
+    fn: Callable[[Tensor, Tensor], float]
+    higher_is_better: bool = False
+
+    def __call__(self, pred: Tensor, y: Tensor) -> float:
+        return float(self.fn(pred, y))
+
+
+class Batches:
+    """A re-iterable sequence of ``(x, y)`` mini-batches over one split.
+
+    Every ``iter()`` is one pass (an epoch). With ``shuffle=True`` each pass draws a new
+    permutation from a private generator seeded with ``seed``, so a run is reproducible and
+    independent of the global RNG.
+
+    Args:
+        x: inputs ``[N, d_in]``.
+        y: targets ``[N, ...]``, same ``N``.
+        batch_size: batch size (the last batch may be smaller); ``None`` = one batch.
+        shuffle: reshuffle at every pass.
+        seed: seed of the shuffling generator.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: Optional[int] = None,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"Batches: x and y must have the same number of rows, got {x.shape[0]} and {y.shape[0]}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"Batches: batch_size must be >= 1 or None, got {batch_size}")
+        self.x, self.y = x, y
+        self.batch_size = x.shape[0] if batch_size is None else int(batch_size)
+        self.shuffle = shuffle
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return max(1, math.ceil(self.x.shape[0] / self.batch_size))
+
+    def __iter__(self) -> Iterator[Split]:
+        n = self.x.shape[0]
+        if self.shuffle:
+            perm = torch.randperm(n, generator=self._gen).to(self.x.device)
+            for i in range(0, n, self.batch_size):
+                idx = perm[i : i + self.batch_size]
+                yield self.x[idx], self.y[idx]
+        else:
+            for i in range(0, n, self.batch_size):
+                yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
+
+    def __repr__(self) -> str:
+        return f"Batches(n={self.x.shape[0]}, batch_size={self.batch_size}, shuffle={self.shuffle})"
+
+
+@dataclass
+class Task:
+    """A learning problem with its data, loss, test metric and default network.
+
+    Attributes:
+        name: task name.
+        train, val, test: ``(x [N, d_in], y [N, ...])`` tensors (float32; ``y`` int64 for
+            classification).
+        loss_fn: ``loss_fn(output, y) -> scalar`` (mean over samples).
+        metric: the test metric (:class:`Metric`).
+        d_in, d_out: input and output sizes of the network.
+        config: default network and budget (:class:`ModelConfig`).
+        seed: the data seed.
+        info: task-specific description (grid, sensors, noise level, ...), JSON-serialisable.
+    """
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    metric: Metric
+    d_in: int
+    d_out: int
+    config: ModelConfig
+    seed: int = 0
+    info: Dict[str, object] = field(default_factory=dict)
+
+    def split(self, name: str) -> Split:
+        """The ``(x, y)`` tensors of ``"train"``, ``"val"`` or ``"test"``."""
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"Task.split: name must be 'train', 'val' or 'test', got {name!r}")
+        return getattr(self, name)
+
+    def loader(
+        self, split: str = "train", batch_size: Optional[int] = None, *, shuffle: Optional[bool] = None, seed: int = 0
+    ) -> Batches:
+        """Mini-batches of a split. Defaults: the task's batch size and shuffling for ``"train"``,
+        one full batch without shuffling for ``"val"``/``"test"``."""
+        x, y = self.split(split)
+        if split == "train":
+            bs = self.config.batch_size if batch_size is None else batch_size
+            sh = True if shuffle is None else shuffle
+        else:
+            bs, sh = batch_size, bool(shuffle)
+        return Batches(x, y, bs, shuffle=sh, seed=seed)
+
+    def to(self, device: Union[str, torch.device]) -> "Task":
+        """A copy with every split on ``device``."""
+        mv = lambda s: (s[0].to(device), s[1].to(device))  # noqa: E731
+        return replace(self, train=mv(self.train), val=mv(self.val), test=mv(self.test))
+
+    @torch.no_grad()
+    def predict(self, model: torch.nn.Module, split: str = "test", batch_size: int = 4096) -> Tensor:
+        """Model outputs on a split (eval mode, no grad; the model's mode is restored)."""
+        x, _ = self.split(split)
+        was_training = model.training
+        model.eval()
+        try:
+            outs = [model(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+        finally:
+            model.train(was_training)
+        return torch.cat(outs) if outs else x.new_zeros(0, self.d_out)
+
+    def evaluate(self, model: torch.nn.Module, split: str = "test") -> Dict[str, float]:
+        """``{"loss": ..., metric.name: ...}`` of ``model`` on a split."""
+        _, y = self.split(split)
+        pred = self.predict(model, split)
+        return {"loss": float(self.loss_fn(pred, y)), self.metric.name: self.metric(pred, y)}
+
+    def build_model(self, depth: Optional[int] = None, *, seed: Optional[int] = None, **kwargs) -> torch.nn.Module:
+        """The task's default :class:`topoderiv.models.ResidualMLP` (``depth`` blocks, default the
+        config's initial depth), initialised from ``torch.manual_seed(seed)`` when a seed is given."""
+        from .models import ResidualMLP
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        depth = self.config.depth if depth is None else depth
+        return ResidualMLP(self.d_in, self.config.width, self.d_out, depth, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# heat equation: solver and parameter fields
+
+
+def heat_solve(
+    kappa: Tensor,
+    *,
+    t_final: float,
+    steps: int,
+    u0: Optional[Union[Tensor, Callable[[Tensor], Tensor]]] = None,
+    source: Optional[Union[Tensor, Callable[[Tensor, float], Tensor]]] = None,
+    save_steps: Optional[Sequence[int]] = None,
+) -> Tensor:
+    """Solves ``u_t = (kappa(x) u_x)_x + f(x, t)`` on ``(0, 1)`` with ``u(0) = u(1) = 0``.
+
+    Space: ``N`` uniform cells of width ``h = 1/N``, unknowns at the ``N - 1`` interior nodes
+    ``x_i = i h``, conductivity given on the cell midpoints, conservative flux differences
+
+        (A u)_i = (kappa_{i+1/2} (u_{i+1} - u_i) - kappa_{i-1/2} (u_i - u_{i-1})) / h^2
+
+    (second order in ``h`` for smooth ``kappa``). Time: implicit Euler (first order in ``dt``,
+    unconditionally stable): ``(I - dt A) u^{n+1} = u^n + dt f(t_{n+1})``. The tridiagonal system is
+    factorised once per field (the Thomas algorithm, vectorised over the batch) and reused at every
+    step.
+
+    Args:
+        kappa: conductivity at the cell midpoints ``[B, N]`` (or ``[N]``), positive; float32/64.
+            The solve runs in float64.
+        t_final: final time (> 0).
+        steps: number of time steps (>= 1), ``dt = t_final / steps``.
+        u0: initial state: ``[N - 1]`` or ``[B, N - 1]`` at the interior nodes, or a callable of
+            the interior node coordinates ``x [N - 1]``; default zero.
+        source: ``f``: ``[N - 1]`` / ``[B, N - 1]`` constant in time, or a callable ``f(x, t)``
+            returning either shape; default zero.
+        save_steps: time-step indices to return (0 = the initial state); default all
+            ``0 .. steps``.
+
+    Returns:
+        ``u [B, len(save_steps), N - 1]`` float64 at the interior nodes (``[len, N - 1]`` when
+        ``kappa`` was 1-D).
+    """
+    fn = "heat_solve"
+    if not isinstance(kappa, Tensor):
+        raise TypeError(f"{fn}: kappa must be a torch.Tensor, got {type(kappa).__name__}")
+    squeeze = kappa.dim() == 1
+    k = kappa.detach().to(torch.float64)
+    if squeeze:
+        k = k[None]
+    if k.dim() != 2 or k.shape[1] < 2:
+        raise ValueError(f"{fn}: kappa must have shape [B, N] or [N] with N >= 2, got {tuple(kappa.shape)}")
+    if not bool((k > 0).all()) or not bool(torch.isfinite(k).all()):
+        raise ValueError(f"{fn}: kappa must be finite and positive everywhere")
+    if not (t_final > 0):
+        raise ValueError(f"{fn}: t_final must be > 0, got {t_final}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{fn}: steps must be an int >= 1, got {steps!r}")
+    B, N = k.shape
+    n = N - 1
+    h = 1.0 / N
+    dt = t_final / steps
+    x = torch.arange(1, N, dtype=torch.float64, device=k.device) * h  # [n]
+    save = list(range(steps + 1)) if save_steps is None else [int(s) for s in save_steps]
+    if any(s < 0 or s > steps for s in save):
+        raise ValueError(f"{fn}: save_steps must lie in 0..{steps}, got {save}")
+
+    def _field(v, name: str, t: Optional[float]) -> Tensor:
+        if v is None:
+            return torch.zeros(B, n, dtype=torch.float64, device=k.device)
+        if callable(v):
+            v = v(x) if t is None else v(x, t)
+        v = torch.as_tensor(v, dtype=torch.float64, device=k.device)
+        if v.shape not in ((n,), (B, n)):
+            raise ValueError(f"{fn}: {name} must have shape [{n}] or [{B}, {n}], got {tuple(v.shape)}")
+        return v.expand(B, n)
+
+    # (I - dt A): sub-diagonal a, diagonal b, super-diagonal c (a[:, 0], c[:, -1] unused)
+    r = dt / (h * h)
+    kl, kr = k[:, :-1], k[:, 1:]  # kappa_{i-1/2}, kappa_{i+1/2} for node i = 1..n
+    a = -r * kl
+    b = 1.0 + r * (kl + kr)
+    c = -r * kr
+    # Thomas factorisation, once: denom_i = b_i - a_i c'_{i-1}; c'_i = c_i / denom_i
+    denom = torch.empty_like(b)
+    cp = torch.empty_like(b)
+    denom[:, 0] = b[:, 0]
+    cp[:, 0] = c[:, 0] / denom[:, 0]
+    for i in range(1, n):
+        denom[:, i] = b[:, i] - a[:, i] * cp[:, i - 1]
+        cp[:, i] = c[:, i] / denom[:, i]
+
+    def _solve(d: Tensor) -> Tensor:
+        dp = torch.empty_like(d)
+        dp[:, 0] = d[:, 0] / denom[:, 0]
+        for i in range(1, n):
+            dp[:, i] = (d[:, i] - a[:, i] * dp[:, i - 1]) / denom[:, i]
+        out = torch.empty_like(d)
+        out[:, -1] = dp[:, -1]
+        for i in range(n - 2, -1, -1):
+            out[:, i] = dp[:, i] - cp[:, i] * out[:, i + 1]
+        return out
+
+    u = _field(u0, "u0", None).clone()
+    const_f = None if callable(source) else _field(source, "source", None)
+    frames: Dict[int, Tensor] = {0: u.clone()} if 0 in save else {}
+    last = max(save) if save else 0
+    for step in range(1, last + 1):
+        f = _field(source, "source", step * dt) if callable(source) else const_f
+        u = _solve(u + dt * f)
+        if step in save:
+            frames[step] = u.clone()
+    out = torch.stack([frames[s] for s in save], dim=1)  # [B, T, n]
+    return out[0] if squeeze else out
+
+
+def _kl_basis(points: Tensor, modes: int) -> Tensor:
+    """Cosine Karhunen-Loeve basis ``sqrt(2) cos(j pi x)``, ``j = 1..modes``: ``[len(points), modes]``."""
+    j = torch.arange(1, modes + 1, dtype=torch.float64)
+    return math.sqrt(2.0) * torch.cos(math.pi * points[:, None].to(torch.float64) * j[None])
+
+
+def _kl_sqrt_eigs(modes: int, sigma: float, decay: float) -> Tensor:
+    """Square roots of the KL eigenvalues ``lambda_j ~ j^-decay``, scaled so the pointwise
+    variance of the field averages ``sigma^2`` over the domain."""
+    j = torch.arange(1, modes + 1, dtype=torch.float64)
+    lam = j ** (-decay)
+    lam = lam * (sigma**2 / lam.sum())
+    return lam.sqrt()
+
+
+def sample_log_kappa(
+    n: int,
+    points: Tensor,
+    *,
+    modes: int = 8,
+    sigma: float = 0.6,
+    decay: float = 2.0,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Draws ``n`` mean-zero Gaussian random fields ``m(x) = sum_j sqrt(lambda_j) xi_j sqrt(2) cos(j pi x)``.
+
+    Args:
+        n: number of fields.
+        points: where to evaluate them ``[P]`` (float64 coordinates in ``[0, 1]``).
+        modes: number of KL modes ``J``.
+        sigma: domain-averaged pointwise standard deviation.
+        decay: ``lambda_j ~ j^-decay`` (larger = smoother).
+        generator: torch generator for ``xi ~ N(0, I)``.
+
+    Returns:
+        ``(m [n, P], xi [n, J])``, float64.
+    """
+    xi = torch.randn(n, modes, generator=generator, dtype=torch.float64)
+    coef = xi * _kl_sqrt_eigs(modes, sigma, decay)
+    return coef @ _kl_basis(points, modes).T, xi
+
+
+def heat_task(
+    *,
+    seed: int = 0,
+    n_train: int = 2000,
+    n_val: int = 500,
+    n_test: int = 1000,
+    cells: int = 32,
+    sensors: int = 8,
+    times: Sequence[float] = (0.02, 0.05, 0.1, 0.2),
+    steps: int = 40,
+    modes: int = 8,
+    sigma: float = 0.7,
+    decay: float = 1.5,
+    noise: float = 0.005,
+    config: Optional[ModelConfig] = None,
+) -> Task:
+    """The heat-equation parameter-field inversion (see the module docstring).
+
+    Set-up: ``u0(x) = sin(pi x)``, a steady source ``f(x) = 10 exp(-(x - 0.7)^2 / 0.02)``,
+    ``t_final = max(times)`` in ``steps`` implicit-Euler steps on ``cells`` cells. ``sensors``
+    equally spaced interior sensors observe ``u`` at each of ``times`` (snapped to the time grid),
+    so ``d_in = sensors * len(times)``. Noise: i.i.d. Gaussian with standard deviation ``noise``
+    times the RMS of the clean training observations. Inputs are standardised with training
+    statistics. Target: ``m = log kappa`` at the ``cells`` midpoints (``d_out = cells``).
+
+    Args:
+        seed: data seed (fields and noise).
+        n_train, n_val, n_test: split sizes.
+        cells: grid cells ``N`` (also the output size).
+        sensors: number of sensors.
+        times: observation times.
+        steps: time steps up to ``max(times)``.
+        modes, sigma, decay: the random field (:func:`sample_log_kappa`).
+        noise: relative observation noise.
+        config: network/budget override.
+    """
+    if sensors < 1 or sensors > cells - 1:
+        raise ValueError(f"heat_task: sensors must be in 1..{cells - 1}, got {sensors}")
+    if not times or min(times) <= 0:
+        raise ValueError(f"heat_task: times must be non-empty and positive, got {tuple(times)}")
+    gen = torch.Generator().manual_seed(int(seed))
+    n_all = n_train + n_val + n_test
+    h = 1.0 / cells
+    mid = (torch.arange(cells, dtype=torch.float64) + 0.5) * h
+    m, _ = sample_log_kappa(n_all, mid, modes=modes, sigma=sigma, decay=decay, generator=gen)
+    t_final = float(max(times))
+    save = sorted({max(1, round(t / t_final * steps)) for t in times})
+    u = heat_solve(
+        m.exp(),
+        t_final=t_final,
+        steps=steps,
+        u0=lambda x: torch.sin(math.pi * x),
+        source=lambda x, t: 10.0 * torch.exp(-((x - 0.7) ** 2) / 0.02),
+        save_steps=save,
+    )  # [n_all, T, cells - 1]
+    # sensor nodes: equally spaced interior node indices (0-based among the cells - 1 interior nodes)
+    nodes = torch.linspace(1, cells - 1, sensors + 2)[1:-1].round().long() - 1
+    obs = u[:, :, nodes].reshape(n_all, -1)  # [n_all, T * sensors]
+    scale = obs[:n_train].pow(2).mean().sqrt()
+    obs = obs + noise * scale * torch.randn(obs.shape, generator=gen, dtype=torch.float64)
+    mean, std = obs[:n_train].mean(0), obs[:n_train].std(0).clamp_min(1e-12)
+    xs = ((obs - mean) / std).float()
+    ys = m.float()
+    splits = _split3(xs, ys, n_train, n_val)
+    cfg = config or ModelConfig(width=32, depth=2, lr=1e-3, batch_size=64, epochs_per_round=30, rounds=5, max_depth=10)
+    info = {
+        "equation": "u_t = (kappa u_x)_x + f on (0,1), u(0)=u(1)=0, u0 = sin(pi x), f = 10 exp(-(x-0.7)^2/0.02)",
+        "target": "m = log kappa at the cell midpoints",
+        "cells": cells,
+        "sensor_x": [float((i + 1) * h) for i in nodes.tolist()],
+        "times": [s * t_final / steps for s in save],
+        "steps": steps,
+        "modes": modes,
+        "sigma": sigma,
+        "decay": decay,
+        "noise": noise,
+    }
+    return Task(
+        name="heat",
+        train=splits[0],
+        val=splits[1],
+        test=splits[2],
+        loss_fn=F.mse_loss,
+        metric=Metric("rel_l2", _relative_l2, higher_is_better=False),
+        d_in=xs.shape[1],
+        d_out=cells,
+        config=cfg,
+        seed=int(seed),
+        info=info,
+    )
+
+
+def _relative_l2(pred: Tensor, y: Tensor) -> float:
+    """Average over samples of ``||pred_s - y_s|| / ||y_s||``."""
+    pred, y = pred.detach().double(), y.detach().double()
+    return float(((pred - y).norm(dim=1) / y.norm(dim=1).clamp_min(1e-12)).mean())
+
+
+def _split3(x: Tensor, y: Tensor, n_train: int, n_val: int) -> List[Split]:
+    a, b = n_train, n_train + n_val
+    return [(x[:a].contiguous(), y[:a].contiguous()), (x[a:b].contiguous(), y[a:b].contiguous()), (x[b:].contiguous(), y[b:].contiguous())]
+
+
+# --------------------------------------------------------------------------------------------
+# digits and regression
+
+
+def _accuracy(pred: Tensor, y: Tensor) -> float:
+    return float((pred.argmax(dim=1) == y).double().mean()) if y.numel() else float("nan")
+
+
+def digits_task(
+    *, seed: int = 0, n_train: int = 1000, n_val: int = 300, config: Optional[ModelConfig] = None
+) -> Task:
+    """scikit-learn's 8x8 digits (bundled with scikit-learn; no download).
+
+    The 1797 images are permuted with ``seed`` and split ``n_train / n_val / rest``; pixels are
+    standardised with training statistics. Cross-entropy; test metric: accuracy.
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.data, dtype=torch.float64)
+    y = torch.as_tensor(d.target, dtype=torch.long)
+    if n_train + n_val >= x.shape[0]:
+        raise ValueError(f"digits_task: n_train + n_val must be < {x.shape[0]}, got {n_train + n_val}")
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(int(seed)))
+    x, y = x[perm], y[perm]
+    mean, std = x[:n_train].mean(0), x[:n_train].std(0)
+    x = ((x - mean) / torch.where(std > 1e-8, std, torch.ones_like(std))).float()
+    splits = _split3(x, y, n_train, n_val)
+    cfg = config or ModelConfig(width=32, depth=2, lr=1e-3, batch_size=64, epochs_per_round=15, rounds=4, max_depth=8)
+    return Task(
+        name="digits",
+        train=splits[0],
+        val=splits[1],
+        test=splits[2],
+        loss_fn=F.cross_entropy,
+        metric=Metric("accuracy", _accuracy, higher_is_better=True),
+        d_in=64,
+        d_out=10,
+        config=cfg,
+        seed=int(seed),
+        info={"source": "sklearn.datasets.load_digits", "classes": 10},
+    )
+
+
+def _regression_fn(x: Tensor) -> Tensor:
+    x1, x2 = x[:, 0], x[:, 1]
+    return (torch.sin(math.pi * x1) * torch.cos(math.pi * x2) + 0.5 * torch.sin(2 * math.pi * x1 * x2))[:, None]
+
+
+def _mse(pred: Tensor, y: Tensor) -> float:
+    return float(F.mse_loss(pred.detach().double(), y.detach().double()))
+
+
+def regression_task(
+    *,
+    seed: int = 0,
+    n_train: int = 1000,
+    n_val: int = 300,
+    n_test: int = 1000,
+    noise: float = 0.01,
+    config: Optional[ModelConfig] = None,
+) -> Task:
+    """Smooth regression ``y = sin(pi x1) cos(pi x2) + 0.5 sin(2 pi x1 x2) + noise`` on
+    ``[-1, 1]^2`` (noise on the training and validation targets only). MSE; metric: test MSE."""
+    gen = torch.Generator().manual_seed(int(seed))
+    n_all = n_train + n_val + n_test
+    x = torch.rand(n_all, 2, generator=gen, dtype=torch.float64) * 2 - 1
+    y = _regression_fn(x)
+    eps = noise * torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    eps[n_train + n_val :] = 0
+    splits = _split3(x.float(), (y + eps).float(), n_train, n_val)
+    cfg = config or ModelConfig(width=32, depth=2, lr=2e-3, batch_size=64, epochs_per_round=30, rounds=4, max_depth=8)
+    return Task(
+        name="regression",
+        train=splits[0],
+        val=splits[1],
+        test=splits[2],
+        loss_fn=F.mse_loss,
+        metric=Metric("mse", _mse, higher_is_better=False),
+        d_in=2,
+        d_out=1,
+        config=cfg,
+        seed=int(seed),
+        info={"function": "sin(pi x1) cos(pi x2) + 0.5 sin(2 pi x1 x2)", "noise": noise},
+    )
+
+
+_TASKS: Dict[str, Callable[..., Task]] = {"heat": heat_task, "digits": digits_task, "regression": regression_task}
+
+
+def available_tasks() -> List[str]:
+    """Names accepted by :func:`get_task`."""
+    return sorted(_TASKS)
+
+
+def get_task(name: str, *, seed: int = 0, **kwargs) -> Task:
+    """Builds a built-in task, deterministic per ``seed``.
+
+    Args:
+        name: ``"heat"`` (default task of the CLI), ``"digits"`` or ``"regression"``.
+        seed: data seed.
+        **kwargs: task options (split sizes, ``config=ModelConfig(...)``, ...): see
+            :func:`heat_task`, :func:`digits_task`, :func:`regression_task`.
+    """
+    if name not in _TASKS:
+        raise ValueError(f"get_task: unknown task {name!r}; available: {', '.join(available_tasks())}")
+    return _TASKS[name](seed=seed, **kwargs)
