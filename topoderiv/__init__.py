@@ -23,3 +23,20 @@ def build_info() -> dict:
 
 
 # --- growth API (models, scoring, insertion, growth loop): exported below -------------------
+from . import activations, capture, checkpoint, growth, insertion, models, scoring, training  # noqa: E402,F401
+from .activations import TDActivation, check_admissible  # noqa: E402,F401
+from .capture import capture_all, state_at  # noqa: E402,F401
+from .checkpoint import load, load_checkpoint, save  # noqa: E402,F401
+from .growth import (  # noqa: E402,F401
+    GrowthHistory,
+    Grower,
+    InsertionStrategy,
+    Proposal,
+    RoundRecord,
+    TopologicalStrategy,
+    grow,
+)
+from .insertion import insert, insert_block, remove_block, search_eps  # noqa: E402,F401
+from .models import ResidualBlock, ResidualMLP, candidate_points  # noqa: E402,F401
+from .scoring import PointScore, ScoreReport, score  # noqa: E402,F401
+from .training import evaluate, fit  # noqa: E402,F401

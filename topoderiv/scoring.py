@@ -1,0 +1,414 @@
+"""Topological derivative of every candidate point (METHOD.md section 3).
+
+For candidate point l, with the new block's input feature ``u = feature(x)`` and costates ``p``:
+
+    B_{l,r} = sum_s p_{s,r} xt_s xt_s^T,   xt = [u; 1],   Q_l = sigma''(0) blockdiag_r B_{l,r}
+    mu_l = lambda_max(Q_l)    (algebraic; = sigma''(0) min_r lambda_min(B_{l,r}) if sigma''(0) < 0)
+    J(eps) - J(0) = -(eps^2 / 2) phi^T Q_l phi + O(eps^3)
+
+:func:`score` streams the data: one forward + backward per batch (:func:`topoderiv.capture.capture`),
+the blocks accumulated with :func:`topoderiv.ops.sensitivity_blocks` (``out=`` accumulation, memory
+``n m^2`` per point whatever the number of batches), then batched Lanczos. A single batch goes
+through :func:`topoderiv.ops.sensitivity_topk`, which may take the matrix-free route.
+
+Costate scaling over batches: batch b's costates are captured as ``-B_b dJ_b/dx`` and the
+accumulated blocks are divided by the total sample count ``S`` at the end, which is exactly
+``p = -dJ/dx`` of the mean loss over all samples (blocks are linear in ``p``) without knowing ``S``
+in advance.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, reference
+from .activations import check_admissible
+from .capture import _check_points, capture
+from .models import check_growable
+from .training import _device_of, batch_size, is_batch, iter_batches, train_mode
+
+__all__ = ["PointScore", "ScoreReport", "score", "resolve_backend", "block_parts", "RULES"]
+
+RULES = ("top", "multi")
+_ROUTES = ("auto", "dense", "matfree")
+_BACKENDS = ("auto", "kernels", "torch")
+# total bytes of dense blocks (all points) above which multi-batch "auto" collects for matrix-free
+_DENSE_BUDGET = 2 * 2**30
+
+
+def kernels_available() -> bool:
+    """True when the compiled extension ``topoderiv._C`` imports."""
+    try:
+        from ._lib import lib
+
+        lib()
+        return True
+    except ImportError:
+        return False
+
+
+def resolve_backend(backend: str, device: Optional[torch.device], fn: str = "score") -> str:
+    """``"kernels"`` or ``"torch"``: ``"auto"`` takes the kernels when built for ``device``."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if not kernels_available():
+        return "torch"
+    if device is not None and device.type == "cuda" and not ops.has_cuda_kernels():
+        return "torch"
+    if device is not None and device.type not in ("cpu", "cuda"):
+        return "torch"
+    return "kernels"
+
+
+def block_parts(block: nn.Module, fn: str) -> Tuple[nn.Linear, nn.Module, nn.Module]:
+    """``(linear, activation, feature)`` of a ResidualBlock-compatible block, or TypeError."""
+    linear = getattr(block, "linear", None)
+    act = getattr(block, "activation", None)
+    feature = getattr(block, "feature", None) or nn.Identity()
+    if not isinstance(linear, nn.Linear) or act is None:
+        raise TypeError(
+            f"{fn}: new_block(point) must return a ResidualBlock-compatible block (x + activation(linear("
+            f"feature(x))) with .linear an nn.Linear and .activation), got {type(block).__name__}"
+        )
+    return linear, act, feature
+
+
+@dataclass
+class PointScore:
+    """The topological derivative of one candidate point.
+
+    Attributes:
+        point: candidate point index.
+        mu: topological derivative ``lambda_max(Q_l)`` in loss units (``sigma''(0)`` included).
+        block: ``r*``, the output unit (row of ``[W | b]``) holding the top eigenvector.
+        phi: ``[n, m]`` initialisation direction, unit Frobenius norm (``m = in_features + bias``);
+            rule ``"top"``: row ``r*`` is the top eigenvector, other rows zero.
+        block_mu: ``[n]`` per block ``r``: ``sigma''(0) * lambda_max(B_r)`` (or the min when
+            ``sigma''(0) < 0``), in loss units. ``mu = block_mu.max()``.
+        values: ``[n, k]`` the top-k of each block in the same units.
+        quotient: ``phi^T Q phi``: the second-order gain of ``phi`` (``= mu`` for rule ``"top"``).
+        sigma2: ``sigma''(0)`` of the new block's activation.
+        bias: whether ``phi`` has a bias column.
+        converged: every block's eigen-solve met its tolerance.
+        route: ``"dense"``, ``"matfree"`` or ``"eigh"`` (torch backend).
+    """
+
+    point: int
+    mu: float
+    block: int
+    phi: Tensor
+    block_mu: Tensor
+    values: Tensor
+    quotient: float
+    sigma2: float
+    bias: bool
+    converged: bool = True
+    route: str = "dense"
+
+    @property
+    def eigenvalues(self) -> Tensor:
+        """Alias of :attr:`block_mu`."""
+        return self.block_mu
+
+    @property
+    def weight(self) -> Tensor:
+        """``W`` part of ``phi``: ``[n, in_features]``."""
+        return self.phi[:, : self.phi.shape[1] - int(self.bias)]
+
+    @property
+    def bias_vector(self) -> Optional[Tensor]:
+        """``b`` part of ``phi``: ``[n]`` (None without bias)."""
+        return self.phi[:, -1] if self.bias else None
+
+    def predicted_change(self, eps: float) -> float:
+        """Second-order prediction of ``J(eps) - J(0)``: ``-(eps^2 / 2) * phi^T Q phi``."""
+        return -(eps ** 2 / 2.0) * self.quotient
+
+
+@dataclass
+class ScoreReport:
+    """Scores of the candidate points.
+
+    Attributes:
+        points: one :class:`PointScore` per scored point, in point order.
+        loss: ``J`` at the current parameters (mean over all scored samples).
+        n_samples: number of samples ``S``. n_batches: number of batches.
+        rule, backend: as used. wall_time: seconds.
+    """
+
+    points: List[PointScore]
+    loss: float
+    n_samples: int
+    n_batches: int
+    rule: str = "top"
+    backend: str = "torch"
+    wall_time: float = 0.0
+
+    @property
+    def best(self) -> Optional[PointScore]:
+        """The point with the largest ``mu``, or None when every ``mu <= 0``."""
+        cands = [p for p in self.points if p.mu > 0 and math.isfinite(p.mu)]
+        return max(cands, key=lambda p: p.mu) if cands else None
+
+    @property
+    def mu(self) -> Dict[int, float]:
+        """``{point: mu}``."""
+        return {p.point: p.mu for p in self.points}
+
+    def ranked(self) -> List[PointScore]:
+        """Points with ``mu > 0``, largest first."""
+        return sorted((p for p in self.points if p.mu > 0), key=lambda p: -p.mu)
+
+    def table(self) -> str:
+        """A plain-text table: point, mu, r*, predicted change at eps = 1, convergence."""
+        best = self.best
+        lines = [f"J = {self.loss:.6g} over {self.n_samples} samples ({self.n_batches} batches), "
+                 f"rule={self.rule}, backend={self.backend}",
+                 f"{'point':>5}  {'mu':>12}  {'r*':>4}  {'dJ(eps=1)':>12}  {'conv':>4}"]
+        for p in self.points:
+            mark = "  <- best" if best is not None and p.point == best.point else ""
+            lines.append(f"{p.point:>5}  {p.mu:>12.5g}  {p.block:>4}  {p.predicted_change(1.0):>12.4g}  "
+                         f"{'yes' if p.converged else 'no':>4}{mark}")
+        if best is None:
+            lines.append("no point has mu > 0: no insertion lowers J at second order")
+        return "\n".join(lines)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-able summary (without phi)."""
+        return {"loss": self.loss, "n_samples": self.n_samples, "n_batches": self.n_batches, "rule": self.rule,
+                "backend": self.backend, "wall_time": self.wall_time,
+                "mu": {str(p.point): p.mu for p in self.points},
+                "block": {str(p.point): p.block for p in self.points}}
+
+
+class _PointAcc:
+    """Per-point accumulator: holds the first batch, then dense blocks or collected (u, q)."""
+
+    def __init__(self, feature: nn.Module, bias: bool, sign: float) -> None:
+        self.feature, self.bias, self.sign = feature, bias, sign
+        self.first: Optional[Tuple[Tensor, Tensor]] = None
+        self.blocks: Optional[Tensor] = None
+        self.us: List[Tensor] = []
+        self.qs: List[Tensor] = []
+
+
+def _accumulate(acc: _PointAcc, u: Tensor, q: Tensor, backend: str) -> None:
+    if backend == "kernels":
+        if acc.blocks is None:
+            acc.blocks = ops.sensitivity_blocks(u, q, bias=acc.bias)
+        else:
+            ops.sensitivity_blocks(u, q, bias=acc.bias, out=acc.blocks)
+    else:
+        b = reference.sensitivity_blocks(u, q, bias=acc.bias)
+        acc.blocks = b if acc.blocks is None else acc.blocks.add_(b)
+
+
+def _canonical_sign(vectors: Tensor) -> Tensor:
+    """Flips each eigenvector ``[..., m, k]`` so its largest-magnitude entry is positive."""
+    idx = vectors.abs().argmax(dim=-2, keepdim=True)
+    s = torch.sign(torch.gather(vectors, -2, idx))
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return vectors * s
+
+
+def _solve(acc: _PointAcc, S: int, k: int, route: str, backend: str, n_batches: int
+           ) -> Tuple[Tensor, Tensor, bool, str]:
+    """Top-k eigenpairs of the blocks of ``sign * B / S``: ``(values [n, k], vectors [n, m, k], conv, route)``."""
+    if acc.first is not None and acc.blocks is None and not acc.us:  # one batch
+        u, q = acc.first
+        q = q / S
+        if backend == "kernels":
+            res = ops.sensitivity_topk(u, q, k=k, bias=acc.bias, route=route)
+            return res.values, res.vectors, bool(res.converged.all()), res.route
+        blocks = reference.sensitivity_blocks(u, q, bias=acc.bias)
+        vals, vecs = reference.eigh_topk(blocks, k)
+        return vals, vecs, True, "eigh"
+    if acc.us:  # collected for the matrix-free route
+        u = torch.cat(acc.us, dim=0)
+        q = torch.cat(acc.qs, dim=0) / S
+        if backend == "kernels":
+            res = ops.sensitivity_topk(u, q, k=k, bias=acc.bias, route="matfree")
+            return res.values, res.vectors, bool(res.converged.all()), res.route
+        vals, vecs = reference.eigh_topk(reference.sensitivity_blocks(u, q, bias=acc.bias), k)
+        return vals, vecs, True, "eigh"
+    assert acc.blocks is not None
+    blocks = acc.blocks / S
+    if backend == "kernels":
+        res = ops.lanczos_topk(blocks, k)
+        return res.values, res.vectors, bool(res.converged.all()), "dense"
+    vals, vecs = reference.eigh_topk(blocks, k)
+    return vals, vecs, True, "eigh"
+
+
+def _make_phi(values: Tensor, vectors: Tensor, rule: str) -> Tuple[Tensor, int, float]:
+    """phi ``[n, m]`` (unit Frobenius norm), ``r*`` and the Rayleigh quotient / |sigma''| of phi.
+
+    ``values [n, k]`` are eigenvalues of ``sign * B_r`` (descending), ``vectors [n, m, k]``.
+    """
+    n, m, k = vectors.shape
+    top = values[:, 0]
+    r_star = int(top.argmax())
+    phi = torch.zeros(n, m, dtype=vectors.dtype, device=vectors.device)
+    if rule == "top" or float(top[r_star]) <= 0 or n * k < 2:
+        phi[r_star] = vectors[r_star, :, 0]
+        return phi, r_star, float(top[r_star])
+    # reference-code rule: every eigenpair within 50% of the top one, at least two, summed, normalised
+    flat = values.reshape(-1)
+    order = torch.argsort(flat, descending=True)
+    lam_top = float(flat[order[0]])
+    chosen = [int(i) for i in order if float(flat[i]) >= 0.5 * lam_top]
+    if len(chosen) < 2:
+        chosen = [int(order[0]), int(order[1])]
+    for i in chosen:
+        r, j = divmod(i, k)
+        phi[r] += vectors[r, :, j]
+    phi = phi / phi.norm()
+    # eigenvectors of one block are orthonormal and blocks are disjoint: quotient = mean of values
+    quotient = sum(float(flat[i]) for i in chosen) / len(chosen)
+    return phi, r_star, quotient
+
+
+def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor], *,
+          points: Optional[Sequence[int]] = None, k: int = 1, rule: str = "top", route: str = "auto",
+          backend: str = "auto", progress: bool = False, training: Optional[bool] = False,
+          max_batches: Optional[int] = None) -> ScoreReport:
+    """Topological derivative ``mu`` and initialisation ``phi`` at every candidate point.
+
+    Args:
+        model: a growable model (see :mod:`topoderiv.models`).
+        data: one ``(x, y)`` batch or an iterable of batches (one pass, streamed).
+        loss_fn: ``loss_fn(model(x), y) -> scalar`` batch MEAN; ``J`` is the mean over all samples.
+        points: candidate points to score (default all).
+        k: eigenpairs per block (``k > 1`` only matters for rule ``"multi"``).
+        rule: ``"top"`` (phi = top eigenvector, one non-zero row) or ``"multi"`` (the reference
+            code: all eigenpairs within 50% of the top one, at least two, summed and normalised).
+        route: ``"auto"``, ``"dense"`` or ``"matfree"`` (kernels backend). Several batches are
+            accumulated densely unless ``"matfree"`` is asked for (or the blocks would exceed
+            2 GiB), in which case the features and costates are kept (memory grows with the data).
+        backend: ``"kernels"`` (topoderiv.ops), ``"torch"`` (topoderiv.reference + eigh) or
+            ``"auto"`` (kernels when the extension is built for the device).
+        progress: tqdm bar over batches.
+        training: mode during the pass (``False`` = eval, default; ``None`` keeps the current mode).
+            The model's modes are restored afterwards.
+        max_batches: use at most this many batches of ``data``.
+
+    Returns:
+        :class:`ScoreReport`; ``report.best`` is the point to insert at (None if every mu <= 0).
+
+    Raises:
+        TypeError: model without candidate points, bad data, new block not ResidualBlock-compatible.
+        ValueError: inadmissible activation of the new block, non-scalar or non-finite loss, NaN/Inf
+            data, bad rule/route/backend/k/points, empty data.
+    """
+    fn = "score"
+    t0 = time.perf_counter()
+    check_growable(model, fn)
+    pts = _check_points(fn, model, points)
+    if rule not in RULES:
+        raise ValueError(f"{fn}: rule must be one of {RULES}, got {rule!r}")
+    if route not in _ROUTES:
+        raise ValueError(f"{fn}: route must be one of {_ROUTES}, got {route!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{fn}: k must be an int >= 1, got {k!r}")
+    if not callable(loss_fn):
+        raise TypeError(f"{fn}: loss_fn must be callable, got {type(loss_fn).__name__}")
+    device = _device_of(model)
+    be = resolve_backend(backend, device, fn)
+
+    accs: Dict[int, _PointAcc] = {}
+    sigma2: Dict[int, float] = {}
+    dims: Dict[int, Tuple[int, int]] = {}
+    for p in pts:
+        nb = model.new_block(p)
+        linear, act, feature = block_parts(nb, fn)
+        try:
+            s2 = check_admissible(act)
+        except ValueError as err:
+            raise ValueError(f"{fn}: the block new_block({p}) of {type(model).__name__} would insert: {err}") from None
+        sigma2[p] = s2
+        bias = linear.bias is not None
+        dims[p] = (linear.out_features, linear.in_features + int(bias))
+        accs[p] = _PointAcc(feature, bias, 1.0 if s2 > 0 else -1.0)
+    for p in pts:
+        if dims[p][0] == 0:
+            raise ValueError(f"{fn}: new_block({p}) has no output units")
+    itemsize = 8 if (device is not None and next(model.parameters()).dtype == torch.float64) else 4
+    dense_bytes = sum(n * m * m * itemsize for n, m in dims.values())
+    collect = route == "matfree" or (route == "auto" and dense_bytes > _DENSE_BUDGET)
+
+    total_loss = 0.0
+    S = 0
+    n_batches = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="score", unit="batch", leave=False, total=None if not is_batch(data) else 1)
+    try:
+        with train_mode(model, training):
+            for batch in iter_batches(data, fn, device=device, check_finite=True, limit=max_batches):
+                B = batch_size(batch[0])
+                if B == 0:
+                    continue
+                cap = capture(model, batch, loss_fn, points=pts, scale=float(B), fn=fn)
+                total_loss += cap.loss * B
+                S += B
+                n_batches += 1
+                for p in pts:
+                    acc = accs[p]
+                    with torch.no_grad():
+                        u = acc.feature(cap.states[p])
+                    linear_in = dims[p][1] - int(acc.bias)
+                    if u.shape[-1] != linear_in:
+                        raise ValueError(
+                            f"{fn}: new_block({p}).feature gives {u.shape[-1]} features but its linear layer "
+                            f"expects {linear_in}"
+                        )
+                    q = cap.costates[p] * acc.sign if acc.sign < 0 else cap.costates[p]
+                    q = q.to(u.dtype)
+                    if n_batches == 1:
+                        acc.first = (u, q)
+                        continue
+                    if acc.first is not None:  # second batch: move the first one into the accumulator
+                        fu, fq = acc.first
+                        acc.first = None
+                        if collect:
+                            acc.us.append(fu)
+                            acc.qs.append(fq)
+                        else:
+                            _accumulate(acc, fu, fq, be)
+                    if collect:
+                        acc.us.append(u)
+                        acc.qs.append(q)
+                    else:
+                        _accumulate(acc, u, q, be)
+                del cap
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if S == 0:
+        raise ValueError(f"{fn}: data must hold at least one non-empty (x, y) batch, got none")
+
+    results: List[PointScore] = []
+    for p in pts:
+        acc = accs[p]
+        vals, vecs, conv, used = _solve(acc, S, k, route, be, n_batches)
+        vecs = _canonical_sign(vecs)
+        phi, r_star, quotient = _make_phi(vals, vecs, rule)
+        scale = abs(sigma2[p])
+        block_vals = vals * scale
+        results.append(PointScore(
+            point=p, mu=float(block_vals[r_star, 0]), block=r_star, phi=phi, block_mu=block_vals[:, 0].clone(),
+            values=block_vals, quotient=quotient * scale, sigma2=sigma2[p], bias=acc.bias, converged=conv,
+            route=used,
+        ))
+    return ScoreReport(results, total_loss / S, S, n_batches, rule, be, time.perf_counter() - t0)
