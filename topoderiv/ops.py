@@ -105,8 +105,9 @@ def _flatten_pair(fn: str, x: object, p: object) -> Tuple[Tensor, Tensor]:
         )
     _check_device(fn, "x", x, x.device)
     _check_device(fn, "p", p, x.device)
-    x2 = x.detach().reshape(-1, x.shape[-1])
-    p2 = p.detach().reshape(-1, p.shape[-1])
+    rows = math.prod(x.shape[:-1])
+    x2 = x.detach().reshape(rows, x.shape[-1])
+    p2 = p.detach().reshape(rows, p.shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     if p2.shape[1] > 1 and p2.stride(1) != 1:
@@ -416,6 +417,10 @@ def lanczos_topk(
     with an explicit residual ``||A y - theta y|| <= max(tol, 4 sqrt(m) eps) * ||A||`` (the second
     term is the round-off floor of the dtype). Gapless spectra may need more than ``steps``: the
     flag then says False.
+
+    Single-vector Lanczos sees one direction per distinct eigenvalue: with ``k >= 2`` an EXACTLY
+    repeated eigenvalue is reported once (as in ARPACK's ``eigsh``); ``k = 1`` is unaffected.
+    An invariant Krylov subspace found before convergence restarts from a fresh random vector.
 
     Args:
         a: ``[B, m, m]`` or ``[m, m]`` symmetric, float32 or float64, CPU or CUDA, finite.

@@ -266,7 +266,7 @@ template <class Params>
 void check_common(const char* fn, const Params& P) {
   if (P.batch < 0 || P.N < 0 || P.d < 0 || P.n < 0) fail(fn, "sizes must be >= 0");
   if (P.m() < 1) fail(fn, "m = d + bias must be >= 1");
-  if ((P.N > 0 && P.n > 0) && (P.x == nullptr || P.p == nullptr)) fail(fn, "x and p must not be null");
+  if (P.N > 0 && P.n > 0 && ((P.d > 0 && P.x == nullptr) || P.p == nullptr)) fail(fn, "x and p must not be null");
 }
 }  // namespace
 
