@@ -83,10 +83,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class Metric:
-    """A test metric: ``fn(pred [N, d_out], y) -> float``."""
+    """A test metric: ``fn(pred [N, d_out], y) -> 0-dim tensor``, a MEAN over samples (so a
+    batch-size-weighted average over batches is the metric of the whole split, and ``fn`` can be
+    passed wherever a batch-mean loss is expected, e.g. :func:`topoderiv.training.evaluate`).
+    Calling the metric returns a float."""
 
     name: str
-    fn: Callable[[Tensor, Tensor], float]
+    fn: Callable[[Tensor, Tensor], Tensor]
     higher_is_better: bool = False
 
     def __call__(self, pred: Tensor, y: Tensor) -> float:
@@ -473,10 +476,10 @@ def heat_task(
     )
 
 
-def _relative_l2(pred: Tensor, y: Tensor) -> float:
-    """Average over samples of ``||pred_s - y_s|| / ||y_s||``."""
+def _relative_l2(pred: Tensor, y: Tensor) -> Tensor:
+    """Average over samples of ``||pred_s - y_s|| / ||y_s||`` (float64 0-dim tensor)."""
     pred, y = pred.detach().double(), y.detach().double()
-    return float(((pred - y).norm(dim=1) / y.norm(dim=1).clamp_min(1e-12)).mean())
+    return ((pred - y).norm(dim=1) / y.norm(dim=1).clamp_min(1e-12)).mean()
 
 
 def _split3(x: Tensor, y: Tensor, n_train: int, n_val: int) -> List[Split]:
@@ -488,8 +491,8 @@ def _split3(x: Tensor, y: Tensor, n_train: int, n_val: int) -> List[Split]:
 # digits and regression
 
 
-def _accuracy(pred: Tensor, y: Tensor) -> float:
-    return float((pred.argmax(dim=1) == y).double().mean()) if y.numel() else float("nan")
+def _accuracy(pred: Tensor, y: Tensor) -> Tensor:
+    return (pred.detach().argmax(dim=1) == y).double().mean()
 
 
 def digits_task(
@@ -533,8 +536,8 @@ def _regression_fn(x: Tensor) -> Tensor:
     return (torch.sin(math.pi * x1) * torch.cos(math.pi * x2) + 0.5 * torch.sin(2 * math.pi * x1 * x2))[:, None]
 
 
-def _mse(pred: Tensor, y: Tensor) -> float:
-    return float(F.mse_loss(pred.detach().double(), y.detach().double()))
+def _mse(pred: Tensor, y: Tensor) -> Tensor:
+    return F.mse_loss(pred.detach().double(), y.detach().double())
 
 
 def regression_task(

@@ -1,0 +1,581 @@
+"""Baselines of METHOD.md section 8 in the growth API, and :func:`compare`.
+
+Every method trains the same :class:`topoderiv.models.ResidualMLP` family with the same optimiser
+(Adam, the task's learning rate), the same mini-batches (a loader seeded with the run's seed) and
+the same TOTAL number of epochs, ``budget.epochs_per_round * (budget.rounds + 1)``:
+
+``topological``
+    Topological-derivative growth (:class:`topoderiv.growth.TopologicalStrategy`): insert where
+    ``mu`` is largest, ``phi`` = its top eigenvector, eps searched on the training loss.
+``random``
+    :class:`RandomInsertion`: a uniformly random candidate point and a small random
+    initialisation (``W, b ~ N(0, (scale / sqrt(fan_in))^2)``, ``scale = 0.1``) of the same
+    admissible block, then all parameters keep training.
+``identity``
+    :class:`IdentityInsertion`: Net2DeeperNet-style function-preserving insertion (see its
+    docstring for why the block uses tanh).
+``forward_thinking``
+    :class:`ForwardThinking`: layer-wise training (Hettinger et al., 2017): a new, randomly
+    initialised block on top of the stack (before the head), then only that block and the head
+    train; everything below is frozen.
+``initial``
+    The initial network (``budget.depth`` blocks), no growth, trained for the whole budget.
+``fixed_final``
+    A fixed network with the final depth of the topological run of the same seed (or
+    ``depth + rounds`` when that run is not part of the comparison), trained from scratch for
+    the whole budget.
+
+Growing methods stop inserting when the validation loss has not improved for ``patience`` rounds,
+when ``rounds`` insertions were made or when the strategy proposes nothing; the epochs left of the
+budget are then spent training the final network (recorded as a last round without insertion,
+``info["phase"] == "finish"``), so every method trains exactly the same number of epochs.
+Reported: the test metric of the FINAL network (no checkpoint selection).
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .growth import (
+    GrowthHistory,
+    Grower,
+    InsertionStrategy,
+    Proposal,
+    RoundRecord,
+    TopologicalStrategy,
+    count_parameters,
+)
+from .models import ResidualBlock, candidate_points
+from .tasks import ModelConfig, Task
+from .training import evaluate, fit
+
+__all__ = [
+    "RandomInsertion",
+    "IdentityInsertion",
+    "ForwardThinking",
+    "METHODS",
+    "DEFAULT_METHODS",
+    "RunResult",
+    "Comparison",
+    "run_method",
+    "compare",
+    "make_budget",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# strategies
+
+
+def _linear_shape(model: nn.Module, point: int) -> tuple:
+    """``(n, d_in, has_bias)`` of the block ``model.new_block(point)`` would create."""
+    lin = model.new_block(point).linear
+    return lin.out_features, lin.in_features, lin.bias is not None
+
+
+def _random_point(grower: Grower) -> int:
+    pts = candidate_points(grower.model)
+    return pts[int(torch.randint(len(pts), (1,), generator=grower.generator))]
+
+
+class RandomInsertion(InsertionStrategy):
+    """Random point, small random initialisation (the paper's "random layer insertion").
+
+    The block is ``model.new_block(point)`` (the same admissible block the topological method
+    inserts), with ``W ~ N(0, (scale / sqrt(d_in))^2)`` and ``b ~ N(0, (scale / sqrt(d_in))^2)``
+    drawn from the grower's seeded generator. With ``scale = 0.1`` the block starts close to the
+    identity (``sigma(z) ~ z^2 / 2``): the insertion barely changes the function, and training
+    takes it from there. The point is uniform over the candidate points.
+
+    Args:
+        scale: initialisation scale relative to ``1 / sqrt(d_in)`` (1.0 is PyTorch-like size).
+    """
+
+    name = "random"
+
+    def __init__(self, scale: float = 0.1) -> None:
+        super().__init__()
+        if not (scale >= 0 and math.isfinite(scale)):
+            raise ValueError(f"RandomInsertion: scale must be a finite number >= 0, got {scale!r}")
+        self.scale = float(scale)
+
+    def config(self) -> Dict[str, Any]:
+        return {"name": self.name, "scale": self.scale}
+
+    def propose(self, grower: Grower) -> Optional[Proposal]:
+        point = _random_point(grower)
+        n, d, has_bias = _linear_shape(grower.model, point)
+        std = self.scale / math.sqrt(d)
+        w = torch.randn(n, d, generator=grower.generator) * std
+        b = torch.randn(n, generator=grower.generator) * std if has_bias else None
+        self.last_info = {"scale": self.scale}
+        return Proposal(point, weight=w, bias=b, eps=1.0, info=dict(self.last_info))
+
+
+class IdentityInsertion(InsertionStrategy):
+    """Net2DeeperNet-style identity insertion, made trainable for residual blocks.
+
+    Net2DeeperNet inserts a layer that computes the identity, so the function is preserved, and
+    lets gradient descent move it. In a residual network the identity block is ``x + g(x)`` with
+    ``g = 0``. With the admissible activation (``sigma'(0) = 0``) the zero block
+    ``x + sigma(0 * x + 0)`` is the identity but receives EXACTLY zero gradient (``dJ/dW =
+    sigma'(0) (...) = 0``): it would stay zero forever and the "insertion" would be a no-op. A
+    fair identity insertion must preserve the function and be trainable at first order, so the
+    inserted block here is ``x + tanh(W u(x) + b)`` with ``W = 0, b = 0``: the model's outputs are
+    unchanged bit for bit at insertion (``tanh(0) = 0``), and ``tanh'(0) = 1`` gives the new block
+    the ordinary first-order gradient ``-sum_s p_s xt_s^T``. Nothing else about the block differs
+    from the topological method's (same width, input feature, bias). The point is uniform over the
+    candidate points, like :class:`RandomInsertion`, so "identity" and "random" differ only in
+    the initialisation.
+
+    Args:
+        activation: activation of the inserted block (default ``"tanh"``; must satisfy
+            ``sigma(0) = 0`` to preserve the function). ``None`` uses the model's own insert
+            activation, which with an admissible sigma reproduces the degenerate, never-training
+            zero block (for the record only).
+        point: ``"random"`` (default) or ``"last"`` (on top of the stack, before the head).
+    """
+
+    name = "identity"
+
+    def __init__(self, activation: Optional[str] = "tanh", point: str = "random") -> None:
+        super().__init__()
+        if point not in ("random", "last"):
+            raise ValueError(f"IdentityInsertion: point must be 'random' or 'last', got {point!r}")
+        self.activation, self.point = activation, point
+
+    def config(self) -> Dict[str, Any]:
+        return {"name": self.name, "activation": self.activation, "point": self.point}
+
+    def propose(self, grower: Grower) -> Optional[Proposal]:
+        model = grower.model
+        point = _random_point(grower) if self.point == "random" else len(model.blocks)
+        proto = model.new_block(point)
+        if self.activation is None:
+            block = proto
+        else:
+            if not isinstance(proto, ResidualBlock):
+                raise TypeError(
+                    f"IdentityInsertion: needs model.new_block(point) to return a ResidualBlock to swap its "
+                    f"activation, got {type(proto).__name__}; pass activation=None"
+                )
+            block = ResidualBlock(proto.width, activation=self.activation, bias=proto.linear.bias is not None,
+                                  feature=proto.feature).zero_()
+        self.last_info = {"activation": self.activation or "model default"}
+        return Proposal(point, block=block, info=dict(self.last_info))
+
+
+class ForwardThinking(InsertionStrategy):
+    """Forward Thinking (Hettinger et al., 2017): layer-wise training, earlier layers frozen.
+
+    Each round puts a new block on top of the stack (point ``len(model.blocks)``, just before the
+    head), initialised like a fresh PyTorch layer (``nn.Linear``'s default init, so the block is
+    far from the identity and trainable with the admissible activation), and the grower must run
+    with ``freeze_existing=True``: only the new block and the head train afterwards (the head is
+    kept and re-trained rather than re-created, so the function stays continuous). The stem and
+    every older block keep the values they had when they were frozen.
+
+    Args:
+        scale: multiplies PyTorch's default initialisation of the new block (1.0 = default).
+    """
+
+    name = "forward_thinking"
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = float(scale)
+
+    def config(self) -> Dict[str, Any]:
+        return {"name": self.name, "scale": self.scale}
+
+    def propose(self, grower: Grower) -> Optional[Proposal]:
+        if not grower.freeze_existing:
+            raise ValueError("ForwardThinking: the grower must run with freeze_existing=True (layer-wise training)")
+        point = len(grower.model.blocks)
+        n, d, has_bias = _linear_shape(grower.model, point)
+        bound = self.scale / math.sqrt(d)  # nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        w = (torch.rand(n, d, generator=grower.generator) * 2 - 1) * bound
+        b = (torch.rand(n, generator=grower.generator) * 2 - 1) * bound if has_bias else None
+        self.last_info = {"scale": self.scale}
+        return Proposal(point, weight=w, bias=b, eps=1.0, info=dict(self.last_info))
+
+
+# --------------------------------------------------------------------------------------------
+# methods
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How one method of a comparison runs: a strategy factory (None = no growth) and options."""
+
+    name: str
+    description: str
+    strategy: Optional[Callable[[], InsertionStrategy]] = None
+    freeze_existing: bool = False
+    grows: bool = True
+
+
+METHODS: Dict[str, MethodSpec] = {
+    "topological": MethodSpec("topological", "topological-derivative growth (this package)",
+                              lambda: TopologicalStrategy()),
+    "topological_multi": MethodSpec("topological_multi", "topological growth, multi-eigenvector rule",
+                                    lambda: TopologicalStrategy(rule="multi", k=4)),
+    "random": MethodSpec("random", "random point, small random init", lambda: RandomInsertion()),
+    "identity": MethodSpec("identity", "Net2DeeperNet-style identity insertion (tanh block)",
+                           lambda: IdentityInsertion()),
+    "forward_thinking": MethodSpec("forward_thinking", "layer-wise training, earlier layers frozen",
+                                   lambda: ForwardThinking(), freeze_existing=True),
+    "initial": MethodSpec("initial", "initial network, no growth", grows=False),
+    "fixed_final": MethodSpec("fixed_final", "fixed network of the final size, from scratch", grows=False),
+}
+DEFAULT_METHODS = ("topological", "random", "identity", "forward_thinking", "initial", "fixed_final")
+
+
+def make_budget(task: Task, budget: Union[None, ModelConfig, Dict[str, Any]] = None) -> ModelConfig:
+    """The task's :class:`ModelConfig`, overridden by ``budget`` (a config or a dict of fields)."""
+    if budget is None:
+        return task.config
+    if isinstance(budget, ModelConfig):
+        return budget
+    if isinstance(budget, dict):
+        unknown = set(budget) - set(ModelConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"make_budget: unknown budget fields {sorted(unknown)}; known: "
+                             f"{sorted(ModelConfig.__dataclass_fields__)}")
+        return replace(task.config, **{k: v for k, v in budget.items() if v is not None})
+    raise TypeError(f"make_budget: budget must be None, a ModelConfig or a dict, got {type(budget).__name__}")
+
+
+@dataclass
+class RunResult:
+    """One method on one seed.
+
+    Attributes:
+        method, seed: what ran.
+        metric: the task's test metric of the final network. metric_name: its name.
+        test_loss, val_loss, train_loss: losses of the final network (train = last epoch mean).
+        depth, n_params: final architecture. epochs: epochs trained in total. wall_time: seconds.
+        history: the growth history (one round for the non-growing methods).
+        model, optimizer: the trained model and its optimiser (``keep_model=True`` only).
+    """
+
+    method: str
+    seed: int
+    metric: float
+    metric_name: str
+    test_loss: float
+    val_loss: float
+    train_loss: float
+    depth: int
+    n_params: int
+    epochs: int
+    wall_time: float
+    history: GrowthHistory = field(default_factory=GrowthHistory)
+    model: Optional[nn.Module] = field(default=None, repr=False, compare=False)
+    optimizer: Optional[torch.optim.Optimizer] = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("method", "seed", "metric", "metric_name", "test_loss", "val_loss",
+                                           "train_loss", "depth", "n_params", "epochs", "wall_time")}
+        d["history"] = self.history.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "RunResult":
+        d = dict(d)
+        hist = GrowthHistory.from_dict(d.pop("history", {}))
+        return cls(history=hist, **d)
+
+
+def _metric_fn(task: Task) -> Callable:
+    return task.metric.fn
+
+
+def run_method(
+    task: Task,
+    method: str,
+    seed: int = 0,
+    *,
+    budget: Union[None, ModelConfig, Dict[str, Any]] = None,
+    patience: int = 2,
+    final_depth: Optional[int] = None,
+    strategy: Optional[InsertionStrategy] = None,
+    score_batches: Optional[int] = None,
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = False,
+    keep_model: bool = False,
+    checkpoint_dir: Union[str, Path, None] = None,
+    callbacks: Sequence[Callable[[Grower, RoundRecord], None]] = (),
+) -> RunResult:
+    """Runs one method of :data:`METHODS` on ``task`` with seed ``seed``.
+
+    Args:
+        task: a :class:`topoderiv.tasks.Task`.
+        method: a key of :data:`METHODS`.
+        seed: seeds the initialisation (``torch.manual_seed``), the loader's shuffling and the
+            grower's generator (random points / inits).
+        budget: the network and budget (default ``task.config``; a dict overrides fields).
+        patience: growth stops after this many rounds without validation improvement.
+        final_depth: depth of ``"fixed_final"`` (default ``budget.depth + budget.rounds``).
+        strategy: replaces the method's strategy (growing methods only).
+        score_batches: training batches used by the topological scorer / eps search (default all).
+        device: where to train.
+        progress: tqdm bars.
+        keep_model: keep the trained model and its optimiser in the result.
+        checkpoint_dir: the grower saves model + history there after every round.
+        callbacks: ``f(grower, record)`` after every round (the final "finish" round included).
+
+    Returns:
+        :class:`RunResult`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"run_method: unknown method {method!r}; available: {', '.join(METHODS)}")
+    spec = METHODS[method]
+    cfg = make_budget(task, budget)
+    task = task.to(device)
+    t0 = time.perf_counter()
+    depth = cfg.depth
+    if method == "fixed_final":
+        depth = cfg.depth + cfg.rounds if final_depth is None else int(final_depth)
+    model = task.build_model(depth, seed=seed).to(device)
+    train = task.loader("train", seed=seed)
+    total = cfg.total_epochs
+    grows = spec.grows and cfg.rounds > 0
+    strat = strategy if strategy is not None else (spec.strategy() if spec.strategy is not None else TopologicalStrategy())
+    grower = Grower(
+        model,
+        lambda params: torch.optim.Adam(params, lr=cfg.lr),
+        train,
+        task.val,
+        task.loss_fn,
+        strategy=strat,
+        epochs_per_round=cfg.epochs_per_round,
+        initial_epochs=cfg.epochs_per_round if grows else total,
+        max_rounds=cfg.rounds if grows else 0,
+        max_depth=cfg.max_depth,
+        patience=patience,
+        score_batches=score_batches,
+        seed=seed,
+        progress=progress,
+        test_data=task.test,
+        test_metric=_metric_fn(task),
+        freeze_existing=spec.freeze_existing,
+        checkpoint_dir=checkpoint_dir,
+        callbacks=callbacks,
+    )
+    hist = grower.run()
+    hist.meta.update({"method": method, "task": task.name, "seed": seed, "budget_epochs": total})
+    used = sum(r.epochs for r in hist.rounds)
+    if used < total:  # growth stopped early: spend the rest of the budget on the final network
+        t1 = time.perf_counter()
+        curve = fit(model, grower.optimizer, train, task.loss_fn, total - used, progress=progress, desc="finish")
+        val = evaluate(model, task.val, task.loss_fn)
+        test = evaluate(model, task.test, _metric_fn(task))
+        rec = RoundRecord(len(hist.rounds), total - used, curve[-1], val, count_parameters(model), len(model.blocks),
+                          time.perf_counter() - t1, curve, test, lr=grower.optimizer.param_groups[0].get("lr"),
+                          info={"phase": "finish", "reason": hist.stop_reason})
+        hist.rounds.append(rec)
+        for cb in callbacks:
+            cb(grower, rec)
+        if checkpoint_dir is not None:
+            grower.save(checkpoint_dir)
+    res = task.evaluate(model, "test")
+    last = hist.rounds[-1]
+    return RunResult(
+        method=method,
+        seed=seed,
+        metric=res[task.metric.name],
+        metric_name=task.metric.name,
+        test_loss=res["loss"],
+        val_loss=last.val_loss,
+        train_loss=last.train_loss,
+        depth=len(model.blocks),
+        n_params=count_parameters(model),
+        epochs=sum(r.epochs for r in hist.rounds),
+        wall_time=time.perf_counter() - t0,
+        history=hist,
+        model=model if keep_model else None,
+        optimizer=grower.optimizer if keep_model else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# comparison
+
+
+def _mean_std(vals: Sequence[float]) -> tuple:
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+@dataclass
+class Comparison:
+    """Results of :func:`compare`: every run, and mean +- std per method.
+
+    Attributes:
+        task: task name. metric_name, higher_is_better: the test metric.
+        methods, seeds: what ran. budget: the :class:`ModelConfig` fields used.
+        runs: every :class:`RunResult`. meta: anything else (command line, wall time).
+    """
+
+    task: str
+    metric_name: str
+    higher_is_better: bool
+    methods: List[str]
+    seeds: List[int]
+    budget: Dict[str, Any]
+    runs: List[RunResult] = field(default_factory=list)
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def by_method(self, method: str) -> List[RunResult]:
+        return [r for r in self.runs if r.method == method]
+
+    def summary(self) -> Dict[str, Dict[str, float]]:
+        """``{method: {"mean", "std", "n", "depth", "params", "time"}}`` over seeds."""
+        out: Dict[str, Dict[str, float]] = {}
+        for m in self.methods:
+            rs = self.by_method(m)
+            mean, std = _mean_std([r.metric for r in rs])
+            out[m] = {
+                "mean": mean,
+                "std": std,
+                "n": len(rs),
+                "depth": statistics.fmean([r.depth for r in rs]) if rs else math.nan,
+                "params": statistics.fmean([r.n_params for r in rs]) if rs else math.nan,
+                "time": statistics.fmean([r.wall_time for r in rs]) if rs else math.nan,
+                "epochs": statistics.fmean([r.epochs for r in rs]) if rs else math.nan,
+            }
+        return out
+
+    def ranking(self) -> List[str]:
+        """Methods from best to worst mean metric."""
+        s = self.summary()
+        sign = -1.0 if self.higher_is_better else 1.0
+        return sorted(self.methods, key=lambda m: (math.isnan(s[m]["mean"]), sign * s[m]["mean"]))
+
+    def table(self, per_seed: bool = True) -> str:
+        """A markdown table: mean +- std of the test metric, final depth, parameters, epochs, time."""
+        s = self.summary()
+        best = self.ranking()[0] if self.methods else None
+        arrow = "higher is better" if self.higher_is_better else "lower is better"
+        head = f"| method | test {self.metric_name} (mean ± std, {arrow}) | depth | params | epochs | time/run |"
+        sep = "|---|---|---|---|---|---|"
+        if per_seed:
+            head += " per seed |"
+            sep += "---|"
+        lines = [head, sep]
+        for m in self.methods:
+            d = s[m]
+            val = f"{d['mean']:.4f} ± {d['std']:.4f}"
+            if m == best:
+                val = f"**{val}**"
+            line = (f"| {m} | {val} | {d['depth']:.1f} | {d['params']:.0f} | {d['epochs']:.0f} | "
+                    f"{d['time']:.1f} s |")
+            if per_seed:
+                line += " " + ", ".join(f"{r.metric:.4f}" for r in sorted(self.by_method(m), key=lambda r: r.seed)) + " |"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"format": "topoderiv-comparison", "version": 1, "task": self.task, "metric_name": self.metric_name,
+                "higher_is_better": self.higher_is_better, "methods": self.methods, "seeds": self.seeds,
+                "budget": self.budget, "summary": self.summary(), "meta": self.meta,
+                "runs": [r.to_dict() for r in self.runs]}
+
+    def to_json(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, default=str))
+        return path
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Comparison":
+        return cls(d["task"], d["metric_name"], d["higher_is_better"], list(d["methods"]), list(d["seeds"]),
+                   dict(d["budget"]), [RunResult.from_dict(r) for r in d.get("runs", [])], dict(d.get("meta", {})))
+
+    @classmethod
+    def from_json(cls, path: Union[str, Path]) -> "Comparison":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def compare(
+    task: Task,
+    methods: Optional[Sequence[str]] = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    budget: Union[None, ModelConfig, Dict[str, Any]] = None,
+    *,
+    patience: int = 2,
+    score_batches: Optional[int] = None,
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = True,
+    log: Optional[Callable[[str], None]] = None,
+) -> Comparison:
+    """Runs every method on every seed with the same budget; mean +- std of the test metric.
+
+    Args:
+        task: the task (its data are fixed; seeds vary initialisation, batch order and the
+            baselines' random choices).
+        methods: keys of :data:`METHODS` (default :data:`DEFAULT_METHODS`).
+        seeds: training seeds.
+        budget: network and training budget (default ``task.config``; dict overrides fields).
+        patience, score_batches, device: see :func:`run_method`.
+        progress: a tqdm bar over the runs.
+        log: called with one line per finished run (e.g. ``print``).
+
+    Returns:
+        :class:`Comparison`; ``.table()`` is the markdown table.
+    """
+    methods = list(DEFAULT_METHODS if methods is None else methods)
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"compare: unknown method {m!r}; available: {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"compare: methods must be distinct, got {methods}")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("compare: seeds must hold at least one seed")
+    cfg = make_budget(task, budget)
+    # the topological run of a seed fixes the depth of "fixed_final" for that seed
+    order = sorted(methods, key=lambda m: (m != "topological", methods.index(m)))
+    comp = Comparison(task.name, task.metric.name, task.metric.higher_is_better, methods, seeds,
+                      {k: getattr(cfg, k) for k in ModelConfig.__dataclass_fields__} | {"total_epochs": cfg.total_epochs,
+                                                                                          "patience": patience})
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(methods) * len(seeds), desc=f"compare {task.name}", unit="run")
+    t0 = time.perf_counter()
+    try:
+        for seed in seeds:
+            td_depth: Optional[int] = None
+            for m in order:
+                final_depth = td_depth if m == "fixed_final" else None
+                r = run_method(task, m, seed, budget=cfg, patience=patience, final_depth=final_depth,
+                               score_batches=score_batches, device=device)
+                if m == "topological":
+                    td_depth = r.depth
+                comp.runs.append(r)
+                if log is not None:
+                    log(f"seed {seed} {m:<17} {task.metric.name} = {r.metric:.4f}  depth {r.depth}  "
+                        f"params {r.n_params}  {r.wall_time:.1f} s")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(method=m, seed=seed)
+    finally:
+        if bar is not None:
+            bar.close()
+    comp.meta["wall_time"] = time.perf_counter() - t0
+    comp.meta["device"] = str(device)
+    comp.meta["torch_threads"] = torch.get_num_threads()
+    return comp
