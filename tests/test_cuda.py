@@ -1,0 +1,144 @@
+"""Every op on CUDA against the CPU implementation and the float64 reference (GPU machines only).
+
+Sizes are small and odd so compute-sanitizer runs stay quick:
+    compute-sanitizer --tool memcheck pytest -m cuda -x
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import topoderiv as td
+from topoderiv import reference as ref
+
+pytestmark = pytest.mark.cuda
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double().cpu() - b.double().cpu()).abs().max() / b.double().abs().max().cpu().clamp_min(1e-300))
+
+
+SHAPES = [(1, 1, 1), (7, 3, 2), (129, 65, 17), (1000, 257, 33), (300, 64, 64)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_blocks_cuda(shape, dtype, bias):
+    g = torch.Generator().manual_seed(sum(shape))
+    N, d, n = shape
+    x = torch.randn(N, d, generator=g, dtype=torch.float64).to(dtype)
+    p = torch.randn(N, n, generator=g, dtype=torch.float64).to(dtype)
+    exact = ref.sensitivity_blocks(x.double(), p.double(), bias=bias)
+    got = td.sensitivity_blocks(x.cuda(), p.cuda(), bias=bias)
+    cpu = td.sensitivity_blocks(x, p, bias=bias)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert got.is_cuda and got.dtype == cpu.dtype
+    assert rel(got, exact) < tol and rel(got, cpu) < tol
+    assert torch.equal(got, got.mT)
+
+
+def test_blocks_cuda_exact_integers_tokens_noncontiguous_streaming():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (4, 33, 40), generator=g).float().cuda()
+    p = torch.randint(-3, 4, (4, 33, 9), generator=g).float().cuda()
+    exact = ref.sensitivity_blocks(x.double().cpu(), p.double().cpu())
+    assert torch.equal(td.sensitivity_blocks(x, p).double().cpu(), exact)
+    xt, pt = x.transpose(0, 1), p.transpose(0, 1)
+    assert rel(td.sensitivity_blocks(xt, pt), ref.sensitivity_blocks(xt.double().cpu(), pt.double().cpu())) < 1e-6
+    acc = torch.zeros(9, 41, 41, device="cuda")
+    for i in range(4):
+        td.sensitivity_blocks(x[i], p[i], out=acc)
+    assert rel(acc, exact) < 1e-6
+    acc64 = torch.zeros(9, 41, 41, device="cuda", dtype=torch.float64)
+    for i in range(4):
+        td.sensitivity_blocks(x[i], p[i], out=acc64)
+    assert torch.equal(acc64.cpu(), exact)
+
+
+def test_blocks_cuda_empty():
+    assert torch.equal(td.sensitivity_blocks(torch.zeros(0, 5, device="cuda"), torch.zeros(0, 3, device="cuda")).cpu(),
+                       torch.zeros(3, 6, 6))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_matvec_cuda(shape, dtype):
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    N, d, n = shape
+    x = torch.randn(N, d, generator=g, dtype=torch.float64).to(dtype)
+    p = torch.randn(N, n, generator=g, dtype=torch.float64).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    v = torch.randn(n, d + 1, generator=g, dtype=torch.float64)
+    exact = torch.einsum("rij,rj->ri", ref.sensitivity_blocks(x.double(), p.double()), v)
+    got = td.sensitivity_matvec(x.cuda(), p.cuda(), v.to(acc).cuda())
+    assert rel(got, exact) < (1e-11 if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B, m, k", [(1, 1, 1), (5, 2, 2), (33, 97, 2), (8, 257, 1)])
+def test_lanczos_cuda(dtype, B, m, k):
+    g = torch.Generator().manual_seed(B * m)
+    Q, _ = torch.linalg.qr(torch.randn(B, m, m, generator=g, dtype=torch.float64))
+    ev = torch.rand(B, m, generator=g, dtype=torch.float64) * 2 - 1
+    ev[:, 0] = 5.0
+    if m > 1:
+        ev[:, 1] = 3.0
+    a = (Q * ev[:, None, :]) @ Q.mT
+    a = (a + a.mT) / 2
+    res = td.lanczos_topk(a.to(dtype).cuda(), k)
+    cpu = td.lanczos_topk(a.to(dtype), k)
+    w, _ = ref.eigh_topk(a, k)
+    assert res.values.is_cuda and res.converged.all()
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert rel(res.values, w) < tol and rel(res.values, cpu.values) < tol
+    overlap = (res.vectors.double().cpu() * cpu.vectors.double()).sum(1).abs()
+    assert (overlap > 1 - 1e-3).all()
+
+
+def test_lanczos_cuda_gapless_flag():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(8, 200, 200, generator=g, dtype=torch.float64)
+    a = (a + a.mT) / 2
+    few = td.lanczos_topk(a.cuda(), 1, steps=10)
+    assert not few.converged.any()
+    full = td.lanczos_topk(a.cuda(), 1, steps=200, tol=1e-8)
+    assert full.converged.all()
+    assert rel(full.values[:, 0], torch.linalg.eigvalsh(a)[:, -1]) < 1e-10
+
+
+@pytest.mark.parametrize("route", ["dense", "matfree"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_topk_cuda(route, dtype):
+    g = torch.Generator().manual_seed(11)
+    N, d, n = 800, 48, 9
+    x = torch.randn(N, d, generator=g, dtype=torch.float64) / torch.arange(1, d + 1).sqrt()
+    q = (x @ torch.randn(d, n, generator=g, dtype=torch.float64)) ** 2
+    p = (q - q.mean(0)) / N
+    x, p = x.to(dtype), p.to(dtype)
+    w, _ = ref.sensitivity_topk(x.double(), p.double(), k=1)
+    res = td.sensitivity_topk(x.cuda(), p.cuda(), route=route)
+    assert res.route == route and res.converged.all()
+    assert rel(res.values, w) < (1e-10 if dtype == torch.float64 else 1e-4)
+
+
+def test_cuda_ops_opcheck():
+    from torch.library import opcheck
+    x = torch.randn(20, 6, device="cuda")
+    p = torch.randn(20, 3, device="cuda")
+    v = torch.randn(3, 7, device="cuda")
+    a = torch.eye(7, device="cuda").expand(2, 7, 7).contiguous() + 0.1
+    opcheck(torch.ops.topoderiv.sensitivity_blocks.default, (x, p, True))
+    opcheck(torch.ops.topoderiv.sensitivity_matvec.default, (x, p, v, True))
+    opcheck(torch.ops.topoderiv.lanczos_topk.default, (a, 1, 7, 1e-6, 0))
+    opcheck(torch.ops.topoderiv.sensitivity_lanczos.default, (x, p, True, 1, 7, 1e-6, 0))
+
+
+def test_cuda_uses_current_stream():
+    x = torch.randn(500, 64, device="cuda")
+    p = torch.randn(500, 16, device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        out = td.sensitivity_blocks(x, p)
+    s.synchronize()
+    assert rel(out, ref.sensitivity_blocks(x.double().cpu(), p.double().cpu())) < 1e-5
