@@ -412,7 +412,7 @@ class Grower:
                 "max_rounds": self.max_rounds, "max_depth": self.max_depth, "max_params": self.max_params,
                 "patience": self.patience, "min_delta": self.min_delta, "score_batches": self.score_batches,
                 "seed": self.seed, "freeze_existing": self.freeze_existing, "head_attr": self.head_attr,
-                "keep_best": self.keep_best, "grad_clip": self.grad_clip}
+                "keep_best": self.keep_best, "grad_clip": self.grad_clip, "progress": self.progress}
 
     def score_data(self) -> List[Any]:
         """The training batches used for scoring and the eps search (first ``score_batches``)."""
@@ -585,7 +585,8 @@ class Grower:
             optimizer: None (rebuild the saved optimiser class) or a factory ``f(params)``; the
                 saved state (e.g. Adam moments) is loaded into it either way.
             scheduler: None or a factory ``f(optimizer)``; its saved state is loaded.
-            kwargs: Grower settings; the saved ones are the defaults.
+            kwargs: Grower settings; the saved ones are the defaults, and ``checkpoint_dir``
+                defaults to ``path`` (the resumed run keeps saving there).
         """
         from .checkpoint import load_checkpoint, restore_optimizer
 
@@ -598,6 +599,7 @@ class Grower:
                 sched.load_state_dict(ck.scheduler_state)
         history = ck.history if ck.history is not None else GrowthHistory()
         settings = dict(history.meta.get("settings", {}))
+        settings["checkpoint_dir"] = path
         settings.update(kwargs)
         return cls(ck.model, opt, train_data, val_data, loss_fn, scheduler=sched, history=history, **settings)
 

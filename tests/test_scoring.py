@@ -1,0 +1,252 @@
+"""Scoring: the finite-difference arbiter (METHOD.md section 6), costates, streaming, errors.
+
+Every check compares against float64 finite differences or a brute-force dense Q built here with
+einsum + eigvalsh, never the code with itself.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import topoderiv
+from topoderiv.capture import capture_all
+from topoderiv.insertion import insert, insert_block
+from topoderiv.models import ResidualMLP
+from topoderiv.scoring import kernels_available, score
+
+BACKENDS = ["torch", pytest.param("kernels", marks=pytest.mark.skipif(not kernels_available(), reason="no _C"))]
+
+
+def _problem(seed, *, width=8, depth=4, n=48, d_in=3, d_out=2, tokens=None, **kw):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = ResidualMLP(d_in, width, d_out, depth, **kw).double()
+    shape = (n, d_in) if tokens is None else (n, tokens, d_in)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    y = torch.randn(*shape[:-1], d_out, generator=g, dtype=torch.float64)
+    return model, x, y
+
+
+def _J(model, x, y, loss_fn=F.mse_loss):
+    with torch.no_grad():
+        return float(loss_fn(model(x), y))
+
+
+def _arbiter_ratios(model, x, y, rep, eps=1e-3):
+    j0 = _J(model, x, y)
+    ratios = {}
+    for ps in rep.points:
+        m2 = copy.deepcopy(model)
+        insert(m2, ps.point, ps.phi, eps)
+        ratios[ps.point] = (_J(m2, x, y) - j0) / ps.predicted_change(eps)
+    return ratios
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_difference_arbiter_every_point(backend):
+    """(J(eps) - J(0)) / (-(eps^2/2) mu) within 1% of 1 at eps = 1e-3, every candidate point."""
+    model, x, y = _problem(1)
+    rep = score(model, (x, y), F.mse_loss, backend=backend)
+    assert [p.point for p in rep.points] == [0, 1, 2, 3, 4]
+    for ps in rep.points:
+        assert ps.mu > 1e-3, f"mu too small to test at point {ps.point}: {ps.mu}"
+        assert ps.quotient == pytest.approx(ps.mu, rel=1e-12)
+        assert float(ps.phi.norm()) == pytest.approx(1.0, abs=1e-12)
+        assert int((ps.phi.abs().sum(1) > 0).sum()) == 1 and float(ps.phi[ps.block].norm()) == pytest.approx(1.0)
+    ratios = _arbiter_ratios(model, x, y, rep)
+    for p, r in ratios.items():
+        assert 0.99 < r < 1.01, f"point {p}: ratio {r}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_arbiter_layernorm_feature_no_bias_tokens(backend):
+    """Tokens [B, T, d], u(x) = LayerNorm(x), no bias column: same arbiter."""
+    model, x, y = _problem(2, width=6, depth=2, n=10, tokens=5, feature="layernorm", bias=False)
+    rep = score(model, (x, y), F.mse_loss, backend=backend)
+    for ps in rep.points:
+        assert ps.phi.shape == (6, 6) and not ps.bias
+        assert ps.mu > 1e-4
+    for p, r in _arbiter_ratios(model, x, y, rep).items():
+        assert 0.99 < r < 1.01, f"point {p}: ratio {r}"
+
+
+class NegTD(nn.Module):
+    """sigma(z) = -(z^2/2 + z^3/3)-like: sigma''(0) = -2 (admissible, negative curvature)."""
+
+    def forward(self, z):
+        return -2.0 * (2.0 * F.silu(z) - torch.tanh(z))
+
+
+def test_negative_second_derivative_uses_min_eigenvalue():
+    model, x, y = _problem(3, width=6, depth=2, insert_activation="tests.test_scoring:NegTD")
+    rep = score(model, (x, y), F.mse_loss, backend="torch")
+    # brute force: mu = sigma''(0) * min_r lambda_min(B_r)
+    cap = capture_all(model, (x, y), F.mse_loss)
+    for ps in rep.points:
+        assert ps.sigma2 == pytest.approx(-2.0)
+        xt = torch.cat([cap.states[ps.point], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+        B = torch.einsum("sr,si,sj->rij", cap.costates[ps.point], xt, xt)
+        assert ps.mu == pytest.approx(-2.0 * float(torch.linalg.eigvalsh(B).min()), rel=1e-10)
+    for p, r in _arbiter_ratios(model, x, y, rep).items():
+        assert 0.99 < r < 1.01, f"point {p}: ratio {r}"
+
+
+def test_costates_equal_minus_dJdx_by_finite_differences():
+    """Scorer costates (two uneven batches, global 1/S scaling) against central differences of J."""
+    model, x, y = _problem(4, width=5, depth=2, n=7)
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    cap = capture_all(model, batches, F.mse_loss)
+    assert cap.loss == pytest.approx(_J(model, x, y), rel=1e-14)
+
+    class Shift(nn.Module):
+        def __init__(self, delta):
+            super().__init__()
+            self.delta = delta
+
+        def forward(self, h):
+            return h + self.delta
+
+    h = 1e-6
+    for point in topoderiv.candidate_points(model):
+        fd = torch.zeros(7, 5, dtype=torch.float64)
+        for s in range(7):
+            for j in range(5):
+                vals = []
+                for sign in (1, -1):
+                    delta = torch.zeros(7, 5, dtype=torch.float64)
+                    delta[s, j] = sign * h
+                    m2 = copy.deepcopy(model)
+                    insert_block(m2, point, Shift(delta))
+                    vals.append(_J(m2, x, y))
+                fd[s, j] = -(vals[0] - vals[1]) / (2 * h)
+        torch.testing.assert_close(cap.costates[point], fd, rtol=1e-6, atol=1e-10)
+        assert float(fd.abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["top", "multi"])
+def test_streamed_equals_concatenated(backend, rule):
+    model, x, y = _problem(5, n=40)
+    full = score(model, (x, y), F.mse_loss, backend=backend, rule=rule)
+    parts = [(x[:7], y[:7]), (x[7:25], y[7:25]), (x[25:], y[25:])]
+    streamed = score(model, parts, F.mse_loss, backend=backend, rule=rule)
+    assert streamed.n_batches == 3 and streamed.n_samples == 40
+    assert streamed.loss == pytest.approx(full.loss, rel=1e-13)
+    for a, b in zip(full.points, streamed.points):
+        assert a.block == b.block
+        assert b.mu == pytest.approx(a.mu, rel=1e-9)
+        torch.testing.assert_close(b.block_mu, a.block_mu, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b.phi, a.phi, rtol=1e-6, atol=1e-8)
+
+
+def test_matches_bruteforce_dense_q_and_multi_rule():
+    """mu = lambda_max of the full (n m x n m) Q; the multi rule's phi^T Q phi matches its quotient."""
+    model, x, y = _problem(6, width=4, depth=1)
+    cap = capture_all(model, (x, y), F.mse_loss)
+    for rule in ("top", "multi"):
+        rep = score(model, (x, y), F.mse_loss, rule=rule, backend="auto", k=2)
+        for ps in rep.points:
+            xt = torch.cat([cap.states[ps.point], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+            B = torch.einsum("sr,si,sj->rij", cap.costates[ps.point], xt, xt)  # [n, m, m]
+            Q = torch.block_diag(*B)  # sigma''(0) = 1
+            assert ps.mu == pytest.approx(float(torch.linalg.eigvalsh(Q).max()), rel=1e-8)
+            v = ps.phi.reshape(-1)
+            assert float(v @ Q @ v) == pytest.approx(ps.quotient, rel=1e-8)
+            if rule == "multi":
+                assert int((ps.phi.abs().sum(1) > 0).sum()) >= 1
+                assert ps.quotient <= ps.mu + 1e-12
+
+
+@pytest.mark.skipif(not kernels_available(), reason="no _C")
+def test_matfree_route_agrees_with_dense():
+    model, x, y = _problem(7, width=8)
+    dense = score(model, (x, y), F.mse_loss, backend="kernels", route="dense")
+    mf = score(model, (x, y), F.mse_loss, backend="kernels", route="matfree")
+    parts = [(x[:20], y[:20]), (x[20:], y[20:])]
+    mf_stream = score(model, parts, F.mse_loss, backend="kernels", route="matfree")
+    for a, b, c in zip(dense.points, mf.points, mf_stream.points):
+        assert b.route == "matfree" and c.route == "matfree"
+        assert b.mu == pytest.approx(a.mu, rel=1e-8) and c.mu == pytest.approx(a.mu, rel=1e-8)
+        torch.testing.assert_close(b.phi, a.phi, rtol=1e-6, atol=1e-7)
+
+
+def test_float32_model_scores_close_to_float64():
+    model, x, y = _problem(8)
+    ref = score(model, (x, y), F.mse_loss, backend="torch")
+    m32 = copy.deepcopy(model).float()
+    rep = score(m32, (x.float(), y.float()), F.mse_loss)
+    for a, b in zip(ref.points, rep.points):
+        assert b.phi.dtype == torch.float32
+        assert b.mu == pytest.approx(a.mu, rel=1e-4)
+
+
+def test_no_grad_pollution_and_mode_restored():
+    model, x, y = _problem(9)
+    model.train()
+    score(model, (x, y), F.mse_loss)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.training for m in model.modules())
+    # existing grads are left as they were; eval mode stays eval
+    F.mse_loss(model(x), y).backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    model.eval()
+    score(model, [(x[:10], y[:10]), (x[10:], y[10:])], F.mse_loss, training=True)
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+    assert not any(m.training for m in model.modules())
+    assert len(model.blocks) == 4 and all(isinstance(b, topoderiv.ResidualBlock) for b in model.blocks)
+
+
+def test_frozen_model_still_scores():
+    model, x, y = _problem(10, depth=2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ref_model = copy.deepcopy(model)
+    for p in ref_model.parameters():
+        p.requires_grad_(True)
+    a = score(model, (x, y), F.mse_loss)
+    b = score(ref_model, (x, y), F.mse_loss)
+    assert [p.mu for p in a.points] == pytest.approx([p.mu for p in b.points], rel=1e-12)
+
+
+def test_best_is_none_when_costates_vanish_and_table():
+    model, x, _ = _problem(11, depth=1)
+    with torch.no_grad():
+        y = model(x)  # zero loss: zero costates, mu = 0 everywhere
+    rep = score(model, (x, y), F.mse_loss)
+    assert rep.best is None and all(p.mu == 0 for p in rep.points)
+    assert "no point has mu > 0" in rep.table()
+    model, x, y = _problem(12, depth=1)
+    rep = score(model, (x, y), F.mse_loss, points=[1])
+    assert [p.point for p in rep.points] == [1] and rep.best.point == 1
+    assert "<- best" in rep.table()
+
+
+def test_scoring_errors():
+    model, x, y = _problem(13, depth=1)
+    with pytest.raises(TypeError, match="Sequential"):
+        score(nn.Sequential(nn.Linear(3, 2)), (x, y), F.mse_loss)
+    with pytest.raises(ValueError, match=r"loss_fn must return a scalar.*got a tensor of shape \[48\]"):
+        score(model, (x, y), lambda out, t: ((out - t) ** 2).mean(1))
+    xn = x.clone()
+    xn[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="data batch 0: x must contain only finite values"):
+        score(model, (xn, y), F.mse_loss)
+    with pytest.raises(ValueError, match="data batch 1: y must contain only finite values"):
+        score(model, [(x, y), (x, torch.full_like(y, float("inf")))], F.mse_loss)
+    bad = ResidualMLP(3, 8, 2, 1, insert_activation="tanh").double()
+    with pytest.raises(ValueError, match="Tanh.*not admissible"):
+        score(bad, (x, y), F.mse_loss)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        score(model, (x, y), F.mse_loss, rule="best")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        score(model, (x, y), F.mse_loss, backend="cuda")
+    with pytest.raises(ValueError, match="points must be candidate points"):
+        score(model, (x, y), F.mse_loss, points=[5])
+    with pytest.raises(ValueError, match="at least one non-empty"):
+        score(model, [], F.mse_loss)
+    with pytest.raises(TypeError, match=r"data batch 0 must be an \(x, y\) pair"):
+        score(model, [x], F.mse_loss)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        score(model, (x, y), F.mse_loss, k=0)
