@@ -217,3 +217,17 @@ def test_resume_from_checkpoint_continues(tmp_path):
     assert [r.round for r in h2.rounds] == [0, 1, 2] and len(g2.model.blocks) == 3
     assert h2.rounds[:2][0].val_loss == h.rounds[0].val_loss
     assert topoderiv.load(tmp_path / "ck").config()["depth"] == 3
+
+
+def test_resume_rebuilds_the_topological_strategy_and_keep_best(tmp_path):
+    train, val = _data(8)
+    model = ResidualMLP(2, 8, 1, 1)
+    g = Grower(model, _adam, train, val, F.mse_loss, rule="multi", eps_grid=[0.05, 0.5], epochs_per_round=1,
+               max_rounds=0, progress=False, keep_best=True)
+    g.run()
+    assert g.best_model is not None and g.best_model is not model
+    g.save(tmp_path / "ck")
+    g2 = Grower.from_checkpoint(tmp_path / "ck", train, val, F.mse_loss)
+    assert isinstance(g2.strategy, topoderiv.TopologicalStrategy)
+    assert g2.strategy.config() == g.strategy.config() and g2.strategy.rule == "multi"
+    assert g2.keep_best and g2.checkpoint_dir == tmp_path / "ck"

@@ -250,3 +250,44 @@ def test_scoring_errors():
         score(model, [x], F.mse_loss)
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         score(model, (x, y), F.mse_loss, k=0)
+
+
+@pytest.mark.skipif(not kernels_available(), reason="no _C")
+@pytest.mark.parametrize("batches", [1, 2])
+def test_unconverged_lanczos_blocks_are_redone_with_eigh(monkeypatch, batches):
+    """Blocks the kernels flag as unconverged (simulated: garbage values) are recomputed exactly."""
+    import topoderiv.scoring as sc
+
+    model, x, y = _problem(14, depth=1)
+    data = (x, y) if batches == 1 else [(x[:20], y[:20]), (x[20:], y[20:])]
+    ref = score(model, data, F.mse_loss, backend="torch")
+
+    def spoil(res):
+        conv = res.converged.clone()
+        conv[::2] = False
+        vals = res.values.clone()
+        vals[::2] = -123.0
+        return vals, res.vectors * 0, conv
+
+    real_topk, real_lanczos = sc.ops.sensitivity_topk, sc.ops.lanczos_topk
+
+    def fake_topk(*a, **kw):
+        res = real_topk(*a, **kw)
+        res.values, res.vectors, res.converged = spoil(res)
+        return res
+
+    def fake_lanczos(*a, **kw):
+        res = real_lanczos(*a, **kw)
+        vals, vecs, conv = spoil(res)
+        return sc.ops.LanczosResult(vals, vecs, conv, res.residuals, res.steps, res.norm)
+
+    monkeypatch.setattr(sc.ops, "sensitivity_topk", fake_topk)
+    monkeypatch.setattr(sc.ops, "lanczos_topk", fake_lanczos)
+    rep = score(model, data, F.mse_loss, backend="kernels")
+    for a, b in zip(ref.points, rep.points):
+        assert b.converged
+        torch.testing.assert_close(b.block_mu, a.block_mu, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b.phi, a.phi, rtol=1e-6, atol=1e-8)
+    monkeypatch.setattr(sc, "_EIGH_FALLBACK_FLOPS", 0.0)
+    rep = score(model, data, F.mse_loss, backend="kernels")
+    assert not any(p.converged for p in rep.points)

@@ -600,6 +600,9 @@ class Grower:
         history = ck.history if ck.history is not None else GrowthHistory()
         settings = dict(history.meta.get("settings", {}))
         settings["checkpoint_dir"] = path
+        saved = history.meta.get("strategy", {})
+        if "strategy" not in kwargs and saved.get("name") == "topological":
+            settings["strategy"] = TopologicalStrategy(**{k: v for k, v in saved.items() if k != "name"})
         settings.update(kwargs)
         return cls(ck.model, opt, train_data, val_data, loss_fn, scheduler=sched, history=history, **settings)
 

@@ -96,7 +96,8 @@ class PointScore:
         quotient: ``phi^T Q phi``: the second-order gain of ``phi`` (``= mu`` for rule ``"top"``).
         sigma2: ``sigma''(0)`` of the new block's activation.
         bias: whether ``phi`` has a bias column.
-        converged: every block's eigen-solve met its tolerance.
+        converged: every block's eigen-solve met its tolerance (Lanczos blocks that did not are
+            redone with a full eigh when affordable; False only when that was skipped).
         route: ``"dense"``, ``"matfree"`` or ``"eigh"`` (torch backend).
     """
 
@@ -218,31 +219,51 @@ def _canonical_sign(vectors: Tensor) -> Tensor:
     return vectors * s
 
 
-def _solve(acc: _PointAcc, S: int, k: int, route: str, backend: str, n_batches: int
+# flops budget (m^3 per block) for redoing unconverged Lanczos blocks with a full eigh
+_EIGH_FALLBACK_FLOPS = 4e9
+
+
+def _fallback(values: Tensor, vectors: Tensor, converged: Tensor, k: int,
+              blocks_of: Callable[[Tensor], Tensor]) -> Tuple[Tensor, Tensor, bool]:
+    """Redoes the blocks whose Lanczos solve did not converge with a full ``eigh`` (within a budget)."""
+    bad = (~converged).nonzero().flatten()
+    if bad.numel() == 0:
+        return values, vectors, True
+    m = vectors.shape[1]
+    if bad.numel() * float(m) ** 3 > _EIGH_FALLBACK_FLOPS:
+        return values, vectors, False
+    vals, vecs = reference.eigh_topk(blocks_of(bad), k)
+    values, vectors = values.clone(), vectors.clone()
+    values[bad] = vals.to(values.dtype)
+    vectors[bad] = vecs.to(vectors.dtype)
+    return values, vectors, True
+
+
+def _solve(acc: _PointAcc, S: int, k: int, route: str, backend: str
            ) -> Tuple[Tensor, Tensor, bool, str]:
-    """Top-k eigenpairs of the blocks of ``sign * B / S``: ``(values [n, k], vectors [n, m, k], conv, route)``."""
-    if acc.first is not None and acc.blocks is None and not acc.us:  # one batch
-        u, q = acc.first
+    """Top-k eigenpairs of the blocks of ``sign * B / S``: ``(values [n, k], vectors [n, m, k], conv, route)``.
+
+    Kernels: Lanczos (dense or matrix-free); blocks it did not converge on are redone with a full
+    eigh when that is affordable. Torch backend: dense blocks + eigh.
+    """
+    if acc.blocks is None:  # one batch, or features/costates collected for the matrix-free route
+        if acc.first is not None:
+            u, q = acc.first
+        else:
+            u, q = torch.cat(acc.us, dim=0), torch.cat(acc.qs, dim=0)
         q = q / S
         if backend == "kernels":
-            res = ops.sensitivity_topk(u, q, k=k, bias=acc.bias, route=route)
-            return res.values, res.vectors, bool(res.converged.all()), res.route
-        blocks = reference.sensitivity_blocks(u, q, bias=acc.bias)
-        vals, vecs = reference.eigh_topk(blocks, k)
-        return vals, vecs, True, "eigh"
-    if acc.us:  # collected for the matrix-free route
-        u = torch.cat(acc.us, dim=0)
-        q = torch.cat(acc.qs, dim=0) / S
-        if backend == "kernels":
-            res = ops.sensitivity_topk(u, q, k=k, bias=acc.bias, route="matfree")
-            return res.values, res.vectors, bool(res.converged.all()), res.route
+            res = ops.sensitivity_topk(u, q, k=k, bias=acc.bias, route=route if acc.first is not None else "matfree")
+            vals, vecs, conv = _fallback(res.values, res.vectors, res.converged, k,
+                                         lambda idx: ops.sensitivity_blocks(u, q[..., idx], bias=acc.bias))
+            return vals, vecs, conv, res.route
         vals, vecs = reference.eigh_topk(reference.sensitivity_blocks(u, q, bias=acc.bias), k)
         return vals, vecs, True, "eigh"
-    assert acc.blocks is not None
     blocks = acc.blocks / S
     if backend == "kernels":
         res = ops.lanczos_topk(blocks, k)
-        return res.values, res.vectors, bool(res.converged.all()), "dense"
+        vals, vecs, conv = _fallback(res.values, res.vectors, res.converged, k, lambda idx: blocks[idx])
+        return vals, vecs, conv, "dense"
     vals, vecs = reference.eigh_topk(blocks, k)
     return vals, vecs, True, "eigh"
 
@@ -339,7 +360,7 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
     for p in pts:
         if dims[p][0] == 0:
             raise ValueError(f"{fn}: new_block({p}) has no output units")
-    itemsize = 8 if (device is not None and next(model.parameters()).dtype == torch.float64) else 4
+    itemsize = 8 if any(t.dtype == torch.float64 for t in model.parameters()) else 4
     dense_bytes = sum(n * m * m * itemsize for n, m in dims.values())
     collect = route == "matfree" or (route == "auto" and dense_bytes > _DENSE_BUDGET)
 
@@ -401,7 +422,7 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
     results: List[PointScore] = []
     for p in pts:
         acc = accs[p]
-        vals, vecs, conv, used = _solve(acc, S, k, route, be, n_batches)
+        vals, vecs, conv, used = _solve(acc, S, k, route, be)
         vecs = _canonical_sign(vecs)
         phi, r_star, quotient = _make_phi(vals, vecs, rule)
         scale = abs(sigma2[p])
