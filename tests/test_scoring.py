@@ -126,12 +126,17 @@ def test_costates_equal_minus_dJdx_by_finite_differences():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("rule", ["top", "multi"])
-def test_streamed_equals_concatenated(backend, rule):
+@pytest.mark.parametrize("rule, route, budget", [("top", "auto", 2**30), ("multi", "auto", 2**30),
+                                                 ("top", "dense", 2**30), ("top", "auto", 1)])
+def test_streamed_equals_concatenated(backend, rule, route, budget):
+    """k uneven batches = one batch: collected (auto), streamed dense blocks, and auto switching to
+    streaming after the first batch (budget of 1 byte)."""
     model, x, y = _problem(5, n=40)
     full = score(model, (x, y), F.mse_loss, backend=backend, rule=rule)
     parts = [(x[:7], y[:7]), (x[7:25], y[7:25]), (x[25:], y[25:])]
-    streamed = score(model, parts, F.mse_loss, backend=backend, rule=rule)
+    streamed = score(model, parts, F.mse_loss, backend=backend, rule=rule, route=route, memory_budget=budget)
+    if backend == "kernels" and (route == "dense" or budget == 1):
+        assert all(p.route == "dense" for p in streamed.points)
     assert streamed.n_batches == 3 and streamed.n_samples == 40
     assert streamed.loss == pytest.approx(full.loss, rel=1e-13)
     for a, b in zip(full.points, streamed.points):

@@ -37,8 +37,8 @@ __all__ = ["PointScore", "ScoreReport", "score", "resolve_backend", "block_parts
 RULES = ("top", "multi")
 _ROUTES = ("auto", "dense", "matfree")
 _BACKENDS = ("auto", "kernels", "torch")
-# total bytes of dense blocks (all points) above which multi-batch "auto" collects for matrix-free
-_DENSE_BUDGET = 2 * 2**30
+# default bytes of features + costates (all points) that route "auto" may keep resident
+_COLLECT_BUDGET = 2**30
 
 
 def kernels_available() -> bool:
@@ -190,14 +190,19 @@ class ScoreReport:
 
 
 class _PointAcc:
-    """Per-point accumulator: holds the first batch, then dense blocks or collected (u, q)."""
+    """Per-point accumulator: collected ``(u, q)`` batches and/or streamed dense blocks."""
 
     def __init__(self, feature: nn.Module, bias: bool, sign: float) -> None:
         self.feature, self.bias, self.sign = feature, bias, sign
-        self.first: Optional[Tuple[Tensor, Tensor]] = None
         self.blocks: Optional[Tensor] = None
         self.us: List[Tensor] = []
         self.qs: List[Tensor] = []
+
+    def flush(self, backend: str) -> None:
+        """Moves the collected batches into the dense blocks."""
+        for u, q in zip(self.us, self.qs):
+            _accumulate(self, u, q, backend)
+        self.us, self.qs = [], []
 
 
 def _accumulate(acc: _PointAcc, u: Tensor, q: Tensor, backend: str) -> None:
@@ -246,14 +251,11 @@ def _solve(acc: _PointAcc, S: int, k: int, route: str, backend: str
     Kernels: Lanczos (dense or matrix-free); blocks it did not converge on are redone with a full
     eigh when that is affordable. Torch backend: dense blocks + eigh.
     """
-    if acc.blocks is None:  # one batch, or features/costates collected for the matrix-free route
-        if acc.first is not None:
-            u, q = acc.first
-        else:
-            u, q = torch.cat(acc.us, dim=0), torch.cat(acc.qs, dim=0)
-        q = q / S
+    if acc.blocks is None:  # everything collected: the kernels pick the route with the real S
+        u = acc.us[0] if len(acc.us) == 1 else torch.cat(acc.us, dim=0)
+        q = (acc.qs[0] if len(acc.qs) == 1 else torch.cat(acc.qs, dim=0)) / S
         if backend == "kernels":
-            res = ops.sensitivity_topk(u, q, k=k, bias=acc.bias, route=route if acc.first is not None else "matfree")
+            res = ops.sensitivity_topk(u, q, k=k, bias=acc.bias, route=route)
             vals, vecs, conv = _fallback(res.values, res.vectors, res.converged, k,
                                          lambda idx: ops.sensitivity_blocks(u, q[..., idx], bias=acc.bias))
             return vals, vecs, conv, res.route
@@ -299,7 +301,7 @@ def _make_phi(values: Tensor, vectors: Tensor, rule: str) -> Tuple[Tensor, int, 
 def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor], *,
           points: Optional[Sequence[int]] = None, k: int = 1, rule: str = "top", route: str = "auto",
           backend: str = "auto", progress: bool = False, training: Optional[bool] = False,
-          max_batches: Optional[int] = None) -> ScoreReport:
+          max_batches: Optional[int] = None, memory_budget: float = _COLLECT_BUDGET) -> ScoreReport:
     """Topological derivative ``mu`` and initialisation ``phi`` at every candidate point.
 
     Args:
@@ -310,9 +312,13 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
         k: eigenpairs per block (``k > 1`` only matters for rule ``"multi"``).
         rule: ``"top"`` (phi = top eigenvector, one non-zero row) or ``"multi"`` (the reference
             code: all eigenpairs within 50% of the top one, at least two, summed and normalised).
-        route: ``"auto"``, ``"dense"`` or ``"matfree"`` (kernels backend). Several batches are
-            accumulated densely unless ``"matfree"`` is asked for (or the blocks would exceed
-            2 GiB), in which case the features and costates are kept (memory grows with the data).
+        route: ``"auto"``, ``"dense"`` or ``"matfree"`` (kernels backend). ``"dense"`` streams the
+            blocks batch by batch (memory ``n m^2`` per point, whatever the data size).
+            ``"matfree"`` keeps every batch's features and costates (memory grows with the data).
+            ``"auto"`` keeps them while they fit in ``memory_budget``, then lets
+            :func:`topoderiv.ops.choose_route` pick with the real sample count; past the budget it
+            switches to streaming dense blocks.
+        memory_budget: bytes of features + costates (all points) that ``"auto"`` may keep.
         backend: ``"kernels"`` (topoderiv.ops), ``"torch"`` (topoderiv.reference + eigh) or
             ``"auto"`` (kernels when the extension is built for the device).
         progress: tqdm bar over batches.
@@ -360,10 +366,9 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
     for p in pts:
         if dims[p][0] == 0:
             raise ValueError(f"{fn}: new_block({p}) has no output units")
-    itemsize = 8 if any(t.dtype == torch.float64 for t in model.parameters()) else 4
-    dense_bytes = sum(n * m * m * itemsize for n, m in dims.values())
-    collect = route == "matfree" or (route == "auto" and dense_bytes > _DENSE_BUDGET)
-
+    # kernels: "dense" streams blocks from the first batch; the torch backend always streams blocks
+    collecting = be == "kernels" and route != "dense"
+    held = 0  # bytes of collected features + costates
     total_loss = 0.0
     S = 0
     n_batches = 0
@@ -394,22 +399,16 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
                         )
                     q = cap.costates[p] * acc.sign if acc.sign < 0 else cap.costates[p]
                     q = q.to(u.dtype)
-                    if n_batches == 1:
-                        acc.first = (u, q)
-                        continue
-                    if acc.first is not None:  # second batch: move the first one into the accumulator
-                        fu, fq = acc.first
-                        acc.first = None
-                        if collect:
-                            acc.us.append(fu)
-                            acc.qs.append(fq)
-                        else:
-                            _accumulate(acc, fu, fq, be)
-                    if collect:
+                    if collecting:
                         acc.us.append(u)
                         acc.qs.append(q)
+                        held += (u.numel() + q.numel()) * u.element_size()
                     else:
                         _accumulate(acc, u, q, be)
+                if collecting and route == "auto" and held > memory_budget:
+                    for acc in accs.values():  # too much data to keep: stream dense blocks from now on
+                        acc.flush(be)
+                    collecting, held = False, 0
                 del cap
                 if bar is not None:
                     bar.update(1)
