@@ -231,3 +231,34 @@ def test_resume_rebuilds_the_topological_strategy_and_keep_best(tmp_path):
     assert isinstance(g2.strategy, topoderiv.TopologicalStrategy)
     assert g2.strategy.config() == g.strategy.config() and g2.strategy.rule == "multi"
     assert g2.keep_best and g2.checkpoint_dir == tmp_path / "ck"
+
+
+def test_training_after_identity_insertion_matches_uninterrupted_adam():
+    """An eps = 0 block leaves the function and the old parameters' gradients unchanged (sigma'(0) = 0),
+    so with the optimiser state carried over, training continues EXACTLY as if nothing was inserted.
+    Resetting the Adam moments (or the step count) would break this equality."""
+    import copy
+
+    torch.manual_seed(9)
+    train, val = _data(9)
+    model = ResidualMLP(2, 8, 1, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = Grower(model, opt, train, val, F.mse_loss, strategy=FixedStrategy(1, scale=0.0), progress=False)
+    fit(model, opt, train, F.mse_loss, 2)
+    oracle = copy.deepcopy(model)
+    oracle_opt = torch.optim.Adam(oracle.parameters(), lr=1e-2)
+    oracle_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # state_dict() shares storage
+    g.apply(g.strategy.propose(g))
+    fit(model, opt, train, F.mse_loss, 2)
+    fit(oracle, oracle_opt, train, F.mse_loss, 2)
+    grown = dict(model.named_parameters())
+    for n, p in oracle.named_parameters():
+        i = int(n.split(".")[1]) if n.startswith("blocks.") else None
+        name = n if i is None or i < 1 else n.replace(f"blocks.{i}.", f"blocks.{i + 1}.", 1)
+        torch.testing.assert_close(grown[name], p, rtol=1e-6, atol=1e-7, msg=name)
+    # and a reset really would differ (the test can fail)
+    fresh = copy.deepcopy(oracle)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    fit(fresh, fresh_opt, train, F.mse_loss, 1)
+    fit(oracle, oracle_opt, train, F.mse_loss, 1)
+    assert not torch.allclose(fresh.head.weight, oracle.head.weight, rtol=1e-6, atol=1e-7)
