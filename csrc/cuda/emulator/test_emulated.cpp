@@ -1,0 +1,415 @@
+// Emulated tests of the CUDA kernels against naive host references and the CPU twins.
+// Run with csrc/cuda/emulator/run_emulated_tests.sh (argument: fiber order 0 forward, 1 reverse, 2 shuffled).
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "topoderiv/lanczos.h"
+#include "topoderiv/sensitivity.h"
+
+#include "cuda_emulator.h"
+
+using namespace topoderiv;
+
+static int failures = 0;
+#define CHECK(cond, ...)                      \
+  do {                                        \
+    if (!(cond)) {                            \
+      ++failures;                             \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::printf(__VA_ARGS__);               \
+      std::printf("\n");                      \
+    }                                         \
+  } while (0)
+
+static std::mt19937_64 rng(12345);
+
+static uint16_t f2bf(float f) {  // round-to-nearest-even
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+static float bf2f(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct Data {
+  // stored as raw bytes of in dtype, with arbitrary strides
+  std::vector<unsigned char> x, p;
+  std::vector<double> xv, pv;  // the values as doubles (after rounding to in dtype), dense [batch,N,d]
+  int64_t x_rstride, x_bstride, p_rstride, p_bstride;
+};
+
+static size_t esize(DType t) { return t == DType::kFloat64 ? 8 : (t == DType::kFloat32 ? 4 : 2); }
+
+static double store(unsigned char* base, DType t, int64_t idx, double v) {
+  if (t == DType::kFloat64) {
+    std::memcpy(base + idx * 8, &v, 8);
+    return v;
+  } else if (t == DType::kFloat32) {
+    float f = static_cast<float>(v);
+    std::memcpy(base + idx * 4, &f, 4);
+    return f;
+  } else {
+    uint16_t b = f2bf(static_cast<float>(v));
+    std::memcpy(base + idx * 2, &b, 2);
+    return bf2f(b);
+  }
+}
+
+static Data make_data(DType t, int64_t batch, int64_t N, int64_t d, int64_t n, bool integer) {
+  Data D;
+  std::uniform_real_distribution<double> U(-1, 1);
+  std::uniform_int_distribution<int> I(-3, 3);
+  D.x_rstride = d + (rng() % 3);  // padding between rows
+  D.x_bstride = N * D.x_rstride + (rng() % 5);
+  D.p_rstride = n + (rng() % 3);
+  D.p_bstride = N * D.p_rstride + (rng() % 5);
+  const int64_t xe = std::max<int64_t>(1, batch * D.x_bstride), pe = std::max<int64_t>(1, batch * D.p_bstride);
+  D.x.assign(xe * esize(t), 0);
+  D.p.assign(pe * esize(t), 0);
+  // poison everything first (NaN) so padding reads would show
+  for (int64_t e = 0; e < xe; ++e) store(D.x.data(), t, e, NAN);
+  for (int64_t e = 0; e < pe; ++e) store(D.p.data(), t, e, NAN);
+  D.xv.assign(batch * N * d, 0);
+  D.pv.assign(batch * N * n, 0);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t s = 0; s < N; ++s) {
+      for (int64_t i = 0; i < d; ++i)
+        D.xv[(b * N + s) * d + i] =
+            store(D.x.data(), t, b * D.x_bstride + s * D.x_rstride + i, integer ? I(rng) : U(rng));
+      for (int64_t r = 0; r < n; ++r)
+        D.pv[(b * N + s) * n + r] =
+            store(D.p.data(), t, b * D.p_bstride + s * D.p_rstride + r, integer ? I(rng) : U(rng));
+    }
+  return D;
+}
+
+static void test_blocks(DType t, int64_t batch, int64_t N, int64_t d, int64_t n, bool bias, bool integer) {
+  const int64_t m = d + (bias ? 1 : 0);
+  Data D = make_data(t, batch, N, d, n, integer);
+  const bool f64 = t == DType::kFloat64;
+  const int64_t oe = batch * n * m * m;
+  // initial out: symmetric random (integer if integer)
+  std::vector<double> out0(oe);
+  std::uniform_int_distribution<int> I(-5, 5);
+  for (int64_t br = 0; br < batch * n; ++br)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = i; j < m; ++j) {
+        double v = I(rng);
+        out0[br * m * m + i * m + j] = v;
+        out0[br * m * m + j * m + i] = v;
+      }
+  std::vector<float> of(oe);
+  std::vector<double> od(oe);
+  for (int64_t e = 0; e < oe; ++e) {
+    of[e] = static_cast<float>(out0[e]);
+    od[e] = out0[e];
+  }
+  SensitivityBlocksParams P;
+  P.batch = batch;
+  P.N = N;
+  P.d = d;
+  P.n = n;
+  P.bias = bias;
+  P.x = D.x.data();
+  P.x_rstride = D.x_rstride;
+  P.x_bstride = D.x_bstride;
+  P.p = D.p.data();
+  P.p_rstride = D.p_rstride;
+  P.p_bstride = D.p_bstride;
+  P.out = f64 ? static_cast<void*>(od.data()) : static_cast<void*>(of.data());
+  P.in_dtype = t;
+  P.acc_dtype = f64 ? DType::kFloat64 : DType::kFloat32;
+  sensitivity_blocks_cuda(P);
+  double maxerr = 0, maxref = 0;
+  bool sym = true;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < m; ++j) {
+          double ref = 0;
+          for (int64_t s = 0; s < N; ++s) {
+            const double xi = i < d ? D.xv[(b * N + s) * d + i] : 1.0;
+            const double xj = j < d ? D.xv[(b * N + s) * d + j] : 1.0;
+            ref += D.pv[(b * N + s) * n + r] * xi * xj;
+          }
+          const int64_t e = ((b * n + r) * m + i) * m + j, et = ((b * n + r) * m + j) * m + i;
+          ref += out0[e];
+          const double got = f64 ? od[e] : of[e];
+          const double gott = f64 ? od[et] : of[et];
+          if (got != gott) sym = false;
+          maxerr = std::max(maxerr, std::fabs(got - ref));
+          maxref = std::max(maxref, std::fabs(ref));
+          if (std::isnan(got)) maxerr = INFINITY;
+        }
+  const double tol = integer ? 0.0 : (f64 ? 1e-12 : 1e-5) * std::max(1.0, (double)N) * std::max(1.0, maxref);
+  CHECK(maxerr <= tol, "blocks %s batch=%ld N=%ld d=%ld n=%ld bias=%d int=%d: maxerr %g (tol %g)",
+        dtype_name(t), batch, N, d, n, bias, integer, maxerr, tol);
+  CHECK(sym, "blocks %s batch=%ld N=%ld d=%ld n=%ld bias=%d: not exactly symmetric", dtype_name(t), batch,
+        N, d, n, bias);
+}
+
+static void test_matvec(DType t, int64_t batch, int64_t N, int64_t d, int64_t n, bool bias, bool integer) {
+  const int64_t m = d + (bias ? 1 : 0);
+  Data D = make_data(t, batch, N, d, n, integer);
+  const bool f64 = t == DType::kFloat64;
+  std::uniform_real_distribution<double> U(-1, 1);
+  std::uniform_int_distribution<int> I(-3, 3);
+  std::vector<double> v(batch * n * m);
+  for (auto& e : v) e = integer ? I(rng) : U(rng);
+  if (!f64) for (auto& e : v) e = static_cast<float>(e);
+  std::vector<float> vf(v.begin(), v.end()), of(batch * n * m, NAN), wf(batch * N * n + 1, NAN);
+  std::vector<double> od(batch * n * m, NAN), wd(batch * N * n + 1, NAN);
+  SensitivityMatvecParams P;
+  P.batch = batch;
+  P.N = N;
+  P.d = d;
+  P.n = n;
+  P.bias = bias;
+  P.x = D.x.data();
+  P.x_rstride = D.x_rstride;
+  P.x_bstride = D.x_bstride;
+  P.p = D.p.data();
+  P.p_rstride = D.p_rstride;
+  P.p_bstride = D.p_bstride;
+  P.v = f64 ? static_cast<const void*>(v.data()) : static_cast<const void*>(vf.data());
+  P.out = f64 ? static_cast<void*>(od.data()) : static_cast<void*>(of.data());
+  P.workspace = f64 ? static_cast<void*>(wd.data()) : static_cast<void*>(wf.data());
+  P.in_dtype = t;
+  P.acc_dtype = f64 ? DType::kFloat64 : DType::kFloat32;
+  sensitivity_matvec_cuda(P);
+  double maxerr = 0, maxref = 0;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t i = 0; i < m; ++i) {
+        double ref = 0;
+        for (int64_t s = 0; s < N; ++s) {
+          double y = 0;
+          for (int64_t j = 0; j < m; ++j) y += (j < d ? D.xv[(b * N + s) * d + j] : 1.0) * v[(b * n + r) * m + j];
+          ref += D.pv[(b * N + s) * n + r] * y * (i < d ? D.xv[(b * N + s) * d + i] : 1.0);
+        }
+        const double got = f64 ? od[(b * n + r) * m + i] : of[(b * n + r) * m + i];
+        maxerr = std::max(maxerr, std::isnan(got) ? INFINITY : std::fabs(got - ref));
+        maxref = std::max(maxref, std::fabs(ref));
+      }
+  const double tol = integer ? 0.0 : (f64 ? 1e-12 : 1e-5) * std::max(1.0, (double)N * m) * std::max(1.0, maxref);
+  CHECK(maxerr <= tol, "matvec %s batch=%ld N=%ld d=%ld n=%ld bias=%d int=%d: maxerr %g (tol %g)",
+        dtype_name(t), batch, N, d, n, bias, integer, maxerr, tol);
+  // workspace sentinel untouched
+  CHECK(f64 ? std::isnan(wd[batch * N * n]) : std::isnan(wf[batch * N * n]), "matvec workspace overrun");
+}
+
+// Symmetric dense problems; compare CUDA-emulated Lanczos with the CPU backend.
+template <typename T>
+static void test_lanczos_dense(int64_t B, int64_t m, int64_t k, int64_t max_steps, int kind) {
+  const DType dt = sizeof(T) == 8 ? DType::kFloat64 : DType::kFloat32;
+  std::vector<T> a(B * m * m);
+  std::normal_distribution<double> G(0, 1);
+  for (int64_t b = 0; b < B; ++b) {
+    T* A = a.data() + b * m * m;
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = i; j < m; ++j) {
+        double v = G(rng);
+        if (kind == 1) v = (i == j) ? (i < 3 ? 10.0 * (3 - i) : 0.01 * G(rng)) : 0.0;  // big gaps, rank-deficient
+        if (kind == 2) v = (i == j && i % 2 == 0) ? 1.0 : 0.0;                       // multiplicities + zero block
+        A[i * m + j] = A[j * m + i] = static_cast<T>(v);
+      }
+  }
+  LanczosParams P;
+  P.num_problems = B;
+  P.m = m;
+  P.k = k;
+  P.max_steps = max_steps;
+  P.tol = sizeof(T) == 8 ? 1e-10 : 1e-5;
+  P.seed = 7;
+  P.dtype = dt;
+  P.a = a.data();
+  std::vector<T> vals[2], vecs[2], res[2], ws[2];
+  std::vector<int32_t> steps[2];
+  for (int w = 0; w < 2; ++w) {
+    LanczosParams Q = P;
+    vals[w].assign(B * k, NAN);
+    vecs[w].assign(B * m * k, NAN);
+    res[w].assign(B * k, NAN);
+    steps[w].assign(B, -1);
+    ws[w].assign(lanczos_workspace_layout(P, w == 0).total + 1, NAN);
+    Q.values = vals[w].data();
+    Q.vectors = vecs[w].data();
+    Q.ritz_residuals = res[w].data();
+    Q.steps = steps[w].data();
+    Q.workspace = ws[w].data();
+    if (w == 0) lanczos_topk_cuda(Q); else lanczos_topk_cpu(Q);
+    CHECK(std::isnan(ws[w].back()), "lanczos workspace overrun");
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    CHECK(steps[0][b] == steps[1][b], "lanczos B=%ld m=%ld kind=%d b=%ld steps cuda %d cpu %d", B, m, kind, b,
+          steps[0][b], steps[1][b]);
+    const T* A = a.data() + b * m * m;
+    double anorm = 0;
+    for (int64_t i = 0; i < m * m; ++i) anorm = std::max(anorm, std::fabs((double)A[i]));
+    anorm *= m;
+    for (int64_t c = 0; c < k; ++c) {
+      const double lam = vals[0][b * k + c];
+      CHECK(std::fabs(lam - vals[1][b * k + c]) <= (sizeof(T) == 8 ? 1e-9 : 1e-3) * std::max(1.0, anorm / m),
+            "lanczos kind=%d b=%ld c=%ld value cuda %.10g cpu %.10g", kind, b, c, lam, (double)vals[1][b * k + c]);
+      // residual of the returned vector, and unit norm
+      double r2 = 0, n2 = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        double av = 0;
+        for (int64_t j = 0; j < m; ++j) av += (double)A[i * m + j] * vecs[0][(b * m + j) * k + c];
+        const double yi = vecs[0][(b * m + i) * k + c];
+        r2 += (av - lam * yi) * (av - lam * yi);
+        n2 += yi * yi;
+      }
+      CHECK(std::fabs(std::sqrt(n2) - 1) < (sizeof(T) == 8 ? 1e-12 : 1e-5), "lanczos vector norm %g", std::sqrt(n2));
+      const bool converged = steps[0][b] < max_steps || steps[0][b] == m;
+      CHECK(std::fabs(std::sqrt(r2) - (double)res[0][b * k + c]) <= (sizeof(T) == 8 ? 1e-6 : 1e-2) * std::max(1.0, anorm / m),
+            "lanczos residual %g vs estimate %g", std::sqrt(r2), (double)res[0][b * k + c]);
+      CHECK(!converged || std::sqrt(r2) <= (sizeof(T) == 8 ? 1e-6 : 1e-2) * std::max(1.0, anorm / m),
+            "lanczos kind=%d b=%ld c=%ld residual %g (est %g)", kind, b, c, std::sqrt(r2),
+            (double)res[0][b * k + c]);
+      CHECK(std::fabs((double)res[0][b * k + c] - (double)res[1][b * k + c]) <= 1e-3 * std::max(1.0, anorm / m),
+            "lanczos residual estimate cuda %g cpu %g", (double)res[0][b * k + c], (double)res[1][b * k + c]);
+    }
+  }
+}
+
+// Matrix-free Lanczos vs dense Lanczos on the blocks formed explicitly.
+template <typename T>
+static void test_lanczos_mf(DType tin, int64_t batch, int64_t N, int64_t d, int64_t n, int64_t k) {
+  const int64_t m = d + 1, B = batch * n;
+  Data D = make_data(tin, batch, N, d, n, false);
+  const DType dt = sizeof(T) == 8 ? DType::kFloat64 : DType::kFloat32;
+  LanczosParams P;
+  P.num_problems = B;
+  P.m = m;
+  P.k = k;
+  P.max_steps = m;
+  P.tol = sizeof(T) == 8 ? 1e-10 : 1e-5;
+  P.seed = 3;
+  P.dtype = dt;
+  P.op.batch = batch;
+  P.op.N = N;
+  P.op.d = d;
+  P.op.n = n;
+  P.op.bias = true;
+  P.op.x = D.x.data();
+  P.op.x_rstride = D.x_rstride;
+  P.op.x_bstride = D.x_bstride;
+  P.op.p = D.p.data();
+  P.op.p_rstride = D.p_rstride;
+  P.op.p_bstride = D.p_bstride;
+  P.op.in_dtype = tin;
+  P.op.acc_dtype = dt;
+  std::vector<T> vals(B * k), vecs(B * m * k), res(B * k), ws(lanczos_workspace_layout(P, true).total);
+  std::vector<int32_t> steps(B);
+  P.values = vals.data();
+  P.vectors = vecs.data();
+  P.ritz_residuals = res.data();
+  P.steps = steps.data();
+  P.workspace = ws.data();
+  lanczos_topk_cuda(P);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t r = 0; r < n; ++r) {
+      // dense block
+      std::vector<double> A(m * m, 0);
+      for (int64_t s = 0; s < N; ++s)
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < m; ++j)
+            A[i * m + j] += D.pv[(b * N + s) * n + r] * (i < d ? D.xv[(b * N + s) * d + i] : 1.0) *
+                            (j < d ? D.xv[(b * N + s) * d + j] : 1.0);
+      const int64_t pb = b * n + r;
+      double anorm = 0;
+      for (double e : A) anorm = std::max(anorm, std::fabs(e));
+      anorm *= m;
+      for (int64_t c = 0; c < k; ++c) {
+        const double lam = vals[pb * k + c];
+        double r2 = 0;
+        for (int64_t i = 0; i < m; ++i) {
+          double av = 0;
+          for (int64_t j = 0; j < m; ++j) av += A[i * m + j] * vecs[(pb * m + j) * k + c];
+          r2 += std::pow(av - lam * vecs[(pb * m + i) * k + c], 2);
+        }
+        CHECK(std::sqrt(r2) <= (sizeof(T) == 8 ? 1e-6 : 1e-3) * std::max(1e-3, anorm),
+              "mf lanczos pb=%ld c=%ld residual %g anorm %g", pb, c, std::sqrt(r2), anorm);
+      }
+      // largest algebraic: check lam0 >= Rayleigh quotient of random vectors and of unit vectors
+      for (int64_t i = 0; i < m; ++i)
+        CHECK(vals[pb * k] >= A[i * m + i] - 1e-4 * std::max(1.0, anorm), "mf lanczos not top: %g < A_ii %g",
+              (double)vals[pb * k], A[i * m + i]);
+    }
+}
+
+int main(int argc, char** argv) {
+  emu::order_mode = argc > 1 ? std::atoi(argv[1]) : 0;
+  const DType dts[3] = {DType::kFloat32, DType::kFloat64, DType::kBFloat16};
+  struct Shape { int64_t batch, N, d, n; bool bias; };
+  const Shape shapes[] = {
+      {1, 1, 0, 1, true},   {1, 5, 1, 1, false}, {2, 37, 4, 3, true},  {1, 20, 15, 17, true},
+      {3, 17, 16, 5, true}, {1, 33, 20, 9, false}, {2, 19, 32, 4, true}, {1, 40, 64, 5, true},
+      {1, 16, 63, 2, true}, {1, 23, 70, 6, false}, {2, 9, 130, 5, true}, {1, 0, 10, 3, true},
+      {1, 4, 5, 0, true},
+  };
+  for (const Shape& s : shapes)
+    for (DType t : dts)
+      for (int integer = 0; integer < 2; ++integer) {
+        test_blocks(t, s.batch, s.N, s.d, s.n, s.bias, integer);
+      }
+  std::printf("blocks done (%d failures)\n", failures);
+  const Shape mshapes[] = {
+      {1, 1, 0, 1, true}, {1, 5, 1, 1, false}, {2, 37, 4, 3, true}, {1, 70, 15, 67, true},
+      {2, 130, 70, 5, true}, {1, 20, 63, 65, false}, {1, 0, 5, 3, true}, {1, 4, 5, 0, true},
+      {1, 2049, 3, 2, true}, {2, 5000, 7, 3, false}, {1, 3100, 65, 1, true},  // split second GEMM
+  };
+  for (const Shape& s : mshapes)
+    for (DType t : dts)
+      for (int integer = 0; integer < 2; ++integer) test_matvec(t, s.batch, s.N, s.d, s.n, s.bias, integer);
+  std::printf("matvec done (%d failures)\n", failures);
+  test_lanczos_dense<double>(3, 12, 3, 12, 0);
+  test_lanczos_dense<float>(2, 12, 2, 12, 0);
+  test_lanczos_dense<double>(2, 20, 3, 20, 1);
+  test_lanczos_dense<double>(2, 9, 4, 9, 2);
+  test_lanczos_dense<float>(1, 9, 4, 9, 2);
+  test_lanczos_dense<double>(1, 1, 1, 1, 0);
+  test_lanczos_dense<double>(2, 30, 2, 10, 0);  // capped steps
+  std::printf("lanczos dense done (%d failures)\n", failures);
+  test_lanczos_mf<double>(DType::kFloat64, 2, 40, 6, 3, 2);
+  test_lanczos_mf<float>(DType::kFloat32, 1, 30, 5, 2, 1);
+  test_lanczos_mf<float>(DType::kBFloat16, 1, 30, 5, 2, 1);
+  test_lanczos_mf<double>(DType::kFloat64, 1, 2100, 4, 2, 2);  // split second GEMM
+  std::printf("lanczos mf done (%d failures)\n", failures);
+  {  // validation
+    LanczosParams P;
+    P.num_problems = 0;
+    P.m = 5; P.k = 1; P.max_steps = 3;
+    bool threw = false;
+    try { lanczos_topk_cuda(P); } catch (const std::exception& e) { threw = true; std::printf("B=0: %s\n", e.what()); }
+    CHECK(!threw, "B=0 should be a no-op");
+    std::vector<double> buf(1000);
+    int32_t st[4];
+    P.num_problems = 2; P.m = 0; P.k = 1; P.max_steps = 1; P.dtype = DType::kFloat64;
+    std::vector<double> a(100);
+    P.a = a.data(); P.workspace = buf.data(); P.values = buf.data(); P.vectors = buf.data(); P.ritz_residuals = buf.data(); P.steps = st;
+    threw = false;
+    try { lanczos_topk_cuda(P); } catch (const std::invalid_argument& e) { threw = true; std::printf("m=0: %s\n", e.what()); }
+    CHECK(threw, "m=0 should throw invalid_argument");
+    P.m = 3; P.dtype = DType::kBFloat16; threw = false;
+    try { lanczos_topk_cuda(P); } catch (const std::invalid_argument& e) { threw = true; std::printf("bf16: %s\n", e.what()); }
+    CHECK(threw, "bf16 lanczos should throw");
+    SensitivityBlocksParams S; S.N = 3; S.d = 2; S.n = 2; S.in_dtype = DType::kFloat32; S.acc_dtype = DType::kFloat64;
+    threw = false;
+    try { sensitivity_blocks_cuda(S); } catch (const std::invalid_argument& e) { threw = true; std::printf("acc: %s\n", e.what()); }
+    CHECK(threw, "f32->f64 acc should throw");
+  }
+  std::printf("%s: %d failures, %ld blocks, %ld barrier rounds\n", failures ? "FAILED" : "OK", failures,
+              (long)emu::blocks_run, (long)emu::barrier_rounds);
+  return failures ? 1 : 0;
+}
