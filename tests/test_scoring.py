@@ -80,7 +80,7 @@ class NegTD(nn.Module):
 
 
 def test_negative_second_derivative_uses_min_eigenvalue():
-    model, x, y = _problem(3, width=6, depth=2, insert_activation="tests.test_scoring:NegTD")
+    model, x, y = _problem(3, width=6, depth=2, insert_activation=NegTD())
     rep = score(model, (x, y), F.mse_loss, backend="torch")
     # brute force: mu = sigma''(0) * min_r lambda_min(B_r)
     cap = capture_all(model, (x, y), F.mse_loss)
