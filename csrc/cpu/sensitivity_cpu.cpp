@@ -104,6 +104,18 @@ void mirror_lower(T* out, int64_t n, int64_t m, int nthreads) {
   }
 }
 
+inline int num_threads_here() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+// One parallel region per call and no barrier inside it: each thread owns a fixed, equal share of
+// the tiles (all tiles cost the same) and packs its own copy of the P^T panel per chunk (n x KC
+// copies, negligible next to its tiles). Barriers per chunk cost a scheduler time slice each when
+// another process shares the cores.
 template <typename Tin, typename Tacc>
 void blocks_impl(const SensitivityBlocksParams& P) {
   constexpr int nr = NR<Tacc>;
@@ -113,29 +125,31 @@ void blocks_impl(const SensitivityBlocksParams& P) {
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j0 = (i / nr) * nr; j0 < m; j0 += nr) tiles.emplace_back(i, j0);
   const int64_t nrb = (n + MR - 1) / MR;
-  AlignedBuffer<Tacc> Apack(nrb * KC * MR);
-  AlignedBuffer<Tacc> Bbuf(static_cast<int64_t>(nthreads) * KC * nr);
   const int64_t ntiles = static_cast<int64_t>(tiles.size());
-  for (int64_t b = 0; b < P.batch; ++b) {
-    const Tin* x = static_cast<const Tin*>(P.x) + b * P.x_bstride;
-    const Tin* p = static_cast<const Tin*>(P.p) + b * P.p_bstride;
-    Tacc* out = static_cast<Tacc*>(P.out) + b * n * m * m;
-    for (int64_t s0 = 0; s0 < N; s0 += KC) {
-      const int64_t kc = std::min(KC, N - s0);
-      const Tin* xs = x + s0 * P.x_rstride;
-      const Tin* ps = p + s0 * P.p_rstride;
-#pragma omp parallel num_threads(nthreads)
-      {
-#pragma omp for schedule(static)
-        for (int64_t rb = 0; rb < nrb; ++rb) pack_p_panel<Tin, Tacc>(ps, P.p_rstride, n, rb * MR, kc, Apack.get() + rb * KC * MR);
-        Tacc* Bp = Bbuf.get() + static_cast<int64_t>(thread_id()) * KC * nr;
-#pragma omp for schedule(dynamic, 2)
-        for (int64_t t = 0; t < ntiles; ++t)
-          blocks_tile<Tin, Tacc>(xs, P.x_rstride, d, m, kc, tiles[t].first, tiles[t].second, Apack.get(), n, out, Bp);
+  const int nt = static_cast<int>(std::min<int64_t>(nthreads, ntiles));
+  AlignedBuffer<Tacc> Apack(static_cast<int64_t>(nt) * nrb * KC * MR);
+  AlignedBuffer<Tacc> Bbuf(static_cast<int64_t>(nt) * KC * nr);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = thread_id(), T = num_threads_here();
+    const int64_t t0 = ntiles * tid / T, t1 = ntiles * (tid + 1) / T;
+    Tacc* Ap = Apack.get() + static_cast<int64_t>(tid) * nrb * KC * MR;
+    Tacc* Bp = Bbuf.get() + static_cast<int64_t>(tid) * KC * nr;
+    for (int64_t b = 0; b < P.batch; ++b) {
+      const Tin* x = static_cast<const Tin*>(P.x) + b * P.x_bstride;
+      const Tin* p = static_cast<const Tin*>(P.p) + b * P.p_bstride;
+      Tacc* out = static_cast<Tacc*>(P.out) + b * n * m * m;
+      for (int64_t s0 = 0; s0 < N && t0 < t1; s0 += KC) {
+        const int64_t kc = std::min(KC, N - s0);
+        const Tin* xs = x + s0 * P.x_rstride;
+        const Tin* ps = p + s0 * P.p_rstride;
+        for (int64_t rb = 0; rb < nrb; ++rb) pack_p_panel<Tin, Tacc>(ps, P.p_rstride, n, rb * MR, kc, Ap + rb * KC * MR);
+        for (int64_t t = t0; t < t1; ++t)
+          blocks_tile<Tin, Tacc>(xs, P.x_rstride, d, m, kc, tiles[t].first, tiles[t].second, Ap, n, out, Bp);
       }
     }
-    mirror_lower(out, n, m, nthreads);
   }
+  for (int64_t b = 0; b < P.batch; ++b) mirror_lower(static_cast<Tacc*>(P.out) + b * n * m * m, n, m, nthreads);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -200,49 +214,63 @@ TD_TARGET_CLONES void gemm2_task(const Tin* p, int64_t ldp, const Tacc* Y, int64
   }
 }
 
+// Split-K over samples: each thread runs both GEMMs on its own chunks of samples into a private
+// [n, m] accumulator; the accumulators are summed in thread order at the end (deterministic for a
+// given thread count). Two barriers per call.
 template <typename Tin, typename Tacc>
 void matvec_impl(const SensitivityMatvecParams& P) {
   constexpr int nr = NR<Tacc>;
   const int64_t m = P.m(), n = P.n, d = P.d, N = P.N;
-  const int nthreads = std::max(1, P.num_threads);
+  const int64_t nchunks = (N + KC - 1) / KC;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(1, P.num_threads), nchunks)));
   const int64_t nvt = (n + nr - 1) / nr;      // column tiles of V^T (GEMM-1)
   const int64_t nxt = (m + nr - 1) / nr;      // column tiles of Xt (GEMM-2)
   const int64_t nsb = (KC + MR - 1) / MR;     // sample row blocks per chunk
   const int64_t nrb = (n + MR - 1) / MR;      // row blocks of out
-  AlignedBuffer<Tacc> Vp(nvt * m * nr), Xp(nsb * m * MR), XB(nxt * KC * nr), Y(KC * n);
-  AlignedBuffer<Tacc> A2(static_cast<int64_t>(nthreads) * KC * MR);
+  const int64_t per_thread = nsb * m * MR + nxt * KC * nr + KC * n + KC * MR + n * m;
+  AlignedBuffer<Tacc> Vp(nvt * m * nr), work(static_cast<int64_t>(nt) * per_thread);
   for (int64_t b = 0; b < P.batch; ++b) {
     const Tin* x = static_cast<const Tin*>(P.x) + b * P.x_bstride;
     const Tin* p = static_cast<const Tin*>(P.p) + b * P.p_bstride;
     const Tacc* v = static_cast<const Tacc*>(P.v) + b * n * m;
     Tacc* out = static_cast<Tacc*>(P.out) + b * n * m;
-    std::fill(out, out + n * m, Tacc(0));
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < nvt; ++t) pack_v_panel<Tacc>(v, n, m, t * nr, Vp.get() + t * m * nr);
-    for (int64_t s0 = 0; s0 < N; s0 += KC) {
-      const int64_t kc = std::min(KC, N - s0);
-      const int64_t sbs = (kc + MR - 1) / MR;
-      const Tin* xs = x + s0 * P.x_rstride;
-      const Tin* ps = p + s0 * P.p_rstride;
-#pragma omp parallel num_threads(nthreads)
-      {
-#pragma omp for schedule(static) nowait
+#pragma omp parallel num_threads(nt)
+    {
+      const int tid = thread_id(), T = num_threads_here();
+      Tacc* Xp = work.get() + static_cast<int64_t>(tid) * per_thread;
+      Tacc* XB = Xp + nsb * m * MR;
+      Tacc* Y = XB + nxt * KC * nr;
+      Tacc* A2 = Y + KC * n;
+      Tacc* acc = A2 + KC * MR;
+      std::fill(acc, acc + n * m, Tacc(0));
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < nvt; ++t) pack_v_panel<Tacc>(v, n, m, t * nr, Vp.get() + t * m * nr);
+      for (int64_t c = nchunks * tid / T; c < nchunks * (tid + 1) / T; ++c) {
+        const int64_t s0 = c * KC, kc = std::min(KC, N - s0);
+        const int64_t sbs = (kc + MR - 1) / MR;
+        const Tin* xs = x + s0 * P.x_rstride;
+        const Tin* ps = p + s0 * P.p_rstride;
         for (int64_t sb = 0; sb < sbs; ++sb)
-          pack_x_rows<Tin, Tacc>(xs + sb * MR * P.x_rstride, P.x_rstride, d, m, std::min<int64_t>(MR, kc - sb * MR), Xp.get() + sb * m * MR);
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < nxt; ++t) pack_x_cols<Tin, Tacc>(xs, P.x_rstride, d, m, kc, t * nr, XB.get() + t * KC * nr);
-#pragma omp for schedule(static)
-        for (int64_t s = 0; s < kc; ++s) std::fill(Y.get() + s * n, Y.get() + (s + 1) * n, Tacc(0));
-#pragma omp for schedule(static) collapse(2)
+          pack_x_rows<Tin, Tacc>(xs + sb * MR * P.x_rstride, P.x_rstride, d, m, std::min<int64_t>(MR, kc - sb * MR),
+                                 Xp + sb * m * MR);
+        for (int64_t t = 0; t < nxt; ++t) pack_x_cols<Tin, Tacc>(xs, P.x_rstride, d, m, kc, t * nr, XB + t * KC * nr);
+        std::fill(Y, Y + kc * n, Tacc(0));
         for (int64_t t = 0; t < nvt; ++t)
           for (int64_t sb = 0; sb < sbs; ++sb)
-            gemm1_task<Tacc>(m, Xp.get() + sb * m * MR, Vp.get() + t * m * nr, Y.get() + sb * MR * n + t * nr, n,
+            gemm1_task<Tacc>(m, Xp + sb * m * MR, Vp.get() + t * m * nr, Y + sb * MR * n + t * nr, n,
                              static_cast<int>(std::min<int64_t>(MR, kc - sb * MR)),
                              static_cast<int>(std::min<int64_t>(nr, n - t * nr)));
-        Tacc* a2 = A2.get() + static_cast<int64_t>(thread_id()) * KC * MR;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t rb = 0; rb < nrb; ++rb)
-          gemm2_task<Tin, Tacc>(ps, P.p_rstride, Y.get(), n, m, kc, rb * MR, XB.get(), a2, out);
+        for (int64_t rb = 0; rb < nrb; ++rb) gemm2_task<Tin, Tacc>(ps, P.p_rstride, Y, n, m, kc, rb * MR, XB, A2, acc);
+      }
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < n; ++r) {
+        Tacc* o = out + r * m;
+        std::fill(o, o + m, Tacc(0));
+        for (int t = 0; t < T; ++t) {
+          const Tacc* a = work.get() + static_cast<int64_t>(t) * per_thread + (per_thread - n * m) + r * m;
+          for (int64_t j = 0; j < m; ++j) o[j] += a[j];
+        }
       }
     }
   }
