@@ -1,6 +1,7 @@
 """Baseline strategies do what they claim; compare() runs every method with the same budget."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -153,6 +154,15 @@ def test_run_method_spends_the_whole_budget(task):
         run_method(task, "nope")
 
 
+def test_run_method_honours_the_budget(task):
+    r = run_method(task, "initial", 0, budget={"width": 6, "depth": 3, "epochs_per_round": 1, "rounds": 1,
+                                               "batch_size": 16}, keep_model=True)
+    assert r.model.width == 6 and len(r.model.blocks) == 3 and r.epochs == 2
+    assert r.optimizer.param_groups[0]["lr"] == task.config.lr
+    # 64 samples in batches of 16: 4 Adam steps per epoch
+    assert all(s["step"] == 8 for s in r.optimizer.state.values())
+
+
 def test_run_method_deterministic(task):
     a = run_method(task, "random", 3, budget=TINY)
     b = run_method(task, "random", 3, budget=TINY)
@@ -194,3 +204,64 @@ def test_methods_registry():
     assert set(DEFAULT_METHODS) <= set(METHODS)
     assert METHODS["forward_thinking"].freeze_existing
     assert not METHODS["initial"].grows and not METHODS["fixed_final"].grows
+
+
+def _float64_setup():
+    torch.manual_seed(0)
+    model = ResidualMLP(3, 6, 2, 2).double()
+    x = torch.randn(40, 3, dtype=torch.float64)
+    y = torch.randn(40, 2, dtype=torch.float64)
+    return model, (x, y)
+
+
+def test_row_eigenpairs_match_the_scorer():
+    from topoderiv.baselines import row_eigenpairs
+    from topoderiv.scoring import score
+
+    model, batch = _float64_setup()
+    rep = score(model, batch, torch.nn.functional.mse_loss, backend="torch")
+    for ps in rep.points:
+        mu_r, v = row_eigenpairs(model, ps.point, [batch], torch.nn.functional.mse_loss, backend="torch")
+        assert torch.allclose(mu_r, ps.block_mu.to(mu_r), rtol=1e-10, atol=1e-14)
+        assert torch.allclose(v[ps.block], ps.phi[ps.block].to(v), atol=1e-8)
+
+
+def test_all_rows_direction_is_second_order_descent_and_all_rows_live():
+    """Finite-difference arbiter for the all-rows phi: dJ = -(eps^2/2) phi^T Q phi within 1%."""
+    from topoderiv.baselines import TopologicalAllRows, row_eigenpairs
+    from topoderiv.insertion import insert
+
+    model, batch = _float64_setup()
+    loss = torch.nn.functional.mse_loss
+    strat = TopologicalAllRows()
+    with torch.no_grad():
+        j0 = float(loss(model(batch[0]), batch[1]))
+    for point in range(3):
+        mu_r, v = row_eigenpairs(model, point, batch, loss, backend="torch")
+        if float(mu_r.max()) <= 0:
+            continue
+        phi = strat.direction(mu_r, v)
+        pos = mu_r.clamp_min(0)
+        quotient = float((pos * mu_r).sum() / pos.sum())
+        assert 0 < quotient <= float(mu_r.max()) + 1e-15
+        live = (phi.abs().sum(1) > 0)
+        assert torch.equal(live, mu_r > 0)
+        eps = 1e-3
+        trial = copy.deepcopy(model)
+        insert(trial, point, phi, eps)
+        with torch.no_grad():
+            dj = float(loss(trial(batch[0]), batch[1])) - j0
+        assert dj == pytest.approx(-(eps ** 2 / 2) * quotient, rel=1e-2)
+
+
+def test_topological_all_rows_inserts_a_wide_block(task):
+    from topoderiv.baselines import TopologicalAllRows
+
+    model = _model(task)
+    g = _grower(task, model, TopologicalAllRows(backend="torch"))
+    g.run()
+    assert len(model.blocks) == 3
+    rec = g.history.rounds[1]
+    assert rec.info["live_rows"] > 1 and rec.eps is not None
+    new = model.blocks[rec.point].linear.weight
+    assert int((new.abs().sum(1) > 0).sum()) == rec.info["live_rows"]

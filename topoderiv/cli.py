@@ -90,7 +90,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="training batches used for scoring and the eps search (default: all)")
     p.add_argument("--n-train", type=_positive_int, default=None, help="training samples (default: the task's)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:i] (default cpu)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (default 1: the built-in tasks' small matrices run fastest on one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

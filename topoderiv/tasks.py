@@ -217,15 +217,19 @@ class Task:
         pred = self.predict(model, split)
         return {"loss": float(self.loss_fn(pred, y)), self.metric.name: self.metric(pred, y)}
 
-    def build_model(self, depth: Optional[int] = None, *, seed: Optional[int] = None, **kwargs) -> torch.nn.Module:
-        """The task's default :class:`topoderiv.models.ResidualMLP` (``depth`` blocks, default the
-        config's initial depth), initialised from ``torch.manual_seed(seed)`` when a seed is given."""
+    def build_model(
+        self, depth: Optional[int] = None, *, width: Optional[int] = None, seed: Optional[int] = None, **kwargs
+    ) -> torch.nn.Module:
+        """The task's :class:`topoderiv.models.ResidualMLP` with ``depth`` blocks and ``width``
+        (defaults: the config's), initialised from ``torch.manual_seed(seed)`` when a seed is given.
+        ``kwargs`` go to ``ResidualMLP`` (activations, bias, feature)."""
         from .models import ResidualMLP
 
         if seed is not None:
             torch.manual_seed(seed)
         depth = self.config.depth if depth is None else depth
-        return ResidualMLP(self.d_in, self.config.width, self.d_out, depth, **kwargs)
+        width = self.config.width if width is None else width
+        return ResidualMLP(self.d_in, width, self.d_out, depth, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,7 +452,7 @@ def heat_task(
     xs = ((obs - mean) / std).float()
     ys = m.float()
     splits = _split3(xs, ys, n_train, n_val)
-    cfg = config or ModelConfig(width=32, depth=2, lr=1e-3, batch_size=64, epochs_per_round=30, rounds=5, max_depth=10)
+    cfg = config or ModelConfig(width=32, depth=2, lr=1e-3, batch_size=64, epochs_per_round=100, rounds=5, max_depth=10)
     info = {
         "equation": "u_t = (kappa u_x)_x + f on (0,1), u(0)=u(1)=0, u0 = sin(pi x), f = 10 exp(-(x-0.7)^2/0.02)",
         "target": "m = log kappa at the cell midpoints",
