@@ -2,6 +2,7 @@
 // in parallel over problems; the hot loops (symmetric matvec, Gram-Schmidt) are SIMD.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -59,10 +60,40 @@ class CpuBackend final : public LanczosBackend {
   void apply(int64_t j) override {
     if (P_.matrix_free()) {
       SensitivityMatvecParams op = P_.op;
-      op.v = V(j, 0);
-      op.out = w_;
       op.num_threads = nt_;
+      std::vector<int64_t> act;
+      for (int64_t b = 0; b < B_; ++b)
+        if (active_[b]) act.push_back(b);
+      const int64_t na = static_cast<int64_t>(act.size());
+      if (op.batch != 1 || na * 5 >= B_ * 4) {
+        op.v = V(j, 0);
+        op.out = w_;
+        sensitivity_matvec_cpu(op);
+        return;
+      }
+      // Blocks converge at different speeds: once a fifth of them are done, apply the operator
+      // to the active blocks only (gather their costate columns; the GEMMs shrink with them).
+      const int64_t N = op.N;
+      const size_t es = op.in_dtype == DType::kFloat64 ? 8 : op.in_dtype == DType::kFloat32 ? 4 : 2;
+      pbuf_.resize(static_cast<size_t>(N * na) * es);
+      vbuf_.resize(static_cast<size_t>(na * m_));
+      wbuf_.resize(static_cast<size_t>(na * m_));
+      const unsigned char* psrc = static_cast<const unsigned char*>(op.p);
+#pragma omp parallel for num_threads(nt_) schedule(static)
+      for (int64_t s = 0; s < N; ++s) {
+        const unsigned char* row = psrc + static_cast<size_t>(s * op.p_rstride) * es;
+        unsigned char* dst = pbuf_.data() + static_cast<size_t>(s * na) * es;
+        for (int64_t c = 0; c < na; ++c) std::memcpy(dst + c * es, row + act[c] * es, es);
+      }
+      for (int64_t c = 0; c < na; ++c) std::copy(V(j, act[c]), V(j, act[c]) + m_, vbuf_.data() + c * m_);
+      op.p = pbuf_.data();
+      op.p_rstride = na;
+      op.p_bstride = N * na;
+      op.n = na;
+      op.v = vbuf_.data();
+      op.out = wbuf_.data();
       sensitivity_matvec_cpu(op);
+      for (int64_t c = 0; c < na; ++c) std::copy(wbuf_.data() + c * m_, wbuf_.data() + (c + 1) * m_, w_ + act[c] * m_);
       return;
     }
     const T* a = static_cast<const T*>(P_.a);
@@ -140,6 +171,8 @@ class CpuBackend final : public LanczosBackend {
   LanczosWorkspaceLayout layout_;
   std::vector<uint8_t> active_;
   std::vector<double> coef_;
+  std::vector<unsigned char> pbuf_;  // compacted costate columns of the active blocks
+  std::vector<T> vbuf_, wbuf_;
   T* basis_ = nullptr;
   T* w_ = nullptr;
 };
