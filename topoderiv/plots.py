@@ -96,9 +96,10 @@ def plot_growth(
     for j, (r, s) in enumerate(ins):
         for a in (ax, ax2) if ax2 is not None else (ax,):
             a.axvline(s, color="0.35", ls="--", lw=0.9, label="insertion" if (j == 0 and a is ax) else None)
-        eps = "" if r.eps is None else f", eps {r.eps:.2g}"
-        ax.annotate(f"+block @ {r.point}{eps}\ndepth {r.depth}", xy=(s, 1.0), xycoords=("data", "axes fraction"),
-                    xytext=(3, -3), textcoords="offset points", va="top", ha="left", fontsize=7, color="0.25")
+        eps = "" if r.eps is None else f"\neps {r.eps:.2g}"
+        ax.annotate(f"+@{r.point}{eps}", xy=(s, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(3, -3 - 20 * (j % 2)), textcoords="offset points", va="top", ha="left", fontsize=7,
+                    color="0.25")
     finish = [s for r, (s, _, _, _) in zip(hist.rounds, spans) if r.info.get("phase") == "finish"]
     for s in finish:
         ax.axvline(s, color="0.6", ls=":", lw=0.9, label="growth stopped, budget finished")
@@ -107,7 +108,8 @@ def plot_growth(
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(loc="lower left", fontsize=8, framealpha=0.85)
     strat = hist.meta.get("method") or (hist.meta.get("strategy") or {}).get("name", "growth")
-    ttl = title or f"{strat}: {len(hist.insertions)} insertions, final depth {hist.rounds[-1].depth}"
+    ttl = title or (f"{strat}: {len(hist.insertions)} insertions (+@i: new block at point i), "
+                    f"final depth {hist.rounds[-1].depth}")
     ax.set_title(ttl, fontsize=10)
     if ax2 is not None:
         pts = [(e, r.test_metric) for r, (_, e, _, _) in zip(hist.rounds, spans) if r.test_metric is not None]
