@@ -182,7 +182,7 @@ class _RoundPrinter:
             point = "fin"
         eps = "-" if rec.eps is None else f"{rec.eps:.2g}"
         mus = "-" if mu is None else f"{mu:.3g}"
-        test = "-" if rec.test_metric is None else f"{rec.test_metric:.4f}"
+        test = "-" if rec.test_metric is None else f"{rec.test_metric:.4g}"
         self.write(f"{rec.round:>5} {rec.depth:>5} {rec.n_params:>7} {point:>5} {eps:>5} {mus:>9} "
                    f"{rec.train_loss:>9.3e} {rec.val_loss:>9.3e} {test:>12} {rec.wall_time:>6.1f}s")
 
@@ -226,8 +226,8 @@ def cmd_grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
                "stop_reason": hist.stop_reason, "wall_time": wall, "command": _command_line(argv)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     print(f"stopped growing: {hist.stop_reason}")
-    print(f"final: test {task.metric.name} {res.metric:.4f} (initial network after round 0: "
-          f"{hist.rounds[0].test_metric:.4f}), test loss {res.test_loss:.4g}, depth {res.depth}, "
+    print(f"final: test {task.metric.name} {res.metric:.4g} (initial network after round 0: "
+          f"{hist.rounds[0].test_metric:.4g}), test loss {res.test_loss:.4g}, depth {res.depth}, "
           f"{res.n_params} parameters, {res.epochs} epochs, {wall:.1f} s")
     print(f"wrote {out}/: history.json, metrics.json, growth.png, mu.png, model/ (topoderiv.load('{out / 'model'}'))")
     return 0
