@@ -146,7 +146,8 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& device, uintptr_t a, uintptr_t x, int64_t x_rs, uintptr_t p, int64_t p_rs,
          int64_t op_batch, int64_t N, int64_t d, int64_t n, bool bias, int in_dt, int64_t B, int64_t mdim,
          int64_t k, int64_t steps, double tol, uint64_t seed, int dt, uintptr_t values, uintptr_t vectors,
-         uintptr_t ritz, uintptr_t nsteps, uintptr_t anorm, uintptr_t ws, int threads, uintptr_t stream) {
+         uintptr_t ritz, uintptr_t nsteps, uintptr_t anorm, uintptr_t true_res, uintptr_t ws, int threads,
+         uintptr_t stream) {
         const char* fn = "lanczos_topk";
         LanczosParams P;
         P.num_problems = B; P.m = mdim; P.k = k; P.max_steps = steps; P.tol = tol; P.seed = seed;
@@ -161,7 +162,8 @@ PYBIND11_MODULE(_C, m) {
           op.num_threads = threads; op.stream = ptr<void>(stream);
         }
         P.values = ptr<void>(values); P.vectors = ptr<void>(vectors); P.ritz_residuals = ptr<void>(ritz);
-        P.steps = ptr<int32_t>(nsteps); P.anorm_host = ptr<double>(anorm); P.workspace = ptr<void>(ws);
+        P.steps = ptr<int32_t>(nsteps); P.anorm_host = ptr<double>(anorm);
+        P.true_residuals = ptr<void>(true_res); P.workspace = ptr<void>(ws);
         P.num_threads = threads; P.stream = ptr<void>(stream);
         const bool cuda = is_cuda(fn, device);
         py::gil_scoped_release nogil;

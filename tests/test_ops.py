@@ -247,11 +247,12 @@ def test_lanczos_poisoned_outputs_are_written(gen):
     ritz = torch.full((B, k), float("nan"))
     nsteps = torch.full((B,), -1, dtype=torch.int32)
     anorm = torch.full((B,), float("nan"), dtype=torch.float64)
+    tres = torch.full((B, k), float("nan"))
     ws = torch.full((lib().lanczos_workspace_elems(B, m, k, steps, False, False, 0, 0, 1),), float("nan"))
     lib().lanczos_topk("cpu", a.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0, True, 0, B, m, k, steps, 1e-6, 0, 0,
                        vals.data_ptr(), vecs.data_ptr(), ritz.data_ptr(), nsteps.data_ptr(), anorm.data_ptr(),
-                       ws.data_ptr(), 1, 0)
-    for t in (vals, vecs, ritz, anorm):
+                       tres.data_ptr(), ws.data_ptr(), 1, 0)
+    for t in (vals, vecs, ritz, anorm, tres):
         assert torch.isfinite(t).all()
     assert (nsteps >= k).all()
 

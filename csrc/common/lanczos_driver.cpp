@@ -80,8 +80,10 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
       al[j] = a_step[b];
       be[j] = b_step[b];
       if (!std::isfinite(al[j]) || !std::isfinite(be[j])) {
-        throw std::runtime_error("lanczos_topk: non-finite values appeared in problem " + std::to_string(b) +
-                                 " (the operator produced NaN or Inf)");
+        // a NaN/Inf anywhere in the operator reaches alpha/beta at the first step (the start
+        // vector has no zero entries), so this is the finiteness check of the input
+        throw std::invalid_argument("lanczos_topk: a must contain only finite values, got NaN or Inf (problem " +
+                                    std::to_string(b) + ")");
       }
       const int64_t dim = j + 1;
       te.solve(dim, al, be, /*full=*/false);

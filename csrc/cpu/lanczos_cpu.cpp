@@ -151,6 +151,19 @@ class CpuBackend final : public LanczosBackend {
         for (int64_t i = 0; i < m_; ++i) vec[(b * m_ + i) * k + c] = static_cast<T>(y[i] * nrm);
         val[b * k + c] = static_cast<T>(values[b * k + c]);
         res[b * k + c] = static_cast<T>(residuals[b * k + c]);
+        if (P_.true_residuals != nullptr && !P_.matrix_free()) {
+          // explicit residual while A[b] is still in this core's cache
+          std::vector<T> yt(static_cast<size_t>(m_)), ay(static_cast<size_t>(m_));
+          for (int64_t i = 0; i < m_; ++i) yt[i] = vec[(b * m_ + i) * k + c];
+          symv<T>(static_cast<const T*>(P_.a) + b * m_ * m_, yt.data(), ay.data(), m_);
+          double r2 = 0.0;
+          const double th = static_cast<double>(val[b * k + c]);
+          for (int64_t i = 0; i < m_; ++i) {
+            const double e = static_cast<double>(ay[i]) - th * static_cast<double>(yt[i]);
+            r2 += e * e;
+          }
+          static_cast<T*>(P_.true_residuals)[b * k + c] = static_cast<T>(std::sqrt(r2));
+        }
       }
       P_.steps[b] = steps[b];
     }
@@ -194,6 +207,7 @@ void run(const LanczosParams& P) {
                                                                (B + nt - 1) / nt));
   const int64_t ngroups = (B + group - 1) / group;
   std::vector<std::string> errors(static_cast<size_t>(ngroups));
+  std::vector<uint8_t> invalid(static_cast<size_t>(ngroups), 0);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t g = 0; g < ngroups; ++g) {
     const int64_t b0 = g * group, bg = std::min(group, B - b0);
@@ -205,17 +219,24 @@ void run(const LanczosParams& P) {
     sub.ritz_residuals = static_cast<T*>(P.ritz_residuals) + b0 * k;
     sub.steps = P.steps + b0;
     sub.anorm_host = P.anorm_host != nullptr ? P.anorm_host + b0 : nullptr;
+    sub.true_residuals = P.true_residuals != nullptr ? static_cast<T*>(P.true_residuals) + b0 * k : nullptr;
     // the workspace size is linear in the number of problems: slice it proportionally
     sub.workspace = static_cast<T*>(P.workspace) + b0 * (lanczos_workspace_layout(P, false).total / B);
     try {
       CpuBackend<T> be(sub, b0, 1);
       lanczos_run(sub, be);
+    } catch (const std::invalid_argument& e) {
+      errors[g] = e.what();
+      invalid[g] = 1;
     } catch (const std::exception& e) {
       errors[g] = e.what();
     }
   }
-  for (const auto& e : errors)
-    if (!e.empty()) throw std::runtime_error(e);
+  for (int64_t g = 0; g < ngroups; ++g) {
+    if (errors[g].empty()) continue;
+    if (invalid[g]) throw std::invalid_argument(errors[g]);
+    throw std::runtime_error(errors[g]);
+  }
 }
 
 }  // namespace

@@ -36,6 +36,8 @@ struct LanczosParams {
   int32_t* steps = nullptr;        // [B] Krylov dimension used (host memory for CPU, device for CUDA)
   double* anorm_host = nullptr;    // [B] HOST memory, always: max |Ritz value| = ||T_j|| ~ ||A||_2,
                                    // written by the driver (not the backend); may be nullptr
+  void* true_residuals = nullptr;  // [B, k] dtype, optional (dense CPU backend only): the explicit
+                                   // ||A y - theta y|| computed while the matrix is in cache
   void* workspace = nullptr;       // lanczos_workspace_elems(*this) elements of dtype
   int num_threads = 1;
   void* stream = nullptr;
