@@ -1,7 +1,6 @@
 """Baseline strategies do what they claim; compare() runs every method with the same budget."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -206,52 +205,20 @@ def test_methods_registry():
     assert not METHODS["initial"].grows and not METHODS["fixed_final"].grows
 
 
-def _float64_setup():
-    torch.manual_seed(0)
-    model = ResidualMLP(3, 6, 2, 2).double()
-    x = torch.randn(40, 3, dtype=torch.float64)
-    y = torch.randn(40, 2, dtype=torch.float64)
-    return model, (x, y)
+def test_topological_all_rows_is_the_scorer_rule_all():
+    """TopologicalAllRows is TopologicalStrategy(rule="all") under its own method name; its config
+    rebuilds it (checkpoint resume)."""
+    from topoderiv.baselines import TopologicalAllRows
+    from topoderiv.growth import TopologicalStrategy
 
-
-def test_row_eigenpairs_match_the_scorer():
-    from topoderiv.baselines import row_eigenpairs
-    from topoderiv.scoring import score
-
-    model, batch = _float64_setup()
-    rep = score(model, batch, torch.nn.functional.mse_loss, backend="torch")
-    for ps in rep.points:
-        mu_r, v = row_eigenpairs(model, ps.point, [batch], torch.nn.functional.mse_loss, backend="torch")
-        assert torch.allclose(mu_r, ps.block_mu.to(mu_r), rtol=1e-10, atol=1e-14)
-        assert torch.allclose(v[ps.block], ps.phi[ps.block].to(v), atol=1e-8)
-
-
-def test_all_rows_direction_is_second_order_descent_and_all_rows_live():
-    """Finite-difference arbiter for the all-rows phi: dJ = -(eps^2/2) phi^T Q phi within 1%."""
-    from topoderiv.baselines import TopologicalAllRows, row_eigenpairs
-    from topoderiv.insertion import insert
-
-    model, batch = _float64_setup()
-    loss = torch.nn.functional.mse_loss
-    strat = TopologicalAllRows()
-    with torch.no_grad():
-        j0 = float(loss(model(batch[0]), batch[1]))
-    for point in range(3):
-        mu_r, v = row_eigenpairs(model, point, batch, loss, backend="torch")
-        if float(mu_r.max()) <= 0:
-            continue
-        phi = strat.direction(mu_r, v)
-        pos = mu_r.clamp_min(0)
-        quotient = float((pos * mu_r).sum() / pos.sum())
-        assert 0 < quotient <= float(mu_r.max()) + 1e-15
-        live = (phi.abs().sum(1) > 0)
-        assert torch.equal(live, mu_r > 0)
-        eps = 1e-3
-        trial = copy.deepcopy(model)
-        insert(trial, point, phi, eps)
-        with torch.no_grad():
-            dj = float(loss(trial(batch[0]), batch[1])) - j0
-        assert dj == pytest.approx(-(eps ** 2 / 2) * quotient, rel=1e-2)
+    strat = TopologicalAllRows(backend="torch", max_tries=2)
+    assert isinstance(strat, TopologicalStrategy) and strat.rule == "all" and strat.name == "topological_all"
+    cfg = strat.config()
+    assert cfg["name"] == "topological_all" and cfg["rule"] == "all"
+    assert TopologicalAllRows(**{k: v for k, v in cfg.items() if k != "name"}).config() == cfg
+    assert isinstance(METHODS["topological_all"].strategy(), TopologicalAllRows)
+    with pytest.raises(ValueError, match="rule must be 'all'"):
+        TopologicalAllRows(rule="top")
 
 
 def test_topological_all_rows_inserts_a_wide_block(task):

@@ -233,6 +233,28 @@ def test_resume_rebuilds_the_topological_strategy_and_keep_best(tmp_path):
     assert g2.keep_best and g2.checkpoint_dir == tmp_path / "ck"
 
 
+def test_rule_all_grows_a_wide_block_and_resumes_as_topological_all(tmp_path):
+    from topoderiv.baselines import TopologicalAllRows
+
+    train, val = _data(8)
+    torch.manual_seed(0)
+    model = ResidualMLP(2, 8, 1, 1)
+    g = Grower(model, _adam, train, val, F.mse_loss, rule="all", epochs_per_round=1, max_rounds=1, patience=5,
+               progress=False)
+    h = g.run()
+    assert g.strategy.rule == "all"
+    assert len(h.insertions) == 1
+    rec = h.insertions[0]  # every row with mu_r > 0 starts live (rule "top" would give exactly one)
+    assert rec.info["live_rows"] > 1 and 0 < rec.info["quotient"] < rec.mu[rec.point]
+    assert int((model.blocks[rec.point].linear.weight.abs().sum(1) > 0).sum()) == rec.info["live_rows"]
+    g2 = Grower(ResidualMLP(2, 8, 1, 1), _adam, train, val, F.mse_loss, strategy=TopologicalAllRows(),
+                epochs_per_round=1, max_rounds=0, progress=False)
+    g2.run()
+    g2.save(tmp_path / "ck")
+    g3 = Grower.from_checkpoint(tmp_path / "ck", train, val, F.mse_loss)
+    assert isinstance(g3.strategy, TopologicalAllRows) and g3.strategy.config() == g2.strategy.config()
+
+
 def test_training_after_identity_insertion_matches_uninterrupted_adam():
     """An eps = 0 block leaves the function and the old parameters' gradients unchanged (sigma'(0) = 0),
     so with the optimiser state carried over, training continues EXACTLY as if nothing was inserted.

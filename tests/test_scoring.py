@@ -60,6 +60,71 @@ def test_finite_difference_arbiter_every_point(backend):
         assert 0.99 < r < 1.01, f"point {p}: ratio {r}"
 
 
+class NegTD(nn.Module):
+    """sigma(z) = -(z^2/2 + z^3/3)-like: sigma''(0) = -2 (admissible, negative curvature)."""
+
+    def forward(self, z):
+        return -2.0 * (2.0 * F.silu(z) - torch.tanh(z))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("problem", [
+    dict(seed=1),
+    dict(seed=3, width=6, depth=2, insert_activation=NegTD()),  # sigma''(0) = -2
+    dict(seed=2, width=6, depth=2, n=10, tokens=5, feature="layernorm", bias=False),
+], ids=["plain", "negative-sigma2", "layernorm-tokens-nobias"])
+def test_finite_difference_arbiter_rule_all(backend, problem):
+    """Rule "all": eps * phi inserted at every point, (J(eps) - J(0)) / predicted_change within 1% of 1."""
+    problem = dict(problem)
+    model, x, y = _problem(problem.pop("seed"), **problem)
+    rep = score(model, (x, y), F.mse_loss, backend=backend, rule="all")
+    assert rep.rule == "all"
+    for ps in rep.points:
+        assert ps.mu > 1e-4, f"mu too small to test at point {ps.point}: {ps.mu}"
+        assert float(ps.phi.norm()) == pytest.approx(1.0, abs=1e-12)
+        # the quotient computed by hand from block_mu: sum_r mu_r^2 / sum_r mu_r over mu_r > 0
+        pos = ps.block_mu.clamp_min(0)
+        assert ps.quotient == pytest.approx(float((pos * ps.block_mu).sum() / pos.sum()), rel=1e-8)
+        assert 0 < ps.quotient <= ps.mu * (1 + 1e-12)
+        if int((ps.block_mu > 0).sum()) > 1:
+            assert ps.quotient < ps.mu  # really a mixture, not the "top" phi
+    assert any(int((ps.phi.abs().sum(1) > 0).sum()) > 1 for ps in rep.points)
+    for p, r in _arbiter_ratios(model, x, y, rep).items():
+        assert 0.99 < r < 1.01, f"point {p}: ratio {r}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rule_all_gives_every_positive_row_a_live_row(backend):
+    """Rows with block eigenvalue mu_r > 0 are non-zero (weight sqrt(mu_r), on B_r's top
+    eigenvector); rows with mu_r <= 0 are exactly zero. Checked against a brute-force eigh of B_r."""
+    model, x, y = _problem(5, width=8, depth=3)
+    rep = score(model, (x, y), F.mse_loss, backend=backend, rule="all")
+    top = score(model, (x, y), F.mse_loss, backend=backend, rule="top")
+    cap = capture_all(model, (x, y), F.mse_loss)
+    n_pos = 0
+    for ps, pt in zip(rep.points, top.points):
+        assert ps.block == pt.block and ps.mu == pytest.approx(pt.mu, rel=1e-10)
+        torch.testing.assert_close(ps.block_mu, pt.block_mu, rtol=1e-10, atol=1e-14)
+        xt = torch.cat([cap.states[ps.point], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+        B = torch.einsum("sr,si,sj->rij", cap.costates[ps.point], xt, xt)  # sigma''(0) = 1
+        lam, vec = torch.linalg.eigh(B)
+        torch.testing.assert_close(ps.block_mu, lam[:, -1], rtol=1e-8, atol=1e-12)
+        pos = ps.block_mu > 0
+        n_pos += int(pos.sum())
+        norms = ps.phi.norm(dim=1)
+        assert torch.equal(norms > 0, pos)
+        assert float(norms[~pos].abs().sum()) == 0.0
+        # row norms proportional to sqrt(mu_r), rows parallel to B_r's top eigenvector
+        w = ps.block_mu.clamp_min(0).sqrt()
+        torch.testing.assert_close(norms, w / w.norm(), rtol=1e-8, atol=1e-12)
+        for r in pos.nonzero().flatten().tolist():
+            cos = float(ps.phi[r] @ vec[r, :, -1]) / float(norms[r])
+            assert abs(cos) == pytest.approx(1.0, abs=1e-8)
+        # "top" has a single live row
+        assert int((pt.phi.abs().sum(1) > 0).sum()) == 1
+    assert n_pos > len(rep.points), "test problem should have several positive blocks per point"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_arbiter_layernorm_feature_no_bias_tokens(backend):
     """Tokens [B, T, d], u(x) = LayerNorm(x), no bias column: same arbiter."""
@@ -70,13 +135,6 @@ def test_arbiter_layernorm_feature_no_bias_tokens(backend):
         assert ps.mu > 1e-4
     for p, r in _arbiter_ratios(model, x, y, rep).items():
         assert 0.99 < r < 1.01, f"point {p}: ratio {r}"
-
-
-class NegTD(nn.Module):
-    """sigma(z) = -(z^2/2 + z^3/3)-like: sigma''(0) = -2 (admissible, negative curvature)."""
-
-    def forward(self, z):
-        return -2.0 * (2.0 * F.silu(z) - torch.tanh(z))
 
 
 def test_negative_second_derivative_uses_min_eigenvalue():
@@ -127,7 +185,8 @@ def test_costates_equal_minus_dJdx_by_finite_differences():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rule, route, budget", [("top", "auto", 2**30), ("multi", "auto", 2**30),
-                                                 ("top", "dense", 2**30), ("top", "auto", 1)])
+                                                 ("all", "auto", 2**30), ("top", "dense", 2**30),
+                                                 ("top", "auto", 1)])
 def test_streamed_equals_concatenated(backend, rule, route, budget):
     """k uneven batches = one batch: collected (auto), streamed dense blocks, and auto switching to
     streaming after the first batch (budget of 1 byte)."""
@@ -150,7 +209,7 @@ def test_matches_bruteforce_dense_q_and_multi_rule():
     """mu = lambda_max of the full (n m x n m) Q; the multi rule's phi^T Q phi matches its quotient."""
     model, x, y = _problem(6, width=4, depth=1)
     cap = capture_all(model, (x, y), F.mse_loss)
-    for rule in ("top", "multi"):
+    for rule in ("top", "multi", "all"):
         rep = score(model, (x, y), F.mse_loss, rule=rule, backend="auto", k=2)
         for ps in rep.points:
             xt = torch.cat([cap.states[ps.point], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)

@@ -8,9 +8,9 @@ the same TOTAL number of epochs, ``budget.epochs_per_round * (budget.rounds + 1)
     Topological-derivative growth (:class:`topoderiv.growth.TopologicalStrategy`): insert where
     ``mu`` is largest, ``phi`` = its top eigenvector, eps searched on the training loss.
 ``topological_all``
-    :class:`TopologicalAllRows`: the same point choice, but every unit of the new block starts on
-    its own top eigenvector (with the "top" rule only one unit of the new block is ever alive,
-    see the class docstring). ``topological_multi``: the reference code's multi-eigenvector rule.
+    :class:`TopologicalAllRows` (``TopologicalStrategy(rule="all")``): the same point choice, but
+    every unit of the new block starts on its own top eigenvector (with the "top" rule only one
+    unit of the new block is ever alive, see the class docstring). ``topological_multi``: the reference code's multi-eigenvector rule.
 ``random``
     :class:`RandomInsertion`: a uniformly random candidate point and a small random
     initialisation (``W, b ~ N(0, (scale / sqrt(fan_in))^2)``, ``scale = 0.1``) of the same
@@ -57,17 +57,12 @@ from .growth import (
     TopologicalStrategy,
     count_parameters,
 )
-from .activations import check_admissible
-from .capture import capture
-from .insertion import search_eps
 from .models import ResidualBlock, candidate_points
-from .scoring import block_parts, resolve_backend, score
 from .tasks import ModelConfig, Task
-from .training import _device_of, batch_size, evaluate, fit, iter_batches, train_mode
+from .training import evaluate, fit
 
 __all__ = [
     "TopologicalAllRows",
-    "row_eigenpairs",
     "RandomInsertion",
     "IdentityInsertion",
     "ForwardThinking",
@@ -96,130 +91,36 @@ def _random_point(grower: Grower) -> int:
     return pts[int(torch.randint(len(pts), (1,), generator=grower.generator))]
 
 
-@torch.no_grad()
-def row_eigenpairs(model: nn.Module, point: int, data: Any, loss_fn: Callable, *, backend: str = "auto"):
-    """Top eigenpair of EVERY block ``B_r`` of ``Q`` at one candidate point (METHOD.md section 3).
-
-    Streams ``data`` (one forward + backward per batch, blocks accumulated), then one top
-    eigenpair per output unit ``r``.
-
-    Returns:
-        ``(mu_r [n], v [n, m])``: ``mu_r = sigma''(0) lambda_max(B_r)`` in loss units (the
-        algebraically relevant end when ``sigma''(0) < 0``), ``v[r]`` unit eigenvectors with their
-        largest-magnitude entry positive.
-    """
-    fn = "row_eigenpairs"
-    linear, act, feature = block_parts(model.new_block(point), fn)
-    s2 = check_admissible(act)
-    bias = linear.bias is not None
-    be = resolve_backend(backend, _device_of(model), fn)
-    from . import ops, reference
-
-    blocks = None
-    S = 0
-    with train_mode(model, False):
-        for x, y in iter_batches(data, fn, device=_device_of(model), check_finite=True):
-            B = batch_size(x)
-            if B == 0:
-                continue
-            cap = capture(model, (x, y), loss_fn, points=[point], scale=float(B), fn=fn)
-            u = feature(cap.states[point])
-            q = cap.costates[point].to(u.dtype)
-            if be == "kernels":
-                blocks = ops.sensitivity_blocks(u, q, bias=bias, out=blocks)
-            else:
-                b = reference.sensitivity_blocks(u.double(), q.double(), bias=bias)
-                blocks = b if blocks is None else blocks.add_(b)
-            S += B
-    if S == 0:
-        raise ValueError(f"{fn}: data must hold at least one non-empty (x, y) batch, got none")
-    blocks = blocks * (math.copysign(1.0, s2) / S)
-    if be == "kernels":
-        vals, vecs = ops.lanczos_topk(blocks, 1)[:2]
-    else:
-        vals, vecs = reference.eigh_topk(blocks, 1)
-    v = vecs[:, :, 0]
-    idx = v.abs().argmax(dim=1, keepdim=True)
-    sign = torch.sign(torch.gather(v, 1, idx))
-    v = v * torch.where(sign == 0, torch.ones_like(sign), sign)
-    return vals[:, 0] * abs(s2), v
-
-
-class TopologicalAllRows(InsertionStrategy):
-    """Topological-derivative point choice, with EVERY unit of the new block started on its own
-    top eigenvector (rule "all"; our variant, not the paper's rule).
+class TopologicalAllRows(TopologicalStrategy):
+    """:class:`topoderiv.growth.TopologicalStrategy` with ``rule="all"`` (our variant, not the
+    paper's rule), under the method name ``"topological_all"``.
 
     Why: ``Q_l`` is block diagonal, one block ``B_r`` per output unit ``r`` of the new layer. The
     "top" rule puts all of ``phi`` in the single best row ``r*``; with an admissible activation
     (``sigma'(0) = 0``) a row that starts at exactly zero gets exactly zero gradient forever, so
     the inserted block is in effect ONE neuron wide, whatever the width (the reference code's
-    "multi" rule mitigates this with a few rows). Here ``phi = sum_r c_r v_r e_r^T`` with ``v_r``
-    the top eigenvector of ``B_r`` and ``c_r ~ sqrt(max(mu_r, 0))`` (``||phi|| = 1``): every row
-    with ``mu_r > 0`` starts non-zero and trains, and ``phi`` is still a second-order descent
-    direction with gain ``phi^T Q phi = sum_r mu_r^2 / sum_r mu_r`` (at most ``mu``, at least the
-    mean of the positive ``mu_r``). Rows with ``mu_r <= 0`` stay zero (and dead).
+    "multi" rule mitigates this with a few rows). Rule ``"all"`` of :func:`topoderiv.score` sets
+    ``phi = sum_r c_r v_r e_r^T`` with ``v_r`` the top eigenvector of ``B_r`` and
+    ``c_r ~ sqrt(max(mu_r, 0))`` (``||phi|| = 1``): every row with ``mu_r > 0`` starts non-zero and
+    trains, and ``phi`` is still a second-order descent direction with gain
+    ``phi^T Q phi = sum_r mu_r^2 / sum_r mu_r`` (at most ``mu``, at least the mean of the positive
+    ``mu_r``). Rows with ``mu_r <= 0`` stay zero (and dead).
 
-    The point is chosen as in :class:`topoderiv.growth.TopologicalStrategy` (largest ``mu``, then
-    the next ones if the eps search finds no decrease), and eps by :func:`topoderiv.search_eps`.
+    The point is chosen as in :class:`TopologicalStrategy` (largest ``mu``, then the next ones if
+    the eps search finds no decrease), and eps by :func:`topoderiv.search_eps`.
 
     Args:
-        weighting: ``"sqrt"`` (``c_r ~ sqrt(mu_r^+)``, default) or ``"equal"`` (``c_r = 1`` for
-            ``mu_r > 0``).
-        eps_grid: grid of the eps search (default :data:`topoderiv.insertion.DEFAULT_EPS_GRID`).
-        max_tries: points tried by the eps search.
-        backend: ``"auto"``, ``"kernels"`` or ``"torch"``.
+        k, route, backend, eps_grid, max_tries: as :class:`TopologicalStrategy`.
+        rule: must be ``"all"`` (accepted so that a saved :meth:`config` rebuilds the strategy).
     """
 
     name = "topological_all"
 
-    def __init__(self, weighting: str = "sqrt", eps_grid: Optional[Sequence[float]] = None, max_tries: int = 3,
-                 backend: str = "auto") -> None:
-        super().__init__()
-        if weighting not in ("sqrt", "equal"):
-            raise ValueError(f"TopologicalAllRows: weighting must be 'sqrt' or 'equal', got {weighting!r}")
-        self.weighting, self.max_tries, self.backend = weighting, int(max_tries), backend
-        self.eps_grid = None if eps_grid is None else tuple(float(e) for e in eps_grid)
-
-    def config(self) -> Dict[str, Any]:
-        return {"name": self.name, "weighting": self.weighting, "eps_grid": self.eps_grid,
-                "max_tries": self.max_tries, "backend": self.backend}
-
-    def direction(self, mu_r: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``phi [n, m]`` (unit Frobenius norm) from the per-row ``mu_r [n]`` and vectors ``v [n, m]``."""
-        pos = mu_r.clamp_min(0)
-        c = pos.sqrt() if self.weighting == "sqrt" else (pos > 0).to(v.dtype)
-        if float(c.norm()) == 0:
-            raise ValueError("TopologicalAllRows.direction: no row has mu_r > 0")
-        phi = c[:, None] * v
-        return phi / phi.norm()
-
-    def propose(self, grower: Grower) -> Optional[Proposal]:
-        data = grower.score_data()
-        model = grower.model
-        t0 = time.perf_counter()
-        rep = score(model, data, grower.loss_fn, backend=self.backend)
-        info: Dict[str, Any] = {"mu": rep.mu, "score_loss": rep.loss, "backend": rep.backend}
-        self.last_info = info
-        tried = []
-        for ps in rep.ranked()[: self.max_tries]:
-            mu_r, v = row_eigenpairs(model, ps.point, data, grower.loss_fn, backend=self.backend)
-            phi = self.direction(mu_r, v).to(ps.phi.dtype)
-            eps, losses = search_eps(model, ps.point, phi, data, grower.loss_fn, self.eps_grid)
-            tried.append(ps.point)
-            if eps is None:
-                continue
-            pos = mu_r.clamp_min(0)
-            c2 = pos if self.weighting == "sqrt" else (pos > 0).to(pos.dtype)
-            quotient = float((c2 * mu_r).sum() / c2.sum())
-            d = phi.shape[1] - int(ps.bias)
-            info.update({"live_rows": int((pos > 0).sum()), "quotient": quotient,
-                         "predicted_change": -(eps ** 2 / 2) * quotient, "actual_change": losses[eps] - losses[0.0],
-                         "eps_losses": {str(e): l for e, l in losses.items()}, "tried": tried,
-                         "search_time": time.perf_counter() - t0})
-            return Proposal(ps.point, weight=phi[:, :d], bias=phi[:, d] if ps.bias else None, eps=eps, info=info)
-        info["tried"] = tried
-        info["reason"] = "no point with mu > 0" if not tried else "no eps of the grid lowers the loss"
-        return None
+    def __init__(self, *, rule: str = "all", k: int = 1, route: str = "auto", backend: str = "auto",
+                 eps_grid: Optional[Sequence[float]] = None, max_tries: int = 3) -> None:
+        if rule != "all":
+            raise ValueError(f"TopologicalAllRows: rule must be 'all', got {rule!r}; use TopologicalStrategy")
+        super().__init__(rule="all", k=k, route=route, backend=backend, eps_grid=eps_grid, max_tries=max_tries)
 
 
 class RandomInsertion(InsertionStrategy):

@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "metrics, history JSON, plots and the grown model in --out.")
     _add_common(g)
     g.add_argument("--seed", type=_nonneg_int, default=0, help="training seed (default 0)")
-    g.add_argument("--rule", choices=("top", "multi"), default="top",
-                   help="phi: top eigenvector (default) or the reference code's multi-eigenvector rule")
+    g.add_argument("--rule", choices=("top", "multi", "all"), default="top",
+                   help="phi: top eigenvector (default; one live row), the reference code's multi-eigenvector "
+                        "rule, or 'all' (every row on its own block's top eigenvector, no dead rows)")
     g.add_argument("--out", type=Path, default=None, help="output folder (default runs/grow-<task>-s<seed>)")
 
     c = sub.add_parser("compare", help="compare growth with the baselines over seeds",

@@ -132,9 +132,14 @@ class TopologicalStrategy(InsertionStrategy):
     ``mu > 0`` or no eps helps.
 
     Args:
-        rule, k, route, backend: passed to :func:`topoderiv.score`.
+        rule, k, route, backend: passed to :func:`topoderiv.score`. ``rule="top"`` starts one row
+            of the new block non-zero (the others are dead: ``sigma'(0) = 0`` gives them zero
+            gradient); ``rule="all"`` starts every row with ``mu_r > 0`` on its own eigenvector.
         eps_grid: passed to :func:`topoderiv.search_eps` (default its grid).
         max_tries: points tried by the eps search.
+
+    The proposal's ``info`` records ``block`` (``r*``), ``live_rows`` (non-zero rows of phi),
+    ``quotient`` (``phi^T Q phi``), predicted and actual loss change at the chosen eps.
     """
 
     name = "topological"
@@ -165,7 +170,8 @@ class TopologicalStrategy(InsertionStrategy):
             tried.append(ps.point)
             if eps is None:
                 continue
-            info.update({"block": ps.block, "quotient": ps.quotient, "predicted_change": ps.predicted_change(eps),
+            info.update({"block": ps.block, "live_rows": int((ps.phi.abs().sum(1) > 0).sum()),
+                         "quotient": ps.quotient, "predicted_change": ps.predicted_change(eps),
                          "actual_change": losses[eps] - losses[0.0], "eps_losses": {str(e): v for e, v in losses.items()},
                          "tried": tried, "search_time": time.perf_counter() - t0 - t_score})
             return Proposal(ps.point, weight=ps.weight, bias=ps.bias_vector, eps=eps, info=info)
@@ -601,8 +607,11 @@ class Grower:
         settings = dict(history.meta.get("settings", {}))
         settings["checkpoint_dir"] = path
         saved = history.meta.get("strategy", {})
-        if "strategy" not in kwargs and saved.get("name") == "topological":
-            settings["strategy"] = TopologicalStrategy(**{k: v for k, v in saved.items() if k != "name"})
+        if "strategy" not in kwargs and saved.get("name") in ("topological", "topological_all"):
+            cls_ = TopologicalStrategy
+            if saved["name"] == "topological_all":
+                from .baselines import TopologicalAllRows as cls_
+            settings["strategy"] = cls_(**{k: v for k, v in saved.items() if k != "name"})
         settings.update(kwargs)
         return cls(ck.model, opt, train_data, val_data, loss_fn, scheduler=sched, history=history, **settings)
 

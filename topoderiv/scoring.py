@@ -15,6 +15,13 @@ Costate scaling over batches: batch b's costates are captured as ``-B_b dJ_b/dx`
 accumulated blocks are divided by the total sample count ``S`` at the end, which is exactly
 ``p = -dJ/dx`` of the mean loss over all samples (blocks are linear in ``p``) without knowing ``S``
 in advance.
+
+Rules for ``phi`` (:data:`RULES`): ``"top"`` (the top eigenvector of ``Q_l``: one non-zero row
+``r*``), ``"multi"`` (the reference code: the eigenpairs within 50% of the top one, at least two)
+and ``"all"`` (every row ``r`` on its own block's top eigenvector, weight ``sqrt(max(mu_r, 0))``).
+Dead rows: the admissible activations have ``sigma'(0) = 0``, so a row of ``[W | b]`` that starts
+at exactly zero gets exactly zero gradient, forever; with ``"top"`` the inserted block is in
+effect ONE neuron wide whatever its width. ``"all"`` starts every row with ``mu_r > 0`` non-zero.
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ from .training import _device_of, batch_size, is_batch, iter_batches, train_mode
 
 __all__ = ["PointScore", "ScoreReport", "score", "resolve_backend", "block_parts", "RULES"]
 
-RULES = ("top", "multi")
+RULES = ("top", "multi", "all")
 _ROUTES = ("auto", "dense", "matfree")
 _BACKENDS = ("auto", "kernels", "torch")
 # default bytes of features + costates (all points) that route "auto" may keep resident
@@ -89,11 +96,13 @@ class PointScore:
         mu: topological derivative ``lambda_max(Q_l)`` in loss units (``sigma''(0)`` included).
         block: ``r*``, the output unit (row of ``[W | b]``) holding the top eigenvector.
         phi: ``[n, m]`` initialisation direction, unit Frobenius norm (``m = in_features + bias``);
-            rule ``"top"``: row ``r*`` is the top eigenvector, other rows zero.
+            rule ``"top"``: row ``r*`` is the top eigenvector, other rows zero; rule ``"all"``:
+            row ``r`` is ``B_r``'s top eigenvector times ``sqrt(max(block_mu[r], 0))``, normalised.
         block_mu: ``[n]`` per block ``r``: ``sigma''(0) * lambda_max(B_r)`` (or the min when
             ``sigma''(0) < 0``), in loss units. ``mu = block_mu.max()``.
         values: ``[n, k]`` the top-k of each block in the same units.
-        quotient: ``phi^T Q phi``: the second-order gain of ``phi`` (``= mu`` for rule ``"top"``).
+        quotient: ``phi^T Q phi``: the second-order gain of ``phi`` (``= mu`` for rule ``"top"``;
+            ``sum_r mu_r^2 / sum_r mu_r`` over the rows with ``mu_r > 0`` for rule ``"all"``).
         sigma2: ``sigma''(0)`` of the new block's activation.
         bias: whether ``phi`` has a bias column.
         converged: every block's eigen-solve met its tolerance (Lanczos blocks that did not are
@@ -274,14 +283,35 @@ def _make_phi(values: Tensor, vectors: Tensor, rule: str) -> Tuple[Tensor, int, 
     """phi ``[n, m]`` (unit Frobenius norm), ``r*`` and the Rayleigh quotient / |sigma''| of phi.
 
     ``values [n, k]`` are eigenvalues of ``sign * B_r`` (descending), ``vectors [n, m, k]``.
+
+    - ``"top"``: ``phi = v_{r*} e_{r*}^T``, the top eigenvector of ``Q``; quotient ``lambda_{r*}``.
+      Only row ``r*`` is non-zero: since ``sigma'(0) = 0`` the other rows get zero gradient and
+      stay zero in training ("dead rows"), so the new block is in effect one neuron wide.
+    - ``"multi"``: the reference code (see below).
+    - ``"all"``: ``phi = sum_r c_r v_r e_r^T / ||c||`` with ``v_r`` the top eigenvector of block
+      ``r`` and ``c_r = sqrt(max(lambda_r, 0))``: every row with ``lambda_r > 0`` starts non-zero.
+      The blocks are disjoint, so ``phi^T Q phi = sum_r ||phi_r||^2 lambda_r`` exactly
+      (``= sum_r lambda_r^2 / sum_r lambda_r`` over ``lambda_r > 0``): positive, at most
+      ``lambda_{r*}``, at least the mean of the positive ``lambda_r``. Rows with ``lambda_r <= 0``
+      stay zero (adding them would lower the gain).
+
+    When no block has ``lambda > 0`` every rule returns the ``"top"`` phi (``mu <= 0``: nothing
+    is inserted anyway).
     """
     n, m, k = vectors.shape
     top = values[:, 0]
     r_star = int(top.argmax())
     phi = torch.zeros(n, m, dtype=vectors.dtype, device=vectors.device)
-    if rule == "top" or float(top[r_star]) <= 0 or n * k < 2:
+    if rule == "top" or float(top[r_star]) <= 0 or (rule == "multi" and n * k < 2):
         phi[r_star] = vectors[r_star, :, 0]
         return phi, r_star, float(top[r_star])
+    if rule == "all":
+        c = top.clamp_min(0).sqrt()
+        phi = c[:, None].to(vectors.dtype) * vectors[:, :, 0]
+        phi = phi / phi.norm()
+        # rows are eigenvectors of disjoint blocks: phi^T Q phi = sum_r ||phi_r||^2 lambda_r / ||phi||^2
+        w2 = phi.pow(2).sum(dim=1).to(top.dtype)
+        return phi, r_star, float((w2 * top).sum() / w2.sum())
     # reference-code rule: every eigenpair within 50% of the top one, at least two, summed, normalised
     flat = values.reshape(-1)
     order = torch.argsort(flat, descending=True)
@@ -310,8 +340,13 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
         loss_fn: ``loss_fn(model(x), y) -> scalar`` batch MEAN; ``J`` is the mean over all samples.
         points: candidate points to score (default all).
         k: eigenpairs per block (``k > 1`` only matters for rule ``"multi"``).
-        rule: ``"top"`` (phi = top eigenvector, one non-zero row) or ``"multi"`` (the reference
-            code: all eigenpairs within 50% of the top one, at least two, summed and normalised).
+        rule: ``"top"`` (phi = top eigenvector, one non-zero row), ``"multi"`` (the reference
+            code: all eigenpairs within 50% of the top one, at least two, summed and normalised)
+            or ``"all"`` (every row on its own block's top eigenvector weighted by
+            ``sqrt(max(mu_r, 0))``, normalised: no dead rows; see :func:`_make_phi`). With
+            ``sigma'(0) = 0`` a row that starts at zero never trains, so ``"top"`` inserts a
+            single live neuron; ``"all"`` keeps every row with ``mu_r > 0`` alive at the price of
+            a smaller gain ``phi^T Q phi <= mu`` (reported as ``quotient``).
         route: ``"auto"``, ``"dense"`` or ``"matfree"`` (kernels backend). ``"dense"`` streams the
             blocks batch by batch (memory ``n m^2`` per point, whatever the data size).
             ``"matfree"`` keeps every batch's features and costates (memory grows with the data).
