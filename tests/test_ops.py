@@ -434,12 +434,18 @@ def test_errors(call, exc, match):
         call()
 
 
-def test_cuda_tensor_without_cuda_kernels_says_how_to_rebuild():
-    if ops.has_cuda_kernels():
-        pytest.skip("this build has CUDA kernels")
+def test_device_errors(monkeypatch):
     x = torch.zeros(3, 2, device="meta")
-    with pytest.raises(ValueError, match="CPU or CUDA tensor"):
+    with pytest.raises(ValueError, match="x must be a CPU or CUDA tensor, got device meta"):
         td.sensitivity_blocks(x, torch.zeros(3, 1, device="meta"))
+    with pytest.raises(ValueError, match="p must be on the same device as x"):
+        td.sensitivity_blocks(torch.zeros(3, 2), torch.zeros(3, 1, device="meta"))
+    # a CUDA tensor given to a build without CUDA kernels says how to rebuild (simulated: no GPU here)
+    from types import SimpleNamespace
+    monkeypatch.setattr(ops, "has_cuda_kernels", lambda: False)
+    fake = SimpleNamespace(device=torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="no CUDA kernels; rebuild with nvcc on PATH: TOPODERIV_CUDA=ON pip install"):
+        ops._check_device("sensitivity_blocks", "x", fake, torch.device("cuda"))
 
 
 def test_build_info_reports_build():
@@ -447,3 +453,30 @@ def test_build_info_reports_build():
     for key in ("cuda", "cuda_architectures", "gpus", "torch", "version"):
         assert key in info
     assert info["torch"] == torch.__version__
+
+
+# ------------------------------------------------------------------------------------ property
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(0, 70), d=st.integers(0, 40), n=st.integers(0, 20), bias=st.booleans(),
+       row_pad=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
+def test_blocks_and_matvec_any_shape_and_row_stride(N, d, n, bias, row_pad, seed):
+    if d + bias == 0:
+        return
+    g = torch.Generator().manual_seed(seed)
+    # rows padded: x and p are column slices of wider buffers (row stride > width)
+    xb = torch.randn(N, d + row_pad, generator=g, dtype=torch.float64)
+    pb = torch.randn(N, n + row_pad, generator=g, dtype=torch.float64)
+    x, p = xb[:, :d], pb[:, :n]
+    exact = ref.sensitivity_blocks(x.contiguous(), p.contiguous(), bias=bias)
+    got = td.sensitivity_blocks(x, p, bias=bias)
+    assert got.shape == exact.shape
+    assert torch.allclose(got, exact, rtol=1e-12, atol=1e-12)
+    v = torch.randn(n, d + bias, generator=g, dtype=torch.float64)
+    assert torch.allclose(td.sensitivity_matvec(x, p, v, bias=bias), torch.einsum("rij,rj->ri", exact, v),
+                          rtol=1e-11, atol=1e-11)

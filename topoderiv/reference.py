@@ -6,6 +6,7 @@ intermediate larger than a fixed chunk, so they also run on real sizes.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -22,7 +23,7 @@ __all__ = [
 
 def augment(x: torch.Tensor, bias: bool) -> torch.Tensor:
     """Flattens leading dims and appends the bias feature: ``[..., d] -> [S, m]``."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     if bias:
         x2 = torch.cat([x2, torch.ones(x2.shape[0], 1, dtype=x2.dtype, device=x2.device)], dim=1)
     return x2
@@ -40,7 +41,7 @@ def sensitivity_blocks(
         chunk: number of units ``r`` per einsum (bounds the intermediate to ``chunk x S x m``).
     """
     xt = augment(x, bias)
-    p2 = p.reshape(-1, p.shape[-1]).to(xt.dtype)
+    p2 = p.reshape(xt.shape[0], p.shape[-1]).to(xt.dtype)
     n, m = p2.shape[1], xt.shape[1]
     out = torch.zeros(n, m, m, dtype=xt.dtype, device=xt.device)
     for r0 in range(0, n, chunk):
@@ -54,7 +55,7 @@ def sensitivity_matvec(
 ) -> torch.Tensor:
     """Row ``r`` of the result is ``B[r] @ v[r]``, computed as ``((P * (Xt V^T))^T Xt``."""
     xt = augment(x, bias).to(v.dtype)
-    p2 = p.reshape(-1, p.shape[-1]).to(v.dtype)
+    p2 = p.reshape(xt.shape[0], p.shape[-1]).to(v.dtype)
     return (p2 * (xt @ v.T)).T @ xt
 
 
