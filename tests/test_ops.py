@@ -249,7 +249,7 @@ def test_lanczos_poisoned_outputs_are_written(gen):
     anorm = torch.full((B,), float("nan"), dtype=torch.float64)
     tres = torch.full((B, k), float("nan"))
     ws = torch.full((lib().lanczos_workspace_elems(B, m, k, steps, False, False, 0, 0, 1),), float("nan"))
-    lib().lanczos_topk("cpu", a.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0, True, 0, B, m, k, steps, 1e-6, 0, 0,
+    lib().lanczos_topk("cpu", a.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0, True, 0, B, m, k, steps, 1e-6, 0, 1, 0,
                        vals.data_ptr(), vecs.data_ptr(), ritz.data_ptr(), nsteps.data_ptr(), anorm.data_ptr(),
                        tres.data_ptr(), ws.data_ptr(), 1, 0)
     for t in (vals, vecs, ritz, anorm, tres):
@@ -480,3 +480,18 @@ def test_blocks_and_matvec_any_shape_and_row_stride(N, d, n, bias, row_pad, seed
     v = torch.randn(n, d + bias, generator=g, dtype=torch.float64)
     assert torch.allclose(td.sensitivity_matvec(x, p, v, bias=bias), torch.einsum("rij,rj->ri", exact, v),
                           rtol=1e-11, atol=1e-11)
+
+
+def test_lanczos_shared_norm_measures_against_the_largest_block(gen):
+    a = gapped(4, 80, gen)
+    a = torch.cat([a[:1] * 1e3, a[1:]])  # one dominant block, as in a block-diagonal Q
+    own = td.lanczos_topk(a, 1, tol=1e-8)
+    shared = td.lanczos_topk(a, 1, tol=1e-8, shared_norm=True)
+    w = torch.linalg.eigvalsh(a)[:, -1]
+    assert shared.converged.all() and own.converged.all()
+    assert torch.allclose(shared.norm, shared.norm[:1].expand(4))  # one norm for all: the largest
+    assert (shared.steps[1:] <= own.steps[1:]).all() and (shared.steps[1:] < own.steps[1:]).any()
+    # accuracy relative to ||Q||, not to each block
+    assert float(((shared.values[:, 0] - w).abs() / w.abs().max()).max()) < 1e-12
+    with pytest.raises(TypeError, match="shared_norm must be a bool"):
+        td.lanczos_topk(a, 1, shared_norm=1)

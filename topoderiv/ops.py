@@ -206,6 +206,7 @@ def _run_lanczos(
     seed: int,
     dtype: torch.dtype,
     device: torch.device,
+    norm_group: int = 1,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Runs the kernel; returns (values, vectors, ritz estimates, steps, ||A|| estimate, explicit residuals)."""
     values = torch.zeros(B, k, dtype=dtype, device=device)
@@ -230,7 +231,7 @@ def _run_lanczos(
     n_ws = _lib().lanczos_workspace_elems(B, m, k, steps, ptr_a == 0, cuda, op[5], op[7], op[4])
     ws = torch.empty(n_ws, dtype=dtype, device=device)
     _lib().lanczos_topk(
-        device.type, ptr_a, *op, B, m, k, steps, float(tol), int(seed), _DTYPE_CODE[dtype],
+        device.type, ptr_a, *op, B, m, k, steps, float(tol), int(seed), max(1, int(norm_group)), _DTYPE_CODE[dtype],
         values.data_ptr(), vectors.data_ptr(), ritz.data_ptr(), nsteps.data_ptr(), anorm.data_ptr(),
         resid.data_ptr() if in_kernel_residual else 0, ws.data_ptr(), torch.get_num_threads(), _stream(ws),
     )
@@ -245,14 +246,14 @@ def _run_lanczos(
 
 
 @torch.library.custom_op("topoderiv::lanczos_topk", mutates_args=(), device_types=("cpu", "cuda"))
-def _lanczos_op(a: Tensor, k: int, steps: int, tol: float, seed: int
+def _lanczos_op(a: Tensor, k: int, steps: int, tol: float, seed: int, norm_group: int = 1
                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, m, _ = a.shape
-    return _run_lanczos(a, None, B, m, k, steps, tol, seed, a.dtype, a.device)
+    return _run_lanczos(a, None, B, m, k, steps, tol, seed, a.dtype, a.device, norm_group)
 
 
 @_lanczos_op.register_fake
-def _(a: Tensor, k: int, steps: int, tol: float, seed: int):
+def _(a: Tensor, k: int, steps: int, tol: float, seed: int, norm_group: int = 1):
     B, m, _ = a.shape
     return (a.new_empty(B, k), a.new_empty(B, m, k), a.new_empty(B, k),
             a.new_empty(B, dtype=torch.int32), a.new_empty(B), a.new_empty(B, k))
@@ -263,7 +264,9 @@ def _sens_lanczos_op(
     x: Tensor, p: Tensor, bias: bool, k: int, steps: int, tol: float, seed: int
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     m = x.shape[1] + int(bias)
-    return _run_lanczos(None, (x, p, bias), p.shape[1], m, k, steps, tol, seed, _acc_dtype(x.dtype), x.device)
+    # the blocks of one point share ||Q|| = max_r ||B_r|| in the stop test
+    return _run_lanczos(None, (x, p, bias), p.shape[1], m, k, steps, tol, seed, _acc_dtype(x.dtype), x.device,
+                        p.shape[1])
 
 
 @_sens_lanczos_op.register_fake
@@ -419,7 +422,8 @@ def _finish(values: Tensor, vectors: Tensor, ritz: Tensor, nsteps: Tensor, anorm
 
 
 def lanczos_topk(
-    a: Tensor, k: int = 1, *, steps: Optional[int] = None, tol: float = 1e-6, seed: int = 0
+    a: Tensor, k: int = 1, *, steps: Optional[int] = None, tol: float = 1e-6, seed: int = 0,
+    shared_norm: bool = False,
 ) -> LanczosResult:
     """The ``k`` algebraically largest eigenpairs of each symmetric matrix of a batch.
 
@@ -439,6 +443,9 @@ def lanczos_topk(
         steps: Krylov dimension cap (default ``min(m, max(64, 4k + 16))``; clamped to ``m``).
         tol: relative residual tolerance (> 0).
         seed: start-vector seed (the same seed gives the same result on CPU and CUDA up to rounding).
+        shared_norm: measure every residual against the largest norm in the batch instead of each
+            matrix's own (the batch is the blocks of ONE block-diagonal operator Q, whose norm is
+            that max): blocks with small norms then stop sooner. ``norm`` reports the shared norm.
 
     Returns:
         :class:`LanczosResult`, which unpacks as ``values [B, k], vectors [B, m, k]`` (no batch dim
@@ -465,7 +472,9 @@ def lanczos_topk(
         asym = (rows - cols).abs().amax()
         if bool(asym > 1e3 * torch.finfo(a3.dtype).eps * rows.abs().amax().clamp_min(torch.finfo(a3.dtype).tiny)):
             raise ValueError(f"{fn}: a must be symmetric, got max |a - a^T| = {float(asym):.3g} on sampled rows")
-    res = _finish(*_lanczos_op(a3, k, steps, tol, seed), tol)
+    if not isinstance(shared_norm, bool):
+        raise TypeError(f"{fn}: shared_norm must be a bool, got {type(shared_norm).__name__}")
+    res = _finish(*_lanczos_op(a3, k, steps, tol, seed, B if shared_norm else 1), tol)
     if squeeze:
         return LanczosResult(*(t[0] for t in (res.values, res.vectors, res.converged, res.residuals, res.steps, res.norm)))
     return res
@@ -537,7 +546,9 @@ def sensitivity_topk(
         x: activations ``[..., d]``; p: costates ``[..., n]`` (same leading dims, dtype, device).
         k: eigenpairs per block. bias: as in :func:`sensitivity_blocks`.
         route: ``"auto"``, ``"dense"`` or ``"matfree"``.
-        steps, tol, seed: as in :func:`lanczos_topk`.
+        steps, tol, seed: as in :func:`lanczos_topk`; residuals are measured against
+            ``||Q|| = max_r ||B_r||`` (the operator of the insertion point), so blocks far below
+            the top one stop sooner.
     """
     fn = "sensitivity_topk"
     x2, p2 = _flatten_pair(fn, x, p)
@@ -556,7 +567,7 @@ def sensitivity_topk(
     if route == "auto":
         route = choose_route(S, d, n, bias=bias, k=k, itemsize=torch.finfo(acc).bits // 8)
     if route == "dense":
-        res = _finish(*_lanczos_op(_blocks_op(x2, p2, bias), k, steps, tol, seed), tol)
+        res = _finish(*_lanczos_op(_blocks_op(x2, p2, bias), k, steps, tol, seed, n), tol)
     else:
         res = _finish(*_sens_lanczos_op(x2, p2, bias, k, steps, tol, seed), tol)
     return SensitivityTopK(res.values, res.vectors, res.converged, res.residuals, route)

@@ -275,7 +275,7 @@ def _solve(acc: _PointAcc, S: int, k: int, route: str, backend: str, tol: Option
         return vals, vecs, True, "eigh"
     blocks = acc.blocks / S
     if backend == "kernels":
-        res = ops.lanczos_topk(blocks, k, tol=tol)
+        res = ops.lanczos_topk(blocks, k, tol=tol, shared_norm=True)
         vals, vecs, conv = _fallback(res.values, res.vectors, res.converged, k, lambda idx: blocks[idx])
         return vals, vecs, conv, "dense"
     vals, vecs = reference.eigh_topk(blocks, k)

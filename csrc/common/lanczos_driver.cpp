@@ -52,13 +52,16 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
   if (S < k || S > m) fail(fn, "max_steps must be in [k, m], got " + std::to_string(S));
   if (!(P.tol > 0.0) || !std::isfinite(P.tol)) fail(fn, "tol must be a finite number > 0");
   if (P.dtype != DType::kFloat32 && P.dtype != DType::kFloat64) fail(fn, "dtype must be float32 or float64");
+  if (P.norm_group < 1) fail(fn, "norm_group must be >= 1, got " + std::to_string(P.norm_group));
   if (B == 0) return;
+  const int64_t G = P.norm_group;
 
   const double eps = P.dtype == DType::kFloat32 ? 1.1920929e-07 : 2.220446049250313e-16;
   const double breakdown = 64.0 * eps;  // relative size of beta that means an invariant subspace
 
   std::vector<double> alpha(static_cast<size_t>(B * S), 0.0), beta(static_cast<size_t>(B * S), 0.0);
-  std::vector<double> a_step(B, 0.0), b_step(B, 0.0), norms(B, 0.0), anorm(B, 0.0);
+  std::vector<double> a_step(B, 0.0), b_step(B, 0.0), norms(B, 0.0), anorm(B, 0.0), scale(B, 0.0);
+  std::vector<double> final_scale(B, 0.0), lastrow(static_cast<size_t>(B * k), 0.0);
   std::vector<uint8_t> active(B, 1), mask(B, 1);
   std::vector<int32_t> tag(B, 0), nsteps(B, 0);
   std::vector<double> values(static_cast<size_t>(B * k), 0.0), resid(static_cast<size_t>(B * k), 0.0);
@@ -73,6 +76,7 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
     backend.orthonormalize(j, a_step.data(), b_step.data());
     bool any_restart = false, changed = false;
     std::fill(mask.begin(), mask.end(), 0);
+    // pass 1: record alpha/beta, Ritz values and last-row components; ||T_j|| per problem
     for (int64_t b = 0; b < B; ++b) {
       if (!active[b]) continue;
       double* al = &alpha[b * S];
@@ -85,17 +89,31 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
         throw std::invalid_argument("lanczos_topk: a must contain only finite values, got NaN or Inf (problem " +
                                     std::to_string(b) + ")");
       }
-      const int64_t dim = j + 1;
-      te.solve(dim, al, be, /*full=*/false);
+      te.solve(j + 1, al, be, /*full=*/false);
       double an = 0.0;
-      for (int64_t i = 0; i < dim; ++i) an = std::max(an, std::fabs(te.d[i]));
+      for (int64_t i = 0; i <= j; ++i) an = std::max(an, std::fabs(te.d[i]));
       anorm[b] = an;
+      for (int64_t c = 0; c < k && c <= j; ++c) lastrow[b * k + c] = std::fabs(be[j] * te.last(c, j + 1, false));
+    }
+    // the norm each problem's stop test is relative to: the max over its group
+    for (int64_t g0 = 0; g0 < B; g0 += G) {
+      double mx = 0.0;
+      for (int64_t b = g0; b < std::min(B, g0 + G); ++b) mx = std::max(mx, anorm[b]);
+      for (int64_t b = g0; b < std::min(B, g0 + G); ++b) scale[b] = mx;
+    }
+    // pass 2: stop, restart or continue
+    for (int64_t b = 0; b < B; ++b) {
+      if (!active[b]) continue;
+      double* al = &alpha[b * S];
+      double* be = &beta[b * S];
+      const int64_t dim = j + 1;
+      const double an = scale[b];
       bool conv = false;
-      if (dim == m || an == 0.0) {
+      if (dim == m || anorm[b] == 0.0) {
         conv = true;  // the Krylov space is the whole space, or the operator is zero on it
       } else if (dim >= k) {
         conv = true;
-        for (int64_t c = 0; c < k && conv; ++c) conv = std::fabs(be[j] * te.last(c, dim, false)) <= P.tol * an;
+        for (int64_t c = 0; c < k && conv; ++c) conv = lastrow[b * k + c] <= P.tol * an;
       }
       if (conv || j == S - 1) {
         te.solve(dim, al, be, /*full=*/true);
@@ -106,9 +124,10 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
         }
         if (dim == m) std::fill(&resid[b * k], &resid[b * k] + k, 0.0);
         nsteps[b] = static_cast<int32_t>(dim);
+        final_scale[b] = an;
         active[b] = 0;
         changed = true;
-      } else if (be[j] <= breakdown * an) {
+      } else if (be[j] <= breakdown * anorm[b]) {
         be[j] = 0.0;  // invariant subspace: T decouples, continue from a fresh vector
         mask[b] = 1;
         tag[b] += 1;
@@ -120,7 +139,7 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
     if (any_restart) backend.restart(j, mask.data(), tag.data(), norms.data());
   }
   backend.finish(nsteps.data(), Sfin.data(), values.data(), resid.data());
-  if (P.anorm_host != nullptr) std::copy(anorm.begin(), anorm.end(), P.anorm_host);
+  if (P.anorm_host != nullptr) std::copy(final_scale.begin(), final_scale.end(), P.anorm_host);
 }
 
 }  // namespace topoderiv

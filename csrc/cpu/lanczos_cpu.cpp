@@ -196,7 +196,7 @@ class CpuBackend final : public LanczosBackend {
 template <typename T>
 void run(const LanczosParams& P) {
   const int nt = std::max(1, P.num_threads);
-  if (P.matrix_free() || P.num_problems <= 1) {
+  if (P.matrix_free() || P.num_problems <= 1 || P.norm_group > 1) {
     CpuBackend<T> be(P, 0, nt);
     lanczos_run(P, be);
     return;

@@ -21,6 +21,10 @@ struct LanczosParams {
   int64_t k = 1;             // eigenpairs wanted per problem, 1 <= k <= m
   int64_t max_steps = 0;     // Krylov dimension cap, k <= max_steps <= m
   double tol = 1e-6;         // relative Ritz-estimate tolerance
+  // Problems [g * norm_group, (g + 1) * norm_group) share one norm for the stop test: the largest
+  // ||T_j|| among them (the blocks of one block-diagonal operator Q, whose norm is that max).
+  // 1 = every problem relative to its own norm.
+  int64_t norm_group = 1;
   uint64_t seed = 0;
   DType dtype = DType::kFloat32;  // operator / basis / output dtype: kFloat32 or kFloat64
   // Dense operator when a != nullptr: [B, m, m] contiguous, dtype, symmetric (only the upper
@@ -34,8 +38,9 @@ struct LanczosParams {
   void* vectors = nullptr;         // [B, m, k] dtype, unit columns
   void* ritz_residuals = nullptr;  // [B, k] dtype, Lanczos estimate of ||A y - theta y||
   int32_t* steps = nullptr;        // [B] Krylov dimension used (host memory for CPU, device for CUDA)
-  double* anorm_host = nullptr;    // [B] HOST memory, always: max |Ritz value| = ||T_j|| ~ ||A||_2,
-                                   // written by the driver (not the backend); may be nullptr
+  double* anorm_host = nullptr;    // [B] HOST memory, always: the norm the stop test used, max |Ritz
+                                   // value| ~ ||A||_2 (over the norm group), written by the driver
+                                   // (not the backend); may be nullptr
   void* true_residuals = nullptr;  // [B, k] dtype, optional (dense CPU backend only): the explicit
                                    // ||A y - theta y|| computed while the matrix is in cache
   void* workspace = nullptr;       // lanczos_workspace_elems(*this) elements of dtype
