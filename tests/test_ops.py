@@ -495,3 +495,13 @@ def test_lanczos_shared_norm_measures_against_the_largest_block(gen):
     assert float(((shared.values[:, 0] - w).abs() / w.abs().max()).max()) < 1e-12
     with pytest.raises(TypeError, match="shared_norm must be a bool"):
         td.lanczos_topk(a, 1, shared_norm=1)
+
+
+def test_reference_lanczos_twin_agrees_with_kernel_and_eigh(gen):
+    a = gapped(6, 40, gen)
+    w = torch.linalg.eigvalsh(a).flip(-1)[:, :2]
+    rv, rvec = ref.lanczos_topk(a, 2, steps=40)  # full Krylov space: exact
+    assert rel_err(rv, w) < 1e-10
+    kv = td.lanczos_topk(a, 2, steps=40, tol=1e-12)
+    assert rel_err(kv.values, rv) < 1e-10
+    assert ((kv.vectors * rvec).sum(1).abs() > 1 - 1e-8).all()
