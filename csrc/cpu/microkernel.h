@@ -8,7 +8,7 @@
 
 #include "topoderiv/common.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(TOPODERIV_NO_TARGET_CLONES)
 #define TD_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TD_TARGET_CLONES
