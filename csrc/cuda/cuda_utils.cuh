@@ -28,6 +28,41 @@ inline void check_cuda(cudaError_t err, const char* op) {
 
 inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
+// Makes the device that owns `ptr` current for the scope and restores the previous device after.
+// The ops are called from Python custom ops, which get no automatic CUDA device guard: without
+// this, tensors on cuda:1 while cuda:0 is current would be launched on device 0 with device 1's
+// stream and pointers. Host or null pointers leave the current device alone.
+class DeviceGuard {
+ public:
+  DeviceGuard(const void* ptr, const char* op) {
+#ifndef TOPODERIV_CUDA_EMULATE
+    if (ptr == nullptr) return;
+    cudaPointerAttributes attr{};
+    check_cuda(cudaPointerGetAttributes(&attr, ptr), op);
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) return;
+    check_cuda(cudaGetDevice(&prev_), op);
+    if (attr.device != prev_) {
+      check_cuda(cudaSetDevice(attr.device), op);
+      restore_ = true;
+    }
+#else
+    (void)ptr;
+    (void)op;
+#endif
+  }
+  ~DeviceGuard() {
+#ifndef TOPODERIV_CUDA_EMULATE
+    if (restore_) (void)cudaSetDevice(prev_);
+#endif
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool restore_ = false;
+};
+
 #ifndef TOPODERIV_CUDA_EMULATE
 // Launches kernel<<<grid, block, 0, stream>>>(args...) and checks the launch.
 template <typename... KArgs, typename... Args>

@@ -273,10 +273,13 @@ class CudaLanczosBackend final : public LanczosBackend {
     upload(scratch_, stage_.data(), B_);
     launch(kOp, restart_kernel<T>, dim3(grid_dim(B_, kMaxGridX)), dim3(kThreads), stream_, basis_,
            coef_, static_cast<const T*>(scratch_), alpha_, B_, m_, j, p_.max_steps, p_.seed);
-    download(stage_.data(), alpha_, B_);
+    // Download into a different buffer than the one the tag upload reads from: the upload may
+    // still be pending when this copy is issued (pinned or HMM-accessible host memory).
+    stage2_.resize(static_cast<size_t>(B_));
+    download(stage2_.data(), alpha_, B_);
     sync();
     for (int64_t b = 0; b < B_; ++b) {
-      if (mask[b] != 0) norms[b] = static_cast<double>(stage_[b]);
+      if (mask[b] != 0) norms[b] = static_cast<double>(stage2_[b]);
     }
   }
 
@@ -352,7 +355,7 @@ class CudaLanczosBackend final : public LanczosBackend {
   T* scratch_ = nullptr;
   std::vector<uint8_t> active_host_;
   bool active_uploaded_ = false;
-  std::vector<T> stage_, stage2_;  // host staging; every upload is synchronised before reuse
+  std::vector<T> stage_, stage2_;  // host staging; a buffer is never rewritten before a sync
 };
 
 template <typename T>
@@ -389,6 +392,7 @@ void lanczos_topk_cuda(const LanczosParams& params) {
       }
     }
   }
+  const cuda_detail::DeviceGuard guard(params.num_problems > 0 ? params.workspace : nullptr, op);
   if (params.dtype == DType::kFloat32) {
     run_lanczos<float>(params);
   } else {

@@ -419,6 +419,7 @@ void sensitivity_blocks_cuda(const SensitivityBlocksParams& params) {
   if ((params.d > 0 && params.x == nullptr) || params.p == nullptr || params.out == nullptr) {
     fail(op, "x, p and out must be non-null");
   }
+  const cuda_detail::DeviceGuard guard(params.out, op);
   switch (params.in_dtype) {
     case DType::kFloat32: dispatch_blocks<float, float>(params); break;
     case DType::kFloat64: dispatch_blocks<double, double>(params); break;
@@ -433,6 +434,7 @@ void sensitivity_matvec_cuda(const SensitivityMatvecParams& params) {
   const int64_t m = params.m();
   if (params.batch == 0 || params.n == 0 || m == 0) return;  // out is empty
   if (params.out == nullptr) fail(op, "out must be non-null");
+  const cuda_detail::DeviceGuard guard(params.out, op);
   if (params.N == 0) {  // B == 0, so out = 0
     const size_t bytes = static_cast<size_t>(params.batch * params.n * m) *
                          (params.acc_dtype == DType::kFloat64 ? sizeof(double) : sizeof(float));
