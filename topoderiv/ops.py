@@ -398,7 +398,9 @@ def _check_lanczos_args(fn: str, m: int, k: object, steps: object, tol: object, 
         steps = _default_steps(m, k)
     steps = _check_int(fn, "steps", steps, k)
     steps = min(steps, m)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol > 0):
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+        raise TypeError(f"{fn}: tol must be a number, got {type(tol).__name__}")
+    if not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"{fn}: tol must be a finite number > 0, got {tol!r}")
     seed = _check_int(fn, "seed", seed, 0)
     return k, steps, float(tol), seed
