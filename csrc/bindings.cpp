@@ -145,12 +145,13 @@ PYBIND11_MODULE(_C, m) {
       "lanczos_topk",
       [](const std::string& device, uintptr_t a, uintptr_t x, int64_t x_rs, uintptr_t p, int64_t p_rs,
          int64_t op_batch, int64_t N, int64_t d, int64_t n, bool bias, int in_dt, int64_t B, int64_t mdim,
-         int64_t k, int64_t steps, double tol, uint64_t seed, int64_t norm_group, int dt, uintptr_t values, uintptr_t vectors,
+         int64_t k, int64_t steps, double tol, uint64_t seed, int64_t norm_group, uintptr_t v0, int dt, uintptr_t values, uintptr_t vectors,
          uintptr_t ritz, uintptr_t nsteps, uintptr_t anorm, uintptr_t true_res, uintptr_t ws, int threads,
          uintptr_t stream) {
         const char* fn = "lanczos_topk";
         LanczosParams P;
         P.num_problems = B; P.m = mdim; P.k = k; P.max_steps = steps; P.tol = tol; P.seed = seed; P.norm_group = norm_group;
+        P.v0 = ptr<const void>(v0);
         P.dtype = to_dtype(fn, dt);
         P.a = ptr<const void>(a);
         if (a == 0) {

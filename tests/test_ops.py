@@ -249,7 +249,7 @@ def test_lanczos_poisoned_outputs_are_written(gen):
     anorm = torch.full((B,), float("nan"), dtype=torch.float64)
     tres = torch.full((B, k), float("nan"))
     ws = torch.full((lib().lanczos_workspace_elems(B, m, k, steps, False, False, 0, 0, 1),), float("nan"))
-    lib().lanczos_topk("cpu", a.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0, True, 0, B, m, k, steps, 1e-6, 0, 1, 0,
+    lib().lanczos_topk("cpu", a.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0, True, 0, B, m, k, steps, 1e-6, 0, 1, 0, 0,
                        vals.data_ptr(), vecs.data_ptr(), ritz.data_ptr(), nsteps.data_ptr(), anorm.data_ptr(),
                        tres.data_ptr(), ws.data_ptr(), 1, 0)
     for t in (vals, vecs, ritz, anorm, tres):
@@ -356,6 +356,9 @@ def test_opcheck_every_op(gen):
     opcheck(torch.ops.topoderiv.sensitivity_matvec.default, (x, p, v, True))
     opcheck(torch.ops.topoderiv.lanczos_topk.default, (a, 1, 7, 1e-6, 0))
     opcheck(torch.ops.topoderiv.sensitivity_lanczos.default, (x, p, True, 1, 7, 1e-6, 0))
+    v0 = torch.randn(2, 7, generator=gen)
+    opcheck(torch.ops.topoderiv.lanczos_topk.default, (a, 1, 7, 1e-6, 0, 1, v0))
+    opcheck(torch.ops.topoderiv.sensitivity_lanczos.default, (x, p, True, 1, 7, 1e-6, 0, v))
 
 
 def test_ops_under_torch_compile(gen):
@@ -498,6 +501,49 @@ def test_lanczos_shared_norm_measures_against_the_largest_block(gen):
     assert float(((shared.values[:, 0] - w).abs() / w.abs().max()).max()) < 1e-12
     with pytest.raises(TypeError, match="shared_norm must be a bool"):
         td.lanczos_topk(a, 1, shared_norm=1)
+
+
+def test_lanczos_start_vectors(gen):
+    a = gapped(6, 90, gen)
+    w, v = ref.eigh_topk(a, 1)
+    cold = td.lanczos_topk(a, 1, tol=1e-10)
+    # a start at the answer (slightly perturbed) converges in a few steps to the same answer
+    near = v[:, :, 0] + 1e-12 * torch.randn(6, 90, generator=gen, dtype=torch.float64)
+    warm = td.lanczos_topk(a, 1, tol=1e-10, v0=near * 3.0)  # need not be normalised
+    assert warm.converged.all()
+    assert rel_err(warm.values, w) < 1e-12
+    assert ((warm.vectors[:, :, 0] * v[:, :, 0]).sum(1).abs() > 1 - 1e-12).all()
+    assert (warm.steps <= 3).all() and (warm.steps < cold.steps).all()
+    # a rough start (40% off) still reaches the top pair; float32 v0 is cast
+    rough = td.lanczos_topk(a, 1, tol=1e-10, v0=(v[:, :, 0] + 0.4 * torch.randn(6, 90, generator=gen,
+                                                                               dtype=torch.float64) / 9).float())
+    assert rough.converged.all() and rel_err(rough.values, w) < 1e-12
+    # all-zero rows start from the seeded random vector: bit-identical to no v0
+    zero = td.lanczos_topk(a, 1, tol=1e-10, v0=torch.zeros(6, 90, dtype=torch.float64))
+    assert torch.equal(zero.values, cold.values) and torch.equal(zero.vectors, cold.vectors)
+    # 2-D matrix: 1-D start vector
+    one = td.lanczos_topk(a[0], 1, tol=1e-10, v0=v[0, :, 0])
+    assert one.steps <= 2 and abs(float(one.values[0] - w[0, 0])) < 1e-10 * float(w[0, 0].abs())
+    # matrix-free and dense routes of sensitivity_topk take start vectors too
+    x = torch.randn(300, 40, generator=gen, dtype=torch.float64)
+    p = torch.randn(300, 5, generator=gen, dtype=torch.float64)
+    wb, vb = ref.eigh_topk(ref.sensitivity_blocks(x, p), 1)
+    for route in ("dense", "matfree"):
+        res = td.sensitivity_topk(x, p, route=route, tol=1e-10, v0=vb[:, :, 0])
+        assert res.converged.all() and rel_err(res.values, wb) < 1e-12
+    # errors name the argument
+    with pytest.raises(ValueError, match=r"v0 must have shape \[6, 90\]"):
+        td.lanczos_topk(a, 1, v0=torch.zeros(6, 89))
+    with pytest.raises(ValueError, match="v0 must contain only finite values"):
+        td.lanczos_topk(a, 1, v0=torch.full((6, 90), float("nan")))
+    with pytest.raises(TypeError, match="v0 must be a floating-point tensor"):
+        td.lanczos_topk(a, 1, v0=torch.zeros(6, 90, dtype=torch.int64))
+    with pytest.raises(TypeError, match="v0 must be a torch.Tensor"):
+        td.lanczos_topk(a, 1, v0=[0.0] * 90)
+    with pytest.raises(ValueError, match=r"v0 must have shape \[5, 41\]"):
+        td.sensitivity_topk(x, p, v0=torch.zeros(5, 40, dtype=torch.float64))
+    with pytest.raises(ValueError, match="v0 must be on the same device"):
+        td.sensitivity_topk(x, p, v0=torch.zeros(5, 41, dtype=torch.float64, device="meta"))
 
 
 def test_reference_lanczos_twin_agrees_with_kernel_and_eigh(gen):

@@ -236,6 +236,41 @@ def test_matfree_route_agrees_with_dense():
         torch.testing.assert_close(b.phi, a.phi, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.skipif(not kernels_available(), reason="no _C")
+def test_warm_started_matfree_scoring_is_accurate_and_starts_close():
+    from topoderiv import reference
+    from topoderiv.scoring import subspace_start
+
+    # wide enough (m = 161 >= 128) for the matrix-free solves to start from subspace_start
+    g = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    model = ResidualMLP(6, 160, 2, 2)
+    x = torch.randn(700, 6, generator=g)
+    y = torch.sin(x[:, :2] * 2)
+    ref = score(model.double(), (x.double(), y.double()), F.mse_loss, backend="torch")  # float64 eigh
+    rep = score(model.float(), (x, y), F.mse_loss, route="matfree")
+    for a, b in zip(ref.points, rep.points):
+        assert b.route == "matfree" and b.converged
+        assert b.mu == pytest.approx(a.mu, rel=2e-4)
+        # every block's top eigenvalue, relative to ||Q||
+        assert float((b.block_mu.double() - a.block_mu).abs().max()) < 2e-4 * a.mu
+    # the start itself: Rayleigh-Ritz in 32 leading activation directions of a float64 capture
+    cap = capture_all(model.double(), (x.double(), y.double()), F.mse_loss)
+    u, p = cap.states[1], cap.costates[1]
+    blocks = reference.sensitivity_blocks(u, p)
+    w, v = reference.eigh_topk(blocks, 1)
+    v0 = subspace_start(u, p, True)
+    cos = (v0 * v[:, :, 0]).sum(1).abs() / v0.norm(dim=1)
+    assert float(cos.median()) > 0.99  # a random start: ~0.06
+    # low-rank activations (rank 20 < 32): the subspace holds every top eigenvector (up to the 1% mix)
+    u = torch.randn(500, 20, generator=g, dtype=torch.float64) @ torch.randn(20, 150, generator=g, dtype=torch.float64)
+    p = torch.randn(500, 7, generator=g, dtype=torch.float64)
+    w, v = reference.eigh_topk(reference.sensitivity_blocks(u, p), 1)
+    v0 = subspace_start(u, p, True)
+    cos = (v0 * v[:, :, 0]).sum(1).abs() / v0.norm(dim=1)
+    assert float(cos.min()) > 0.999
+
+
 def test_float32_model_scores_close_to_float64():
     model, x, y = _problem(8)
     ref = score(model, (x, y), F.mse_loss, backend="torch")

@@ -16,6 +16,6 @@ def lanczos_workspace_elems(
 ) -> int: ...
 def lanczos_topk(
     device: str, a: int, x: int, x_rstride: int, p: int, p_rstride: int, op_batch: int, N: int, d: int, n: int,
-    bias: bool, in_dtype: int, B: int, m: int, k: int, steps: int, tol: float, seed: int, norm_group: int, dtype: int,
+    bias: bool, in_dtype: int, B: int, m: int, k: int, steps: int, tol: float, seed: int, norm_group: int, v0: int, dtype: int,
     values: int, vectors: int, ritz: int, steps_out: int, anorm: int, true_residuals: int, workspace: int, threads: int, stream: int,
 ) -> None: ...

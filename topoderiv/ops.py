@@ -207,6 +207,7 @@ def _run_lanczos(
     dtype: torch.dtype,
     device: torch.device,
     norm_group: int = 1,
+    v0: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Runs the kernel; returns (values, vectors, ritz estimates, steps, ||A|| estimate, explicit residuals)."""
     values = torch.zeros(B, k, dtype=dtype, device=device)
@@ -233,7 +234,8 @@ def _run_lanczos(
     # basis slots are never written: zero them so no uninitialised memory is read
     ws = (torch.empty if mf is None else torch.zeros)(n_ws, dtype=dtype, device=device)
     _lib().lanczos_topk(
-        device.type, ptr_a, *op, B, m, k, steps, float(tol), int(seed), max(1, int(norm_group)), _DTYPE_CODE[dtype],
+        device.type, ptr_a, *op, B, m, k, steps, float(tol), int(seed), max(1, int(norm_group)),
+        v0.data_ptr() if v0 is not None else 0, _DTYPE_CODE[dtype],
         values.data_ptr(), vectors.data_ptr(), ritz.data_ptr(), nsteps.data_ptr(), anorm.data_ptr(),
         resid.data_ptr() if in_kernel_residual else 0, ws.data_ptr(), torch.get_num_threads(), _stream(ws),
     )
@@ -248,14 +250,14 @@ def _run_lanczos(
 
 
 @torch.library.custom_op("topoderiv::lanczos_topk", mutates_args=(), device_types=("cpu", "cuda"))
-def _lanczos_op(a: Tensor, k: int, steps: int, tol: float, seed: int, norm_group: int = 1
-                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _lanczos_op(a: Tensor, k: int, steps: int, tol: float, seed: int, norm_group: int = 1,
+                v0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, m, _ = a.shape
-    return _run_lanczos(a, None, B, m, k, steps, tol, seed, a.dtype, a.device, norm_group)
+    return _run_lanczos(a, None, B, m, k, steps, tol, seed, a.dtype, a.device, norm_group, v0)
 
 
 @_lanczos_op.register_fake
-def _(a: Tensor, k: int, steps: int, tol: float, seed: int, norm_group: int = 1):
+def _(a: Tensor, k: int, steps: int, tol: float, seed: int, norm_group: int = 1, v0: Optional[Tensor] = None):
     B, m, _ = a.shape
     return (a.new_empty(B, k), a.new_empty(B, m, k), a.new_empty(B, k),
             a.new_empty(B, dtype=torch.int32), a.new_empty(B), a.new_empty(B, k))
@@ -263,16 +265,16 @@ def _(a: Tensor, k: int, steps: int, tol: float, seed: int, norm_group: int = 1)
 
 @torch.library.custom_op("topoderiv::sensitivity_lanczos", mutates_args=(), device_types=("cpu", "cuda"))
 def _sens_lanczos_op(
-    x: Tensor, p: Tensor, bias: bool, k: int, steps: int, tol: float, seed: int
+    x: Tensor, p: Tensor, bias: bool, k: int, steps: int, tol: float, seed: int, v0: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     m = x.shape[1] + int(bias)
     # the blocks of one point share ||Q|| = max_r ||B_r|| in the stop test
     return _run_lanczos(None, (x, p, bias), p.shape[1], m, k, steps, tol, seed, _acc_dtype(x.dtype), x.device,
-                        p.shape[1])
+                        p.shape[1], v0)
 
 
 @_sens_lanczos_op.register_fake
-def _(x: Tensor, p: Tensor, bias: bool, k: int, steps: int, tol: float, seed: int):
+def _(x: Tensor, p: Tensor, bias: bool, k: int, steps: int, tol: float, seed: int, v0: Optional[Tensor] = None):
     m = x.shape[1] + int(bias)
     n = p.shape[1]
     dt = _acc_dtype(x.dtype)
@@ -406,6 +408,23 @@ def _check_lanczos_args(fn: str, m: int, k: object, steps: object, tol: object, 
     return k, steps, float(tol), seed
 
 
+def _check_v0(fn: str, v0: Optional[Tensor], shape: Tuple[int, ...], dtype: torch.dtype,
+              device: torch.device) -> Optional[Tensor]:
+    """Validates start vectors ``v0`` of ``shape``; returns them contiguous in the Lanczos dtype."""
+    if v0 is None:
+        return None
+    v0 = _check_tensor(fn, "v0", v0)
+    if not v0.is_floating_point():
+        raise TypeError(f"{fn}: v0 must be a floating-point tensor, got {v0.dtype}")
+    if tuple(v0.shape) != tuple(shape):
+        raise ValueError(f"{fn}: v0 must have shape {list(shape)}, got {list(v0.shape)}")
+    if v0.device != device:
+        raise ValueError(f"{fn}: v0 must be on the same device as the operator ({device}), got {v0.device}")
+    v0 = v0.detach().to(dtype).contiguous()
+    _check_finite(fn, "v0", v0)
+    return v0
+
+
 def _residual_floor(m: int, dtype: torch.dtype) -> float:
     """Round-off floor of a relative residual computed in ``dtype``: 4 sqrt(m) eps."""
     return 4.0 * math.sqrt(max(m, 1)) * torch.finfo(dtype).eps
@@ -427,7 +446,7 @@ def _finish(values: Tensor, vectors: Tensor, ritz: Tensor, nsteps: Tensor, anorm
 
 def lanczos_topk(
     a: Tensor, k: int = 1, *, steps: Optional[int] = None, tol: float = 1e-6, seed: int = 0,
-    shared_norm: bool = False,
+    shared_norm: bool = False, v0: Optional[Tensor] = None,
 ) -> LanczosResult:
     """The ``k`` algebraically largest eigenpairs of each symmetric matrix of a batch.
 
@@ -450,6 +469,10 @@ def lanczos_topk(
         shared_norm: measure every residual against the largest norm in the batch instead of each
             matrix's own (the batch is the blocks of ONE block-diagonal operator Q, whose norm is
             that max): blocks with small norms then stop sooner. ``norm`` reports the shared norm.
+        v0: optional start vectors ``[B, m]`` (``[m]`` for a 2-D ``a``), any float dtype, finite,
+            on ``a``'s device; need not be normalised. A good guess of the top eigenvector (a warm
+            start) cuts the steps; an all-zero row starts from the seeded random vector. The
+            results do not depend on ``v0`` beyond the tolerance.
 
     Returns:
         :class:`LanczosResult`, which unpacks as ``values [B, k], vectors [B, m, k]`` (no batch dim
@@ -478,7 +501,10 @@ def lanczos_topk(
             raise ValueError(f"{fn}: a must be symmetric, got max |a - a^T| = {float(asym):.3g} on sampled rows")
     if not isinstance(shared_norm, bool):
         raise TypeError(f"{fn}: shared_norm must be a bool, got {type(shared_norm).__name__}")
-    res = _finish(*_lanczos_op(a3, k, steps, tol, seed, B if shared_norm else 1), tol)
+    if v0 is not None:
+        v0 = _check_v0(fn, v0, (m,) if squeeze else (B, m), a3.dtype, a3.device)
+        v0 = v0.reshape(B, m)
+    res = _finish(*_lanczos_op(a3, k, steps, tol, seed, B if shared_norm else 1, v0), tol)
     if squeeze:
         return LanczosResult(*(t[0] for t in (res.values, res.vectors, res.converged, res.residuals, res.steps, res.norm)))
     return res
@@ -536,7 +562,7 @@ def choose_route(N: int, d: int, n: int, *, bias: bool = True, k: int = 1,
 
 def sensitivity_topk(
     x: Tensor, p: Tensor, *, k: int = 1, bias: bool = True, route: str = "auto",
-    steps: Optional[int] = None, tol: float = 1e-6, seed: int = 0,
+    steps: Optional[int] = None, tol: float = 1e-6, seed: int = 0, v0: Optional[Tensor] = None,
 ) -> SensitivityTopK:
     """Top-``k`` eigenpairs of every sensitivity block ``B[r]`` of ``(x, p)``.
 
@@ -553,6 +579,8 @@ def sensitivity_topk(
         steps, tol, seed: as in :func:`lanczos_topk`; residuals are measured against
             ``||Q|| = max_r ||B_r||`` (the operator of the insertion point), so blocks far below
             the top one stop sooner.
+        v0: optional start vectors ``[n, m]``, one per block (see :func:`lanczos_topk`); the
+            scorer passes a warm start from a low-dimensional subspace of the activations.
     """
     fn = "sensitivity_topk"
     x2, p2 = _flatten_pair(fn, x, p)
@@ -568,10 +596,11 @@ def sensitivity_topk(
     _check_finite(fn, "x", x2)
     _check_finite(fn, "p", p2)
     acc = _acc_dtype(x2.dtype)
+    v0 = _check_v0(fn, v0, (n, m), acc, x2.device)
     if route == "auto":
         route = choose_route(S, d, n, bias=bias, k=k, itemsize=torch.finfo(acc).bits // 8)
     if route == "dense":
-        res = _finish(*_lanczos_op(_blocks_op(x2, p2, bias), k, steps, tol, seed, n), tol)
+        res = _finish(*_lanczos_op(_blocks_op(x2, p2, bias), k, steps, tol, seed, n, v0), tol)
     else:
-        res = _finish(*_sens_lanczos_op(x2, p2, bias, k, steps, tol, seed), tol)
+        res = _finish(*_sens_lanczos_op(x2, p2, bias, k, steps, tol, seed, v0), tol)
     return SensitivityTopK(res.values, res.vectors, res.converged, res.residuals, route)

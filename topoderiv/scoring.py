@@ -39,7 +39,7 @@ from .capture import _check_points, capture
 from .models import check_growable
 from .training import _device_of, batch_size, is_batch, iter_batches, train_mode
 
-__all__ = ["PointScore", "ScoreReport", "score", "resolve_backend", "block_parts", "RULES"]
+__all__ = ["PointScore", "ScoreReport", "score", "resolve_backend", "block_parts", "subspace_start", "RULES"]
 
 RULES = ("top", "multi", "all")
 _ROUTES = ("auto", "dense", "matfree")
@@ -253,26 +253,73 @@ def _fallback(values: Tensor, vectors: Tensor, converged: Tensor, k: int,
     return values, vectors, True
 
 
+# rank of the shared activation subspace that warm-starts matrix-free solves, and the least m
+# for which it pays (its cost, N n r^2 flops, is r^2 / (4 m) of one operator application)
+_WARM_RANK = 32
+_WARM_MIN_M = 4 * _WARM_RANK
+
+
+def subspace_start(u: Tensor, q: Tensor, bias: bool, rank: int = _WARM_RANK) -> Tensor:
+    """Warm-start vectors ``[n, m]`` for the top eigenvectors of the blocks of ``(u, q)``.
+
+    Rayleigh-Ritz in one subspace shared by all blocks: ``V`` = the ``rank`` leading right singular
+    vectors of ``Xt = [u, 1]`` (``[N, m]``); each block is projected, ``C_r = V^T B_r V =
+    sum_s q_{s,r} z_s z_s^T`` with ``z = Xt V`` (one small :func:`topoderiv.ops.sensitivity_blocks`
+    call, ``N n rank^2`` flops), and its top eigenvector ``y_r`` gives ``V y_r``. Every ``B_r``
+    reads the same activations, so their top eigenvectors lie mostly in the activations' leading
+    directions: on trained ResidualMLPs the start residual is a few per cent of ``||Q||`` and the
+    matrix-free Lanczos needs about half the steps, and fewer blocks misconverge. 1% of a seeded
+    random direction is mixed in, so a top eigenvector outside the subspace is still reached.
+    """
+    u = u.to(torch.float64 if u.dtype == torch.float64 else torch.float32)
+    xt = torch.cat([u, u.new_ones(u.shape[0], 1)], dim=1) if bias else u
+    m = xt.shape[1]
+    r = min(int(rank), m)
+    gram = xt.mT @ xt
+    _, basis = torch.linalg.eigh(gram.double() if gram.dtype != torch.float64 else gram)
+    basis = basis[:, -r:].to(xt.dtype)  # [m, r] leading right singular vectors
+    z = xt @ basis
+    _, y = torch.linalg.eigh(ops.sensitivity_blocks(z, q.to(z.dtype), bias=False))  # [n, r, r]
+    v0 = y[:, :, -1] @ basis.mT
+    # plus 1% of a seeded random direction: a start with no component along the top eigenvector
+    # (one outside the subspace) would never find it
+    g = torch.randn(v0.shape, generator=torch.Generator().manual_seed(0), dtype=v0.dtype).to(v0.device)
+    return v0 + 0.01 * g / g.norm(dim=1, keepdim=True)
+
+
 def _solve(acc: _PointAcc, S: int, k: int, route: str, backend: str, tol: Optional[float] = None
            ) -> Tuple[Tensor, Tensor, bool, str]:
     """Top-k eigenpairs of the blocks of ``sign * B / S``: ``(values [n, k], vectors [n, m, k], conv, route)``.
 
-    Kernels: Lanczos (dense or matrix-free); blocks it did not converge on are redone with a full
-    eigh when that is affordable. Torch backend: dense blocks + eigh.
+    Kernels: Lanczos (dense or matrix-free; matrix-free solves start from :func:`subspace_start`);
+    blocks it did not converge on are redone with a full eigh when that is affordable. Torch
+    backend: dense blocks + eigh.
     """
-    if tol is None:
-        ref_t = acc.blocks if acc.blocks is not None else acc.us[0]
-        tol = 1e-10 if ref_t.dtype == torch.float64 else 1e-4
+    ref_t = acc.blocks if acc.blocks is not None else acc.us[0]
+    fp64 = ref_t.dtype == torch.float64
     if acc.blocks is None:  # everything collected: the kernels pick the route with the real S
         u = acc.us[0] if len(acc.us) == 1 else torch.cat(acc.us, dim=0)
         q = (acc.qs[0] if len(acc.qs) == 1 else torch.cat(acc.qs, dim=0)) / S
         if backend == "kernels":
-            res = ops.sensitivity_topk(u, q, k=k, bias=acc.bias, route=route, tol=tol)
+            m = u.shape[1] + int(acc.bias)
+            if route == "auto":
+                route = ops.choose_route(u.shape[0], u.shape[1], q.shape[1], bias=acc.bias, k=k,
+                                         itemsize=8 if fp64 else 4)
+            v0 = None
+            if route == "matfree" and k == 1 and m >= _WARM_MIN_M:
+                v0 = subspace_start(u, q, acc.bias)
+            if tol is None:
+                # warm-started fp32 solves stop at 1e-3 * ||Q||: their eigenvalues are then as
+                # accurate as cold solves at 1e-4 (benchmarks/RESULTS.md)
+                tol = 1e-10 if fp64 else (1e-3 if v0 is not None else 1e-4)
+            res = ops.sensitivity_topk(u, q, k=k, bias=acc.bias, route=route, tol=tol, v0=v0)
             vals, vecs, conv = _fallback(res.values, res.vectors, res.converged, k,
                                          lambda idx: ops.sensitivity_blocks(u, q[..., idx], bias=acc.bias))
             return vals, vecs, conv, res.route
         vals, vecs = reference.eigh_topk(reference.sensitivity_blocks(u, q, bias=acc.bias), k)
         return vals, vecs, True, "eigh"
+    if tol is None:
+        tol = 1e-10 if fp64 else 1e-4
     blocks = acc.blocks / S
     if backend == "kernels":
         res = ops.lanczos_topk(blocks, k, tol=tol, shared_norm=True)
@@ -365,10 +412,10 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
             The model's modes are restored afterwards.
         max_batches: use at most this many batches of ``data``.
         tol: relative residual tolerance of the eigen-solves (kernels backend); default 1e-4 for
-            float32/bfloat16 models and 1e-10 for float64 ones. A residual ``r`` gives eigenvalue
-            errors ~ ``r^2 / gap`` and eigenvector angles ~ ``r / gap``: 1e-4 is far below what the
-            choice of point and the eps search can resolve, and takes about a third fewer Lanczos
-            steps than 1e-6.
+            float32/bfloat16 models (1e-3 for matrix-free solves, which start from
+            :func:`subspace_start`) and 1e-10 for float64 ones. A residual ``r`` gives eigenvalue
+            errors ~ ``r^2 / gap`` and eigenvector angles ~ ``r / gap``: these are far below what
+            the choice of point and the eps search can resolve.
 
     Returns:
         :class:`ScoreReport`; ``report.best`` is the point to insert at (None if every mu <= 0).

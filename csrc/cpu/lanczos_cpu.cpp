@@ -117,7 +117,14 @@ class CpuBackend final : public LanczosBackend {
     for (int64_t b = 0; b < B_; ++b) {
       if (!mask[b]) continue;
       T* w = w_ + b * m_;
-      for (int64_t i = 0; i < m_; ++i) w[i] = static_cast<T>(start_value(P_.seed, off_ + b, tag[b], i));
+      bool seeded = false;
+      if (j < 0 && P_.v0 != nullptr) {
+        const T* v0 = static_cast<const T*>(P_.v0) + b * m_;
+        std::copy(v0, v0 + m_, w);
+        seeded = dot<T>(w, w, m_) > 0.0;
+      }
+      if (!seeded)
+        for (int64_t i = 0; i < m_; ++i) w[i] = static_cast<T>(start_value(P_.seed, off_ + b, tag[b], i));
       double* coef = coef_.data() + omp_tid() * (P_.max_steps + 1);
       double dummy = 0.0;
       if (j >= 0) {
@@ -218,6 +225,7 @@ void run(const LanczosParams& P) {
     sub.vectors = static_cast<T*>(P.vectors) + b0 * m * k;
     sub.ritz_residuals = static_cast<T*>(P.ritz_residuals) + b0 * k;
     sub.steps = P.steps + b0;
+    sub.v0 = P.v0 != nullptr ? static_cast<const T*>(P.v0) + b0 * m : nullptr;
     sub.anorm_host = P.anorm_host != nullptr ? P.anorm_host + b0 : nullptr;
     sub.true_residuals = P.true_residuals != nullptr ? static_cast<T*>(P.true_residuals) + b0 * k : nullptr;
     // the workspace size is linear in the number of problems: slice it proportionally

@@ -137,11 +137,12 @@ orthonormalize_kernel(T* __restrict__ basis, T* __restrict__ w, T* __restrict__ 
 
 // For problems with tagp1[b] != 0: V_{j+1}[b] = start vector (restart tag tagp1[b] - 1),
 // orthogonalised twice against V_0..V_j (j >= 0), normalised; norms[b] = norm before normalising.
+// The first start (j = -1) takes v0[b] when v0 != nullptr and that row is not all zero.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 restart_kernel(T* __restrict__ basis, T* __restrict__ coef, const T* __restrict__ tagp1,
-               T* __restrict__ norms, int64_t B, int64_t m, int64_t j, int64_t max_steps,
-               uint64_t seed) {
+               T* __restrict__ norms, const T* __restrict__ v0, int64_t B, int64_t m, int64_t j,
+               int64_t max_steps, uint64_t seed) {
   __shared__ T red[kThreads];
   const int tid = static_cast<int>(threadIdx.x);
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
@@ -149,7 +150,17 @@ restart_kernel(T* __restrict__ basis, T* __restrict__ coef, const T* __restrict_
     if (tg == T(0)) continue;  // uniform over the block
     const int64_t tag = static_cast<int64_t>(tg) - 1;
     T* x = basis + ((j + 1) * B + b) * m;
-    for (int64_t i = tid; i < m; i += kThreads) x[i] = static_cast<T>(start_value(seed, b, tag, i));
+    bool seeded = false;
+    if (j < 0 && v0 != nullptr) {
+      T part = T(0);
+      for (int64_t i = tid; i < m; i += kThreads) {
+        x[i] = v0[b * m + i];
+        part += x[i] * x[i];
+      }
+      seeded = block_sum<kThreads>(part, red) > T(0);  // uniform over the block
+    }
+    if (!seeded)
+      for (int64_t i = tid; i < m; i += kThreads) x[i] = static_cast<T>(start_value(seed, b, tag, i));
     if (j >= 0) cgs2(x, basis, coef + b * (max_steps + 1), red, j, b, B, m);
     T part = T(0);
     for (int64_t i = tid; i < m; i += kThreads) part += x[i] * x[i];
@@ -272,7 +283,8 @@ class CudaLanczosBackend final : public LanczosBackend {
     if (!any) return;
     upload(scratch_, stage_.data(), B_);
     launch(kOp, restart_kernel<T>, dim3(grid_dim(B_, kMaxGridX)), dim3(kThreads), stream_, basis_,
-           coef_, static_cast<const T*>(scratch_), alpha_, B_, m_, j, p_.max_steps, p_.seed);
+           coef_, static_cast<const T*>(scratch_), alpha_, static_cast<const T*>(p_.v0), B_, m_, j,
+           p_.max_steps, p_.seed);
     // Download into a different buffer than the one the tag upload reads from: the upload may
     // still be pending when this copy is issued (pinned or HMM-accessible host memory).
     stage2_.resize(static_cast<size_t>(B_));

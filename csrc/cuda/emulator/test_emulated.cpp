@@ -207,9 +207,10 @@ static void test_matvec(DType t, int64_t batch, int64_t N, int64_t d, int64_t n,
   CHECK(f64 ? std::isnan(wd[batch * N * n]) : std::isnan(wf[batch * N * n]), "matvec workspace overrun");
 }
 
-// Symmetric dense problems; compare CUDA-emulated Lanczos with the CPU backend.
+// Symmetric dense problems; compare CUDA-emulated Lanczos with the CPU backend. with_v0: start
+// vectors given (row 0 all zero: it must fall back to the seeded random start).
 template <typename T>
-static void test_lanczos_dense(int64_t B, int64_t m, int64_t k, int64_t max_steps, int kind) {
+static void test_lanczos_dense(int64_t B, int64_t m, int64_t k, int64_t max_steps, int kind, bool with_v0 = false) {
   const DType dt = sizeof(T) == 8 ? DType::kFloat64 : DType::kFloat32;
   std::vector<T> a(B * m * m);
   std::normal_distribution<double> G(0, 1);
@@ -232,6 +233,9 @@ static void test_lanczos_dense(int64_t B, int64_t m, int64_t k, int64_t max_step
   P.seed = 7;
   P.dtype = dt;
   P.a = a.data();
+  std::vector<T> v0(B * m);
+  for (int64_t i = 0; i < B * m; ++i) v0[i] = i < m ? T(0) : static_cast<T>(G(rng));
+  if (with_v0) P.v0 = v0.data();
   std::vector<T> vals[2], vecs[2], res[2], ws[2];
   std::vector<int32_t> steps[2];
   for (int w = 0; w < 2; ++w) {
@@ -380,6 +384,8 @@ int main(int argc, char** argv) {
   test_lanczos_dense<float>(1, 9, 4, 9, 2);
   test_lanczos_dense<double>(1, 1, 1, 1, 0);
   test_lanczos_dense<double>(2, 30, 2, 10, 0);  // capped steps
+  test_lanczos_dense<double>(3, 16, 2, 16, 0, true);  // start vectors
+  test_lanczos_dense<float>(3, 16, 1, 16, 1, true);
   std::printf("lanczos dense done (%d failures)\n", failures);
   test_lanczos_mf<double>(DType::kFloat64, 2, 40, 6, 3, 2);
   test_lanczos_mf<float>(DType::kFloat32, 1, 30, 5, 2, 1);

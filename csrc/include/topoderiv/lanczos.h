@@ -26,6 +26,10 @@ struct LanczosParams {
   // 1 = every problem relative to its own norm.
   int64_t norm_group = 1;
   uint64_t seed = 0;
+  // Optional start vectors [B, m] (dtype, contiguous): problem b starts from v0[b] (normalised)
+  // instead of its seeded random vector; an all-zero row falls back to the random one. Only the
+  // first start uses v0: restarts after an invariant subspace draw seeded random vectors.
+  const void* v0 = nullptr;
   DType dtype = DType::kFloat32;  // operator / basis / output dtype: kFloat32 or kFloat64
   // Dense operator when a != nullptr: [B, m, m] contiguous, dtype, symmetric (only the upper
   // triangle is trusted by nothing: the full matrix is read).
