@@ -162,6 +162,20 @@ def test_run_method_honours_the_budget(task):
     assert all(s["step"] == 8 for s in r.optimizer.state.values())
 
 
+def test_run_method_sgd_budget(task):
+    from topoderiv.tasks import ModelConfig
+
+    r = run_method(task, "random", 0, budget={"epochs_per_round": 1, "rounds": 1, "optimizer": "sgd", "lr": 0.02},
+                   keep_model=True)
+    assert isinstance(r.optimizer, torch.optim.SGD) and r.optimizer.param_groups[0]["momentum"] == 0.9
+    # the inserted block's parameters joined the optimiser and have momentum buffers
+    assert len(r.model.blocks) == task.config.depth + 1
+    assert {id(p) for p in r.model.parameters()} == {id(p) for g in r.optimizer.param_groups for p in g["params"]}
+    assert all("momentum_buffer" in r.optimizer.state[p] for p in r.model.parameters())
+    with pytest.raises(ValueError, match="optimizer must be one of \\('adam', 'sgd'\\), got 'rmsprop'"):
+        ModelConfig(width=4, optimizer="rmsprop")
+
+
 def test_run_method_deterministic(task):
     a = run_method(task, "random", 3, budget=TINY)
     b = run_method(task, "random", 3, budget=TINY)

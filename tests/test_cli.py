@@ -48,9 +48,11 @@ def test_compare_writes_results_and_plots(tmp_path, capsys):
 
 def test_compare_method_subset(tmp_path):
     out = tmp_path / "cmp2"
-    assert main(["compare", *TINY, "--seeds", "0", "--methods", "initial", "random", "--out", str(out)]) == 0
+    assert main(["compare", *TINY, "--seeds", "0", "--methods", "initial", "random", "--optimizer", "sgd",
+                 "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["methods"] == ["initial", "random"] and len(res["runs"]) == 2
+    assert res["budget"]["optimizer"] == "sgd" and "SGD (momentum 0.9)" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -59,6 +61,7 @@ def test_compare_method_subset(tmp_path):
     (["grow", "--epochs", "abc"], "expected an integer >= 1, got 'abc'"),
     (["grow", "--lr", "-1"], "expected a number > 0"),
     (["compare", "--methods", "magic"], "invalid choice: 'magic'"),
+    (["compare", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
     (["grow", "--device", "tpu9"], "device"),
     (["frobnicate"], "invalid choice"),
     ([], "the following arguments are required"),

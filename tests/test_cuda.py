@@ -96,6 +96,24 @@ def test_lanczos_cuda(dtype, B, m, k):
     assert (overlap > 1 - 1e-3).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lanczos_cuda_start_vectors(dtype):
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(6, 80, 80, generator=g, dtype=torch.float64))
+    ev = torch.linspace(-1, 1, 80, dtype=torch.float64).repeat(6, 1)
+    ev[:, 0] = 4.0
+    a = (Q * ev[:, None, :]) @ Q.mT
+    a = ((a + a.mT) / 2).to(dtype)
+    v0 = Q[:, :, 0] + 0.05 * torch.randn(6, 80, generator=g, dtype=torch.float64)
+    v0[0] = 0.0  # falls back to the seeded random start
+    res = td.lanczos_topk(a.cuda(), 1, v0=v0.cuda())
+    cpu = td.lanczos_topk(a, 1, v0=v0)
+    assert res.converged.all()
+    assert torch.equal(res.steps.cpu(), cpu.steps)
+    assert (res.steps[1:].cpu() < res.steps[0].cpu()).all()
+    assert rel(res.values, torch.full((6, 1), 4.0, dtype=torch.float64)) < (1e-5 if dtype == torch.float32 else 1e-10)
+
+
 def test_lanczos_cuda_gapless_flag():
     g = torch.Generator().manual_seed(5)
     a = torch.randn(8, 200, 200, generator=g, dtype=torch.float64)

@@ -1,8 +1,8 @@
 """Baselines of METHOD.md section 8 in the growth API, and :func:`compare`.
 
 Every method trains the same :class:`topoderiv.models.ResidualMLP` family with the same optimiser
-(Adam, the task's learning rate), the same mini-batches (a loader seeded with the run's seed) and
-the same TOTAL number of epochs, ``budget.epochs_per_round * (budget.rounds + 1)``:
+(the budget's: Adam by default, or SGD with momentum) and learning rate, the same mini-batches (a
+loader seeded with the run's seed) and the same TOTAL number of epochs, ``budget.epochs_per_round * (budget.rounds + 1)``:
 
 ``topological``
     Topological-derivative growth (:class:`topoderiv.growth.TopologicalStrategy`): insert where
@@ -392,7 +392,7 @@ def run_method(
     strat = strategy if strategy is not None else (spec.strategy() if spec.strategy is not None else TopologicalStrategy())
     grower = Grower(
         model,
-        lambda params: torch.optim.Adam(params, lr=cfg.lr),
+        cfg.make_optimizer,
         train,
         task.val,
         task.loss_fn,

@@ -71,7 +71,7 @@ def _device(text: str) -> str:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    from .tasks import available_tasks
+    from .tasks import OPTIMIZERS, available_tasks
 
     p.add_argument("--task", default="heat", choices=available_tasks(), help="built-in task (default: heat)")
     p.add_argument("--data-seed", type=_nonneg_int, default=0, help="seed of the task's data (default 0)")
@@ -81,7 +81,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=_positive_int, default=None, help="network width (default: the task's)")
     p.add_argument("--depth", type=_nonneg_int, default=None, help="initial depth (default: the task's, 2)")
     p.add_argument("--max-depth", type=_positive_int, default=None, help="depth cap (default: the task's)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="Adam learning rate (default: the task's)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: the task's)")
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=None,
+                   help="adam, or sgd (momentum 0.9) (default: the task's, adam)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="mini-batch size (default: the task's)")
     p.add_argument("--patience", type=_positive_int, default=2,
                    help="stop growing after this many rounds without validation improvement (default 2)")
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _budget(args: argparse.Namespace) -> Dict[str, Any]:
     return {"epochs_per_round": args.epochs, "rounds": args.rounds, "width": args.width, "depth": args.depth,
-            "max_depth": args.max_depth, "lr": args.lr, "batch_size": args.batch_size}
+            "max_depth": args.max_depth, "lr": args.lr, "batch_size": args.batch_size, "optimizer": args.optimizer}
 
 
 def _task(args: argparse.Namespace):
@@ -201,7 +203,7 @@ def cmd_grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(f"task {task.name}: d_in {task.d_in} -> d_out {task.d_out}, train/val/test "
           f"{task.train[0].shape[0]}/{task.val[0].shape[0]}/{task.test[0].shape[0]}, metric {task.metric.name}")
     print(f"network: ResidualMLP width {cfg.width}, initial depth {cfg.depth}; budget {cfg.total_epochs} epochs = "
-          f"{cfg.epochs_per_round} x ({cfg.rounds} rounds + 1), Adam lr {cfg.lr}, batch {cfg.batch_size}, "
+          f"{cfg.epochs_per_round} x ({cfg.rounds} rounds + 1), {cfg.describe_optimizer()}, batch {cfg.batch_size}, "
           f"patience {args.patience}, device {args.device}")
     printer = _RoundPrinter(task.metric.name, progress)
     t0 = time.perf_counter()
@@ -243,7 +245,8 @@ def results_markdown(comp: Any, command: str) -> str:
         "",
         f"Seeds {comp.seeds}; every method: ResidualMLP width {b['width']}, initial depth {b['depth']}, "
         f"{b['total_epochs']} epochs in total ({b['epochs_per_round']} per round, up to {b['rounds']} insertions, "
-        f"patience {b['patience']}), Adam lr {b['lr']}, batch {b['batch_size']}. Test metric of the final network. "
+        f"patience {b['patience']}), {'SGD (momentum 0.9)' if b.get('optimizer') == 'sgd' else 'Adam'} lr {b['lr']}, "
+        f"batch {b['batch_size']}. Test metric of the final network. "
         f"Wall time {comp.meta.get('wall_time', 0):.0f} s on {comp.meta.get('device', 'cpu')} "
         f"({comp.meta.get('torch_threads')} threads).",
         "",

@@ -59,12 +59,14 @@ class ModelConfig:
     Attributes:
         width: width of the residual stream.
         depth: number of residual blocks of the initial network (2, as in the paper).
-        lr: Adam learning rate.
+        lr: learning rate.
         batch_size: mini-batch size for training.
         epochs_per_round: epochs trained before the first insertion and after every insertion.
         rounds: growth rounds (insertions) at most. The total training budget of every method is
             ``epochs_per_round * (rounds + 1)`` epochs.
         max_depth: depth cap for growth.
+        optimizer: ``"adam"`` (``torch.optim.Adam``) or ``"sgd"`` (``torch.optim.SGD`` with
+            momentum 0.9), see :data:`OPTIMIZERS`.
     """
 
     width: int
@@ -74,11 +76,31 @@ class ModelConfig:
     epochs_per_round: int = 40
     rounds: int = 5
     max_depth: int = 12
+    optimizer: str = "adam"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"ModelConfig: optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}")
 
     @property
     def total_epochs(self) -> int:
         """The training budget every method gets: ``epochs_per_round * (rounds + 1)``."""
         return self.epochs_per_round * (self.rounds + 1)
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """The optimiser of this budget over ``params``."""
+        return OPTIMIZERS[self.optimizer](params, self.lr)
+
+    def describe_optimizer(self) -> str:
+        """E.g. ``"Adam lr 0.001"``."""
+        return f"{'Adam' if self.optimizer == 'adam' else 'SGD (momentum 0.9)'} lr {self.lr:g}"
+
+
+#: optimisers a :class:`ModelConfig` can name: ``name -> f(params, lr)``
+OPTIMIZERS = {
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+}
 
 
 @dataclass(frozen=True)
