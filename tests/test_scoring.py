@@ -390,3 +390,39 @@ def test_unconverged_lanczos_blocks_are_redone_with_eigh(monkeypatch, batches):
     monkeypatch.setattr(sc, "_EIGH_FALLBACK_FLOPS", 0.0)
     rep = score(model, data, F.mse_loss, backend="kernels")
     assert not any(p.converged for p in rep.points)
+
+
+def test_gradient_descent_on_a_small_random_block_is_power_iteration_on_its_blocks():
+    # Near W = 0, J = J0 - 1/2 sum_r w_r^T Q_r w_r, so plain gradient descent on a new block is
+    # w_r <- (I + lr Q_r) w_r: each row turns towards the top eigenvector of its own block B_r
+    # (the rule "all" direction) and grows like (1 + lr mu_r)^t. The README's growth analysis
+    # rests on this; here it is checked on the real training dynamics (autograd, SGD).
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = ResidualMLP(3, 8, 2, 3).double()
+    x = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    ps = score(model, (x, y), F.mse_loss, backend="torch", rule="all").best
+    w_start = torch.randn(ps.phi.shape, generator=g, dtype=torch.float64)
+    grown = insert(copy.deepcopy(model), ps.point, w_start, 1e-10)
+    grown.requires_grad_(False)
+    lin = grown.blocks[ps.point].linear
+    lin.requires_grad_(True)
+    mu = ps.block_mu
+    lr, steps = 0.2 / float(mu.max()), 70
+    opt = torch.optim.SGD(lin.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.mse_loss(grown(x), y).backward()
+        opt.step()
+    w = torch.cat([lin.weight, lin.bias[:, None]], 1).detach()
+    assert float(w.abs().max()) < 1e-3  # still in the second-order regime
+    v = ps.phi / ps.phi.norm(dim=1, keepdim=True)
+    cos0 = (w_start * v).sum(1).abs() / w_start.norm(dim=1)
+    cos = (w * v).sum(1).abs() / w.norm(dim=1)
+    strong = mu >= mu.max() / 2
+    assert strong.sum() >= 2 and float(cos0[strong].max()) < 0.9
+    assert float(cos[strong].min()) > 0.999
+    rate = (w.norm(dim=1) / (1e-10 * w_start.norm(dim=1))).log() / steps
+    top = int(mu.argmax())
+    assert float(rate[top]) == pytest.approx(float(torch.log1p(lr * mu[top])), rel=0.1)

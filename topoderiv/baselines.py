@@ -104,7 +104,10 @@ class TopologicalAllRows(TopologicalStrategy):
     ``c_r ~ sqrt(max(mu_r, 0))`` (``||phi|| = 1``): every row with ``mu_r > 0`` starts non-zero and
     trains, and ``phi`` is still a second-order descent direction with gain
     ``phi^T Q phi = sum_r mu_r^2 / sum_r mu_r`` (at most ``mu``, at least the mean of the positive
-    ``mu_r``). Rows with ``mu_r <= 0`` stay zero (and dead).
+    ``mu_r``). Rows with ``mu_r <= 0`` stay zero (and dead). It is also where training takes a
+    small random block: near ``W = 0`` gradient descent is ``w_r <- (I + lr Q_r) w_r``, power
+    iteration on each row's own block (tests/test_scoring.py checks this), so the rule "all"
+    starts where :class:`RandomInsertion` would arrive after its alignment phase.
 
     The point is chosen as in :class:`TopologicalStrategy` (largest ``mu``, then the next ones if
     the eps search finds no decrease), and eps by :func:`topoderiv.search_eps`.
