@@ -1,6 +1,6 @@
 """Cost of one scoring step (topological derivative at every candidate point) in training epochs.
 
-    python benchmarks/bench_scoring.py [--widths 64 256 1024] [--samples 4096] [--device cpu]
+    python benchmarks/bench_scoring.py [--widths 64 256 1024] [--samples 4096] [--device cpu|cuda]
 
 ResidualMLP(d_in=16, width, d_out=1, depth=2) (3 candidate points) on a smooth regression task,
 briefly trained first so costates are realistic. One epoch = one pass of Adam over the same
@@ -46,7 +46,7 @@ def reference_code_score(model, train, loss_fn, mem_limit=8 * 2**30):
     out = {}
     for pt, x in cap.states.items():
         p = cap.costates[pt]
-        xt = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+        xt = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
         n, m = p.shape[1], xt.shape[1]
         if (n * m) ** 2 * 4 > mem_limit:
             return None
@@ -72,16 +72,21 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (model, data and scoring on it)")
     args = ap.parse_args(argv)
+    dev = args.device
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {dev}: CUDA is not available")
     torch.manual_seed(0)
-    x, y = data(args.samples)
+    x, y = (t.to(dev) for t in data(args.samples))
     train = batches(x, y, args.batch)
     score_data = batches(x, y, 1024)
     loss_fn = torch.nn.functional.mse_loss
     rows = []
-    print(f"# scoring cost on {machine()}, {args.samples} samples\n")
+    kind = "cuda" if dev.startswith("cuda") else "cpu"
+    print(f"# scoring cost on {machine(kind)}, {args.samples} samples\n")
     for w in args.widths:
-        model = ResidualMLP(16, w, 1, 2)
+        model = ResidualMLP(16, w, 1, 2).to(dev)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         fit(model, opt, train, loss_fn, 2)
         fns = {
@@ -95,7 +100,7 @@ def main(argv=None):
             fns["reference code (dense (nm)^2 eigh)"] = lambda: reference_code_score(model, score_data, loss_fn)
         if w >= 1024:
             fns.pop("torch einsum + eigh")  # 4 GB of blocks per point and 1024 eighs of 1025^2: minutes
-        t = interleaved(fns, repeats=args.repeats if w < 1024 else 1, warmup=1 if w < 1024 else 0)
+        t = interleaved(fns, repeats=args.repeats if w < 1024 else 1, warmup=1 if w < 1024 else 0, device=kind)
         reps = {"topoderiv.score": td.score(model, score_data, loss_fn),
                 "topoderiv.score, cold start (tol 1e-4)": cold_score(model, score_data, loss_fn)}
         ref = td.score(model, score_data, loss_fn, backend="torch") if w < 1024 else None
