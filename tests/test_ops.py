@@ -25,6 +25,21 @@ def torch_fp32_err(x: torch.Tensor, p: torch.Tensor, bias: bool, exact: torch.Te
 # ------------------------------------------------------------------------------------ blocks
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blocks_exact_every_triangle_tiling(dtype, gen):
+    # the upper triangle is cut into tiles of NR (32 fp32 / 16 fp64) consecutive pairs that span
+    # row ends: every m up to 3 NR + 2, with and without the bias column, bit-exact
+    for m in range(1, 99):
+        for bias in (True, False):
+            d = m - int(bias)
+            if d == 0:
+                continue
+            x = torch.randint(-3, 4, (41, d), generator=gen).to(dtype)
+            p = torch.randint(-3, 4, (41, 9), generator=gen).to(dtype)
+            got = td.sensitivity_blocks(x, p, bias=bias)
+            assert torch.equal(got.double(), ref.sensitivity_blocks(x.double(), p.double(), bias=bias)), (m, bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_blocks_exact_small_integers(dtype, bias, gen):

@@ -3,9 +3,10 @@
 // Blocks. B[r, i, j] = sum_s p[s, r] xt[s, i] xt[s, j] is one GEMM  C[r, (i,j)] = P^T Z  with
 // K = samples and Z[s, (i,j)] = xt[s, i] xt[s, j]. Z is never stored: its packed panels are
 // generated while packing (one multiply per element, amortised over all n rows of P^T), and only
-// the column tiles of the upper triangle are computed (half the flops). Each tile is one row i and
-// NR consecutive columns j, so the micro-kernel writes NR contiguous elements of each block r.
-// The lower triangle is mirrored at the end of the call.
+// the upper triangle is computed (half the flops): its m(m+1)/2 pairs, in row-major order, are cut
+// into tiles of NR consecutive pairs (no padding at the diagonal or at the end of a row, which
+// matters most for small m and for m = 2^k + 1 with the bias). The lower triangle is mirrored at
+// the end of the call.
 //
 // Matvec. out[r] = B[r] v[r] = ((P .* (Xt V^T))^T Xt)[r]: per chunk of KC samples one GEMM into a
 // [KC, n] buffer, then a second GEMM whose A panels fuse the product with P.
@@ -68,24 +69,76 @@ TD_TARGET_CLONES void pack_p_panel(const Tin* p, int64_t ldp, int64_t n, int64_t
   }
 }
 
-// One upper-triangle tile (row i, columns j0 .. j0+NR) of every block, for a chunk of kc rows.
+// Upper-triangle tiles: the pairs (i, j), j >= i, in row-major order, cut into tiles of NR
+// consecutive pairs. A tile is a few runs of consecutive columns of one row each (one run when
+// the row is long, several near the end of the triangle), so no column slot is wasted whatever m.
+struct Run {
+  int c0, c1;      // tile columns [c0, c1)
+  int64_t i, j0;   // row i, first column j0 (column j0 + c - c0 for tile column c)
+};
+struct TriangleTiles {
+  std::vector<Run> runs;       // the runs of all tiles, tile by tile
+  std::vector<int64_t> first;  // tile t: runs[first[t], first[t + 1])
+  int64_t size() const { return static_cast<int64_t>(first.size()) - 1; }
+};
+
+inline TriangleTiles triangle_tiles(int64_t m, int nr) {
+  TriangleTiles t;
+  t.first.push_back(0);
+  int used = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = i; j < m;) {
+      const int take = static_cast<int>(std::min<int64_t>(nr - used, m - j));
+      t.runs.push_back(Run{used, used + take, i, j});
+      used += take;
+      j += take;
+      if (used == nr) {
+        t.first.push_back(static_cast<int64_t>(t.runs.size()));
+        used = 0;
+      }
+    }
+  }
+  if (used > 0) t.first.push_back(static_cast<int64_t>(t.runs.size()));
+  return t;
+}
+
+// One tile of every block, for a chunk of kc rows: generate the panel Bp[k, c] = xt_i * xt_j
+// of the tile's pairs, multiply by every P^T panel into a register tile, add it to the outputs.
 template <typename Tin, typename Tacc>
-TD_TARGET_CLONES void blocks_tile(const Tin* x, int64_t ldx, int64_t d, int64_t m, int64_t kc, int64_t i,
-                                  int64_t j0, const Tacc* Apack, int64_t n, Tacc* out, Tacc* Bp) {
+TD_TARGET_CLONES void blocks_tile(const Tin* x, int64_t ldx, int64_t d, int64_t m, int64_t kc, const Run* runs,
+                                  int nruns, const Tacc* Apack, int64_t n, Tacc* out, Tacc* Bp) {
   constexpr int nr = NR<Tacc>;
-  const int hi = static_cast<int>(std::min<int64_t>(nr, m - j0));
-  const int lo = static_cast<int>(std::max<int64_t>(0, i - j0));
+  const int used = runs[nruns - 1].c1;
   for (int64_t k = 0; k < kc; ++k) {
     const Tin* row = x + k * ldx;
-    const Tacc xi = feat<Tacc>(row, i, d);
     Tacc* dst = Bp + k * nr;
-    for (int c = 0; c < hi; ++c) dst[c] = xi * feat<Tacc>(row, j0 + c, d);
-    for (int c = hi; c < nr; ++c) dst[c] = Tacc(0);
+    for (int q = 0; q < nruns; ++q) {
+      const Run& ru = runs[q];
+      const Tacc xi = feat<Tacc>(row, ru.i, d);
+      for (int c = ru.c0; c < ru.c1; ++c) dst[c] = xi * feat<Tacc>(row, ru.j0 + c - ru.c0, d);
+    }
+    for (int c = used; c < nr; ++c) dst[c] = Tacc(0);
   }
   const int64_t mm = m * m;
+  alignas(64) Tacc acc[MR * nr];
   for (int64_t r0 = 0; r0 < n; r0 += MR) {
     const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
-    microkernel<Tacc>(kc, Apack + (r0 / MR) * KC * MR, Bp, out + r0 * mm + i * m + j0, mm, mr, lo, hi);
+    if (nruns == 1) {  // one run: the outputs are contiguous, add in place
+      const Run& ru = runs[0];
+      microkernel<Tacc>(kc, Apack + (r0 / MR) * KC * MR, Bp, out + r0 * mm + ru.i * m + ru.j0, mm, mr, 0, used);
+      continue;
+    }
+    std::memset(acc, 0, sizeof(acc));
+    microkernel<Tacc>(kc, Apack + (r0 / MR) * KC * MR, Bp, acc, nr, MR, 0, nr);
+    for (int ii = 0; ii < mr; ++ii) {
+      Tacc* o = out + (r0 + ii) * mm;
+      const Tacc* a = acc + ii * nr;
+      for (int q = 0; q < nruns; ++q) {
+        const Run& ru = runs[q];
+        Tacc* dst = o + ru.i * m + ru.j0 - ru.c0;
+        for (int c = ru.c0; c < ru.c1; ++c) dst[c] += a[c];
+      }
+    }
   }
 }
 
@@ -121,9 +174,7 @@ void blocks_impl(const SensitivityBlocksParams& P) {
   constexpr int nr = NR<Tacc>;
   const int64_t m = P.m(), n = P.n, d = P.d, N = P.N;
   const int nthreads = std::max(1, P.num_threads);
-  std::vector<std::pair<int64_t, int64_t>> tiles;
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j0 = (i / nr) * nr; j0 < m; j0 += nr) tiles.emplace_back(i, j0);
+  const TriangleTiles tiles = triangle_tiles(m, nr);
   const int64_t nrb = (n + MR - 1) / MR;
   const int64_t ntiles = static_cast<int64_t>(tiles.size());
   const int nt = static_cast<int>(std::min<int64_t>(nthreads, ntiles));
@@ -145,7 +196,8 @@ void blocks_impl(const SensitivityBlocksParams& P) {
         const Tin* ps = p + s0 * P.p_rstride;
         for (int64_t rb = 0; rb < nrb; ++rb) pack_p_panel<Tin, Tacc>(ps, P.p_rstride, n, rb * MR, kc, Ap + rb * KC * MR);
         for (int64_t t = t0; t < t1; ++t)
-          blocks_tile<Tin, Tacc>(xs, P.x_rstride, d, m, kc, tiles[t].first, tiles[t].second, Ap, n, out, Bp);
+          blocks_tile<Tin, Tacc>(xs, P.x_rstride, d, m, kc, tiles.runs.data() + tiles.first[t],
+                                 static_cast<int>(tiles.first[t + 1] - tiles.first[t]), Ap, n, out, Bp);
       }
     }
   }
