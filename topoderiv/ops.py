@@ -219,7 +219,9 @@ def _run_lanczos(
     if B == 0:
         return values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid
     cuda = device.type == "cuda"
-    in_kernel_residual = mf is None and not cuda  # the dense CPU backend computes it in cache
+    # the CPU backend computes the explicit residuals itself: dense in cache, matrix-free from the
+    # A v_t it applied (no extra pass over the data)
+    in_kernel_residual = not cuda
     if mf is None:
         assert a is not None
         op = (0, 0, 0, 0, 0, 0, 0, 0, True, 0)

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -52,8 +53,15 @@ class CpuBackend final : public LanczosBackend {
     basis_ = ws + layout_.basis;
     w_ = ws + layout_.w;
     coef_.assign(static_cast<size_t>(nt_ * (P.max_steps + 1)), 0.0);
+    // matrix-free: keep every A v_t, so that finish() gets A y = sum_t s_t A v_t for the explicit
+    // residual without applying the operator again
+    // (uninitialised: row (t, b) is written at every step t that problem b is active, and finish()
+    // reads only those)
+    if (P.matrix_free() && P.true_residuals != nullptr)
+      av_.reset(new T[static_cast<size_t>(P.max_steps * B_ * m_)]);
   }
   T* V(int64_t j, int64_t b) const { return basis_ + (j * B_ + b) * m_; }
+  T* AV(int64_t j, int64_t b) const { return av_.get() + (j * B_ + b) * m_; }
 
   void set_active(const uint8_t* active) override { std::copy(active, active + B_, active_.begin()); }
 
@@ -69,6 +77,7 @@ class CpuBackend final : public LanczosBackend {
         op.v = V(j, 0);
         op.out = w_;
         sensitivity_matvec_cpu(op);
+        if (av_) std::copy(w_, w_ + B_ * m_, AV(j, 0));
         return;
       }
       // Blocks converge at different speeds: once a fifth of them are done, apply the operator
@@ -93,7 +102,10 @@ class CpuBackend final : public LanczosBackend {
       op.v = vbuf_.data();
       op.out = wbuf_.data();
       sensitivity_matvec_cpu(op);
-      for (int64_t c = 0; c < na; ++c) std::copy(wbuf_.data() + c * m_, wbuf_.data() + (c + 1) * m_, w_ + act[c] * m_);
+      for (int64_t c = 0; c < na; ++c) {
+        std::copy(wbuf_.data() + c * m_, wbuf_.data() + (c + 1) * m_, w_ + act[c] * m_);
+        if (av_) std::copy(wbuf_.data() + c * m_, wbuf_.data() + (c + 1) * m_, AV(j, act[c]));
+      }
       return;
     }
     const T* a = static_cast<const T*>(P_.a);
@@ -144,13 +156,19 @@ class CpuBackend final : public LanczosBackend {
     T* res = static_cast<T*>(P_.ritz_residuals);
 #pragma omp parallel for num_threads(nt_) schedule(dynamic, 1)
     for (int64_t b = 0; b < B_; ++b) {
-      std::vector<double> y(static_cast<size_t>(m_));
+      const bool mf_resid = av_ != nullptr;
+      std::vector<double> y(static_cast<size_t>(m_)), ay(mf_resid ? static_cast<size_t>(m_) : 0);
       for (int64_t c = 0; c < k; ++c) {
         std::fill(y.begin(), y.end(), 0.0);
+        std::fill(ay.begin(), ay.end(), 0.0);
         for (int64_t t = 0; t < steps[b]; ++t) {
           const double s = S[(b * Smax + t) * k + c];
           const T* v = V(t, b);
           for (int64_t i = 0; i < m_; ++i) y[i] += s * static_cast<double>(v[i]);
+          if (mf_resid) {
+            const T* av = AV(t, b);
+            for (int64_t i = 0; i < m_; ++i) ay[i] += s * static_cast<double>(av[i]);
+          }
         }
         double nrm = 0.0;
         for (double e : y) nrm += e * e;
@@ -158,7 +176,17 @@ class CpuBackend final : public LanczosBackend {
         for (int64_t i = 0; i < m_; ++i) vec[(b * m_ + i) * k + c] = static_cast<T>(y[i] * nrm);
         val[b * k + c] = static_cast<T>(values[b * k + c]);
         res[b * k + c] = static_cast<T>(residuals[b * k + c]);
-        if (P_.true_residuals != nullptr && !P_.matrix_free()) {
+        if (mf_resid) {
+          // explicit residual ||A y - theta y|| from the stored A v_t (not from the recurrence,
+          // so a loss of orthogonality shows), without another pass over the data
+          double r2 = 0.0;
+          const double th = values[b * k + c];
+          for (int64_t i = 0; i < m_; ++i) {
+            const double e = (ay[i] - th * y[i]) * nrm;
+            r2 += e * e;
+          }
+          static_cast<T*>(P_.true_residuals)[b * k + c] = static_cast<T>(std::sqrt(r2));
+        } else if (P_.true_residuals != nullptr) {
           // explicit residual while A[b] is still in this core's cache
           std::vector<T> yt(static_cast<size_t>(m_)), ay(static_cast<size_t>(m_));
           for (int64_t i = 0; i < m_; ++i) yt[i] = vec[(b * m_ + i) * k + c];
@@ -193,6 +221,7 @@ class CpuBackend final : public LanczosBackend {
   std::vector<double> coef_;
   std::vector<unsigned char> pbuf_;  // compacted costate columns of the active blocks
   std::vector<T> vbuf_, wbuf_;
+  std::unique_ptr<T[]> av_;  // [max_steps, B, m] A v_t (matrix-free with true_residuals only)
   T* basis_ = nullptr;
   T* w_ = nullptr;
 };

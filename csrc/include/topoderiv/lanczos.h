@@ -45,8 +45,9 @@ struct LanczosParams {
   double* anorm_host = nullptr;    // [B] HOST memory, always: the norm the stop test used, max |Ritz
                                    // value| ~ ||A||_2 (over the norm group), written by the driver
                                    // (not the backend); may be nullptr
-  void* true_residuals = nullptr;  // [B, k] dtype, optional (dense CPU backend only): the explicit
-                                   // ||A y - theta y|| computed while the matrix is in cache
+  void* true_residuals = nullptr;  // [B, k] dtype, optional (CPU backend only): the explicit
+                                   // ||A y - theta y||, dense: computed while the matrix is in
+                                   // cache; matrix-free: from the stored A v_t (no extra pass)
   void* workspace = nullptr;       // lanczos_workspace_elems(*this) elements of dtype
   int num_threads = 1;
   void* stream = nullptr;
