@@ -54,9 +54,8 @@ class CpuBackend final : public LanczosBackend {
     w_ = ws + layout_.w;
     coef_.assign(static_cast<size_t>(nt_ * (P.max_steps + 1)), 0.0);
     // matrix-free: keep every A v_t, so that finish() gets A y = sum_t s_t A v_t for the explicit
-    // residual without applying the operator again
-    // (uninitialised: row (t, b) is written at every step t that problem b is active, and finish()
-    // reads only those)
+    // residual without applying the operator again. Left uninitialised: row (t, b) is written at
+    // every step t at which problem b is active, and finish() reads only those rows.
     if (P.matrix_free() && P.true_residuals != nullptr)
       av_.reset(new T[static_cast<size_t>(P.max_steps * B_ * m_)]);
   }
