@@ -2,7 +2,8 @@
 
 Every method trains the same :class:`topoderiv.models.ResidualMLP` family with the same optimiser
 (the budget's: Adam by default, or SGD with momentum) and learning rate, the same mini-batches (a
-loader seeded with the run's seed) and the same TOTAL number of epochs, ``budget.epochs_per_round * (budget.rounds + 1)``:
+loader seeded with the run's seed) and the same TOTAL number of epochs,
+``budget.epochs_per_round * (budget.rounds + 1)``:
 
 ``topological``
     Topological-derivative growth (:class:`topoderiv.growth.TopologicalStrategy`): insert where
