@@ -305,7 +305,8 @@ def test_topk_dense_and_matfree_agree(gen):
 
 
 def test_choose_route_cost_model():
-    assert ops.choose_route(8192, 64, 64) == "dense"
+    assert ops.choose_route(8192, 32, 64) == "dense"  # m = 33 < 4 x 12 steps
+    assert ops.choose_route(8192, 64, 64) == "matfree"
     assert ops.choose_route(8192, 256, 256) == "matfree"
     assert ops.choose_route(4096, 1024, 1024) == "matfree"  # 4 GB of blocks: never dense
     assert ops.choose_route(100, 2000, 300) == "matfree"

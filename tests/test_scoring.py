@@ -241,7 +241,7 @@ def test_warm_started_matfree_scoring_is_accurate_and_starts_close():
     from topoderiv import reference
     from topoderiv.scoring import subspace_start
 
-    # wide enough (m = 161 >= 128) for the matrix-free solves to start from subspace_start
+    # wide enough (m = 161 >= 64) for the matrix-free solves to start from subspace_start
     g = torch.Generator().manual_seed(11)
     torch.manual_seed(11)
     model = ResidualMLP(6, 160, 2, 2)
