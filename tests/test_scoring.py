@@ -262,6 +262,13 @@ def test_warm_started_matfree_scoring_is_accurate_and_starts_close():
     v0 = subspace_start(u, p, True)
     cos = (v0 * v[:, :, 0]).sum(1).abs() / v0.norm(dim=1)
     assert float(cos.median()) > 0.99  # a random start: ~0.06
+    # tokens [B, T, d], LayerNorm feature, no bias column (m = 80): warm-started too
+    tmodel, tx, ty = _problem(4, width=80, depth=1, n=40, tokens=6, feature="layernorm", bias=False)
+    tref = score(tmodel, (tx, ty), F.mse_loss, backend="torch")
+    trep = score(copy.deepcopy(tmodel).float(), (tx.float(), ty.float()), F.mse_loss, route="matfree")
+    for a, b in zip(tref.points, trep.points):
+        assert b.route == "matfree" and b.converged and b.phi.shape == (80, 80)
+        assert b.mu == pytest.approx(a.mu, rel=2e-4)
     # low-rank activations (rank 20 < 32): the subspace holds every top eigenvector (up to the 1% mix)
     u = torch.randn(500, 20, generator=g, dtype=torch.float64) @ torch.randn(20, 150, generator=g, dtype=torch.float64)
     p = torch.randn(500, 7, generator=g, dtype=torch.float64)
@@ -269,6 +276,10 @@ def test_warm_started_matfree_scoring_is_accurate_and_starts_close():
     v0 = subspace_start(u, p, True)
     cos = (v0 * v[:, :, 0]).sum(1).abs() / v0.norm(dim=1)
     assert float(cos.min()) > 0.999
+    # the same with a token dimension ([B, T, d]: samples x tokens are the rows)
+    v0t = subspace_start(u.reshape(50, 10, 150), p.reshape(50, 10, 7), True)
+    cos = (v0t * v[:, :, 0]).sum(1).abs() / v0t.norm(dim=1)
+    assert v0t.shape == (7, 151) and float(cos.min()) > 0.999
 
 
 def test_float32_model_scores_close_to_float64():

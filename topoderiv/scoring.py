@@ -260,7 +260,7 @@ _WARM_MIN_M = 2 * _WARM_RANK
 
 
 def subspace_start(u: Tensor, q: Tensor, bias: bool, rank: int = _WARM_RANK) -> Tensor:
-    """Warm-start vectors ``[n, m]`` for the top eigenvectors of the blocks of ``(u, q)``.
+    """Warm-start vectors ``[n, m]`` for the top eigenvectors of the blocks of ``(u [..., d], q [..., n])``.
 
     Rayleigh-Ritz in one subspace shared by all blocks: ``V`` = the ``rank`` leading right singular
     vectors of ``Xt = [u, 1]`` (``[N, m]``); each block is projected, ``C_r = V^T B_r V =
@@ -271,7 +271,8 @@ def subspace_start(u: Tensor, q: Tensor, bias: bool, rank: int = _WARM_RANK) -> 
     matrix-free Lanczos needs about half the steps, and fewer blocks misconverge. 1% of a seeded
     random direction is mixed in, so a top eigenvector outside the subspace is still reached.
     """
-    u = u.to(torch.float64 if u.dtype == torch.float64 else torch.float32)
+    u = u.reshape(-1, u.shape[-1]).to(torch.float64 if u.dtype == torch.float64 else torch.float32)
+    q = q.reshape(-1, q.shape[-1])  # samples (x tokens) as rows
     xt = torch.cat([u, u.new_ones(u.shape[0], 1)], dim=1) if bias else u
     m = xt.shape[1]
     r = min(int(rank), m)
