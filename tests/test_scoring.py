@@ -237,9 +237,11 @@ def test_matfree_route_agrees_with_dense():
 
 
 @pytest.mark.skipif(not kernels_available(), reason="no _C")
-def test_warm_started_matfree_scoring_is_accurate_and_starts_close():
-    from topoderiv import reference
+def test_warm_started_matfree_scoring_is_accurate_and_starts_close(monkeypatch):
+    from topoderiv import reference, scoring
     from topoderiv.scoring import subspace_start
+
+    warm_start = subspace_start
 
     # wide enough (m = 161 >= 64) for the matrix-free solves to start from subspace_start
     g = torch.Generator().manual_seed(11)
@@ -265,7 +267,10 @@ def test_warm_started_matfree_scoring_is_accurate_and_starts_close():
     # tokens [B, T, d], LayerNorm feature, no bias column (m = 80): warm-started too
     tmodel, tx, ty = _problem(4, width=80, depth=1, n=40, tokens=6, feature="layernorm", bias=False)
     tref = score(tmodel, (tx, ty), F.mse_loss, backend="torch")
-    trep = score(copy.deepcopy(tmodel).float(), (tx.float(), ty.float()), F.mse_loss, route="matfree")
+    starts = []
+    monkeypatch.setattr(scoring, "subspace_start", lambda *a: starts.append(a[0].shape) or warm_start(*a))
+    trep = score(copy.deepcopy(tmodel).float(), (tx.float(), ty.float()), F.mse_loss)
+    assert starts == [(40, 6, 80)] * len(trep.points)  # auto chose matrix-free and warm-started it
     for a, b in zip(tref.points, trep.points):
         assert b.route == "matfree" and b.converged and b.phi.shape == (80, 80)
         assert b.mu == pytest.approx(a.mu, rel=2e-4)

@@ -302,9 +302,10 @@ def _solve(acc: _PointAcc, S: int, k: int, route: str, backend: str, tol: Option
         u = acc.us[0] if len(acc.us) == 1 else torch.cat(acc.us, dim=0)
         q = (acc.qs[0] if len(acc.qs) == 1 else torch.cat(acc.qs, dim=0)) / S
         if backend == "kernels":
-            m = u.shape[1] + int(acc.bias)
-            if route == "auto":
-                route = ops.choose_route(u.shape[0], u.shape[1], q.shape[1], bias=acc.bias, k=k,
+            d = u.shape[-1]
+            m = d + int(acc.bias)
+            if route == "auto":  # rows = samples (x tokens)
+                route = ops.choose_route(u.numel() // max(d, 1), d, q.shape[-1], bias=acc.bias, k=k,
                                          itemsize=8 if fp64 else 4)
             v0 = None
             if route == "matfree" and k == 1 and m >= _WARM_MIN_M:
