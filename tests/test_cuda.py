@@ -109,7 +109,7 @@ def test_lanczos_cuda_start_vectors(dtype):
     res = td.lanczos_topk(a.cuda(), 1, v0=v0.cuda())
     cpu = td.lanczos_topk(a, 1, v0=v0)
     assert res.converged.all()
-    assert torch.equal(res.steps.cpu(), cpu.steps)
+    assert ((res.steps.cpu() - cpu.steps).abs() <= 1).all()  # reduction order may move a stop by one
     assert (res.steps[1:].cpu() < res.steps[0].cpu()).all()
     assert rel(res.values, torch.full((6, 1), 4.0, dtype=torch.float64)) < (1e-5 if dtype == torch.float32 else 1e-10)
 

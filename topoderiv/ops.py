@@ -34,9 +34,12 @@ _ACC_DTYPES = (torch.float32, torch.float64)
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 _ROUTES = ("auto", "dense", "matfree")
 # Lanczos steps per block the cost model assumes: real sensitivity spectra converge in about 10
-# and the matrix-free route applies the operator to the unconverged blocks only (measured mean
-# 9-10 steps at width 256 in benchmarks/RESULTS.md).
+# and the CPU matrix-free route applies the operator to the unconverged blocks only (measured mean
+# 9-10 steps at width 256 in benchmarks/RESULTS.md; the CUDA route applies it to every block, so
+# this is optimistic there).
 _EXPECTED_STEPS = 12
+# largest store of A v_t (steps x n x m) the CPU matrix-free Lanczos keeps for explicit residuals
+_MF_RESIDUAL_BYTES = 512 * 2**20
 
 
 def has_cuda_kernels() -> bool:
@@ -222,8 +225,9 @@ def _run_lanczos(
         return values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid
     cuda = device.type == "cuda"
     # the CPU backend computes the explicit residuals itself: dense in cache, matrix-free from the
-    # A v_t it applied (no extra pass over the data)
-    in_kernel_residual = not cuda
+    # A v_t it applied (no extra pass over the data, but as much memory again as the Krylov basis:
+    # above _MF_RESIDUAL_BYTES the residuals take k extra operator applications instead)
+    in_kernel_residual = not cuda and (mf is None or steps * B * m * dtype.itemsize <= _MF_RESIDUAL_BYTES)
     if mf is None:
         assert a is not None
         op = (0, 0, 0, 0, 0, 0, 0, 0, True, 0)
@@ -424,9 +428,14 @@ def _check_v0(fn: str, v0: Optional[Tensor], shape: Tuple[int, ...], dtype: torc
         raise ValueError(f"{fn}: v0 must have shape {list(shape)}, got {list(v0.shape)}")
     if v0.device != device:
         raise ValueError(f"{fn}: v0 must be on the same device as the operator ({device}), got {v0.device}")
-    v0 = v0.detach().to(dtype).contiguous()
+    v0 = v0.detach()
     _check_finite(fn, "v0", v0)
-    return v0
+    # normalise each row in float64 (scaled by its max first): any magnitude, no overflow or
+    # underflow in the kernels' working dtype; all-zero rows stay zero (random start)
+    v = v0.to(torch.float64)
+    v = v / v.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    v = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    return v.to(dtype).contiguous()
 
 
 def _residual_floor(m: int, dtype: torch.dtype) -> float:
@@ -474,9 +483,12 @@ def lanczos_topk(
             matrix's own (the batch is the blocks of ONE block-diagonal operator Q, whose norm is
             that max): blocks with small norms then stop sooner. ``norm`` reports the shared norm.
         v0: optional start vectors ``[B, m]`` (``[m]`` for a 2-D ``a``), any float dtype, finite,
-            on ``a``'s device; need not be normalised. A good guess of the top eigenvector (a warm
-            start) cuts the steps; an all-zero row starts from the seeded random vector. The
-            results do not depend on ``v0`` beyond the tolerance.
+            on ``a``'s device, any scale (rows are normalised). A good guess of the top
+            eigenvector (a warm start) cuts the steps; an all-zero row starts from the seeded
+            random vector. A start must have a non-negligible component along the wanted
+            eigenvectors: one that is (within tol) another eigenvector stops there, reported as
+            converged, as in every Krylov method. Mix in a little of a random vector when unsure
+            (:func:`topoderiv.scoring.subspace_start` mixes in 1%).
 
     Returns:
         :class:`LanczosResult`, which unpacks as ``values [B, k], vectors [B, m, k]`` (no batch dim
@@ -552,8 +564,10 @@ def choose_route(N: int, d: int, n: int, *, bias: bool = True, k: int = 1,
     """Cost model of METHOD.md section 5: ``"dense"`` or ``"matfree"``.
 
     Dense: ``N n m(m+1)/2`` multiply-adds for the symmetric blocks, ``n m^2`` memory, then Lanczos
-    on the blocks (``steps n m^2``). Matrix-free: ``2 steps N n m`` per solve, O(N m) memory. The
-    dense route is refused when its blocks would exceed ``memory_budget`` bytes.
+    on the blocks (``steps n m^2``). Matrix-free: ``2 steps N n m`` per solve; memory: the data
+    plus the Krylov basis (``steps n m``; twice that on the CPU, which keeps every ``A v`` for
+    the explicit residuals up to 512 MB). The dense route is refused when its blocks would exceed
+    ``memory_budget`` bytes.
     """
     m = d + int(bias)
     steps = max(_EXPECTED_STEPS, 2 * k + 8)

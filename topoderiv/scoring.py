@@ -415,8 +415,8 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
             The model's modes are restored afterwards.
         max_batches: use at most this many batches of ``data``.
         tol: relative residual tolerance of the eigen-solves (kernels backend); default 1e-4 for
-            float32/bfloat16 models (1e-3 for matrix-free solves, which start from
-            :func:`subspace_start`) and 1e-10 for float64 ones. A residual ``r`` gives eigenvalue
+            float32/bfloat16 models (1e-3 for the matrix-free solves that start from
+            :func:`subspace_start`: ``k = 1`` and ``m >= 64``) and 1e-10 for float64 ones. A residual ``r`` gives eigenvalue
             errors ~ ``r^2 / gap`` and eigenvector angles ~ ``r / gap``: these are far below what
             the choice of point and the eps search can resolve.
 
