@@ -26,7 +26,8 @@ struct LanczosParams {
   // 1 = every problem relative to its own norm.
   int64_t norm_group = 1;
   uint64_t seed = 0;
-  // Optional start vectors [B, m] (dtype, contiguous): problem b starts from v0[b] (normalised)
+  // Optional start vectors [B, m] (dtype, contiguous): problem b starts from v0[b] (normalised
+  // here in dtype: pass rows of order-1 scale; topoderiv/ops.py normalises them in double)
   // instead of its seeded random vector; an all-zero row falls back to the random one. Only the
   // first start uses v0: restarts after an invariant subspace draw seeded random vectors.
   const void* v0 = nullptr;
