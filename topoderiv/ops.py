@@ -238,9 +238,10 @@ def _run_lanczos(
               p.shape[1], bool(bias), _DTYPE_CODE[x.dtype])
         ptr_a = 0
     n_ws = _lib().lanczos_workspace_elems(B, m, k, steps, ptr_a == 0, cuda, op[5], op[7], op[4])
-    # matrix-free steps apply the operator to every block, converged ones included, whose later
-    # basis slots are never written: zero them so no uninitialised memory is read
-    ws = (torch.empty if mf is None else torch.zeros)(n_ws, dtype=dtype, device=device)
+    # CUDA matrix-free steps apply the operator to every block, converged ones included, whose
+    # later basis slots are never written: zero them so no uninitialised memory is read (the CPU
+    # backend zeroes those slots itself, one step at a time)
+    ws = (torch.zeros if mf is not None and cuda else torch.empty)(n_ws, dtype=dtype, device=device)
     _lib().lanczos_topk(
         device.type, ptr_a, *op, B, m, k, steps, float(tol), int(seed), max(1, int(norm_group)),
         v0.data_ptr() if v0 is not None else 0, _DTYPE_CODE[dtype],

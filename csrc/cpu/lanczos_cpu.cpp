@@ -73,6 +73,11 @@ class CpuBackend final : public LanczosBackend {
         if (active_[b]) act.push_back(b);
       const int64_t na = static_cast<int64_t>(act.size());
       if (op.batch != 1 || na * 5 >= B_ * 4) {
+        // every block is applied: the slots of converged blocks were never written (the workspace
+        // is not initialised), zero them so their discarded products read defined values
+        if (na < B_)
+          for (int64_t b = 0; b < B_; ++b)
+            if (!active_[b]) std::fill(V(j, b), V(j, b) + m_, T(0));
         op.v = V(j, 0);
         op.out = w_;
         sensitivity_matvec_cpu(op);
