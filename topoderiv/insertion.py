@@ -56,9 +56,21 @@ def _check_phi(fn: str, phi: object, n: int, m: int) -> Tensor:
     return phi.detach()
 
 
-def _scaled(phi_part: Tensor, eps: float, like: Tensor) -> Tensor:
-    """``eps * phi_part`` in ``like``'s dtype/device (the same arithmetic in insert and search_eps)."""
-    return phi_part.to(device=like.device, dtype=like.dtype) * eps
+def _scaled_params(linear: nn.Linear, phi: Tensor, eps: float) -> Dict[str, Tensor]:
+    """``{"weight": eps * phi[:, :d], "bias": eps * phi[:, d]}`` (no bias entry for a layer without
+    one) in the layer's dtype/device: the same arithmetic in insert and search_eps."""
+    d = linear.in_features
+    out = {"weight": phi[:, :d].to(device=linear.weight.device, dtype=linear.weight.dtype) * eps}
+    if linear.bias is not None:
+        out["bias"] = phi[:, d].to(device=linear.bias.device, dtype=linear.bias.dtype) * eps
+    return out
+
+
+@torch.no_grad()
+def _assign(linear: nn.Linear, phi: Tensor, eps: float) -> None:
+    """Sets ``[W | b] = eps * phi`` in place."""
+    for name, value in _scaled_params(linear, phi, eps).items():
+        getattr(linear, name).copy_(value)
 
 
 def prepare_block(model: nn.Module, point: int, phi: Any, eps: float, fn: str = "insert"
@@ -86,11 +98,7 @@ def prepare_block(model: nn.Module, point: int, phi: Any, eps: float, fn: str = 
     phi_t = _check_phi(fn, phi, n, d + int(has_bias))
     ref = _reference_param(model, linear.weight)
     block = block.to(device=ref.device, dtype=ref.dtype)
-    linear = block.linear
-    with torch.no_grad():
-        linear.weight.copy_(_scaled(phi_t[:, :d], eps, linear.weight))
-        if has_bias:
-            linear.bias.copy_(_scaled(phi_t[:, d], eps, linear.bias))
+    _assign(block.linear, phi_t, eps)
     block.topoderiv_inserted = True  # recorded by checkpoints
     return block, phi_t
 
@@ -156,9 +164,6 @@ def insert(model: nn.Module, point: int, phi: Union[Tensor, PointScore], eps: fl
 def _suffix_losses(model: nn.Module, point: int, h: Tensor, y: Any, block: nn.Module, phi: Tensor,
                    eps_list: Sequence[float], loss_fn: Callable[[Tensor, Any], Tensor], fn: str) -> List[float]:
     """Batch losses for every eps, evaluating only the new block and the model's suffix."""
-    linear = block.linear
-    d = linear.in_features
-    has_bias = linear.bias is not None
     B = h.shape[0]
     per = max(1, _CHUNK_ELEMS // max(1, h.numel()))
     out: List[float] = []
@@ -169,9 +174,7 @@ def _suffix_losses(model: nn.Module, point: int, h: Tensor, y: Any, block: nn.Mo
             if e == 0.0:
                 hs.append(h)
                 continue
-            params = {"linear.weight": _scaled(phi[:, :d], e, linear.weight)}
-            if has_bias:
-                params["linear.bias"] = _scaled(phi[:, d], e, linear.bias)
+            params = {f"linear.{k}": v for k, v in _scaled_params(block.linear, phi, e).items()}
             hs.append(functional_call(block, params, (h,)))
         res = model.forward_from(point, torch.cat(hs, dim=0) if len(hs) > 1 else hs[0])
         for g in range(len(chunk)):
@@ -183,18 +186,12 @@ def _suffix_losses(model: nn.Module, point: int, h: Tensor, y: Any, block: nn.Mo
 def _full_losses(model: nn.Module, point: int, x: Tensor, y: Any, block: nn.Module, phi: Tensor,
                  eps_list: Sequence[float], loss_fn: Callable[[Tensor, Any], Tensor], fn: str) -> List[float]:
     """Fallback without ``forward_from``: temporarily inserts the block and runs the whole model."""
-    linear = block.linear
-    d = linear.in_features
-    has_bias = linear.bias is not None
     out: List[float] = []
     blocks = model.blocks
     blocks.insert(point, block)
     try:
         for e in eps_list:
-            with torch.no_grad():
-                linear.weight.copy_(_scaled(phi[:, :d], e, linear.weight))
-                if has_bias:
-                    linear.bias.copy_(_scaled(phi[:, d], e, linear.bias))
+            _assign(block.linear, phi, e)
             out.append(float(check_loss(fn, loss_fn(model(x), y))))
     finally:
         del blocks[point]
