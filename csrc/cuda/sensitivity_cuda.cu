@@ -196,6 +196,33 @@ constexpr int kGT = 64;  // GEMM output tile (both dimensions)
 constexpr int kGK = 16;  // GEMM reduction chunk
 constexpr int64_t kMinSplitRows = 1024;  // second GEMM: fewest rows per split of the sum over N
 
+// The 4 x 4 register tile of the two matvec GEMMs (16 x 16 threads, a 64 x 64 output tile): over
+// one staged chunk, acc[u][w] += sum_k a[k][ty + 16 u] * b[k][tx + 16 w].
+template <typename Acc, int LD>
+__device__ __forceinline__ void tile_fma(const Acc (&a)[kGK][LD], const Acc (&b)[kGK][LD], int ty, int tx,
+                                         Acc (&acc)[4][4]) {
+#pragma unroll
+  for (int k = 0; k < kGK; ++k) {
+    Acc av[4], bv[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) av[u] = a[k][ty + 16 * u];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) bv[w] = b[k][tx + 16 * w];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) acc[u][w] += av[u] * bv[w];
+  }
+}
+
+template <typename Acc>
+__device__ __forceinline__ void tile_zero(Acc (&acc)[4][4]) {
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int w = 0; w < 4; ++w) acc[u][w] = Acc(0);
+}
+
 // Streaming multiprocessors of the current device (for grid sizing only; 1 if unknown).
 int64_t num_sms() {
   int dev = 0, sms = 0;
@@ -228,10 +255,7 @@ matvec_y_kernel(const Tin* __restrict__ x, int64_t x_rstride, int64_t x_bstride,
       for (int64_t rt = blockIdx.y; rt < r_tiles; rt += gridDim.y) {
         const int64_t s0 = st * kGT, r0 = rt * kGT;
         Acc acc[4][4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-#pragma unroll
-          for (int w = 0; w < 4; ++w) acc[u][w] = Acc(0);
+        tile_zero(acc);
 
         for (int64_t k0 = 0; k0 < m; k0 += kGK) {
           __syncthreads();
@@ -242,18 +266,7 @@ matvec_y_kernel(const Tin* __restrict__ x, int64_t x_rstride, int64_t x_bstride,
             vs[k][rowl] = (r < n && i < m) ? vb[r * m + i] : Acc(0);
           }
           __syncthreads();
-#pragma unroll
-          for (int k = 0; k < kGK; ++k) {
-            Acc a[4], c[4];
-#pragma unroll
-            for (int u = 0; u < 4; ++u) a[u] = xs[k][ty + 16 * u];
-#pragma unroll
-            for (int w = 0; w < 4; ++w) c[w] = vs[k][tx + 16 * w];
-#pragma unroll
-            for (int u = 0; u < 4; ++u)
-#pragma unroll
-              for (int w = 0; w < 4; ++w) acc[u][w] += a[u] * c[w];
-          }
+          tile_fma(xs, vs, ty, tx, acc);
         }
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
@@ -301,10 +314,7 @@ matvec_out_kernel(const Tin* __restrict__ x, int64_t x_rstride, int64_t x_bstrid
       for (int64_t rt = blockIdx.y; rt < r_tiles; rt += gridDim.y) {
         const int64_t i0 = it * kGT, r0 = rt * kGT;
         Acc acc[4][4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-#pragma unroll
-          for (int w = 0; w < 4; ++w) acc[u][w] = Acc(0);
+        tile_zero(acc);
 
         for (int64_t s0 = s_begin; s0 < s_end; s0 += kGK) {
           __syncthreads();
@@ -317,18 +327,7 @@ matvec_out_kernel(const Tin* __restrict__ x, int64_t x_rstride, int64_t x_bstrid
             xs[k][col] = load_xt<Acc>(xb, x_rstride, s, i0 + col, s_end, d, m);
           }
           __syncthreads();
-#pragma unroll
-          for (int k = 0; k < kGK; ++k) {
-            Acc a[4], c[4];
-#pragma unroll
-            for (int u = 0; u < 4; ++u) a[u] = zs[k][ty + 16 * u];
-#pragma unroll
-            for (int w = 0; w < 4; ++w) c[w] = xs[k][tx + 16 * w];
-#pragma unroll
-            for (int u = 0; u < 4; ++u)
-#pragma unroll
-              for (int w = 0; w < 4; ++w) acc[u][w] += a[u] * c[w];
-          }
+          tile_fma(zs, xs, ty, tx, acc);
         }
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
