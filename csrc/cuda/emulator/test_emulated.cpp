@@ -47,6 +47,25 @@ struct Data {
   int64_t x_rstride, x_bstride, p_rstride, p_bstride;
 };
 
+// The data fields shared by SensitivityBlocksParams and SensitivityMatvecParams.
+template <typename Params>
+static void set_data(Params& P, const Data& D, DType tin, DType tacc, int64_t batch, int64_t N, int64_t d,
+                     int64_t n, bool bias) {
+  P.batch = batch;
+  P.N = N;
+  P.d = d;
+  P.n = n;
+  P.bias = bias;
+  P.x = D.x.data();
+  P.x_rstride = D.x_rstride;
+  P.x_bstride = D.x_bstride;
+  P.p = D.p.data();
+  P.p_rstride = D.p_rstride;
+  P.p_bstride = D.p_bstride;
+  P.in_dtype = tin;
+  P.acc_dtype = tacc;
+}
+
 static size_t esize(DType t) { return t == DType::kFloat64 ? 8 : (t == DType::kFloat32 ? 4 : 2); }
 
 static double store(unsigned char* base, DType t, int64_t idx, double v) {
@@ -114,20 +133,8 @@ static void test_blocks(DType t, int64_t batch, int64_t N, int64_t d, int64_t n,
     od[e] = out0[e];
   }
   SensitivityBlocksParams P;
-  P.batch = batch;
-  P.N = N;
-  P.d = d;
-  P.n = n;
-  P.bias = bias;
-  P.x = D.x.data();
-  P.x_rstride = D.x_rstride;
-  P.x_bstride = D.x_bstride;
-  P.p = D.p.data();
-  P.p_rstride = D.p_rstride;
-  P.p_bstride = D.p_bstride;
+  set_data(P, D, t, f64 ? DType::kFloat64 : DType::kFloat32, batch, N, d, n, bias);
   P.out = f64 ? static_cast<void*>(od.data()) : static_cast<void*>(of.data());
-  P.in_dtype = t;
-  P.acc_dtype = f64 ? DType::kFloat64 : DType::kFloat32;
   sensitivity_blocks_cuda(P);
   double maxerr = 0, maxref = 0;
   bool sym = true;
@@ -169,22 +176,10 @@ static void test_matvec(DType t, int64_t batch, int64_t N, int64_t d, int64_t n,
   std::vector<float> vf(v.begin(), v.end()), of(batch * n * m, NAN), wf(batch * N * n + 1, NAN);
   std::vector<double> od(batch * n * m, NAN), wd(batch * N * n + 1, NAN);
   SensitivityMatvecParams P;
-  P.batch = batch;
-  P.N = N;
-  P.d = d;
-  P.n = n;
-  P.bias = bias;
-  P.x = D.x.data();
-  P.x_rstride = D.x_rstride;
-  P.x_bstride = D.x_bstride;
-  P.p = D.p.data();
-  P.p_rstride = D.p_rstride;
-  P.p_bstride = D.p_bstride;
+  set_data(P, D, t, f64 ? DType::kFloat64 : DType::kFloat32, batch, N, d, n, bias);
   P.v = f64 ? static_cast<const void*>(v.data()) : static_cast<const void*>(vf.data());
   P.out = f64 ? static_cast<void*>(od.data()) : static_cast<void*>(of.data());
   P.workspace = f64 ? static_cast<void*>(wd.data()) : static_cast<void*>(wf.data());
-  P.in_dtype = t;
-  P.acc_dtype = f64 ? DType::kFloat64 : DType::kFloat32;
   sensitivity_matvec_cuda(P);
   double maxerr = 0, maxref = 0;
   for (int64_t b = 0; b < batch; ++b)
@@ -300,19 +295,7 @@ static void test_lanczos_mf(DType tin, int64_t batch, int64_t N, int64_t d, int6
   P.tol = sizeof(T) == 8 ? 1e-10 : 1e-5;
   P.seed = 3;
   P.dtype = dt;
-  P.op.batch = batch;
-  P.op.N = N;
-  P.op.d = d;
-  P.op.n = n;
-  P.op.bias = true;
-  P.op.x = D.x.data();
-  P.op.x_rstride = D.x_rstride;
-  P.op.x_bstride = D.x_bstride;
-  P.op.p = D.p.data();
-  P.op.p_rstride = D.p_rstride;
-  P.op.p_bstride = D.p_bstride;
-  P.op.in_dtype = tin;
-  P.op.acc_dtype = dt;
+  set_data(P.op, D, tin, dt, batch, N, d, n, true);
   std::vector<T> vals(B * k), vecs(B * m * k), res(B * k), ws(lanczos_workspace_layout(P, true).total);
   std::vector<int32_t> steps(B);
   P.values = vals.data();
