@@ -21,9 +21,9 @@ import torch
 
 import topoderiv as td
 from topoderiv import scoring
-from topoderiv.capture import capture_all
+from topoderiv.sites.capture import capture_all
 from topoderiv.models import ResidualMLP
-from topoderiv.training import fit
+from topoderiv.growth.training import fit
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _harness import interleaved, machine, table  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from topoderiv.activations import TDActivation, activation_spec, check_admissible, get_activation
+from topoderiv.method.activations import TDActivation, activation_spec, check_admissible, get_activation
 
 
 def _fd_derivatives(f, h=1e-3):

@@ -6,20 +6,11 @@ import math
 import pytest
 import torch
 
-from topoderiv.baselines import (
-    DEFAULT_METHODS,
-    METHODS,
-    Comparison,
-    ForwardThinking,
-    IdentityInsertion,
-    RandomInsertion,
-    compare,
-    make_budget,
-    run_method,
-)
+from topoderiv.experiments.compare import DEFAULT_METHODS, METHODS, Comparison, compare, make_budget, run_method
+from topoderiv.growth import ForwardThinking, IdentityInsertion, RandomInsertion
 from topoderiv.growth import Grower, InsertionStrategy
 from topoderiv.models import ResidualMLP
-from topoderiv.tasks import get_task
+from topoderiv.experiments.tasks import get_task
 
 TINY = {"width": 8, "epochs_per_round": 1, "rounds": 2, "batch_size": 32}
 
@@ -163,7 +154,7 @@ def test_run_method_honours_the_budget(task):
 
 
 def test_run_method_sgd_budget(task):
-    from topoderiv.tasks import ModelConfig
+    from topoderiv.experiments.tasks import ModelConfig
 
     r = run_method(task, "random", 0, budget={"epochs_per_round": 1, "rounds": 1, "optimizer": "sgd", "lr": 0.02},
                    keep_model=True)
@@ -222,7 +213,7 @@ def test_methods_registry():
 def test_topological_all_rows_is_the_scorer_rule_all():
     """TopologicalAllRows is TopologicalStrategy(rule="all") under its own method name; its config
     rebuilds it (checkpoint resume)."""
-    from topoderiv.baselines import TopologicalAllRows
+    from topoderiv.growth import TopologicalAllRows
     from topoderiv.growth import TopologicalStrategy
 
     strat = TopologicalAllRows(backend="torch", max_tries=2)
@@ -236,7 +227,7 @@ def test_topological_all_rows_is_the_scorer_rule_all():
 
 
 def test_topological_all_rows_inserts_a_wide_block(task):
-    from topoderiv.baselines import TopologicalAllRows
+    from topoderiv.growth import TopologicalAllRows
 
     model = _model(task)
     g = _grower(task, model, TopologicalAllRows(backend="torch"))

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import topoderiv
-from topoderiv.checkpoint import load, load_checkpoint, restore_optimizer, save
+from topoderiv.growth.checkpoint import load, load_checkpoint, restore_optimizer, save
 from topoderiv.growth import GrowthHistory, RoundRecord
-from topoderiv.insertion import insert, insert_block
+from topoderiv.growth.insertion import insert, insert_block
 from topoderiv.models import ResidualBlock, ResidualMLP
 
 
@@ -31,7 +31,7 @@ def test_insert_save_load_roundtrip_identical_outputs(tmp_path, dtype):
     path = save(model, tmp_path / "ck")
     assert (path / "model.safetensors").is_file() and (path / "model.json").is_file()
     arch = json.loads((path / "model.json").read_text())
-    assert arch["class"] == "topoderiv.models:ResidualMLP" and arch["config"]["depth"] == 5
+    assert arch["class"] == "topoderiv.models.mlp:ResidualMLP" and arch["config"]["depth"] == 5
     assert arch["inserted"] == [0, 2, 3]  # [n2, o0, n1, n3, o1] after inserting at 1, 0, 3
     loaded = load(path)
     assert type(loaded) is ResidualMLP and len(loaded.blocks) == 5

@@ -24,8 +24,8 @@ def test_grow_writes_history_plots_and_model(tmp_path, capsys):
     assert hist["format"] == "topoderiv-growth-history" and hist["rounds"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["task"] == "regression"
-    from topoderiv.checkpoint import load
-    from topoderiv.tasks import get_task
+    from topoderiv.growth.checkpoint import load
+    from topoderiv.experiments.tasks import get_task
 
     model = load(out / "model")
     assert len(model.blocks) == metrics["depth"]

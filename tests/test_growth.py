@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import topoderiv
-from topoderiv.growth import GrowthHistory, Grower, InsertionStrategy, Proposal, grow
+from topoderiv.growth import GrowthHistory, Grower, InsertionStrategy, Proposal, TopologicalStrategy, grow
 from topoderiv.models import ResidualBlock, ResidualMLP
-from topoderiv.training import evaluate, fit
+from topoderiv.growth.training import evaluate, fit
 
 
 def _data(seed=0, n=256, batch=64):
@@ -170,8 +170,10 @@ def test_custom_block_proposal_and_bad_proposal_is_atomic():
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"proposal.weight must be a tensor \[n, d_in\] = \[8, 8\]"):
         g.apply(Proposal(0, weight=torch.zeros(8)))
-    with pytest.raises(ValueError, match=r"phi must have shape"):
+    with pytest.raises(ValueError, match=r"proposal.weight must be a tensor \[n, d_in\] = \[8, 8\].*got \[8, 3\]"):
         g.apply(Proposal(0, weight=torch.zeros(8, 3)))
+    with pytest.raises(ValueError, match=r"phi must have shape \[n, m\] = \[8, 9\]"):
+        g.apply(Proposal(0, phi=torch.zeros(8, 3)))
     with pytest.raises(TypeError, match="must return a Proposal"):
         g.apply("block")
     assert len(model.blocks) == 2 and len(g.optimizer.param_groups[0]["params"]) == n_params
@@ -187,8 +189,8 @@ def test_grower_argument_errors():
         Grower(model, "adam", train, val, F.mse_loss)
     with pytest.raises(ValueError, match="patience must be an int >= 1"):
         Grower(model, _adam, train, val, F.mse_loss, patience=0)
-    with pytest.raises(ValueError, match="strategy must be 'topological'"):
-        Grower(model, _adam, train, val, F.mse_loss, strategy="random")
+    with pytest.raises(ValueError, match="strategy must be an InsertionStrategy or one of"):
+        Grower(model, _adam, train, val, F.mse_loss, strategy="no-such-strategy")
     with pytest.raises(TypeError, match="re-iterable"):
         fit(model, torch.optim.SGD(model.parameters(), 0.1), iter(train), F.mse_loss, 1)
     xn = train[0][0].clone()
@@ -222,7 +224,7 @@ def test_resume_from_checkpoint_continues(tmp_path):
 def test_resume_rebuilds_the_topological_strategy_and_keep_best(tmp_path):
     train, val = _data(8)
     model = ResidualMLP(2, 8, 1, 1)
-    g = Grower(model, _adam, train, val, F.mse_loss, rule="multi", eps_grid=[0.05, 0.5], epochs_per_round=1,
+    g = Grower(model, _adam, train, val, F.mse_loss, strategy=TopologicalStrategy(rule="multi", eps_grid=[0.05, 0.5]), epochs_per_round=1,
                max_rounds=0, progress=False, keep_best=True)
     g.run()
     assert g.best_model is not None and g.best_model is not model
@@ -234,12 +236,12 @@ def test_resume_rebuilds_the_topological_strategy_and_keep_best(tmp_path):
 
 
 def test_rule_all_grows_a_wide_block_and_resumes_as_topological_all(tmp_path):
-    from topoderiv.baselines import TopologicalAllRows
+    from topoderiv.growth import TopologicalAllRows
 
     train, val = _data(8)
     torch.manual_seed(0)
     model = ResidualMLP(2, 8, 1, 1)
-    g = Grower(model, _adam, train, val, F.mse_loss, rule="all", epochs_per_round=1, max_rounds=1, patience=5,
+    g = Grower(model, _adam, train, val, F.mse_loss, strategy=TopologicalStrategy(rule="all"), epochs_per_round=1, max_rounds=1, patience=5,
                progress=False)
     h = g.run()
     assert g.strategy.rule == "all"

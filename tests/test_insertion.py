@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topoderiv.insertion import DEFAULT_EPS_GRID, insert, insert_block, remove_block, search_eps
+from topoderiv.growth.insertion import DEFAULT_EPS_GRID, insert, insert_block, remove_block, search_eps
 from topoderiv.models import ResidualBlock, ResidualMLP, candidate_points
-from topoderiv.scoring import score
+from topoderiv.growth.scoring import score
 
 
 def _problem(seed, *, width=8, depth=3, n=40, dtype=torch.float64, **kw):
@@ -74,7 +74,7 @@ def test_failed_insertion_leaves_model_untouched():
     nan = good.clone()
     nan[0, 0] = float("nan")
     cases = [
-        (dict(point=4, phi=good, eps=0.1), ValueError, r"points must be candidate points in \[0, 3\], got 4"),
+        (dict(point=4, phi=good, eps=0.1), ValueError, r"point must be an int candidate point in \[0, 3\] or a site name, got 4"),
         (dict(point=1.0, phi=good, eps=0.1), ValueError, "point must be an int"),
         (dict(point=1, phi=good[:, :8], eps=0.1), ValueError, r"phi must have shape \[n, m\] = \[8, 9\].*got \[8, 8\]"),
         (dict(point=1, phi=nan, eps=0.1), ValueError, "phi must contain only finite values"),
@@ -108,7 +108,7 @@ def test_insert_block_and_remove_block():
         assert torch.equal(model(x), ref)
     with pytest.raises(TypeError, match="block must be an nn.Module"):
         insert_block(model, 0, "block")
-    with pytest.raises(ValueError, match=r"index must be an int in \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"index must name a site followed by a block"):
         remove_block(model, 3)
 
 
@@ -167,7 +167,7 @@ def test_search_eps_none_when_nothing_helps():
     ps = rep.points[0]
     # the eigenvector of the most negative block eigenvalue: the loss goes up at small eps
     xt_phi = torch.zeros_like(ps.phi)
-    from topoderiv.capture import capture_all
+    from topoderiv.sites.capture import capture_all
 
     cap = capture_all(model, (x, y), F.mse_loss, points=[ps.point])
     xt = torch.cat([cap.states[ps.point], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)

@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from topoderiv.activations import TDActivation
-from topoderiv.models import ResidualBlock, ResidualMLP, build_block, block_spec, candidate_points
+from topoderiv.method.activations import TDActivation
+from topoderiv.growth.checkpoint import block_spec, build_block
+from topoderiv.models import ResidualBlock, ResidualMLP, candidate_points
 
 
 def test_residual_block_computes_its_formula():
@@ -24,7 +25,7 @@ def test_residual_block_computes_its_formula():
 def test_residual_mlp_structure_and_forward():
     torch.manual_seed(0)
     m = ResidualMLP(3, 8, 2, 4)
-    assert isinstance(m.blocks, nn.ModuleList) and len(m.blocks) == 4
+    assert isinstance(m.blocks, nn.Sequential) and len(m.blocks) == 4
     assert isinstance(m.head, nn.Linear) and m.head.in_features == 8 and m.head.out_features == 2
     assert all(isinstance(b.activation, TDActivation) for b in m.blocks)
     x = torch.randn(6, 3)

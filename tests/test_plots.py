@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from topoderiv.baselines import compare
+from topoderiv.experiments.compare import compare
 from topoderiv.growth import GrowthHistory, RoundRecord
-from topoderiv.plots import as_history, plot_comparison, plot_curves, plot_growth, plot_mu
-from topoderiv.tasks import get_task
+from topoderiv.experiments.plots import as_history, plot_comparison, plot_curves, plot_growth, plot_mu
+from topoderiv.experiments.tasks import get_task
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import topoderiv
-from topoderiv.capture import capture_all
-from topoderiv.insertion import insert, insert_block
+from topoderiv.sites.capture import capture_all
+from topoderiv.growth.insertion import insert, insert_block
 from topoderiv.models import ResidualMLP
-from topoderiv.scoring import kernels_available, score
+from topoderiv.growth.scoring import score
+from topoderiv.method.statistic import kernels_available
 
 BACKENDS = ["torch", pytest.param("kernels", marks=pytest.mark.skipif(not kernels_available(), reason="no _C"))]
 
@@ -238,8 +239,9 @@ def test_matfree_route_agrees_with_dense():
 
 @pytest.mark.skipif(not kernels_available(), reason="no _C")
 def test_warm_started_matfree_scoring_is_accurate_and_starts_close(monkeypatch):
-    from topoderiv import reference, scoring
-    from topoderiv.scoring import subspace_start
+    from topoderiv import reference
+    from topoderiv.method import statistic
+    from topoderiv.method.statistic import subspace_start
 
     warm_start = subspace_start
 
@@ -268,9 +270,9 @@ def test_warm_started_matfree_scoring_is_accurate_and_starts_close(monkeypatch):
     tmodel, tx, ty = _problem(4, width=80, depth=1, n=40, tokens=6, feature="layernorm", bias=False)
     tref = score(tmodel, (tx, ty), F.mse_loss, backend="torch")
     starts = []
-    monkeypatch.setattr(scoring, "subspace_start", lambda *a: starts.append(a[0].shape) or warm_start(*a))
+    monkeypatch.setattr(statistic, "subspace_start", lambda *a: starts.append(a[0].shape) or warm_start(*a))
     trep = score(copy.deepcopy(tmodel).float(), (tx.float(), ty.float()), F.mse_loss)
-    assert starts == [(40, 6, 80)] * len(trep.points)  # auto chose matrix-free and warm-started it
+    assert starts == [(40 * 6, 80)] * len(trep.points)  # rows = samples x tokens  # auto chose matrix-free and warm-started it
     for a, b in zip(tref.points, trep.points):
         assert b.route == "matfree" and b.converged and b.phi.shape == (80, 80)
         assert b.mu == pytest.approx(a.mu, rel=2e-4)
@@ -357,7 +359,7 @@ def test_scoring_errors():
         score(model, (x, y), F.mse_loss, rule="best")
     with pytest.raises(ValueError, match="backend must be one of"):
         score(model, (x, y), F.mse_loss, backend="cuda")
-    with pytest.raises(ValueError, match="points must be candidate points"):
+    with pytest.raises(ValueError, match="point must be an int candidate point"):
         score(model, (x, y), F.mse_loss, points=[5])
     with pytest.raises(ValueError, match="at least one non-empty"):
         score(model, [], F.mse_loss)
@@ -371,7 +373,7 @@ def test_scoring_errors():
 @pytest.mark.parametrize("batches", [1, 2])
 def test_unconverged_lanczos_blocks_are_redone_with_eigh(monkeypatch, batches):
     """Blocks the kernels flag as unconverged (simulated: garbage values) are recomputed exactly."""
-    import topoderiv.scoring as sc
+    import topoderiv.method.statistic as sc
 
     model, x, y = _problem(14, depth=1)
     data = (x, y) if batches == 1 else [(x[:20], y[:20]), (x[20:], y[20:])]
@@ -403,7 +405,7 @@ def test_unconverged_lanczos_blocks_are_redone_with_eigh(monkeypatch, batches):
         assert b.converged
         torch.testing.assert_close(b.block_mu, a.block_mu, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(b.phi, a.phi, rtol=1e-6, atol=1e-8)
-    monkeypatch.setattr(sc, "_EIGH_FALLBACK_FLOPS", 0.0)
+    monkeypatch.setattr(sc, "EIGH_FALLBACK_FLOPS", 0.0)
     rep = score(model, data, F.mse_loss, backend="kernels")
     assert not any(p.converged for p in rep.points)
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from topoderiv.tasks import Batches, ModelConfig, available_tasks, get_task, heat_solve, sample_log_kappa
+from topoderiv.experiments.tasks import Batches, ModelConfig, available_tasks, get_task, heat_solve, sample_log_kappa
 
 SMALL = {
     "heat": dict(n_train=64, n_val=16, n_test=32),

@@ -22,21 +22,30 @@ def build_info() -> dict:
     return info
 
 
-# --- growth API (models, scoring, insertion, growth loop): exported below -------------------
-from . import activations, capture, checkpoint, growth, insertion, models, scoring, training  # noqa: E402,F401
-from .activations import TDActivation, check_admissible  # noqa: E402,F401
-from .capture import capture_all, state_at  # noqa: E402,F401
-from .checkpoint import load, load_checkpoint, save  # noqa: E402,F401
+# --- growth API (sites, models, scoring, insertion, growth loop): exported below ------------
+from . import data, growth, method, models, sites  # noqa: E402,F401
 from .growth import (  # noqa: E402,F401
     GrowthHistory,
     Grower,
     InsertionStrategy,
+    PointScore,
     Proposal,
     RoundRecord,
+    ScoreReport,
     TopologicalStrategy,
+    evaluate,
+    fit,
     grow,
+    insert,
+    insert_block,
+    load,
+    load_checkpoint,
+    remove_block,
+    save,
+    score,
+    search_eps,
 )
-from .insertion import insert, insert_block, remove_block, search_eps  # noqa: E402,F401
-from .models import ResidualBlock, ResidualMLP, candidate_points  # noqa: E402,F401
-from .scoring import PointScore, ScoreReport, score  # noqa: E402,F401
-from .training import evaluate, fit  # noqa: E402,F401
+from .method.activations import TDActivation, check_admissible  # noqa: E402,F401
+from .models import ResidualBlock, ResidualMLP  # noqa: E402,F401
+from .sites import SiteSpec, candidate_points, declare, site_at, sites as list_sites  # noqa: E402,F401
+from .sites.capture import capture_all, state_at  # noqa: E402,F401

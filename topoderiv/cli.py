@@ -71,7 +71,7 @@ def _device(text: str) -> str:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    from .tasks import OPTIMIZERS, available_tasks
+    from .experiments.tasks import OPTIMIZERS, available_tasks
 
     p.add_argument("--task", default="heat", choices=available_tasks(), help="built-in task (default: heat)")
     p.add_argument("--data-seed", type=_nonneg_int, default=0, help="seed of the task's data (default 0)")
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs every method with the same budget and seeds; writes results.md, "
                                    "results.json and plots to --out.")
     _add_common(c)
-    from .baselines import DEFAULT_METHODS, METHODS
+    from .experiments.compare import DEFAULT_METHODS, METHODS
 
     c.add_argument("--seeds", type=_nonneg_int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     c.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS), metavar="METHOD",
@@ -140,7 +140,7 @@ def _budget(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _task(args: argparse.Namespace):
-    from .tasks import get_task
+    from .experiments.tasks import get_task
 
     kwargs = {}
     if args.n_train is not None:
@@ -190,9 +190,9 @@ class _RoundPrinter:
 
 
 def cmd_grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .baselines import make_budget, run_method
+    from .experiments.compare import make_budget, run_method
     from .growth import TopologicalStrategy
-    from .plots import plot_growth, plot_mu
+    from .experiments.plots import plot_growth, plot_mu
 
     _setup(args)
     task = _task(args)
@@ -215,7 +215,7 @@ def cmd_grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
     hist = res.history
     hist.meta["command"] = _command_line(argv)
     hist.to_json(out / "history.json")
-    from .checkpoint import save
+    from .growth import save
 
     save(res.model, out / "model", history=hist, optimizer=res.optimizer,
          extra={"task": task.name, "seed": args.seed, "data_seed": args.data_seed, "command": _command_line(argv)})
@@ -257,8 +257,8 @@ def results_markdown(comp: Any, command: str) -> str:
 
 
 def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .baselines import compare
-    from .plots import plot_comparison, plot_curves, plot_growth, plot_mu
+    from .experiments.compare import compare
+    from .experiments.plots import plot_comparison, plot_curves, plot_growth, plot_mu
 
     _setup(args)
     task = _task(args)

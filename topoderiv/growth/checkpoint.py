@@ -28,8 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .growth import GrowthHistory, jsonable
-from .models import block_spec, build_block, check_growable
+from ..sites import check_growable
+from .history import GrowthHistory, jsonable
 
 __all__ = ["save", "load", "load_checkpoint", "Checkpoint", "optimizer_state", "restore_optimizer"]
 
@@ -47,6 +47,18 @@ def _import(path: str) -> Any:
     for part in qual.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def block_spec(block: nn.Module) -> Optional[Dict[str, Any]]:
+    """``{"class": "module:QualName", "config": {...}}`` for a block with ``config()``, else None."""
+    if not hasattr(block, "config") or not callable(block.config):
+        return None
+    return {"class": _class_path(block), "config": block.config()}
+
+
+def build_block(spec: Dict[str, Any]) -> nn.Module:
+    """Inverse of :func:`block_spec`."""
+    return _import(spec["class"])(**spec["config"])
 
 
 def _tensors_for_file(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -160,9 +172,9 @@ def save(model: nn.Module, path: Union[str, Path], *, history: Optional[GrowthHi
     blocks = getattr(model, "blocks", None)
     arch: Dict[str, Any] = {
         "format": _FORMAT, "version": 1, "class": _class_path(model), "config": jsonable(model.config()),
-        "blocks": [block_spec(b) for b in blocks] if isinstance(blocks, nn.ModuleList) else None,
+        "blocks": [block_spec(b) for b in blocks] if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else None,
         "inserted": [i for i, b in enumerate(blocks) if getattr(b, "topoderiv_inserted", False)]
-        if isinstance(blocks, nn.ModuleList) else [],
+        if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else [],
         "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
         "optimizer": None, "scheduler": None, "extra": jsonable(extra or {}),
         "torch": torch.__version__,

@@ -245,7 +245,7 @@ class Task:
         """The task's :class:`topoderiv.models.ResidualMLP` with ``depth`` blocks and ``width``
         (defaults: the config's), initialised from ``torch.manual_seed(seed)`` when a seed is given.
         ``kwargs`` go to ``ResidualMLP`` (activations, bias, feature)."""
-        from .models import ResidualMLP
+        from ..models import ResidualMLP
 
         if seed is not None:
             torch.manual_seed(seed)

@@ -49,24 +49,23 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .growth import (
+from ..growth import (
+    ForwardThinking,
     GrowthHistory,
-    Grower,
     InsertionStrategy,
-    Proposal,
+    Grower,
+    IdentityInsertion,
+    RandomInsertion,
     RoundRecord,
+    TopologicalAllRows,
     TopologicalStrategy,
     count_parameters,
+    evaluate,
+    fit,
 )
-from .models import ResidualBlock, candidate_points
 from .tasks import ModelConfig, Task
-from .training import evaluate, fit
 
 __all__ = [
-    "TopologicalAllRows",
-    "RandomInsertion",
-    "IdentityInsertion",
-    "ForwardThinking",
     "METHODS",
     "DEFAULT_METHODS",
     "RunResult",
@@ -80,173 +79,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # strategies
 
-
-def _linear_shape(model: nn.Module, point: int) -> tuple:
-    """``(n, d_in, has_bias)`` of the block ``model.new_block(point)`` would create."""
-    lin = model.new_block(point).linear
-    return lin.out_features, lin.in_features, lin.bias is not None
-
-
-def _random_point(grower: Grower) -> int:
-    pts = candidate_points(grower.model)
-    return pts[int(torch.randint(len(pts), (1,), generator=grower.generator))]
-
-
-class TopologicalAllRows(TopologicalStrategy):
-    """:class:`topoderiv.growth.TopologicalStrategy` with ``rule="all"`` (our variant, not the
-    paper's rule), under the method name ``"topological_all"``.
-
-    Why: ``Q_l`` is block diagonal, one block ``B_r`` per output unit ``r`` of the new layer. The
-    "top" rule puts all of ``phi`` in the single best row ``r*``; with an admissible activation
-    (``sigma'(0) = 0``) a row that starts at exactly zero gets exactly zero gradient forever, so
-    the inserted block is in effect ONE neuron wide, whatever the width (the reference code's
-    "multi" rule mitigates this with a few rows). Rule ``"all"`` of :func:`topoderiv.score` sets
-    ``phi = sum_r c_r v_r e_r^T`` with ``v_r`` the top eigenvector of ``B_r`` and
-    ``c_r ~ sqrt(max(mu_r, 0))`` (``||phi|| = 1``): every row with ``mu_r > 0`` starts non-zero and
-    trains, and ``phi`` is still a second-order descent direction with gain
-    ``phi^T Q phi = sum_r mu_r^2 / sum_r mu_r`` (at most ``mu``, at least the mean of the positive
-    ``mu_r``). Rows with ``mu_r <= 0`` stay zero (and dead). It is also where training takes a
-    small random block: near ``W = 0`` gradient descent is ``w_r <- (I + lr Q_r) w_r``, power
-    iteration on each row's own block (tests/test_scoring.py checks this), so the rule "all"
-    starts where :class:`RandomInsertion` would arrive after its alignment phase.
-
-    The point is chosen as in :class:`TopologicalStrategy` (largest ``mu``, then the next ones if
-    the eps search finds no decrease), and eps by :func:`topoderiv.search_eps`.
-
-    Args:
-        k, route, backend, eps_grid, max_tries: as :class:`TopologicalStrategy`.
-        rule: must be ``"all"`` (accepted so that a saved :meth:`config` rebuilds the strategy).
-    """
-
-    name = "topological_all"
-
-    def __init__(self, *, rule: str = "all", k: int = 1, route: str = "auto", backend: str = "auto",
-                 eps_grid: Optional[Sequence[float]] = None, max_tries: int = 3) -> None:
-        if rule != "all":
-            raise ValueError(f"TopologicalAllRows: rule must be 'all', got {rule!r}; use TopologicalStrategy")
-        super().__init__(rule="all", k=k, route=route, backend=backend, eps_grid=eps_grid, max_tries=max_tries)
-
-
-class RandomInsertion(InsertionStrategy):
-    """Random point, small random initialisation (the paper's "random layer insertion").
-
-    The block is ``model.new_block(point)`` (the same admissible block the topological method
-    inserts), with ``W ~ N(0, (scale / sqrt(d_in))^2)`` and ``b ~ N(0, (scale / sqrt(d_in))^2)``
-    drawn from the grower's seeded generator. With ``scale = 0.1`` the block starts close to the
-    identity (``sigma(z) ~ z^2 / 2``): the insertion barely changes the function, and training
-    takes it from there. The point is uniform over the candidate points.
-
-    Args:
-        scale: initialisation scale relative to ``1 / sqrt(d_in)`` (1.0 is PyTorch-like size).
-    """
-
-    name = "random"
-
-    def __init__(self, scale: float = 0.1) -> None:
-        super().__init__()
-        if not (scale >= 0 and math.isfinite(scale)):
-            raise ValueError(f"RandomInsertion: scale must be a finite number >= 0, got {scale!r}")
-        self.scale = float(scale)
-
-    def config(self) -> Dict[str, Any]:
-        return {"name": self.name, "scale": self.scale}
-
-    def propose(self, grower: Grower) -> Optional[Proposal]:
-        point = _random_point(grower)
-        n, d, has_bias = _linear_shape(grower.model, point)
-        std = self.scale / math.sqrt(d)
-        w = torch.randn(n, d, generator=grower.generator) * std
-        b = torch.randn(n, generator=grower.generator) * std if has_bias else None
-        self.last_info = {"scale": self.scale}
-        return Proposal(point, weight=w, bias=b, eps=1.0, info=dict(self.last_info))
-
-
-class IdentityInsertion(InsertionStrategy):
-    """Net2DeeperNet-style identity insertion, made trainable for residual blocks.
-
-    Net2DeeperNet inserts a layer that computes the identity, so the function is preserved, and
-    lets gradient descent move it. In a residual network the identity block is ``x + g(x)`` with
-    ``g = 0``. With the admissible activation (``sigma'(0) = 0``) the zero block
-    ``x + sigma(0 * x + 0)`` is the identity but receives EXACTLY zero gradient (``dJ/dW =
-    sigma'(0) (...) = 0``): it would stay zero forever and the "insertion" would be a no-op. A
-    fair identity insertion must preserve the function and be trainable at first order, so the
-    inserted block here is ``x + tanh(W u(x) + b)`` with ``W = 0, b = 0``: the model's outputs are
-    unchanged bit for bit at insertion (``tanh(0) = 0``), and ``tanh'(0) = 1`` gives the new block
-    the ordinary first-order gradient ``-sum_s p_s xt_s^T``. Nothing else about the block differs
-    from the topological method's (same width, input feature, bias). The point is uniform over the
-    candidate points, like :class:`RandomInsertion`, so "identity" and "random" differ only in
-    the initialisation.
-
-    Args:
-        activation: activation of the inserted block (default ``"tanh"``; must satisfy
-            ``sigma(0) = 0`` to preserve the function). ``None`` uses the model's own insert
-            activation, which with an admissible sigma reproduces the degenerate, never-training
-            zero block (for the record only).
-        point: ``"random"`` (default) or ``"last"`` (on top of the stack, before the head).
-    """
-
-    name = "identity"
-
-    def __init__(self, activation: Optional[str] = "tanh", point: str = "random") -> None:
-        super().__init__()
-        if point not in ("random", "last"):
-            raise ValueError(f"IdentityInsertion: point must be 'random' or 'last', got {point!r}")
-        self.activation, self.point = activation, point
-
-    def config(self) -> Dict[str, Any]:
-        return {"name": self.name, "activation": self.activation, "point": self.point}
-
-    def propose(self, grower: Grower) -> Optional[Proposal]:
-        model = grower.model
-        point = _random_point(grower) if self.point == "random" else len(model.blocks)
-        proto = model.new_block(point)
-        if self.activation is None:
-            block = proto
-        else:
-            if not isinstance(proto, ResidualBlock):
-                raise TypeError(
-                    f"IdentityInsertion: needs model.new_block(point) to return a ResidualBlock to swap its "
-                    f"activation, got {type(proto).__name__}; pass activation=None"
-                )
-            block = ResidualBlock(proto.width, activation=self.activation, bias=proto.linear.bias is not None,
-                                  feature=proto.feature).zero_()
-        self.last_info = {"activation": self.activation or "model default"}
-        return Proposal(point, block=block, info=dict(self.last_info))
-
-
-class ForwardThinking(InsertionStrategy):
-    """Forward Thinking (Hettinger et al., 2017): layer-wise training, earlier layers frozen.
-
-    Each round puts a new block on top of the stack (point ``len(model.blocks)``, just before the
-    head), initialised like a fresh PyTorch layer (``nn.Linear``'s default init, so the block is
-    far from the identity and trainable with the admissible activation), and the grower must run
-    with ``freeze_existing=True``: only the new block and the head train afterwards (the head is
-    kept and re-trained rather than re-created, so the function stays continuous). The stem and
-    every older block keep the values they had when they were frozen.
-
-    Args:
-        scale: multiplies PyTorch's default initialisation of the new block (1.0 = default).
-    """
-
-    name = "forward_thinking"
-
-    def __init__(self, scale: float = 1.0) -> None:
-        super().__init__()
-        self.scale = float(scale)
-
-    def config(self) -> Dict[str, Any]:
-        return {"name": self.name, "scale": self.scale}
-
-    def propose(self, grower: Grower) -> Optional[Proposal]:
-        if not grower.freeze_existing:
-            raise ValueError("ForwardThinking: the grower must run with freeze_existing=True (layer-wise training)")
-        point = len(grower.model.blocks)
-        n, d, has_bias = _linear_shape(grower.model, point)
-        bound = self.scale / math.sqrt(d)  # nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        w = (torch.rand(n, d, generator=grower.generator) * 2 - 1) * bound
-        b = (torch.rand(n, generator=grower.generator) * 2 - 1) * bound if has_bias else None
-        self.last_info = {"scale": self.scale}
-        return Proposal(point, weight=w, bias=b, eps=1.0, info=dict(self.last_info))
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,252 +39,16 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 import torch
 from torch import Tensor, nn
 
-from .insertion import DEFAULT_EPS_GRID, insert, insert_block, search_eps
-from .models import candidate_points, check_growable
-from .scoring import score
-from .training import evaluate, fit, take_batches
+from ..data import take_batches
+from ..sites import check_growable, check_point, depth
+from ..sites.linear import check_matrix_phi
+from .checkpoint import load_checkpoint, restore_optimizer, save
+from .history import GrowthHistory, RoundRecord, count_parameters, jsonable
+from .insertion import insert, insert_block
+from .strategies import InsertionStrategy, Proposal, make_strategy, strategy_from_config
+from .training import evaluate, fit
 
-__all__ = [
-    "Proposal",
-    "InsertionStrategy",
-    "TopologicalStrategy",
-    "RoundRecord",
-    "GrowthHistory",
-    "Grower",
-    "grow",
-    "adopt_parameters",
-    "count_parameters",
-]
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameter elements."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def jsonable(obj: Any) -> Any:
-    """A JSON-serialisable copy of ``obj`` (tensors -> numbers/lists, unknown objects -> str)."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else str(obj)
-    if isinstance(obj, Tensor):
-        return jsonable(obj.item() if obj.numel() == 1 else obj.detach().cpu().tolist())
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if hasattr(obj, "to_dict"):
-        return jsonable(obj.to_dict())
-    return str(obj)
-
-
-# ------------------------------------------------------------------------------------------------
-# strategies
-
-
-@dataclass
-class Proposal:
-    """What to insert.
-
-    Attributes:
-        point: candidate point (``model.blocks`` index of the new block).
-        weight: ``[n, d_in]`` for ``model.new_block(point).linear.weight`` (None = zeros).
-        bias: ``[n]`` (None = zeros). The inserted parameters are ``eps * weight``, ``eps * bias``.
-        eps: scale (the block is the identity at ``eps = 0``).
-        info: JSON-able extras recorded in the history (``"mu"``: ``{point: mu}`` is drawn).
-        block: a ready module to insert instead of ``new_block(point)`` (weight/bias/eps ignored).
-    """
-
-    point: int
-    weight: Optional[Tensor] = None
-    bias: Optional[Tensor] = None
-    eps: float = 1.0
-    info: Dict[str, Any] = field(default_factory=dict)
-    block: Optional[nn.Module] = None
-
-
-class InsertionStrategy:
-    """Base class: ``propose(grower) -> Proposal | None`` (None stops the growth)."""
-
-    name: str = "strategy"
-    last_info: Dict[str, Any]
-
-    def __init__(self) -> None:
-        self.last_info = {}
-
-    def propose(self, grower: "Grower") -> Optional[Proposal]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def config(self) -> Dict[str, Any]:
-        """JSON-able description recorded in the history."""
-        return {"name": self.name}
-
-
-class TopologicalStrategy(InsertionStrategy):
-    """Insert where the topological derivative is largest, with phi = its eigenvector.
-
-    ``propose``: :func:`topoderiv.score` on ``grower.score_data()``, then for the points with
-    ``mu > 0`` in decreasing order (at most ``max_tries``) :func:`topoderiv.search_eps` on the
-    same data; the first point with an eps that lowers the loss is proposed. None if no point has
-    ``mu > 0`` or no eps helps.
-
-    Args:
-        rule, k, route, backend: passed to :func:`topoderiv.score`. ``rule="top"`` starts one row
-            of the new block non-zero (the others are dead: ``sigma'(0) = 0`` gives them zero
-            gradient); ``rule="all"`` starts every row with ``mu_r > 0`` on its own eigenvector.
-        eps_grid: passed to :func:`topoderiv.search_eps` (default its grid).
-        max_tries: points tried by the eps search.
-
-    The proposal's ``info`` records ``block`` (``r*``), ``live_rows`` (non-zero rows of phi),
-    ``quotient`` (``phi^T Q phi``), predicted and actual loss change at the chosen eps.
-    """
-
-    name = "topological"
-
-    def __init__(self, *, rule: str = "top", k: int = 1, route: str = "auto", backend: str = "auto",
-                 eps_grid: Optional[Sequence[float]] = None, max_tries: int = 3) -> None:
-        super().__init__()
-        self.rule, self.k, self.route, self.backend = rule, k, route, backend
-        self.eps_grid = None if eps_grid is None else tuple(float(e) for e in eps_grid)
-        self.max_tries = max_tries
-
-    def config(self) -> Dict[str, Any]:
-        return {"name": self.name, "rule": self.rule, "k": self.k, "route": self.route, "backend": self.backend,
-                "eps_grid": list(self.eps_grid or DEFAULT_EPS_GRID), "max_tries": self.max_tries}
-
-    def propose(self, grower: "Grower") -> Optional[Proposal]:
-        data = grower.score_data()
-        t0 = time.perf_counter()
-        rep = score(grower.model, data, grower.loss_fn, k=self.k, rule=self.rule, route=self.route,
-                    backend=self.backend)
-        t_score = time.perf_counter() - t0
-        info: Dict[str, Any] = {"mu": rep.mu, "score_loss": rep.loss, "score_time": t_score,
-                                "backend": rep.backend}
-        self.last_info = info
-        tried = []
-        for ps in rep.ranked()[: self.max_tries]:
-            eps, losses = search_eps(grower.model, ps.point, ps.phi, data, grower.loss_fn, self.eps_grid)
-            tried.append(ps.point)
-            if eps is None:
-                continue
-            info.update({"block": ps.block, "live_rows": int((ps.phi.abs().sum(1) > 0).sum()),
-                         "quotient": ps.quotient, "predicted_change": ps.predicted_change(eps),
-                         "actual_change": losses[eps] - losses[0.0], "eps_losses": {str(e): v for e, v in losses.items()},
-                         "tried": tried, "search_time": time.perf_counter() - t0 - t_score})
-            return Proposal(ps.point, weight=ps.weight, bias=ps.bias_vector, eps=eps, info=info)
-        info["tried"] = tried
-        info["reason"] = "no point with mu > 0" if not tried else "no eps of the grid lowers the loss"
-        return None
-
-
-def make_strategy(strategy: Union[str, InsertionStrategy], **kwargs: Any) -> InsertionStrategy:
-    """``"topological"`` (with ``kwargs`` for :class:`TopologicalStrategy`) or a strategy object."""
-    if isinstance(strategy, InsertionStrategy):
-        return strategy
-    if strategy == "topological":
-        return TopologicalStrategy(**kwargs)
-    raise ValueError(f"Grower: strategy must be 'topological' or an InsertionStrategy, got {strategy!r}")
-
-
-# ------------------------------------------------------------------------------------------------
-# history
-
-
-@dataclass
-class RoundRecord:
-    """One round: round 0 trains the initial network; round r >= 1 inserts then trains."""
-
-    round: int
-    epochs: int
-    train_loss: float
-    val_loss: float
-    n_params: int
-    depth: int
-    wall_time: float
-    train_curve: List[float] = field(default_factory=list)
-    test_metric: Optional[float] = None
-    point: Optional[int] = None
-    eps: Optional[float] = None
-    mu: Dict[int, float] = field(default_factory=dict)
-    lr: Optional[float] = None
-    insert_time: float = 0.0
-    info: Dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["mu"] = {str(k): v for k, v in self.mu.items()}
-        return jsonable(d)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "RoundRecord":
-        d = dict(d)
-        d["mu"] = {int(k): float(v) for k, v in d.get("mu", {}).items()}
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-@dataclass
-class GrowthHistory:
-    """Rounds of a growth run, plus metadata (strategy, settings, stop reason)."""
-
-    rounds: List[RoundRecord] = field(default_factory=list)
-    meta: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def stop_reason(self) -> Optional[str]:
-        return self.meta.get("stop_reason")
-
-    @property
-    def insertions(self) -> List[RoundRecord]:
-        """Rounds that inserted a block."""
-        return [r for r in self.rounds if r.point is not None]
-
-    @property
-    def best_round(self) -> Optional[RoundRecord]:
-        """The round with the lowest validation loss."""
-        return min(self.rounds, key=lambda r: r.val_loss) if self.rounds else None
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"format": "topoderiv-growth-history", "version": 1, "meta": jsonable(self.meta),
-                "rounds": [r.to_dict() for r in self.rounds]}
-
-    def to_json(self, path: Union[str, Path]) -> Path:
-        """Writes the history as JSON (parent folders created) and returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "GrowthHistory":
-        return cls([RoundRecord.from_dict(r) for r in d.get("rounds", [])], dict(d.get("meta", {})))
-
-    @classmethod
-    def from_json(cls, path: Union[str, Path]) -> "GrowthHistory":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-    def table(self) -> str:
-        """A plain-text growth table."""
-        has_test = any(r.test_metric is not None for r in self.rounds)
-        head = f"{'round':>5} {'depth':>5} {'params':>8} {'point':>5} {'eps':>6} {'mu*':>10} {'train':>10} {'val':>10}"
-        head += f" {'test':>10}" if has_test else ""
-        head += f" {'time':>7}"
-        lines = [head]
-        for r in self.rounds:
-            mu = r.mu.get(r.point) if r.point is not None else None
-            line = (f"{r.round:>5} {r.depth:>5} {r.n_params:>8} {'-' if r.point is None else r.point:>5} "
-                    f"{'-' if r.eps is None else f'{r.eps:.3g}':>6} {'-' if mu is None else f'{mu:.3g}':>10} "
-                    f"{r.train_loss:>10.4g} {r.val_loss:>10.4g}")
-            if has_test:
-                line += f" {'-' if r.test_metric is None else f'{r.test_metric:.4g}':>10}"
-            line += f" {r.wall_time:>6.1f}s"
-            lines.append(line)
-        if self.stop_reason:
-            lines.append(f"stopped: {self.stop_reason}")
-        return "\n".join(lines)
+__all__ = ["Grower", "grow", "adopt_parameters"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -325,14 +89,20 @@ class Grower:
             ``f(params) -> Optimizer`` (called once on ``model.parameters()``).
         train_data, val_data: one ``(x, y)`` batch or re-iterable batches (DataLoader, list).
         loss_fn: batch-mean loss ``loss_fn(output, y) -> scalar``.
-        strategy: ``"topological"`` or an :class:`InsertionStrategy`.
+        strategy: an :class:`InsertionStrategy` (e.g. ``TopologicalStrategy(rule="all")``, with its
+            own settings: rule, route, eps grid, ...) or a registered strategy name
+            (:data:`topoderiv.growth.strategies.STRATEGIES`, default ``"topological"``).
         epochs_per_round: training epochs after each insertion. initial_epochs: epochs of round 0
             (default ``epochs_per_round``).
-        max_rounds: maximum number of insertions. max_depth: cap on ``len(model.blocks)``.
+        max_rounds: maximum number of insertions. max_depth: cap on the number of blocks in the
+            site containers.
         max_params: cap on the parameter count (no insertion once reached).
         patience: stop after this many rounds without a validation improvement > ``min_delta``.
-        eps_grid, score_batches, rule, k, route, backend: for the topological strategy
-            (``score_batches``: number of training batches scored, default all).
+        grow_patience: the reference code's when-to-grow rule: None (default) inserts every round;
+            an int ``g`` inserts only after ``g`` rounds without validation improvement (rounds in
+            between only train), up to ``max_depth``; ``patience`` must then exceed ``g``.
+        max_total_rounds: cap on the rounds after round 0, training-only rounds included.
+        score_batches: number of training batches the strategy scores (default all).
         device: moves the model there (data batches follow the model's device).
         seed: ``torch.manual_seed(seed + rounds_done)`` at :meth:`run` and a seeded
             ``self.generator`` for strategies (None: leave the RNG alone).
@@ -354,8 +124,7 @@ class Grower:
                  strategy: Union[str, InsertionStrategy] = "topological", epochs_per_round: int = 10,
                  initial_epochs: Optional[int] = None, max_rounds: int = 10, max_depth: Optional[int] = None,
                  max_params: Optional[int] = None, patience: int = 2, min_delta: float = 0.0,
-                 eps_grid: Optional[Sequence[float]] = None, score_batches: Optional[int] = None,
-                 rule: str = "top", k: int = 1, route: str = "auto", backend: str = "auto",
+                 grow_patience: Optional[int] = None, max_total_rounds: Optional[int] = None, score_batches: Optional[int] = None,
                  device: Union[str, torch.device, None] = None, seed: Optional[int] = 0, progress: bool = True,
                  scheduler: Any = None, test_data: Any = None,
                  test_metric: Optional[Callable[[Tensor, Any], Tensor]] = None, freeze_existing: bool = False,
@@ -364,7 +133,6 @@ class Grower:
                  history: Optional[GrowthHistory] = None, grad_clip: Optional[float] = None) -> None:
         fn = "Grower"
         check_growable(model, fn)
-        candidate_points(model)
         if not callable(loss_fn):
             raise TypeError(f"{fn}: loss_fn must be callable, got {type(loss_fn).__name__}")
         for name, val, lo in (("epochs_per_round", epochs_per_round, 0), ("max_rounds", max_rounds, 0),
@@ -372,9 +140,15 @@ class Grower:
             if isinstance(val, bool) or not isinstance(val, int) or val < lo:
                 raise ValueError(f"{fn}: {name} must be an int >= {lo}, got {val!r}")
         for name, val in (("initial_epochs", initial_epochs), ("max_depth", max_depth), ("max_params", max_params),
-                          ("score_batches", score_batches)):
+                          ("score_batches", score_batches), ("max_total_rounds", max_total_rounds)):
             if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 0):
                 raise ValueError(f"{fn}: {name} must be None or an int >= 0, got {val!r}")
+        if grow_patience is not None:
+            if isinstance(grow_patience, bool) or not isinstance(grow_patience, int) or grow_patience < 1:
+                raise ValueError(f"{fn}: grow_patience must be None or an int >= 1, got {grow_patience!r}")
+            if patience <= grow_patience:
+                raise ValueError(f"{fn}: patience must exceed grow_patience (growth waits grow_patience rounds without "
+                                 f"improvement), got patience={patience}, grow_patience={grow_patience}")
         if device is not None:
             model.to(device)
         self.model = model
@@ -393,11 +167,12 @@ class Grower:
         self.scheduler = scheduler
         self.train_data, self.val_data, self.loss_fn = train_data, val_data, loss_fn
         self.test_data, self.test_metric = test_data, test_metric
-        self.strategy = make_strategy(strategy, rule=rule, k=k, route=route, backend=backend, eps_grid=eps_grid)
+        self.strategy = make_strategy(strategy, fn)
         self.epochs_per_round = epochs_per_round
         self.initial_epochs = epochs_per_round if initial_epochs is None else initial_epochs
         self.max_rounds, self.max_depth, self.max_params = max_rounds, max_depth, max_params
-        self.patience, self.min_delta = patience, float(min_delta)
+        self.patience, self.min_delta, self.grow_patience = patience, float(min_delta), grow_patience
+        self.max_total_rounds = max_total_rounds
         self.score_batches, self.seed, self.progress = score_batches, seed, progress
         self.freeze_existing, self.head_attr = freeze_existing, head_attr
         self.callbacks = list(callbacks)
@@ -416,7 +191,9 @@ class Grower:
         """JSON-able loop settings (saved in the history; defaults on resume)."""
         return {"epochs_per_round": self.epochs_per_round, "initial_epochs": self.initial_epochs,
                 "max_rounds": self.max_rounds, "max_depth": self.max_depth, "max_params": self.max_params,
-                "patience": self.patience, "min_delta": self.min_delta, "score_batches": self.score_batches,
+                "patience": self.patience, "min_delta": self.min_delta, "grow_patience": self.grow_patience,
+                "max_total_rounds": self.max_total_rounds,
+                "score_batches": self.score_batches,
                 "seed": self.seed, "freeze_existing": self.freeze_existing, "head_attr": self.head_attr,
                 "keep_best": self.keep_best, "grad_clip": self.grad_clip, "progress": self.progress}
 
@@ -426,7 +203,8 @@ class Grower:
 
     @property
     def depth(self) -> int:
-        return len(self.model.blocks)
+        """Blocks in the model's site containers."""
+        return depth(self.model)
 
     # -- one insertion ---------------------------------------------------------------------------
 
@@ -438,30 +216,18 @@ class Grower:
         fn = "Grower.apply"
         if not isinstance(proposal, Proposal):
             raise TypeError(f"{fn}: strategy.propose must return a Proposal or None, got {type(proposal).__name__}")
-        point = proposal.point
+        site = check_point(fn, self.model, proposal.point)
         if proposal.block is not None:
-            ref = next(self.model.parameters())
             if not isinstance(proposal.block, nn.Module):
                 raise TypeError(f"{fn}: proposal.block must be an nn.Module or None, got {type(proposal.block).__name__}")
-            insert_block(self.model, point, proposal.block.to(device=ref.device, dtype=ref.dtype))
+            ref = next(self.model.parameters())
+            insert_block(self.model, site.point, proposal.block.to(device=ref.device, dtype=ref.dtype))
         else:
-            nb = self.model.new_block(point)
-            lin = nb.linear
-            n, d = lin.out_features, lin.in_features
-            w = proposal.weight if proposal.weight is not None else torch.zeros(n, d)
-            if not isinstance(w, Tensor) or w.dim() != 2:
-                raise ValueError(f"{fn}: proposal.weight must be a tensor [n, d_in] = [{n}, {d}] or None, got "
-                                 f"{list(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
-            w = w.detach()
-            phi = w
-            if lin.bias is not None:
-                b = proposal.bias if proposal.bias is not None else torch.zeros(n, dtype=w.dtype, device=w.device)
-                if not isinstance(b, Tensor) or b.dim() != 1 or b.shape[0] != w.shape[0]:
-                    raise ValueError(f"{fn}: proposal.bias must be a tensor [n] = [{n}] or None, got "
-                                     f"{list(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
-                phi = torch.cat([w, b.detach().to(w)[:, None]], dim=1)
-            insert(self.model, point, phi, proposal.eps)
-        block = self.model.blocks[point]
+            phi = proposal.phi
+            if phi is None:
+                phi = self._matrix_phi(site, proposal, fn)
+            insert(self.model, site.point, phi, proposal.eps)
+        block = site.container[site.index]
         if self.freeze_existing:
             keep = {id(p) for p in block.parameters()}
             head = getattr(self.model, self.head_attr, None)
@@ -471,6 +237,28 @@ class Grower:
                 p.requires_grad_(id(p) in keep)
         adopt_parameters(self.optimizer, block.parameters())
         return block
+
+    @staticmethod
+    def _matrix_phi(site: Any, proposal: Proposal, fn: str) -> Tensor:
+        """``[W | b]`` from ``proposal.weight`` / ``proposal.bias`` (None = zeros) for the paper's blocks."""
+        proto = site.new_block()
+        lin = getattr(proto, "linear", None) or getattr(proto, "conv", None)
+        if lin is None:
+            raise TypeError(f"{fn}: a proposal for a {site.kind} site must give phi (a dict of parameters) or a block")
+        n = lin.weight.shape[0]
+        d = lin.weight[0].numel()
+        w = proposal.weight if proposal.weight is not None else torch.zeros(n, d)
+        if not isinstance(w, Tensor) or w.dim() != 2 or tuple(w.shape) != (n, d):
+            raise ValueError(f"{fn}: proposal.weight must be a tensor [n, d_in] = [{n}, {d}] or None, got "
+                             f"{list(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
+        w = w.detach()
+        if lin.bias is None:
+            return w
+        b = proposal.bias if proposal.bias is not None else torch.zeros(n, dtype=w.dtype, device=w.device)
+        if not isinstance(b, Tensor) or b.dim() != 1 or b.shape[0] != n:
+            raise ValueError(f"{fn}: proposal.bias must be a tensor [n] = [{n}] or None, got "
+                             f"{list(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
+        return check_matrix_phi(fn, torch.cat([w, b.detach().to(w)[:, None]], dim=1), n, d + 1)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -506,6 +294,8 @@ class Grower:
 
     def _stop_reason(self) -> Optional[str]:
         done = len(self.history.insertions)
+        if self.max_total_rounds is not None and len(self.history.rounds) > self.max_total_rounds:
+            return f"max_total_rounds ({self.max_total_rounds}) reached"
         if done >= self.max_rounds:
             return f"max_rounds ({self.max_rounds}) reached"
         if self.max_depth is not None and self.depth >= self.max_depth:
@@ -544,6 +334,18 @@ class Grower:
                     break
                 r = len(self.history.rounds)
                 t0 = time.perf_counter()
+                if self.grow_patience is not None and self._rounds_since_best() < self.grow_patience:
+                    # the reference code's rule: only train until the validation loss stalls
+                    curve = self._train_round(self.epochs_per_round, r)
+                    val, test = self._evaluate()
+                    rec = RoundRecord(r, self.epochs_per_round, curve[-1] if curve else math.nan, val,
+                                      count_parameters(self.model), self.depth, time.perf_counter() - t0, curve, test,
+                                      lr=_current_lr(self.optimizer), info={"phase": "train"})
+                    self._finish_round(rec)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(val=f"{val:.4g}", depth=self.depth)
+                    continue
                 proposal = self.strategy.propose(self)
                 if proposal is None:
                     info = getattr(self.strategy, "last_info", {}) or {}
@@ -577,8 +379,6 @@ class Grower:
 
     def save(self, path: Union[str, Path]) -> Path:
         """Saves model, history, optimiser and scheduler state to the folder ``path``."""
-        from .checkpoint import save
-
         return save(self.model, path, history=self.history, optimizer=self.optimizer, scheduler=self.scheduler)
 
     @classmethod
@@ -594,8 +394,6 @@ class Grower:
             kwargs: Grower settings; the saved ones are the defaults, and ``checkpoint_dir``
                 defaults to ``path`` (the resumed run keeps saving there).
         """
-        from .checkpoint import load_checkpoint, restore_optimizer
-
         ck = load_checkpoint(path, device=device)
         opt = restore_optimizer(ck.model, ck.optimizer_state, optimizer)
         sched = None
@@ -607,11 +405,8 @@ class Grower:
         settings = dict(history.meta.get("settings", {}))
         settings["checkpoint_dir"] = path
         saved = history.meta.get("strategy", {})
-        if "strategy" not in kwargs and saved.get("name") in ("topological", "topological_all"):
-            cls_ = TopologicalStrategy
-            if saved["name"] == "topological_all":
-                from .baselines import TopologicalAllRows as cls_
-            settings["strategy"] = cls_(**{k: v for k, v in saved.items() if k != "name"})
+        if "strategy" not in kwargs:
+            settings["strategy"] = strategy_from_config(saved, "Grower.from_checkpoint")
         settings.update(kwargs)
         return cls(ck.model, opt, train_data, val_data, loss_fn, scheduler=sched, history=history, **settings)
 

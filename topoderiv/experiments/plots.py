@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 from matplotlib.figure import Figure
 
-from .growth import GrowthHistory
+from ..growth.history import GrowthHistory
 
 __all__ = ["plot_growth", "plot_mu", "plot_comparison", "plot_curves", "as_history"]
 

@@ -1,0 +1,1 @@
+"""Experiments: built-in tasks, comparisons of growth methods and baselines, plots."""
