@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional, Union
 from torch import Tensor, nn
 
 from ..method.activations import activation_spec, get_activation
+from ..registry import register
 from ..sites import SiteSpec, site_at
 from ..sites.linear import ResidualBlock
 
@@ -14,6 +15,7 @@ __all__ = ["ResidualMLP"]
 ActSpec = Union[str, nn.Module, None]
 
 
+@register
 class ResidualMLP(nn.Module):
     """The paper's fully connected residual network, growable in depth.
 

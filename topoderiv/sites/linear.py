@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..method.activations import activation_spec, check_admissible, get_activation
 from ..method.statistic import EigenStatistic
+from ..registry import register
 from .base import Site, register_kind
 
 __all__ = ["ResidualBlock", "LinearSite", "TokenSite", "block_parts", "feature_spec", "build_feature",
@@ -55,6 +56,7 @@ def build_feature(spec: Union[str, Dict[str, Any], nn.Module, None], width: int)
     )
 
 
+@register
 class ResidualBlock(nn.Module):
     """``x -> x + activation(linear(feature(x)))`` on a residual stream ``[..., width]``.
 
