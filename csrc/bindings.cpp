@@ -1,11 +1,16 @@
-// The one file that includes pybind11: turns Python ints (pointers, sizes, strides, dtype codes)
-// into the core's params structs, releases the GIL and dispatches to the CPU or CUDA kernels.
+// The one file that includes pybind11: turns Python ints (pointers with the bytes behind them, sizes,
+// strides, dtype codes) into the core's params structs, checks them against those spans
+// (topoderiv/validate.h: the second line behind topoderiv/ops.py's validation), releases the GIL
+// and dispatches to the CPU or CUDA kernels.
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "topoderiv/lanczos.h"
 #include "topoderiv/sensitivity.h"
+#include "topoderiv/validate.h"
 
 #ifdef TOPODERIV_WITH_CUDA
 #include <cuda_runtime.h>
@@ -16,8 +21,14 @@ using namespace topoderiv;
 
 namespace {
 
-DType to_dtype(const char* fn, int code) {
-  if (code < 0 || code > 2) fail(fn, "unknown dtype code " + std::to_string(code));
+// A pointer (tensor.data_ptr()) and the bytes its caller vouches for from it (the tensor's span);
+// (0, 0) for none. validate.h checks every access of the kernels against these spans.
+using Buf = std::pair<uintptr_t, int64_t>;
+
+DType to_dtype(const char* fn, const char* name, int code) {
+  if (code < 0 || code > 2)
+    fail(fn, std::string(name) + " must be a dtype code 0 (float32), 1 (float64) or 2 (bfloat16), got " +
+                 std::to_string(code));
   return static_cast<DType>(code);
 }
 
@@ -35,8 +46,49 @@ bool is_cuda(const char* fn, const std::string& device) {
   fail(fn, "device must be 'cpu' or 'cuda', got '" + device + "'");
 }
 
+int check_threads(const char* fn, int threads) {
+  if (threads < 1) fail(fn, "threads must be >= 1, got " + std::to_string(threads));
+  return threads;
+}
+
 template <typename T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// CUDA calls: every buffer a kernel touches must be device (or managed) memory of one device,
+// except the host ones (the Lanczos norms), which must not be device memory. CPU calls are not
+// checked here: asking the CUDA runtime would create a CUDA context on machines that never use one.
+void check_memory(const char* fn, const std::vector<Region>& regions, bool cuda) {
+#ifdef TOPODERIV_WITH_CUDA
+  if (!cuda) return;
+  int device = -1;
+  const char* first = nullptr;
+  for (const Region& r : regions) {
+    cudaPointerAttributes attr{};
+    if (cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(r.ptr)) != cudaSuccess) {
+      cudaGetLastError();
+      continue;
+    }
+    const bool on_device = attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged;
+    if (r.host) {
+      if (attr.type == cudaMemoryTypeDevice)
+        fail(fn, std::string(r.name) + " must be host memory, got CUDA device memory");
+      continue;
+    }
+    if (!on_device) fail(fn, std::string(r.name) + " must be CUDA device memory, got host memory");
+    if (attr.type == cudaMemoryTypeDevice) {
+      if (device >= 0 && attr.device != device)
+        fail(fn, std::string(r.name) + " must be on the same CUDA device as " + first + " (cuda:" +
+                     std::to_string(device) + "), got cuda:" + std::to_string(attr.device));
+      device = attr.device;
+      first = r.name;
+    }
+  }
+#else
+  (void)fn;
+  (void)regions;
+  (void)cuda;
+#endif
+}
 
 py::dict build_info() {
   py::dict d;
@@ -84,18 +136,19 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "sensitivity_blocks",
-      [](const std::string& device, uintptr_t x, int64_t x_rs, uintptr_t p, int64_t p_rs, uintptr_t out,
-         int64_t batch, int64_t N, int64_t d, int64_t n, int64_t x_bs, int64_t p_bs, bool bias, int in_dt,
-         int acc_dt, int threads, uintptr_t stream) {
+      [](const std::string& device, Buf x, int64_t x_rs, Buf p, int64_t p_rs, Buf out, int64_t batch, int64_t N,
+         int64_t d, int64_t n, int64_t x_bs, int64_t p_bs, bool bias, int in_dt, int acc_dt, int threads,
+         uintptr_t stream) {
         const char* fn = "sensitivity_blocks";
         SensitivityBlocksParams P;
         P.batch = batch; P.N = N; P.d = d; P.n = n; P.bias = bias;
-        P.x = ptr<const void>(x); P.x_rstride = x_rs; P.x_bstride = x_bs;
-        P.p = ptr<const void>(p); P.p_rstride = p_rs; P.p_bstride = p_bs;
-        P.out = ptr<void>(out);
-        P.in_dtype = to_dtype(fn, in_dt); P.acc_dtype = to_dtype(fn, acc_dt);
-        P.num_threads = threads; P.stream = ptr<void>(stream);
+        P.x = ptr<const void>(x.first); P.x_rstride = x_rs; P.x_bstride = x_bs;
+        P.p = ptr<const void>(p.first); P.p_rstride = p_rs; P.p_bstride = p_bs;
+        P.out = ptr<void>(out.first);
+        P.in_dtype = to_dtype(fn, "in_dtype", in_dt); P.acc_dtype = to_dtype(fn, "acc_dtype", acc_dt);
+        P.num_threads = check_threads(fn, threads); P.stream = ptr<void>(stream);
         const bool cuda = is_cuda(fn, device);
+        check_memory(fn, check_blocks_params(fn, P, cuda, x.second, p.second, out.second), cuda);
         py::gil_scoped_release nogil;
 #ifdef TOPODERIV_WITH_CUDA
         if (cuda) return sensitivity_blocks_cuda(P);
@@ -103,22 +156,23 @@ PYBIND11_MODULE(_C, m) {
         (void)cuda;
         sensitivity_blocks_cpu(P);
       },
-      "out[b, r] += sum_s p[b, s, r] xt[b, s] xt[b, s]^T (raw pointers; see sensitivity.h)");
+      "out[b, r] += sum_s p[b, s, r] xt[b, s] xt[b, s]^T (pointers with spans (ptr, bytes); see sensitivity.h)");
 
   m.def(
       "sensitivity_matvec",
-      [](const std::string& device, uintptr_t x, int64_t x_rs, uintptr_t p, int64_t p_rs, uintptr_t v,
-         uintptr_t out, uintptr_t ws, int64_t batch, int64_t N, int64_t d, int64_t n, int64_t x_bs,
-         int64_t p_bs, bool bias, int in_dt, int acc_dt, int threads, uintptr_t stream) {
+      [](const std::string& device, Buf x, int64_t x_rs, Buf p, int64_t p_rs, Buf v, Buf out, Buf ws, int64_t batch,
+         int64_t N, int64_t d, int64_t n, int64_t x_bs, int64_t p_bs, bool bias, int in_dt, int acc_dt, int threads,
+         uintptr_t stream) {
         const char* fn = "sensitivity_matvec";
         SensitivityMatvecParams P;
         P.batch = batch; P.N = N; P.d = d; P.n = n; P.bias = bias;
-        P.x = ptr<const void>(x); P.x_rstride = x_rs; P.x_bstride = x_bs;
-        P.p = ptr<const void>(p); P.p_rstride = p_rs; P.p_bstride = p_bs;
-        P.v = ptr<const void>(v); P.out = ptr<void>(out); P.workspace = ptr<void>(ws);
-        P.in_dtype = to_dtype(fn, in_dt); P.acc_dtype = to_dtype(fn, acc_dt);
-        P.num_threads = threads; P.stream = ptr<void>(stream);
+        P.x = ptr<const void>(x.first); P.x_rstride = x_rs; P.x_bstride = x_bs;
+        P.p = ptr<const void>(p.first); P.p_rstride = p_rs; P.p_bstride = p_bs;
+        P.v = ptr<const void>(v.first); P.out = ptr<void>(out.first); P.workspace = ptr<void>(ws.first);
+        P.in_dtype = to_dtype(fn, "in_dtype", in_dt); P.acc_dtype = to_dtype(fn, "acc_dtype", acc_dt);
+        P.num_threads = check_threads(fn, threads); P.stream = ptr<void>(stream);
         const bool cuda = is_cuda(fn, device);
+        check_memory(fn, check_matvec_params(fn, P, cuda, x.second, p.second, v.second, out.second, ws.second), cuda);
         py::gil_scoped_release nogil;
 #ifdef TOPODERIV_WITH_CUDA
         if (cuda) return sensitivity_matvec_cuda(P);
@@ -126,7 +180,7 @@ PYBIND11_MODULE(_C, m) {
         (void)cuda;
         sensitivity_matvec_cpu(P);
       },
-      "out[b, r] = B[b, r] @ v[b, r] without forming B (raw pointers; see sensitivity.h)");
+      "out[b, r] = B[b, r] @ v[b, r] without forming B (pointers with spans (ptr, bytes); see sensitivity.h)");
 
   m.def(
       "lanczos_workspace_elems",
@@ -137,36 +191,44 @@ PYBIND11_MODULE(_C, m) {
         static const int dummy = 0;
         P.a = matfree ? nullptr : &dummy;
         P.op.batch = batch; P.op.N = N; P.op.n = n;
-        return lanczos_workspace_layout(P, cuda).total;
+        return lanczos_workspace_elems_checked("lanczos_workspace_elems", P, cuda);
       },
       "Elements of the Lanczos workspace (in the Lanczos dtype).");
 
   m.def(
       "lanczos_topk",
-      [](const std::string& device, uintptr_t a, uintptr_t x, int64_t x_rs, uintptr_t p, int64_t p_rs,
-         int64_t op_batch, int64_t N, int64_t d, int64_t n, bool bias, int in_dt, int64_t B, int64_t mdim,
-         int64_t k, int64_t steps, double tol, uint64_t seed, int64_t norm_group, uintptr_t v0, int dt, uintptr_t values, uintptr_t vectors,
-         uintptr_t ritz, uintptr_t nsteps, uintptr_t anorm, uintptr_t true_res, uintptr_t ws, int threads,
-         uintptr_t stream) {
+      [](const std::string& device, Buf a, Buf x, int64_t x_rs, Buf p, int64_t p_rs, int64_t op_batch, int64_t N,
+         int64_t d, int64_t n, bool bias, int in_dt, int64_t B, int64_t mdim, int64_t k, int64_t steps, double tol,
+         uint64_t seed, int64_t norm_group, Buf v0, int dt, Buf values, Buf vectors, Buf ritz, Buf nsteps, Buf anorm,
+         Buf true_res, Buf ws, int threads, uintptr_t stream) {
         const char* fn = "lanczos_topk";
         LanczosParams P;
         P.num_problems = B; P.m = mdim; P.k = k; P.max_steps = steps; P.tol = tol; P.seed = seed; P.norm_group = norm_group;
-        P.v0 = ptr<const void>(v0);
-        P.dtype = to_dtype(fn, dt);
-        P.a = ptr<const void>(a);
-        if (a == 0) {
+        P.v0 = ptr<const void>(v0.first);
+        P.dtype = to_dtype(fn, "dtype", dt);
+        P.a = ptr<const void>(a.first);
+        P.num_threads = check_threads(fn, threads); P.stream = ptr<void>(stream);
+        if (a.first == 0) {
           SensitivityMatvecParams& op = P.op;
           op.batch = op_batch; op.N = N; op.d = d; op.n = n; op.bias = bias;
-          op.x = ptr<const void>(x); op.x_rstride = x_rs; op.x_bstride = N * x_rs;
-          op.p = ptr<const void>(p); op.p_rstride = p_rs; op.p_bstride = N * p_rs;
-          op.in_dtype = to_dtype(fn, in_dt); op.acc_dtype = P.dtype;
-          op.num_threads = threads; op.stream = ptr<void>(stream);
+          op.x = ptr<const void>(x.first); op.x_rstride = x_rs;
+          op.p = ptr<const void>(p.first); op.p_rstride = p_rs;
+          // one problem after another, each [N, d] / [N, n] with the row strides given
+          op.x_bstride = validate_detail::mul(fn, N, x_rs);
+          op.p_bstride = validate_detail::mul(fn, N, p_rs);
+          op.in_dtype = to_dtype(fn, "in_dtype", in_dt); op.acc_dtype = P.dtype;
+          op.num_threads = P.num_threads; op.stream = P.stream;
         }
-        P.values = ptr<void>(values); P.vectors = ptr<void>(vectors); P.ritz_residuals = ptr<void>(ritz);
-        P.steps = ptr<int32_t>(nsteps); P.anorm_host = ptr<double>(anorm);
-        P.true_residuals = ptr<void>(true_res); P.workspace = ptr<void>(ws);
-        P.num_threads = threads; P.stream = ptr<void>(stream);
+        P.values = ptr<void>(values.first); P.vectors = ptr<void>(vectors.first); P.ritz_residuals = ptr<void>(ritz.first);
+        P.steps = ptr<int32_t>(nsteps.first); P.anorm_host = ptr<double>(anorm.first);
+        P.true_residuals = ptr<void>(true_res.first); P.workspace = ptr<void>(ws.first);
         const bool cuda = is_cuda(fn, device);
+        LanczosSpans spans;
+        spans.a = a.second; spans.x = x.second; spans.p = p.second; spans.v0 = v0.second;
+        spans.values = values.second; spans.vectors = vectors.second; spans.ritz = ritz.second;
+        spans.steps = nsteps.second; spans.anorm = anorm.second; spans.true_residuals = true_res.second;
+        spans.workspace = ws.second;
+        check_memory(fn, check_lanczos_params(fn, P, cuda, spans), cuda);
         py::gil_scoped_release nogil;
 #ifdef TOPODERIV_WITH_CUDA
         if (cuda) return lanczos_topk_cuda(P);
@@ -174,5 +236,6 @@ PYBIND11_MODULE(_C, m) {
         (void)cuda;
         lanczos_topk_cpu(P);
       },
-      "Batched Lanczos top-k eigenpairs of dense [B, m, m] (a != 0) or matrix-free sensitivity operators.");
+      "Batched Lanczos top-k eigenpairs of dense [B, m, m] (a != 0) or matrix-free sensitivity operators "
+      "(pointers with spans (ptr, bytes); see lanczos.h).");
 }

@@ -173,8 +173,8 @@ def test_matvec_poisoned_output_is_overwritten(gen):
     p = torch.randn(40, 4, generator=gen)
     v = torch.randn(4, 10, generator=gen)
     out = torch.full((4, 10), float("nan"))
-    lib().sensitivity_matvec("cpu", x.data_ptr(), x.stride(0), p.data_ptr(), p.stride(0), v.data_ptr(),
-                             out.data_ptr(), 0, 1, 40, 9, 4, 0, 0, True, 0, 0, 1, 0)
+    lib().sensitivity_matvec("cpu", ops._buf(x), x.stride(0), ops._buf(p), p.stride(0), ops._buf(v),
+                             ops._buf(out), (0, 0), 1, 40, 9, 4, 0, 0, True, 0, 0, 1, 0)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref.sensitivity_matvec(x.double(), p.double(), v.double())) < 1e-5
 
@@ -272,9 +272,9 @@ def test_lanczos_poisoned_outputs_are_written(gen):
     anorm = torch.full((B,), float("nan"), dtype=torch.float64)
     tres = torch.full((B, k), float("nan"))
     ws = torch.full((lib().lanczos_workspace_elems(B, m, k, steps, False, False, 0, 0, 1),), float("nan"))
-    lib().lanczos_topk("cpu", a.data_ptr(), 0, 0, 0, 0, 0, 0, 0, 0, True, 0, B, m, k, steps, 1e-6, 0, 1, 0, 0,
-                       vals.data_ptr(), vecs.data_ptr(), ritz.data_ptr(), nsteps.data_ptr(), anorm.data_ptr(),
-                       tres.data_ptr(), ws.data_ptr(), 1, 0)
+    b = ops._buf
+    lib().lanczos_topk("cpu", b(a), (0, 0), 0, (0, 0), 0, 0, 0, 0, 0, True, 0, B, m, k, steps, 1e-6, 0, 1, (0, 0), 0,
+                       b(vals), b(vecs), b(ritz), b(nsteps), b(anorm), b(tres), b(ws), 1, 0)
     for t in (vals, vecs, ritz, anorm, tres):
         assert torch.isfinite(t).all()
     assert (nsteps >= k).all()
@@ -446,7 +446,11 @@ def test_inputs_are_detached(gen):
         (lambda: td.lanczos_topk(torch.eye(3), tol=-1.0), ValueError, "tol must be a finite number > 0"),
         (lambda: td.lanczos_topk(torch.eye(3), tol="1e-6"), TypeError, "tol must be a number, got str"),
         (lambda: td.lanczos_topk(torch.eye(3), tol=float("nan")), ValueError, "tol must be a finite number > 0"),
-        (lambda: td.lanczos_topk(torch.eye(3), seed=-1), ValueError, r"seed must be >= 0, got -1"),
+        (lambda: td.lanczos_topk(torch.eye(3), seed=-1), ValueError, r"seed must be in \[0, 9223372036854775807\], got -1"),
+        (lambda: td.lanczos_topk(torch.eye(3), seed=2**63), ValueError,
+         r"seed must be in \[0, 9223372036854775807\], got 9223372036854775808"),
+        (lambda: td.sensitivity_topk(torch.zeros(3, 2), torch.zeros(3, 1), seed=2**64), ValueError,
+         r"sensitivity_topk: seed must be in \[0, 9223372036854775807\]"),
         (lambda: td.lanczos_topk(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]])), ValueError,
          "a must contain only finite values, got NaN or Inf"),
         (lambda: td.lanczos_topk(torch.tensor([[1.0, 2.0], [0.0, 1.0]])), ValueError, "a must be symmetric"),

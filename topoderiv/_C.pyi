@@ -1,13 +1,20 @@
-"""Type stub of the compiled core (csrc/bindings.cpp). Pointers are ints (tensor.data_ptr())."""
-from typing import Any, Dict
+"""Type stub of the compiled core (csrc/bindings.cpp).
+
+Every pointer travels as ``(tensor.data_ptr(), span in bytes)`` (``(0, 0)`` for none): the bindings
+check each kernel access against that span (csrc/include/topoderiv/validate.h) before any kernel
+runs and raise ValueError otherwise.
+"""
+from typing import Any, Dict, Tuple
+
+Buf = Tuple[int, int]
 
 def build_info() -> Dict[str, Any]: ...
 def sensitivity_blocks(
-    device: str, x: int, x_rstride: int, p: int, p_rstride: int, out: int, batch: int, N: int, d: int, n: int,
+    device: str, x: Buf, x_rstride: int, p: Buf, p_rstride: int, out: Buf, batch: int, N: int, d: int, n: int,
     x_bstride: int, p_bstride: int, bias: bool, in_dtype: int, acc_dtype: int, threads: int, stream: int,
 ) -> None: ...
 def sensitivity_matvec(
-    device: str, x: int, x_rstride: int, p: int, p_rstride: int, v: int, out: int, workspace: int, batch: int,
+    device: str, x: Buf, x_rstride: int, p: Buf, p_rstride: int, v: Buf, out: Buf, workspace: Buf, batch: int,
     N: int, d: int, n: int, x_bstride: int, p_bstride: int, bias: bool, in_dtype: int, acc_dtype: int,
     threads: int, stream: int,
 ) -> None: ...
@@ -15,7 +22,8 @@ def lanczos_workspace_elems(
     B: int, m: int, k: int, steps: int, matfree: bool, cuda: bool, N: int, n: int, batch: int
 ) -> int: ...
 def lanczos_topk(
-    device: str, a: int, x: int, x_rstride: int, p: int, p_rstride: int, op_batch: int, N: int, d: int, n: int,
-    bias: bool, in_dtype: int, B: int, m: int, k: int, steps: int, tol: float, seed: int, norm_group: int, v0: int, dtype: int,
-    values: int, vectors: int, ritz: int, steps_out: int, anorm: int, true_residuals: int, workspace: int, threads: int, stream: int,
+    device: str, a: Buf, x: Buf, x_rstride: int, p: Buf, p_rstride: int, op_batch: int, N: int, d: int, n: int,
+    bias: bool, in_dtype: int, B: int, m: int, k: int, steps: int, tol: float, seed: int, norm_group: int, v0: Buf,
+    dtype: int, values: Buf, vectors: Buf, ritz: Buf, steps_out: Buf, anorm: Buf, true_residuals: Buf, workspace: Buf,
+    threads: int, stream: int,
 ) -> None: ...
