@@ -38,8 +38,8 @@ def test_random_insertion_valid_point_small_init(task):
         prop = g.strategy.propose(g)
         assert 0 <= prop.point <= len(model.blocks)
         points.add(prop.point)
-        assert prop.weight.shape == (8, 8) and prop.bias.shape == (8,)
-        std = float(torch.cat([prop.weight.flatten(), prop.bias]).std())
+        assert prop.phi.shape == (8, 9)  # [W | b]
+        std = float(prop.phi.std())
         assert 0.1 / math.sqrt(8) / 2 < std < 0.1 / math.sqrt(8) * 2
     assert points == {0, 1, 2}  # uniform over every candidate point
     x = task.val[0]
@@ -48,7 +48,7 @@ def test_random_insertion_valid_point_small_init(task):
     g.apply(prop)
     assert len(model.blocks) == 3
     blk = model.blocks[prop.point]
-    assert torch.equal(blk.linear.weight.detach(), prop.weight)
+    assert torch.equal(blk.linear.weight.detach(), prop.phi[:, :8]) and torch.equal(blk.linear.bias.detach(), prop.phi[:, 8])
     after = model(x).detach()
     assert torch.isfinite(after).all()
     assert (after - before).abs().max() < 0.05  # small init: close to (not exactly) the old function

@@ -221,6 +221,17 @@ class Site:
     def check_state(self, x: Tensor, fn: str) -> None:
         """Raises ValueError when the stream tensor ``x`` at this site has the wrong layout for the kind."""
 
+    def random_phi(self, block: nn.Module, generator: torch.Generator, scale: float) -> Any:  # pragma: no cover
+        """A random direction for :meth:`block_params` at ``eps = 1``: the eps-scaled parameters
+        drawn ``N(0, (scale / sqrt(fan_in))^2)`` (the random-insertion baseline), on the CPU."""
+        raise NotImplementedError
+
+    def identity_block(self, generator: torch.Generator) -> nn.Module:  # pragma: no cover - interface
+        """The same block type, function preserving AND trainable at first order (the
+        Net2DeeperNet-style identity-insertion baseline), e.g. a tanh activation with zero
+        weights, or a standard block with its output projections zeroed. On the CPU."""
+        raise NotImplementedError
+
     # -- shared ---------------------------------------------------------------------------------
 
     def new_block(self) -> nn.Module:

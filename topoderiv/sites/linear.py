@@ -12,6 +12,7 @@ The legacy protocol (``{"new_block": True}``) builds blocks with ``model.new_blo
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import torch
@@ -170,6 +171,20 @@ class LinearSite(Site):
     def check_phi(self, block: nn.Module, phi: Any, fn: str) -> Tensor:
         linear, _, _ = block_parts(block, fn)
         return check_matrix_phi(fn, phi, linear.out_features, linear.in_features + int(linear.bias is not None))
+
+    def random_phi(self, block: nn.Module, generator: torch.Generator, scale: float) -> Tensor:
+        linear, _, _ = block_parts(block, "random_phi")
+        n, d = linear.out_features, linear.in_features
+        return torch.randn(n, d + int(linear.bias is not None), generator=generator) * (scale / math.sqrt(d))
+
+    def identity_block(self, generator: torch.Generator) -> nn.Module:
+        """The new block with tanh (``tanh(0) = 0``, ``tanh'(0) = 1``) and zero weights."""
+        proto = self.build_block()
+        if not isinstance(proto, ResidualBlock):
+            raise TypeError(f"identity_block: needs the site's new block to be a ResidualBlock to swap its activation, "
+                            f"got {type(proto).__name__}")
+        return ResidualBlock(proto.width, activation="tanh", bias=proto.linear.bias is not None,
+                             feature=proto.feature).zero_()
 
     def block_params(self, block: nn.Module, phi: Any, eps: float) -> Dict[str, Tensor]:
         linear, _, _ = block_parts(block, "insert")

@@ -11,25 +11,22 @@ import math
 from typing import Any, Dict, Optional, Sequence
 
 import torch
-from torch import nn
 
-from ...sites import candidate_points
-from ...sites.linear import ResidualBlock
+from ...sites import Site, sites
 from .base import InsertionStrategy, Proposal
 from .topological import TopologicalStrategy
 
 __all__ = ["TopologicalAllRows", "RandomInsertion", "IdentityInsertion", "ForwardThinking"]
 
 
-def _linear_shape(model: nn.Module, point: int) -> tuple:
-    """``(n, d_in, has_bias)`` of the block ``model.new_block(point)`` would create."""
-    lin = model.new_block(point).linear
-    return lin.out_features, lin.in_features, lin.bias is not None
+def _random_site(grower: Any) -> Site:
+    all_sites = sites(grower.model)
+    return all_sites[int(torch.randint(len(all_sites), (1,), generator=grower.generator))]
 
 
-def _random_point(grower: Any) -> int:
-    pts = candidate_points(grower.model)
-    return pts[int(torch.randint(len(pts), (1,), generator=grower.generator))]
+def _last_site(grower: Any) -> Site:
+    """The site at the end of the last container (on top of the stack, before the head)."""
+    return sites(grower.model)[-1]
 
 
 class TopologicalAllRows(TopologicalStrategy):
@@ -70,7 +67,7 @@ class TopologicalAllRows(TopologicalStrategy):
 class RandomInsertion(InsertionStrategy):
     """Random point, small random initialisation (the paper's "random layer insertion").
 
-    The block is ``model.new_block(point)`` (the same admissible block the topological method
+    The block is the site's new block (the same admissible block the topological method
     inserts), with ``W ~ N(0, (scale / sqrt(d_in))^2)`` and ``b ~ N(0, (scale / sqrt(d_in))^2)``
     drawn from the grower's seeded generator. With ``scale = 0.1`` the block starts close to the
     identity (``sigma(z) ~ z^2 / 2``): the insertion barely changes the function, and training
@@ -92,13 +89,10 @@ class RandomInsertion(InsertionStrategy):
         return {"name": self.name, "scale": self.scale}
 
     def propose(self, grower: Any) -> Optional[Proposal]:
-        point = _random_point(grower)
-        n, d, has_bias = _linear_shape(grower.model, point)
-        std = self.scale / math.sqrt(d)
-        w = torch.randn(n, d, generator=grower.generator) * std
-        b = torch.randn(n, generator=grower.generator) * std if has_bias else None
+        site = _random_site(grower)
+        phi = site.random_phi(site.build_block(), grower.generator, self.scale)
         self.last_info = {"scale": self.scale}
-        return Proposal(point, weight=w, bias=b, eps=1.0, info=dict(self.last_info))
+        return Proposal(site.point, phi=phi, eps=1.0, info=dict(self.last_info))
 
 
 class IdentityInsertion(InsertionStrategy):
@@ -117,11 +111,15 @@ class IdentityInsertion(InsertionStrategy):
     candidate points, like :class:`RandomInsertion`, so "identity" and "random" differ only in
     the initialisation.
 
+    Every site kind supplies such a block (:meth:`topoderiv.sites.Site.identity_block`): the
+    tanh block above for ``linear``/``tokens``/``conv`` sites; for the transformer sub-blocks a
+    standard block whose output projections are zero (the zero-initialised block transformer
+    growers insert).
+
     Args:
-        activation: activation of the inserted block (default ``"tanh"``; must satisfy
-            ``sigma(0) = 0`` to preserve the function). ``None`` uses the model's own insert
-            activation, which with an admissible sigma reproduces the degenerate, never-training
-            zero block (for the record only).
+        activation: ``"tanh"`` (default): the kind's first-order-trainable identity block.
+            ``None`` inserts the site's own zero block, which with an admissible sigma is the
+            degenerate, never-training block (for the record only).
         point: ``"random"`` (default) or ``"last"`` (on top of the stack, before the head).
     """
 
@@ -129,6 +127,8 @@ class IdentityInsertion(InsertionStrategy):
 
     def __init__(self, activation: Optional[str] = "tanh", point: str = "random") -> None:
         super().__init__()
+        if activation not in ("tanh", None):
+            raise ValueError(f"IdentityInsertion: activation must be 'tanh' or None, got {activation!r}")
         if point not in ("random", "last"):
             raise ValueError(f"IdentityInsertion: point must be 'random' or 'last', got {point!r}")
         self.activation, self.point = activation, point
@@ -137,29 +137,19 @@ class IdentityInsertion(InsertionStrategy):
         return {"name": self.name, "activation": self.activation, "point": self.point}
 
     def propose(self, grower: Any) -> Optional[Proposal]:
-        model = grower.model
-        point = _random_point(grower) if self.point == "random" else len(model.blocks)
-        proto = model.new_block(point)
-        if self.activation is None:
-            block = proto
-        else:
-            if not isinstance(proto, ResidualBlock):
-                raise TypeError(
-                    f"IdentityInsertion: needs model.new_block(point) to return a ResidualBlock to swap its "
-                    f"activation, got {type(proto).__name__}; pass activation=None"
-                )
-            block = ResidualBlock(proto.width, activation=self.activation, bias=proto.linear.bias is not None,
-                                  feature=proto.feature).zero_()
-        self.last_info = {"activation": self.activation or "model default"}
-        return Proposal(point, block=block, info=dict(self.last_info))
+        site = _random_site(grower) if self.point == "random" else _last_site(grower)
+        block = site.new_block() if self.activation is None else site.identity_block(grower.generator)
+        self.last_info = {"activation": self.activation or "model default", "kind": site.kind}
+        return Proposal(site.point, block=block, info=dict(self.last_info))
 
 
 class ForwardThinking(InsertionStrategy):
     """Forward Thinking (Hettinger et al., 2017): layer-wise training, earlier layers frozen.
 
-    Each round puts a new block on top of the stack (point ``len(model.blocks)``, just before the
-    head), initialised like a fresh PyTorch layer (``nn.Linear``'s default init, so the block is
-    far from the identity and trainable with the admissible activation), and the grower must run
+    Each round puts a new block on top of the stack (the last site, just before the head),
+    initialised at the scale of a fresh PyTorch layer (normal, with the standard deviation of
+    ``nn.Linear``'s default uniform init, so the block is far from the identity and trainable
+    with the admissible activation), and the grower must run
     with ``freeze_existing=True``: only the new block and the head train afterwards (the head is
     kept and re-trained rather than re-created, so the function stays continuous). The stem and
     every older block keep the values they had when they were frozen.
@@ -180,10 +170,8 @@ class ForwardThinking(InsertionStrategy):
     def propose(self, grower: Any) -> Optional[Proposal]:
         if not grower.freeze_existing:
             raise ValueError("ForwardThinking: the grower must run with freeze_existing=True (layer-wise training)")
-        point = len(grower.model.blocks)
-        n, d, has_bias = _linear_shape(grower.model, point)
-        bound = self.scale / math.sqrt(d)  # nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        w = (torch.rand(n, d, generator=grower.generator) * 2 - 1) * bound
-        b = (torch.rand(n, generator=grower.generator) * 2 - 1) * bound if has_bias else None
+        site = _last_site(grower)
+        # PyTorch's default layer init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) has std 1/sqrt(3 fan_in)
+        phi = site.random_phi(site.build_block(), grower.generator, self.scale / math.sqrt(3.0))
         self.last_info = {"scale": self.scale}
-        return Proposal(point, weight=w, bias=b, eps=1.0, info=dict(self.last_info))
+        return Proposal(site.point, phi=phi, eps=1.0, info=dict(self.last_info))
