@@ -7,19 +7,11 @@ Layers, bottom to top: the torch-free C++/CUDA core (``topoderiv._C``), drop-in 
 import torch  # noqa: F401  (loads torch's OpenMP runtime before the extension)
 
 from . import ops, reference  # noqa: F401
-from ._lib import lib as _lib
+from ._lib import build_info  # noqa: F401
 from .ops import lanczos_topk, sensitivity_blocks, sensitivity_matvec, sensitivity_topk  # noqa: F401
 
 __version__ = "0.1.0"
 
-
-def build_info() -> dict:
-    """What was built: CUDA kernels yes/no, architectures, runtime version, visible GPUs, torch."""
-    info = dict(_lib().build_info())
-    info["torch"] = torch.__version__
-    info["torch_cuda_available"] = torch.cuda.is_available()
-    info["torch_threads"] = torch.get_num_threads()
-    return info
 
 
 # --- growth API (sites, models, scoring, insertion, growth loop): exported below ------------

@@ -1,5 +1,5 @@
 """``python -m topoderiv``: prints what was built."""
-from . import build_info
+from ._lib import build_info
 
 
 def main() -> None:

@@ -49,3 +49,14 @@ def lib() -> ModuleType:
             f"({err}). Build it with `pip install .` from the source tree "
             "(`pip install --no-build-isolation --no-deps .` offline)."
         ) from err
+
+
+def build_info() -> dict:
+    """What was built: CUDA kernels yes/no, architectures, runtime version, visible GPUs, torch."""
+    import torch
+
+    info = dict(lib().build_info())
+    info["torch"] = torch.__version__
+    info["torch_cuda_available"] = torch.cuda.is_available()
+    info["torch_threads"] = torch.get_num_threads()
+    return info
