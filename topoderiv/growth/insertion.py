@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from ..data import batch_size, check_loss, device_of, iter_batches, train_mode
 from ..sites import Site, check_growable, check_point
-from ..sites.capture import state_at
+from ..sites.capture import probed, state_at
 from .scoring import PointScore
 
 __all__ = ["insert", "insert_block", "remove_block", "search_eps", "prepare_block", "DEFAULT_EPS_GRID"]
@@ -197,12 +197,19 @@ def search_eps(model: nn.Module, point: Any, phi: Any, data: Any,
     has_suffix = callable(getattr(model, "forward_from", None))
     totals = [0.0] * len(eps_list)
     S = 0
+    checked = False
     with train_mode(model, training):
         block.train(model.training)
         for x, y in iter_batches(data, fn, device=device, check_finite=True, limit=max_batches):
             B = batch_size(x)
             if B == 0:
                 continue
+            if not checked:  # one forward with every site hooked: the container holds one stream shape
+                with probed(model, [site.point], need_grad=False, fn=fn) as probes:
+                    model(x)
+                probes.check(fn, [site.point])
+                site.check_state(probes.store[site.point], fn)
+                checked = True
             if has_suffix:
                 h = state_at(model, x, site.point)
                 losses = _suffix_losses(model, site, h, y, block, phi_t, eps_list, loss_fn, fn)
