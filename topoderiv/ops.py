@@ -300,31 +300,44 @@ def _check_matrices(fn: str, a: object, real: bool = True) -> Tensor:
     return a.contiguous() if real else a
 
 
-# elements of a - a^T formed at a time by the symmetry check (16 MB in float32)
-_SYM_CHUNK = 2**22
+# elements of a^T - a formed at a time by the symmetry check (4 MB in float32)
+_SYM_CHUNK = 2**20
 
 
 def _check_symmetric(fn: str, a: Tensor, norm_group: int) -> None:
     """``a`` [B, m, m] contiguous: finite, and ``max |a - a^T| <= 1e3 eps max |a|`` over every entry,
-    ``max |a|`` over the matrix's norm group (the norm its results are measured against). Two
-    reductions over ``a``; the differences are formed in chunks of ``_SYM_CHUNK`` elements."""
+    ``max |a|`` over the matrix's norm group (the norm its results are measured against).
+
+    Cost: one transposed copy and two reductions over ``a`` (the differences are formed in a
+    buffer of ``_SYM_CHUNK`` elements), about a third of one Lanczos step's symv.
+    """
     B, m = a.shape[0], a.shape[-1]
     if a.numel() == 0 or torch.compiler.is_compiling():
         return
-    lo, hi = a.reshape(B, m * m).aminmax(dim=1)
-    big = torch.maximum(hi, -lo)  # [B] max |a|; NaN propagates, +-Inf shows
+    flat = a.reshape(B, m * m)
+    big = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))  # [B] max |a|; NaN propagates, +-Inf shows
     if not bool(torch.isfinite(big).all()):
         raise ValueError(f"{fn}: a must contain only finite values, got NaN or Inf")
-    asym = torch.empty_like(big)
+    asym = torch.empty_like(big)  # a^T - a is antisymmetric: its max is its max |.|
     if m * m <= _SYM_CHUNK:
         per = max(1, _SYM_CHUNK // (m * m))
+        buf = a.new_empty(min(per, B), m, m)
         for b0 in range(0, B, per):
             c = a[b0:b0 + per]
-            asym[b0:b0 + per] = (c - c.mT).abs_().amax(dim=(1, 2))
+            t = buf[:c.shape[0]]
+            t.copy_(c.mT)
+            asym[b0:b0 + per] = t.sub_(c).amax(dim=(1, 2))
     else:
         rows = max(1, _SYM_CHUNK // m)
+        buf = a.new_empty(m, rows)
         for b in range(B):
-            asym[b] = max((a[b, r0:r0 + rows] - a[b, :, r0:r0 + rows].mT).abs_().amax() for r0 in range(0, m, rows))
+            worst = a.new_zeros(())
+            for r0 in range(0, m, rows):
+                cols = a[b, :, r0:r0 + rows]  # compared with rows r0.. of a[b]
+                t = buf[:, :cols.shape[1]]
+                t.copy_(a[b, r0:r0 + rows].mT)
+                worst = torch.maximum(worst, t.sub_(cols).abs_().amax())
+            asym[b] = worst
     if norm_group > 1:
         groups = -(-B // norm_group)
         padded = big.new_zeros(groups * norm_group)
@@ -430,9 +443,18 @@ def _matvec_impl(x: Tensor, p: Tensor, v: Tensor, bias: bool) -> Tensor:
 @torch.library.custom_op("topoderiv::sensitivity_matvec", mutates_args=(), device_types=("cpu", "cuda"))
 def _matvec_op(x: Tensor, p: Tensor, v: Tensor, bias: bool) -> Tensor:
     fn = "sensitivity_matvec"
-    x, p = _check_pair(fn, x, p, bias)
-    v = _check_v(fn, v, x, p, bias)
-    return _matvec_impl(x, p, v, bias)
+    x, p = _check_pair(fn, x, p, bias, data=False)
+    v = _check_v(fn, v, x, p, bias, data=False)
+    out = _matvec_impl(x, p, v, bias)
+    # Finite values, checked on the small output instead of the inputs: a NaN or Inf anywhere in
+    # x, p or v reaches the output (IEEE: Inf * 0 = NaN, Inf + finite = Inf), so finite outputs
+    # from non-empty data prove finite inputs (screened by the sum: a finite sum means finite
+    # entries). A non-finite output names the input; if every input is finite the output (or
+    # only its sum) overflowed and is returned as computed.
+    if out.numel() == 0 or x.shape[0] == 0 or not math.isfinite(float(out.sum(dtype=torch.float64))):
+        for name, t in (("x", x), ("p", p), ("v", v)):
+            _check_finite(fn, name, t)
+    return out
 
 
 @_matvec_op.register_fake
