@@ -20,7 +20,7 @@ import sys
 import torch
 
 import topoderiv as td
-from topoderiv import scoring
+from topoderiv.method import statistic
 from topoderiv.sites.capture import capture_all
 from topoderiv.models import ResidualMLP
 from topoderiv.growth.training import fit
@@ -58,12 +58,12 @@ def reference_code_score(model, train, loss_fn, mem_limit=8 * 2**30):
 
 def cold_score(model, data, loss_fn):
     """The scorer without the subspace warm start (random Lanczos starts, tol 1e-4 as before)."""
-    saved = scoring._WARM_MIN_M
-    scoring._WARM_MIN_M = 1 << 62
+    saved = statistic.WARM_MIN_M
+    statistic.WARM_MIN_M = 1 << 62
     try:
         return td.score(model, data, loss_fn)
     finally:
-        scoring._WARM_MIN_M = saved
+        statistic.WARM_MIN_M = saved
 
 
 def main(argv=None):
