@@ -10,5 +10,6 @@ eps search then re-evaluates only that suffix.
 from ..sites import candidate_points, check_growable  # noqa: F401
 from ..sites.linear import ResidualBlock  # noqa: F401
 from .mlp import ResidualMLP  # noqa: F401
+from .cnn import ResidualCNN  # noqa: F401
 
-__all__ = ["ResidualMLP", "ResidualBlock", "candidate_points", "check_growable"]
+__all__ = ["ResidualMLP", "ResidualCNN", "ResidualBlock", "candidate_points", "check_growable"]
