@@ -75,14 +75,17 @@ def test_activation_specs_roundtrip():
         assert activation_spec(act) == name
         assert type(get_activation(activation_spec(act))) is type(act)
     assert isinstance(get_activation(None), TDActivation)
-    assert isinstance(get_activation("torch.nn:Softsign"), nn.Softsign)
-    assert activation_spec(nn.Softsign()) == "torch.nn.modules.activation:Softsign"
+    # "module:QualName" only as the old spelling of a REGISTERED class: never imported
+    assert isinstance(get_activation("torch.nn:Tanh"), nn.Tanh)
+    assert activation_spec(nn.Softsign()) == "torch.nn.modules.activation:Softsign"  # unregistered: described only
+    with pytest.raises(ValueError, match="'torch.nn:Softsign' is not a registered class.*register"):
+        get_activation("torch.nn:Softsign")
     a = nn.Tanh()
     assert get_activation(a) is not a
     with pytest.raises(ValueError, match="spec must be one of"):
         get_activation("nope")
     with pytest.raises(TypeError, match="spec must be"):
         get_activation(3)
-    with pytest.raises(ValueError, match="cannot import"):
+    with pytest.raises(ValueError, match="not a registered class"):
         get_activation("no_such_module_xyz:Foo")
     assert math.isfinite(float(TDActivation()(torch.tensor(50.0))))

@@ -31,8 +31,10 @@ def test_insert_save_load_roundtrip_identical_outputs(tmp_path, dtype):
     path = save(model, tmp_path / "ck")
     assert (path / "model.safetensors").is_file() and (path / "model.json").is_file()
     arch = json.loads((path / "model.json").read_text())
-    assert arch["class"] == "topoderiv.models.mlp:ResidualMLP" and arch["config"]["depth"] == 5
-    assert arch["inserted"] == [0, 2, 3]  # [n2, o0, n1, n3, o1] after inserting at 1, 0, 3
+    assert arch["class"] == "ResidualMLP" and arch["config"]["depth"] == 5 and arch["version"] == 2
+    assert arch["inserted"] == {"blocks": [0, 2, 3]}  # [n2, o0, n1, n3, o1] after inserting at 1, 0, 3
+    assert [b["class"] for b in arch["blocks"]["blocks"]] == ["ResidualBlock"] * 5
+    assert {w["dtype"] for w in arch["weights"].values()} == {str(dtype)[6:]}
     loaded = load(path)
     assert type(loaded) is ResidualMLP and len(loaded.blocks) == 5
     assert all(p.dtype == dtype for p in loaded.parameters())

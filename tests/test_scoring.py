@@ -14,6 +14,7 @@ import topoderiv
 from topoderiv.sites.capture import capture_all
 from topoderiv.growth.insertion import insert, insert_block
 from topoderiv.models import ResidualMLP
+from topoderiv.registry import register
 from topoderiv.growth.scoring import score
 from topoderiv.method.statistic import kernels_available
 
@@ -61,6 +62,7 @@ def test_finite_difference_arbiter_every_point(backend):
         assert 0.99 < r < 1.01, f"point {p}: ratio {r}"
 
 
+@register(name="test_scoring.NegTD")  # ResidualMLP names activations by registered name
 class NegTD(nn.Module):
     """sigma(z) = -(z^2/2 + z^3/3)-like: sigma''(0) = -2 (admissible, negative curvature)."""
 

@@ -12,10 +12,15 @@ registers explicitly in code:
     class MyBlock(nn.Module): ...
 
 Names are unique: registering a different class under a taken name raises.
+
+:func:`lookup` also accepts the ``"module:QualName"`` spelling that checkpoints written before the
+registry used (``"topoderiv.models:ResidualMLP"``, ``"torch.optim.adam:Adam"``): it maps to the
+REGISTERED class of that qualified name whose module is ``module`` or inside the package
+``module`` (plus a few renamed spellings of topoderiv's own classes), and never imports anything.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Type, TypeVar, Union, overload
+from typing import Callable, Dict, Optional, TypeVar, Union, overload
 
 __all__ = ["register", "lookup", "name_of", "registered"]
 
@@ -57,15 +62,56 @@ def register(cls: Optional[T] = None, *, name: Optional[str] = None) -> Union[T,
     return deco(cls) if cls is not None else deco
 
 
-def lookup(name: object, what: str = "class", where: str = "checkpoint") -> type:
-    """The class registered under ``name``; ValueError naming it and how to register it otherwise."""
-    if not isinstance(name, str) or name not in _BY_NAME:
+#: spellings of topoderiv's own classes in checkpoints written before the registry, whose module
+#: has since moved out of the package it names -> registered name
+_LEGACY: Dict[str, str] = {
+    "topoderiv.models:ResidualBlock": "ResidualBlock",
+    "topoderiv.activations:TDActivation": "td",
+}
+
+
+def _legacy_class(spelling: str, where: str) -> Optional[type]:
+    """The registered class spelled ``"module:QualName"`` (see the module docstring), or None."""
+    mod, sep, qual = spelling.partition(":")
+    if not sep or not mod or not qual:
+        return None
+    renamed = _LEGACY.get(spelling)
+    if renamed is not None and renamed in _BY_NAME:
+        return _BY_NAME[renamed]
+    matches = {c for c in _BY_NAME.values()
+               if c.__qualname__ == qual and (c.__module__ == mod or c.__module__.startswith(mod + "."))}
+    if len(matches) > 1:
+        found = sorted(f"{c.__module__}.{c.__qualname__}" for c in matches)
+        raise ValueError(f"{where}: {spelling!r} is ambiguous: it may name any of the registered classes {found}; "
+                         f"name one by its registered name instead")
+    return next(iter(matches)) if matches else None
+
+
+def lookup(name: object, what: str = "class", where: str = "checkpoint", base: Optional[type] = None) -> type:
+    """The class registered under ``name`` (or spelled ``"module:QualName"``, see the module docstring).
+
+    Args:
+        name: a registered name.
+        what, where: for the error message (what is looked up, and the function/file/field).
+        base: when given, the class must be a subclass of it.
+
+    Raises:
+        ValueError: ``name`` is not registered (the message names it and how to register it), or
+            the class is not a subclass of ``base``. Nothing is ever imported.
+    """
+    cls = _BY_NAME.get(name) if isinstance(name, str) else None
+    if cls is None and isinstance(name, str):
+        cls = _legacy_class(name, where)
+    if cls is None:
         raise ValueError(
             f"{where}: {what} {name!r} is not a registered class: loading never imports code named by a file. "
             f"If you trust it, register the class in your code before loading: "
             f"`from topoderiv.registry import register; register(MyClass, name={name!r})`"
         )
-    return _BY_NAME[name]
+    if base is not None and not issubclass(cls, base):
+        raise ValueError(f"{where}: {what} {name!r} is registered for {cls.__module__}.{cls.__qualname__}, which is "
+                         f"not a {base.__module__}.{base.__qualname__} subclass")
+    return cls
 
 
 def name_of(cls_or_obj: object) -> Optional[str]:

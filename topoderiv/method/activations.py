@@ -7,19 +7,22 @@ has a purely second-order first effect only when ``sigma(0) = 0``, ``sigma'(0) =
 (tanh, ReLU, GELU, SiLU, ...).
 
 Activations are named in checkpoints by :func:`activation_spec` and rebuilt by
-:func:`get_activation` (a registered short name, or ``"module:QualName"`` of a class that takes
-no constructor arguments).
+:func:`get_activation` from a name in the class registry (:mod:`topoderiv.registry`): the short
+names of :data:`ACTIVATIONS` (registered here), or any nn.Module class the user registers (built
+without constructor arguments). A spec string never imports code: ``"module:QualName"`` is
+accepted only as the old spelling of a registered class.
 """
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 from typing import Callable, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..registry import lookup, name_of, register
 
 __all__ = [
     "TDActivation",
@@ -61,7 +64,8 @@ ACTIVATIONS: Dict[str, Callable[[], nn.Module]] = {
     "elu": nn.ELU,
     "identity": nn.Identity,
 }
-_NAME_OF = {cls: name for name, cls in ACTIVATIONS.items()}
+for _short, _cls in ACTIVATIONS.items():  # checkpoints name these classes by their short names
+    register(_cls, name=_short)
 
 
 def _describe(act: object) -> str:
@@ -74,51 +78,57 @@ def get_activation(spec: Union[str, nn.Module, None], default: str = "td") -> nn
     """Builds an activation module from a spec.
 
     Args:
-        spec: ``None`` (use ``default``), a registered name (``"td"``, ``"tanh"``, ``"relu"``,
-            ``"gelu"``, ``"silu"``, ``"sigmoid"``, ``"softplus"``, ``"elu"``, ``"identity"``),
-            ``"package.module:ClassName"`` of an ``nn.Module`` class built without arguments, or an
-            ``nn.Module`` (returned as a deep copy, so blocks never share an instance).
+        spec: ``None`` (use ``default``), a short name (``"td"``, ``"tanh"``, ``"relu"``,
+            ``"gelu"``, ``"silu"``, ``"sigmoid"``, ``"softplus"``, ``"elu"``, ``"identity"``; any
+            case), the registered name of an ``nn.Module`` class built without arguments (see
+            :mod:`topoderiv.registry`; ``"module:QualName"`` is accepted as the old spelling of a
+            registered class, never imported), or an ``nn.Module`` (returned as a deep copy, so
+            blocks never share an instance).
         default: the name used for ``None``.
 
     Raises:
-        ValueError: unknown name. TypeError: anything else.
+        ValueError: unknown or unregistered name, or a registered class that cannot be built
+            without arguments. TypeError: anything else.
     """
+    fn = "get_activation"
     if spec is None:
         spec = default
     if isinstance(spec, nn.Module):
         return copy.deepcopy(spec)
     if not isinstance(spec, str):
-        raise TypeError(
-            f"get_activation: spec must be None, a str or an nn.Module, got {type(spec).__name__}"
-        )
+        raise TypeError(f"{fn}: spec must be None, a str or an nn.Module, got {type(spec).__name__}")
     key = spec.lower()
     if key in ACTIVATIONS:
         return ACTIVATIONS[key]()
-    if ":" in spec:
-        mod_name, _, qual = spec.partition(":")
+    if ":" not in spec:
         try:
-            obj: object = importlib.import_module(mod_name)
-            for part in qual.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"get_activation: cannot import activation {spec!r} ({err})") from err
-        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-            raise ValueError(f"get_activation: {spec!r} must name an nn.Module class, got {obj!r}")
-        return obj()
-    raise ValueError(
-        f"get_activation: spec must be one of {sorted(ACTIVATIONS)} or 'module:ClassName', got {spec!r}"
-    )
+            cls = lookup(spec, "activation", fn, base=nn.Module)
+        except ValueError:
+            raise ValueError(
+                f"{fn}: spec must be one of {sorted(ACTIVATIONS)}, the registered name of an nn.Module class "
+                f"(topoderiv.registry.register) or an nn.Module, got {spec!r}"
+            ) from None
+    else:
+        cls = lookup(spec, "activation", fn, base=nn.Module)
+    try:
+        return cls()
+    except Exception as err:
+        raise ValueError(f"{fn}: activation {spec!r} ({cls.__module__}.{cls.__qualname__}) must be constructible "
+                         f"without arguments, got {type(err).__name__}: {err}") from err
 
 
 def activation_spec(act: nn.Module) -> str:
     """The JSON-able name of an activation module (inverse of :func:`get_activation`).
 
-    Registered classes get their short name; any other class ``"module:QualName"`` (it must then be
-    constructible without arguments to be rebuilt; its parameters, if any, travel in the state dict).
+    The registered name of its class (the short names of :data:`ACTIVATIONS`, or the name a user
+    registered). Any other class gets ``"module:QualName"``, which describes it but rebuilds only
+    once the class is registered (:func:`topoderiv.registry.register`); its parameters, if any,
+    travel in the state dict.
     """
+    name = name_of(act)
+    if name is not None:
+        return name
     cls = type(act)
-    if cls in _NAME_OF:
-        return _NAME_OF[cls]
     return f"{cls.__module__}:{cls.__qualname__}"
 
 

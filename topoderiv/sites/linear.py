@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..method.activations import activation_spec, check_admissible, get_activation
 from ..method.statistic import EigenStatistic
-from ..registry import register
+from ..registry import lookup, name_of, register
 from .base import Site, register_kind
 
 __all__ = ["ResidualBlock", "LinearSite", "TokenSite", "block_parts", "feature_spec", "build_feature",
@@ -29,31 +29,69 @@ __all__ = ["ResidualBlock", "LinearSite", "TokenSite", "block_parts", "feature_s
 ActSpec = Union[str, nn.Module, None]
 
 
+register(nn.LayerNorm, name="layernorm")  # feature maps: nn.Identity is "identity" (activations)
+
+_LAYERNORM_OPTIONS = {"eps": (int, float), "elementwise_affine": bool, "bias": bool}
+
+
 def feature_spec(feature: nn.Module) -> Union[str, Dict[str, Any]]:
+    """The JSON-able spec of a block's feature map (inverse of :func:`build_feature`).
+
+    ``"identity"``, ``{"layernorm": {eps, elementwise_affine, bias}}``, the registered name of
+    another class (built without arguments), or ``"module:QualName"`` for an unregistered class
+    (which rebuilds only once registered: :func:`topoderiv.registry.register`).
+    """
     if isinstance(feature, nn.Identity):
         return "identity"
     if isinstance(feature, nn.LayerNorm):
         return {"layernorm": {"eps": feature.eps, "elementwise_affine": feature.elementwise_affine,
                               "bias": feature.bias is not None}}
+    name = name_of(feature)
+    if name is not None:
+        return name
     cls = type(feature)
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def build_feature(spec: Union[str, Dict[str, Any], nn.Module, None], width: int) -> nn.Module:
+    """The feature map of a spec: None/"identity", "layernorm", ``{"layernorm": {...}}``, a registered
+    class name (never imported), or an nn.Module (used as is)."""
+    fn = "ResidualBlock"
     if spec is None or spec == "identity":
         return nn.Identity()
     if isinstance(spec, nn.Module):
         return spec
     if spec == "layernorm":
         return nn.LayerNorm(width)
-    if isinstance(spec, dict) and "layernorm" in spec:
-        return nn.LayerNorm(width, **spec["layernorm"])
-    if isinstance(spec, str) and ":" in spec:
-        mod = get_activation(spec)  # same import rules: a class built without arguments
-        return mod
+    if isinstance(spec, dict) and list(spec) == ["layernorm"]:
+        opts = spec["layernorm"]
+        if not isinstance(opts, dict):
+            raise ValueError(f"{fn}: feature {{'layernorm': options}} needs a dict of options, got {opts!r}")
+        for key, val in opts.items():
+            want = _LAYERNORM_OPTIONS.get(key)
+            if want is None:
+                raise ValueError(f"{fn}: feature layernorm option must be one of {sorted(_LAYERNORM_OPTIONS)}, got "
+                                 f"{key!r}")
+            if isinstance(val, bool) != (want is bool) or not isinstance(val, want):
+                raise ValueError(f"{fn}: feature layernorm option {key} must be a "
+                                 f"{'bool' if want is bool else 'number'}, got {val!r}")
+        return nn.LayerNorm(width, **opts)
+    if isinstance(spec, str):
+        try:
+            cls = lookup(spec, "feature map", fn, base=nn.Module)
+        except ValueError as err:
+            if ":" in spec:
+                raise
+            raise ValueError(f"{fn}: feature must be None, 'identity', 'layernorm', {{'layernorm': {{options}}}}, a "
+                             f"registered nn.Module class or an nn.Module, got {spec!r} ({err})") from None
+        try:
+            return cls()
+        except Exception as err:
+            raise ValueError(f"{fn}: feature map {spec!r} ({cls.__qualname__}) must be constructible without "
+                             f"arguments, got {type(err).__name__}: {err}") from err
     raise ValueError(
-        f"ResidualBlock: feature must be None, 'identity', 'layernorm', 'module:ClassName' or an "
-        f"nn.Module, got {spec!r}"
+        f"{fn}: feature must be None, 'identity', 'layernorm', {{'layernorm': {{options}}}}, a registered class "
+        f"name or an nn.Module, got {spec!r}"
     )
 
 
