@@ -1,0 +1,450 @@
+// Fuzz of the span checks of topoderiv/validate.h (what csrc/bindings.cpp runs before any kernel),
+// built with AddressSanitizer + UBSan by run_emulated_tests.sh.
+//
+// Random params of the blocks, matvec and (dense and matrix-free) Lanczos kernels, each buffer its
+// own heap allocation of exactly the bytes claimed for it, then one mutation or none: a span short
+// by a few bytes, a misaligned or null pointer, a negative size or stride, an unknown dtype code,
+// sizes that overflow int64, an output overlapping an input, Lanczos arguments out of range, a
+// size that grew after the buffers were allocated, or random strides. Properties:
+//   - every call the checks accept runs the kernel (CPU, or CUDA through the emulator) without a
+//     single out-of-bounds access: ASan aborts the run otherwise;
+//   - every mutation that must be rejected is (std::invalid_argument), and valid params are not.
+// Usage: fuzz_validate [iterations] [seed] [share of CUDA calls]   (exit status 1 on a failed property)
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "topoderiv/lanczos.h"
+#include "topoderiv/sensitivity.h"
+#include "topoderiv/validate.h"
+
+using namespace topoderiv;
+
+namespace {
+
+int failures = 0;
+long accepted = 0, rejected = 0, ran = 0;
+
+#define EXPECT(cond, ...)                                  \
+  do {                                                     \
+    if (!(cond)) {                                         \
+      ++failures;                                          \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);     \
+      std::printf(__VA_ARGS__);                            \
+      std::printf("\n");                                   \
+    }                                                      \
+  } while (0)
+
+std::mt19937_64 rng;
+int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
+bool coin(double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; }
+
+// One buffer: its own malloc of exactly `bytes` (+ the misalignment), so ASan's red zone starts at
+// the first byte past what was claimed.
+struct Buffer {
+  std::unique_ptr<unsigned char, void (*)(void*)> mem{nullptr, std::free};
+  unsigned char* ptr = nullptr;
+  int64_t bytes = 0;
+};
+
+// Small integers in dtype t (valid floats of every dtype).
+void fill(unsigned char* p, int64_t bytes, DType t) {
+  const int64_t es = dtype_size(t);
+  for (int64_t e = 0; e + es <= bytes; e += es) {
+    const float v = static_cast<float>(rnd(-3, 3));
+    if (t == DType::kFloat64) {
+      const double dv = v;
+      std::memcpy(p + e, &dv, 8);
+    } else if (t == DType::kFloat32) {
+      std::memcpy(p + e, &v, 4);
+    } else {
+      uint32_t u;
+      std::memcpy(&u, &v, 4);
+      const uint16_t b = static_cast<uint16_t>(u >> 16);  // exact for small integers
+      std::memcpy(p + e, &b, 2);
+    }
+  }
+}
+
+Buffer make(int64_t bytes, DType t, int64_t misalign = 0) {
+  Buffer b;
+  b.bytes = bytes;
+  b.mem.reset(static_cast<unsigned char*>(std::malloc(static_cast<size_t>(std::max<int64_t>(bytes + misalign, 1)))));
+  if (!b.mem) throw std::bad_alloc();
+  b.ptr = b.mem.get() + misalign;
+  fill(b.ptr, bytes, t);
+  return b;
+}
+
+DType in_dtype() { return static_cast<DType>(rnd(0, 2)); }
+DType acc_for(DType in, bool cuda) {
+  if (in == DType::kFloat64) return DType::kFloat64;
+  return (!cuda && coin(0.3)) ? DType::kFloat64 : DType::kFloat32;
+}
+
+// Elements of a [batch, rows, cols] view (the same formula as validate.h, written again).
+int64_t span(int64_t batch, int64_t rows, int64_t cols, int64_t rs, int64_t bs) {
+  if (batch == 0 || rows == 0 || cols == 0) return 0;
+  return (batch - 1) * bs + (rows - 1) * rs + cols;
+}
+
+// The mutations. kReject*: must be rejected whenever the mutated buffer is used at all.
+enum Mut {
+  kNone, kShort, kMisalign, kNull, kNegative, kDtype, kOverflow, kOverlap, kGrow, kStrides, kLanczosArg, kNumMut
+};
+const char* mut_name(int m) {
+  static const char* names[] = {"none", "short", "misalign", "null", "negative", "dtype", "overflow",
+                                "overlap", "grow", "strides", "lanczos-arg"};
+  return names[m];
+}
+
+// Runs check(), then (when accepted) the kernel. `must_reject` / `must_accept`: the expectation.
+template <class Check, class Run>
+void trial(const char* what, int mut, bool must_reject, bool must_accept, Check check, Run run) {
+  bool ok = true;
+  std::string msg;
+  try {
+    check();
+  } catch (const std::invalid_argument& e) {
+    ok = false;
+    msg = e.what();
+  }
+  if (ok) {
+    ++accepted;
+    EXPECT(!must_reject, "%s: mutation %s was accepted", what, mut_name(mut));
+    if (must_reject) return;  // would be out of bounds: ASan would stop here
+    try {
+      run();
+      ++ran;
+    } catch (const std::exception& e) {  // the kernels' own checks (e.g. non-finite Lanczos input)
+      (void)e;
+    }
+  } else {
+    ++rejected;
+    EXPECT(!must_accept, "%s: valid params rejected: %s", what, msg.c_str());
+    EXPECT(msg.rfind("sensitivity_", 0) == 0 || msg.rfind("lanczos_", 0) == 0, "%s: message does not name the op: %s",
+           what, msg.c_str());
+  }
+}
+
+// ------------------------------------------------------------------------------- blocks / matvec
+
+template <class Params>
+void random_data(Params& P, bool cuda) {
+  P.batch = rnd(0, 2) == 0 ? rnd(0, 1) : rnd(1, 2);
+  P.N = rnd(0, 3) == 0 ? rnd(0, 1) : rnd(1, 40);
+  P.d = rnd(0, 9);
+  P.n = rnd(0, 5);
+  P.bias = coin(0.7) || P.d == 0;
+  P.in_dtype = in_dtype();
+  P.acc_dtype = acc_for(P.in_dtype, cuda);
+  auto rstride = [](int64_t w) {
+    const int64_t k = rnd(0, 5);
+    return k == 0 ? 0 : k == 1 ? rnd(0, w) : w + rnd(0, 2);  // broadcast, overlapping rows, padded rows
+  };
+  P.x_rstride = rstride(P.d);
+  P.p_rstride = rstride(P.n);
+  P.x_bstride = coin(0.2) ? 0 : P.N * std::max<int64_t>(P.x_rstride, P.d) + rnd(0, 3);
+  P.p_bstride = coin(0.2) ? 0 : P.N * std::max<int64_t>(P.p_rstride, P.n) + rnd(0, 3);
+  P.num_threads = static_cast<int>(rnd(1, 3));
+}
+
+void fuzz_blocks_or_matvec(bool matvec, bool cuda, int64_t it) {
+  SensitivityMatvecParams P;  // the blocks params are the same fields minus v / workspace
+  random_data(P, cuda);
+  int mut = coin(0.4) ? kNone : static_cast<int>(rnd(1, kLanczosArg - 1));
+  const int64_t ies = dtype_size(P.in_dtype), aes = dtype_size(P.acc_dtype), m = P.m();
+  const bool active = P.batch > 0 && P.n > 0 && (matvec || P.N > 0);
+  const bool reads = active && P.N > 0;
+  int64_t xb = (reads && P.d > 0) ? span(P.batch, P.N, P.d, P.x_rstride, P.x_bstride) * ies : 0;
+  int64_t pb = reads ? span(P.batch, P.N, P.n, P.p_rstride, P.p_bstride) * ies : 0;
+  int64_t ob = active ? P.batch * P.n * m * (matvec ? 1 : m) * aes : 0;
+  int64_t vb = (matvec && reads) ? P.batch * P.n * m * aes : 0;
+  int64_t wb = (matvec && reads && cuda) ? P.batch * P.N * P.n * aes : 0;
+  bool must_reject = false;
+  // which buffer a span mutation hits: 0 x, 1 p, 2 out, 3 v, 4 workspace
+  const int target = static_cast<int>(rnd(0, matvec ? (cuda ? 4 : 3) : 2));
+  int64_t* bytes[5] = {&xb, &pb, &ob, &vb, &wb};
+  const int64_t tes[5] = {ies, ies, aes, aes, aes};
+  int64_t misalign[5] = {0, 0, 0, 0, 0};
+  bool null[5] = {false, false, false, false, false};
+  switch (mut) {
+    case kShort:
+      if (*bytes[target] > 0) {
+        *bytes[target] -= rnd(1, std::min<int64_t>(*bytes[target], 2 * tes[target]));
+        must_reject = true;
+      }
+      break;
+    case kMisalign:
+      if (*bytes[target] > 0 && tes[target] > 1) {
+        misalign[target] = rnd(1, tes[target] - 1);
+        must_reject = true;
+      }
+      break;
+    case kNull:
+      if (*bytes[target] > 0) {
+        null[target] = true;
+        must_reject = true;
+      }
+      break;
+    default:
+      break;
+  }
+  DType t_of[5] = {P.in_dtype, P.in_dtype, P.acc_dtype, P.acc_dtype, P.acc_dtype};
+  Buffer buf[5];
+  for (int i = 0; i < 5; ++i) buf[i] = make(*bytes[i], t_of[i], misalign[i]);
+  for (int i = 0; i < 5; ++i)
+    if (null[i] || (*bytes[i] == 0 && coin(0.5))) buf[i].ptr = nullptr;  // unused buffers may be null
+  // overlap: out inside x or p (or v), allocated large enough for both
+  Buffer shared;
+  if (mut == kOverlap && ob > 0 && (xb > 0 || pb > 0 || vb > 0)) {
+    const int src = xb > 0 ? 0 : pb > 0 ? 1 : 3;
+    const int64_t start = rnd(0, (*bytes[src] - 1) / 8) * 8;  // 8-aligned offset inside the input
+    shared = make(start + std::max(*bytes[src] - start, ob) + 8, DType::kFloat64);
+    buf[src].ptr = shared.ptr;
+    buf[2].ptr = shared.ptr + start;
+    must_reject = true;
+  }
+  P.x = buf[0].ptr;
+  P.p = buf[1].ptr;
+  P.out = buf[2].ptr;
+  P.v = buf[3].ptr;
+  P.workspace = buf[4].ptr;
+  int64_t have[5];
+  for (int i = 0; i < 5; ++i) have[i] = *bytes[i];
+  if (mut == kOverlap && shared.ptr) {
+    for (int i : {0, 1, 3})
+      if (buf[i].ptr == shared.ptr) have[i] = shared.bytes;
+    have[2] = shared.bytes - (buf[2].ptr - shared.ptr);
+  }
+  switch (mut) {
+    case kNegative: {
+      int64_t* f[] = {&P.batch, &P.N, &P.d, &P.n, &P.x_rstride, &P.x_bstride, &P.p_rstride, &P.p_bstride};
+      *f[rnd(0, 7)] = -rnd(1, 3);
+      must_reject = true;
+      break;
+    }
+    case kDtype:
+      if (coin(0.5)) P.in_dtype = static_cast<DType>(coin(0.5) ? 3 : -1);
+      else P.acc_dtype = coin(0.5) ? DType::kBFloat16 : static_cast<DType>(7);
+      must_reject = true;
+      break;
+    case kOverflow:
+      P.N = int64_t(1) << 62;
+      P.x_rstride = P.p_rstride = int64_t(1) << 40;
+      P.batch = std::max<int64_t>(P.batch, 1);
+      P.n = std::max<int64_t>(P.n, 1);
+      must_reject = true;
+      break;
+    case kGrow: {  // a size grew after the buffers were allocated: the spans no longer cover it
+      if (reads && P.d > 0 && coin(0.5)) {
+        P.d += 1;
+        must_reject = span(P.batch, P.N, P.d, P.x_rstride, P.x_bstride) * ies > xb ||
+                      P.batch * P.n * (P.m()) * (matvec ? 1 : P.m()) * aes > ob;
+      } else if (active) {
+        P.N += rnd(1, 3);
+        must_reject = span(P.batch, P.N, P.n, P.p_rstride, P.p_bstride) * ies > pb ||
+                      (P.d > 0 && span(P.batch, P.N, P.d, P.x_rstride, P.x_bstride) * ies > xb) ||
+                      (matvec && cuda && P.batch * P.N * P.n * aes > wb);
+      }
+      break;
+    }
+    case kStrides:  // anything goes: the checks decide, ASan verifies
+      P.x_rstride = rnd(0, 12);
+      P.p_rstride = rnd(0, 12);
+      P.x_bstride = rnd(0, 300);
+      P.p_bstride = rnd(0, 300);
+      break;
+    default:
+      break;
+  }
+  if (!cuda && P.in_dtype == DType::kFloat64 && P.acc_dtype == DType::kFloat32) must_reject = true;
+  const bool must_accept = mut == kNone;
+  char what[160];
+  std::snprintf(what, sizeof what, "%s %s it=%ld batch=%ld N=%ld d=%ld n=%ld rs=%ld,%ld", matvec ? "matvec" : "blocks",
+                cuda ? "cuda" : "cpu", (long)it, (long)P.batch, (long)P.N, (long)P.d, (long)P.n, (long)P.x_rstride,
+                (long)P.p_rstride);
+  if (matvec) {
+    trial(what, mut, must_reject, must_accept,
+          [&] { check_matvec_params("sensitivity_matvec", P, cuda, have[0], have[1], have[3], have[2], have[4]); },
+          [&] {
+            if (cuda) sensitivity_matvec_cuda(P);
+            else sensitivity_matvec_cpu(P);
+          });
+  } else {
+    SensitivityBlocksParams B;
+    B.batch = P.batch; B.N = P.N; B.d = P.d; B.n = P.n; B.bias = P.bias;
+    B.x = P.x; B.x_rstride = P.x_rstride; B.x_bstride = P.x_bstride;
+    B.p = P.p; B.p_rstride = P.p_rstride; B.p_bstride = P.p_bstride;
+    B.out = P.out; B.in_dtype = P.in_dtype; B.acc_dtype = P.acc_dtype; B.num_threads = P.num_threads;
+    trial(what, mut, must_reject, must_accept,
+          [&] { check_blocks_params("sensitivity_blocks", B, cuda, have[0], have[1], have[2]); },
+          [&] {
+            if (cuda) sensitivity_blocks_cuda(B);
+            else sensitivity_blocks_cpu(B);
+          });
+  }
+}
+
+// ------------------------------------------------------------------------------- Lanczos
+
+void fuzz_lanczos(bool cuda, int64_t it) {
+  LanczosParams P;
+  const bool mf = coin(0.4);
+  P.dtype = coin(0.5) ? DType::kFloat64 : DType::kFloat32;
+  const int64_t es = dtype_size(P.dtype);
+  P.tol = coin(0.5) ? 1e-6 : 1e-3;
+  P.seed = static_cast<uint64_t>(rnd(0, 1000));
+  P.num_threads = static_cast<int>(rnd(1, 3));
+  int64_t xb = 0, pb = 0, ab = 0;
+  if (mf) {
+    SensitivityMatvecParams& o = P.op;
+    random_data(o, cuda);
+    o.batch = rnd(1, 2);
+    o.N = rnd(1, 30);
+    o.acc_dtype = P.dtype;
+    if (o.in_dtype == DType::kFloat64) o.in_dtype = P.dtype == DType::kFloat64 ? o.in_dtype : DType::kFloat32;
+    if (cuda) o.in_dtype = P.dtype == DType::kFloat64 ? DType::kFloat64 : (coin(0.5) ? DType::kFloat32 : DType::kBFloat16);
+    o.x_bstride = o.N * std::max<int64_t>(o.x_rstride, o.d) + rnd(0, 2);
+    o.p_bstride = o.N * std::max<int64_t>(o.p_rstride, o.n) + rnd(0, 2);
+    P.num_problems = o.batch * o.n;
+    P.m = o.m();
+    xb = o.d > 0 ? span(o.batch, o.N, o.d, o.x_rstride, o.x_bstride) * dtype_size(o.in_dtype) : 0;
+    pb = span(o.batch, o.N, o.n, o.p_rstride, o.p_bstride) * dtype_size(o.in_dtype);
+  } else {
+    P.num_problems = rnd(0, 3);
+    P.m = rnd(1, 8);
+  }
+  const int64_t B = P.num_problems, m = P.m;
+  P.k = rnd(1, m);
+  P.max_steps = rnd(P.k, m);
+  P.norm_group = rnd(1, std::max<int64_t>(B, 1));
+  const bool with_v0 = coin(0.3), with_true = !cuda && coin(0.7), with_anorm = coin(0.8);
+  ab = mf ? 0 : B * m * m * es;
+  // 0 a, 1 x, 2 p, 3 v0, 4 values, 5 vectors, 6 ritz, 7 steps, 8 anorm, 9 true_res, 10 workspace
+  int64_t bytes[11] = {ab, xb, pb, with_v0 ? B * m * es : 0, B * P.k * es, B * m * P.k * es, B * P.k * es, B * 4,
+                       with_anorm ? B * 8 : 0, with_true ? B * P.k * es : 0, 0};
+  static const double placeholder = 0;
+  P.a = mf ? nullptr : &placeholder;  // dense or matrix-free layout; the real pointer is set below
+  bytes[10] = B > 0 ? lanczos_workspace_layout(P, cuda).total * es : 0;
+  const int64_t tes[11] = {es, dtype_size(P.op.in_dtype), dtype_size(P.op.in_dtype), es, es, es, es, 4, 8, es, es};
+  int mut = coin(0.4) ? kNone : static_cast<int>(rnd(1, kNumMut - 1));
+  if (mut == kDtype || mut == kOverflow || mut == kGrow || mut == kStrides) mut = kLanczosArg;
+  bool must_reject = false;
+  int target = static_cast<int>(rnd(0, 10));
+  int64_t misalign[11] = {};
+  bool null[11] = {};
+  if ((mut == kShort || mut == kMisalign || mut == kNull) && bytes[target] == 0) mut = kNone;
+  if (mut == kShort) {
+    bytes[target] -= rnd(1, std::min<int64_t>(bytes[target], 2 * tes[target]));
+    must_reject = true;
+  } else if (mut == kMisalign) {
+    if (tes[target] > 1) {
+      misalign[target] = rnd(1, tes[target] - 1);
+      must_reject = true;
+    } else {
+      mut = kNone;
+    }
+  } else if (mut == kNull) {
+    null[target] = true;
+    // a null v0 / anorm / true_residuals is "none", not an error
+    must_reject = !(target == 3 || target == 8 || target == 9 || (target == 0 && mf));
+    if (target == 0 && !mf) must_reject = true;  // a null a means matrix-free: op sizes mismatch
+  }
+  const DType t_of[11] = {P.dtype, P.op.in_dtype, P.op.in_dtype, P.dtype, P.dtype, P.dtype,
+                          P.dtype, DType::kFloat32, DType::kFloat64, P.dtype, P.dtype};
+  Buffer buf[11];
+  for (int i = 0; i < 11; ++i) buf[i] = make(bytes[i], t_of[i], misalign[i]);
+  if (!mf && B > 0 && bytes[0] == B * m * m * es) {  // a symmetric (when a was not cut short)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < i; ++j) {
+          unsigned char* base = buf[0].ptr + b * m * m * es;
+          std::memcpy(base + (i * m + j) * es, base + (j * m + i) * es, static_cast<size_t>(es));
+        }
+  }
+  for (int i = 0; i < 11; ++i)
+    if (null[i] || bytes[i] == 0) buf[i].ptr = nullptr;
+  Buffer shared;
+  int64_t have[11];
+  for (int i = 0; i < 11; ++i) have[i] = bytes[i];
+  if (mut == kOverlap) {  // an output inside another buffer
+    const int out_i = static_cast<int>(rnd(4, 10));
+    int other = static_cast<int>(rnd(0, 10));
+    if (other == out_i || bytes[other] == 0 || bytes[out_i] == 0) {
+      mut = kNone;
+    } else {
+      const int64_t start = rnd(0, (bytes[other] - 1) / 8) * 8;
+      shared = make(start + std::max(bytes[other] - start, bytes[out_i]) + 8, DType::kFloat64);
+      std::memcpy(shared.ptr, buf[other].ptr, static_cast<size_t>(bytes[other]));
+      buf[other].ptr = shared.ptr;
+      buf[out_i].ptr = shared.ptr + start;
+      have[other] = shared.bytes;
+      have[out_i] = shared.bytes - start;
+      must_reject = true;
+    }
+  }
+  // a null a means matrix-free: a dense problem keeps a pointer even when B = 0 (unless mutated)
+  P.a = mf ? nullptr : (buf[0].ptr != nullptr || null[0]) ? buf[0].ptr : static_cast<const void*>(&placeholder);
+  P.op.x = buf[1].ptr;
+  P.op.p = buf[2].ptr;
+  P.v0 = buf[3].ptr;
+  P.values = buf[4].ptr;
+  P.vectors = buf[5].ptr;
+  P.ritz_residuals = buf[6].ptr;
+  P.steps = reinterpret_cast<int32_t*>(buf[7].ptr);
+  P.anorm_host = reinterpret_cast<double*>(buf[8].ptr);
+  P.true_residuals = buf[9].ptr;
+  P.workspace = buf[10].ptr;
+  if (B == 0) must_reject = must_reject && (mut == kLanczosArg);
+  if (mut == kLanczosArg) {
+    switch (rnd(0, 6)) {
+      case 0: P.k = coin(0.5) ? 0 : m + 1; break;
+      case 1: P.max_steps = coin(0.5) ? P.k - 1 : m + 1; break;
+      case 2: P.tol = coin(0.5) ? 0.0 : (coin(0.5) ? NAN : INFINITY); break;
+      case 3: P.norm_group = -rnd(0, 2); break;
+      case 4: P.dtype = coin(0.5) ? DType::kBFloat16 : static_cast<DType>(5); break;
+      case 5: P.num_problems = -1; break;
+      default: P.m = 0; break;
+    }
+    must_reject = true;
+  }
+  LanczosSpans s;
+  s.a = have[0]; s.x = have[1]; s.p = have[2]; s.v0 = have[3]; s.values = have[4]; s.vectors = have[5];
+  s.ritz = have[6]; s.steps = have[7]; s.anorm = have[8]; s.true_residuals = have[9]; s.workspace = have[10];
+  char what[160];
+  std::snprintf(what, sizeof what, "lanczos %s %s it=%ld B=%ld m=%ld k=%ld steps=%ld target=%d", mf ? "mf" : "dense",
+                cuda ? "cuda" : "cpu", (long)it, (long)B, (long)m, (long)P.k, (long)P.max_steps, target);
+  trial(what, mut, must_reject, mut == kNone, [&] { check_lanczos_params("lanczos_topk", P, cuda, s); },
+        [&] {
+          if (cuda) lanczos_topk_cuda(P);
+          else lanczos_topk_cpu(P);
+        });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int64_t iters = argc > 1 ? std::atol(argv[1]) : 4000;
+  const uint64_t seed = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 20240531;
+  const double cuda_share = argc > 3 ? std::atof(argv[3]) : 0.25;  // the emulated CUDA kernels are slower
+  rng.seed(seed);
+  for (int64_t it = 0; it < iters; ++it) {
+    const bool cuda = coin(cuda_share);
+    switch (rnd(0, 2)) {
+      case 0: fuzz_blocks_or_matvec(false, cuda, it); break;
+      case 1: fuzz_blocks_or_matvec(true, cuda, it); break;
+      default: fuzz_lanczos(cuda, it); break;
+    }
+  }
+  std::printf("%s: validate.h fuzz, seed %llu, %ld calls: %ld accepted (%ld ran), %ld rejected, %d failures\n",
+              failures ? "FAILED" : "OK", static_cast<unsigned long long>(seed), static_cast<long>(iters), accepted, ran,
+              rejected, failures);
+  return failures ? 1 : 0;
+}
