@@ -6,7 +6,8 @@ wrong ranks, mismatched rows, wrong v / out / v0, out aliasing x or p, NaN and I
 Lanczos arguments around their limits. Every call must either return the right answer (checked
 against topoderiv.reference in float64) or raise TypeError / ValueError / RuntimeError; a crash
 fails the run. Seeded from the clock (the seed is printed; the case index and its description
-are in the failure message): rerun one case with ``TOPODERIV_FUZZ_SEED=<seed>``.
+are in the failure message): rerun with ``TOPODERIV_FUZZ_SEED=<seed>``; run longer with
+``TOPODERIV_FUZZ_SECONDS``.
 
 csrc/cuda/emulator/fuzz_validate.cpp fuzzes the C++ span checks under AddressSanitizer.
 """
@@ -28,8 +29,10 @@ F64 = torch.float64
 ERRORS = (TypeError, ValueError, RuntimeError)
 # the loop runs MAX_CASES cases, or fewer once BUDGET_S seconds have passed (at least MIN_CASES
 # unless HARD_S is reached first: a loaded machine)
-BUDGET_S, HARD_S = 8.0, 15.0
-MIN_CASES, MAX_CASES = 150, 2000
+# (TOPODERIV_FUZZ_SECONDS=600 for a long run, e.g. under an AddressSanitizer build of the extension)
+BUDGET_S = float(os.environ.get("TOPODERIV_FUZZ_SECONDS", 8.0))
+HARD_S = max(15.0, 2 * BUDGET_S)
+MIN_CASES, MAX_CASES = 150, max(2000, int(250 * BUDGET_S))
 
 VALID_IN = (torch.float32, torch.float64, torch.bfloat16)
 OTHER = (torch.float16, torch.int64, torch.int32, torch.bool, torch.complex64, torch.uint8)
