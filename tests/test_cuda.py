@@ -160,3 +160,51 @@ def test_cuda_uses_current_stream():
         out = td.sensitivity_blocks(x, p)
     s.synchronize()
     assert rel(out, ref.sensitivity_blocks(x.double().cpu(), p.double().cpu())) < 1e-5
+
+
+def test_cuda_raw_ops_validate_devices_and_layouts():
+    T = torch.ops.topoderiv
+    x = torch.randn(40, 6, device="cuda", dtype=torch.float64)
+    p = torch.randn(40, 3, device="cuda", dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"sensitivity_blocks: p must be on the same device as x \(cuda:0\), got cpu"):
+        T.sensitivity_blocks(x, p.cpu(), True)
+    with pytest.raises(ValueError, match=r"sensitivity_matvec: v must be on the same device as x \(cuda:0\), got cpu"):
+        T.sensitivity_matvec(x, p, torch.zeros(3, 7, dtype=torch.float64), True)
+    with pytest.raises(ValueError, match=r"sensitivity_blocks_accumulate_: out must be on the same device as x"):
+        T.sensitivity_blocks_accumulate_(x, p, True, torch.zeros(3, 7, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="sensitivity_matvec: x must contain only finite values"):
+        T.sensitivity_matvec(x * float("nan"), p, torch.ones(3, 7, device="cuda", dtype=torch.float64), True)
+    # transposed / strided inputs: the right answer (copied to unit column stride)
+    xt = x.cpu().T.contiguous().T.cuda()
+    assert not xt.is_contiguous()
+    exact = ref.sensitivity_blocks(x.cpu(), p.cpu())
+    assert rel(T.sensitivity_blocks(xt, p.T.contiguous().T, True), exact) < 1e-12
+    v = torch.randn(7, 3, device="cuda", dtype=torch.float64).T
+    assert rel(T.sensitivity_matvec(xt, p, v, True), torch.einsum("rij,rj->ri", exact, v.cpu())) < 1e-12
+    # out= over x's memory, on the GPU too
+    store = torch.zeros(400, device="cuda", dtype=torch.float64)
+    xs = store[:240].view(40, 6)
+    xs.copy_(x)
+    with pytest.raises(ValueError, match="out must not share memory with x"):
+        T.sensitivity_blocks_accumulate_(xs, p, True, store[200:347].view(3, 7, 7))
+
+
+def test_cuda_core_checks_memory_kinds():
+    # the bindings ask the CUDA runtime where every pointer lives before a CUDA launch
+    from topoderiv import ops
+    from topoderiv._lib import lib
+    b = ops._buf
+    x = torch.randn(6, 3)
+    p = torch.randn(6, 2)
+    out = torch.zeros(2, 4, 4, device="cuda")
+    with pytest.raises(ValueError, match="sensitivity_blocks: x must be CUDA device memory, got host memory"):
+        lib().sensitivity_blocks("cuda", b(x), 3, b(p.cuda()), 2, b(out), 1, 6, 3, 2, 0, 0, True, 0, 0, 1, 0)
+    B, m, k, steps = 2, 5, 1, 5
+    a = torch.eye(m, device="cuda").expand(B, m, m).contiguous()
+    outs = [torch.zeros(B, k, device="cuda"), torch.zeros(B, m, k, device="cuda"), torch.zeros(B, k, device="cuda"),
+            torch.zeros(B, dtype=torch.int32, device="cuda"), torch.zeros(B, dtype=torch.float64, device="cuda"),
+            torch.zeros(B, k, device="cuda")]
+    ws = torch.zeros(lib().lanczos_workspace_elems(B, m, k, steps, False, True, 0, 0, 1), device="cuda")
+    with pytest.raises(ValueError, match="lanczos_topk: anorm must be host memory, got CUDA device memory"):
+        lib().lanczos_topk("cuda", b(a), (0, 0), 0, (0, 0), 0, 0, 0, 0, 0, True, 0, B, m, k, steps, 1e-6, 0, 1,
+                           (0, 0), 0, *[b(t) for t in outs[:5]], (0, 0), b(ws), 1, 0)

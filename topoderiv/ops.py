@@ -1,8 +1,21 @@
 """Drop-in ops for the topological derivative, as ``torch.library`` custom ops.
 
-Public functions (validated, documented) wrap the custom ops ``topoderiv::*``. The ops themselves
-see 2-D inputs with unit column stride, allocate their outputs here in Python (the C++ core never
-allocates) and pass the current CUDA stream to the kernels.
+Public functions (documented) wrap the custom ops ``topoderiv::*``. The ops take 2-D inputs
+(``x [N, d]``, ``p [N, n]``; the public functions flatten ``[..., d]``), validate everything they
+are given with the same checks as the public functions (so ``torch.ops.topoderiv.*`` called
+directly raises TypeError / ValueError / RuntimeError on bad input, never reads or writes out of
+bounds), copy an input only when its columns are not unit-stride, allocate their outputs here in
+Python (the C++ core never allocates) and pass the current CUDA stream to the kernels. The
+bindings check every pointer against the span of its tensor once more
+(csrc/include/topoderiv/validate.h).
+
+The raw ops: ``sensitivity_blocks(x, p, bias)``, ``sensitivity_blocks_accumulate_(x, p, bias,
+out)`` (``out [n, m, m]`` float32/float64, contiguous, sharing no memory with x or p; its upper
+triangle is accumulated into and mirrored), ``sensitivity_matvec(x, p, v, bias)``,
+``lanczos_topk(a [B, m, m], k, steps, tol, seed, norm_group=1, v0=None)`` (``steps`` in
+``[k, m]``, ``seed`` in ``[0, 2^63 - 1]``, ``a`` finite and symmetric) and
+``sensitivity_lanczos(x, p, bias, k, steps, tol, seed, v0=None)``; the Lanczos ops return
+``(values, vectors, ritz estimates, steps, norms, explicit residuals)``.
 
 All ops compute statistics, not differentiable functions: inputs are detached and the ops have no
 autograd formula.
@@ -591,11 +604,13 @@ def sensitivity_blocks(x: Tensor, p: Tensor, *, bias: bool = True, out: Optional
     """Sensitivity blocks ``B[r] = sum_s p[s, r] * xt[s] xt[s]^T``.
 
     Args:
-        x: activations ``[..., d]`` (float32, float64 or bfloat16; CPU or CUDA).
-        p: costates ``[..., n]`` with the same leading dims (samples, or samples x tokens) and dtype.
+        x: activations ``[..., d]`` (float32, float64 or bfloat16; CPU or CUDA), finite.
+        p: costates ``[..., n]`` with the same leading dims (samples, or samples x tokens) and dtype,
+            finite (NaN / Inf in x or p raise ValueError: one reduction per input).
         bias: append a feature of ones to ``x`` (``m = d + 1``), else ``m = d``.
-        out: optional float32/float64 ``[n, m, m]`` contiguous tensor on the same device; the result
-            is ACCUMULATED into it (stream a data loader batch by batch) and ``out`` is returned.
+        out: optional float32/float64 ``[n, m, m]`` contiguous tensor on the same device, sharing no
+            memory with x or p; the result is ACCUMULATED into it (stream a data loader batch by
+            batch) and ``out`` is returned.
 
     Returns:
         ``[n, m, m]``, symmetric, float32 for float32/bfloat16 inputs and float64 for float64 inputs
@@ -620,7 +635,8 @@ def sensitivity_matvec(x: Tensor, p: Tensor, v: Tensor, *, bias: bool = True) ->
     Args:
         x: activations ``[..., d]``; p: costates ``[..., n]`` (same leading dims and dtype).
         v: ``[n, m]`` in the accumulation dtype (float32 for float32/bfloat16 inputs, float64 for
-            float64 inputs), same device.
+            float64 inputs), same device. NaN / Inf in x, p or v raise ValueError (detected on the
+            output, then the inputs are searched: no extra pass over the data for finite inputs).
         bias: as in :func:`sensitivity_blocks`.
 
     Returns:
@@ -701,11 +717,14 @@ def lanczos_topk(
     An invariant Krylov subspace found before convergence restarts from a fresh random vector.
 
     Args:
-        a: ``[B, m, m]`` or ``[m, m]`` symmetric, float32 or float64, CPU or CUDA, finite.
+        a: ``[B, m, m]`` or ``[m, m]`` symmetric, float32 or float64, CPU or CUDA, finite. Every entry
+            is checked: ``max |a - a^T| <= 1e3 eps max |a|`` (``max |a|`` over the batch with
+            ``shared_norm``), about a third of one Lanczos step.
         k: eigenpairs per matrix, ``1 <= k <= m``.
         steps: Krylov dimension cap (default ``min(m, max(64, 4k + 16))``; clamped to ``m``).
         tol: relative residual tolerance (> 0).
-        seed: start-vector seed (the same seed gives the same result on CPU and CUDA up to rounding).
+        seed: start-vector seed in ``[0, 2^63 - 1]`` (the same seed gives the same result on CPU and
+            CUDA up to rounding).
         shared_norm: measure every residual against the largest norm in the batch instead of each
             matrix's own (the batch is the blocks of ONE block-diagonal operator Q, whose norm is
             that max): blocks with small norms then stop sooner. ``norm`` reports the shared norm.
