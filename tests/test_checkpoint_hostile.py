@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from topoderiv.growth import GrowthHistory, RoundRecord
 from topoderiv.growth.checkpoint import load, load_checkpoint, save
@@ -219,7 +220,7 @@ CONFUSIONS = {
     "blocks_too_long": (lambda d: d["blocks"]["blocks"].append(None), "blocks['blocks']: expected 3 blocks"),
     "blocks_too_short": (lambda d: d["blocks"]["blocks"].pop(), "blocks['blocks']: expected 3 blocks"),
     "blocks_unknown_container": (lambda d: d.update({"blocks": {"stages.1": d["blocks"]["blocks"]},
-                                                     "inserted": {}}),
+                                                     "inserted": {"stages.1": []}}),
                                  "model.json: blocks: expected one list of blocks per site container"),
     "block_not_dict": (lambda d: d["blocks"]["blocks"].__setitem__(0, "ResidualBlock"),
                        "blocks['blocks'][0]: expected an object"),
@@ -283,6 +284,8 @@ CONFUSIONS = {
         "optimizer.param_groups[1].params[0]: parameter 'head.bias' is already in param_groups[0]"),
     "scalars_unknown_param": (lambda d: d["optimizer"].update({"scalars": {"no.such": {}}}),
                               "optimizer.scalars['no.such']: names a parameter that is in no param group"),
+    "scalars_bad_value": (lambda d: d["optimizer"].update({"scalars": {"head.bias": {"step": "x"}}}),
+                          "optimizer.scalars['head.bias'].step: expected a finite number, true, false or null"),
     "scheduler_not_dict": (lambda d: d.update({"scheduler": [1]}), "model.json: scheduler: expected an object"),
     "extra_not_dict": (lambda d: d.update({"extra": "x"}), "model.json: extra: expected an object"),
     "tensors_manifest": (lambda d: d["tensors"]["rng"].update({"dtype": "int64"}),
@@ -290,6 +293,12 @@ CONFUSIONS = {
     "tensors_manifest_keys": (lambda d: d["tensors"].pop("order"), "tensors.safetensors: expected the tensors listed"),
     "history_flag": (lambda d: d.update({"history": "yes"}), "model.json: history: expected true or false"),
     "id_missing": (lambda d: d.pop("id"), "model.json: id: missing"),
+    "optimizer_missing": (lambda d: d.pop("optimizer"), "model.json: optimizer: missing"),
+    "tensors_missing": (lambda d: d.pop("tensors"), "model.json: tensors: missing"),
+    "optimizer_class_missing": (lambda d: d["optimizer"].pop("class"), "model.json: optimizer.class: missing"),
+    "inserted_container_missing": (lambda d: d["inserted"].pop("blocks"),
+                                   "model.json: inserted: expected an entry per container of blocks"),
+    "torch_not_str": (lambda d: d.update({"torch": [2]}), "model.json: torch: expected a version str"),
 }
 
 
@@ -397,3 +406,100 @@ def test_constructor_type_error_becomes_value_error_naming_the_file(tmp_path):
     msg = _raises(path, "model.json: blocks['blocks'][1].config: test_checkpoint_hostile.KwargsBlock(**config) "
                         "failed: TypeError: unexpected keyword arguments ['evil']")
     assert str(path) in msg
+
+
+# -- a config that would allocate far more than the weights file holds --------------------------------
+
+BUILT_ON = []
+
+
+@register(name="test_checkpoint_hostile.Bomb")
+class Bomb(nn.Module):
+    """Records the device each construction allocates on."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+        self.w = nn.Parameter(torch.empty(size))
+        BUILT_ON.append(self.w.device.type)
+
+    def config(self):
+        return {"size": self.size}
+
+
+def test_config_allocation_bomb_is_caught_on_the_meta_device(tmp_path):
+    path = save(Bomb(3), tmp_path / "ck")
+    _edit_json(path, lambda d: d["config"].update({"size": 10**12}))  # 4 TB if it were built
+    BUILT_ON.clear()
+    _raises(path, "model.json: weights['w'].shape: expected [1000000000000]")
+    assert BUILT_ON == ["meta"]
+    _edit_json(path, lambda d: (d["config"].update({"size": 10**6}), d["weights"]["w"].update({"shape": [10**6]})))
+    BUILT_ON.clear()
+    _raises(path, "bytes cannot hold the 4000000 bytes of weights model.json lists")
+    assert BUILT_ON == ["meta"]
+
+
+# -- fuzz: random edits of every file raise ValueError (or load), never a raw KeyError/IndexError/... ----
+
+FUZZ_VALUES = ["x", "", -1, 0, 1.5, -2.5, 10**30, None, True, False, [], {}, [1, 2], [[]], {"a": 1}, {"class": "os:system"},
+               "subprocess:run", "float64", ["blocks.0.linear.weight"], {"dtype": "float32", "shape": [1]}]
+
+
+def _paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _paths(v, prefix + (i,))
+
+
+def _mutate(obj, path, rng):
+    value = json.loads(json.dumps(FUZZ_VALUES[int(rng.integers(len(FUZZ_VALUES)))]))  # a fresh copy
+    if not path:
+        return value
+    parent = obj
+    for p in path[:-1]:
+        parent = parent[p]
+    if isinstance(parent, dict) and rng.random() < 0.25:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return obj
+
+
+def test_fuzzed_checkpoints_raise_only_value_errors(good, tmp_path):
+    import time
+
+    import numpy as np
+
+    seed = time.time_ns() % 2**31
+    print(f"fuzz seed {seed}")
+    rng = np.random.default_rng(seed)
+    base = {f: json.loads((good / f).read_text()) for f in ("model.json", "history.json")}
+    outcomes = {"loaded": 0, "ValueError": 0}
+    for it in range(150):
+        folder = tmp_path / f"f{it}"
+        shutil.copytree(good, folder)
+        if rng.random() < 0.8:
+            f = "model.json" if rng.random() < 0.85 else "history.json"
+            d = json.loads(json.dumps(base[f]))
+            paths = list(_paths(d))
+            for _ in range(int(rng.integers(1, 3))):
+                paths = list(_paths(d)) if isinstance(d, (dict, list)) else [()]
+                d = _mutate(d, paths[int(rng.integers(len(paths)))], rng)
+            (folder / f).write_text(json.dumps(d))
+        else:  # flip bytes of a safetensors file
+            f = ["model.safetensors", "optimizer.safetensors", "tensors.safetensors"][int(rng.integers(3))]
+            data = bytearray((folder / f).read_bytes())
+            for _ in range(int(rng.integers(1, 4))):
+                data[int(rng.integers(len(data)))] = int(rng.integers(256))
+            (folder / f).write_bytes(bytes(data))
+        try:
+            load_checkpoint(folder)
+            outcomes["loaded"] += 1
+        except ValueError as err:
+            assert str(folder) in str(err), err  # names the file
+            outcomes["ValueError"] += 1
+    assert outcomes["ValueError"] > 50, outcomes

@@ -39,8 +39,11 @@ history.json carry the checkpoint's ``id``, so files of different checkpoints ar
 
 :func:`load` reads model.json, validates ALL of it against the schema (types, registered class
 names, container paths, index ranges, parameter names, dtypes and shapes, optimiser
-hyper-parameters) before anything is built, builds ``cls(**config)`` (the config holds the
-current depths), replaces the blocks that differ from the defaults, loads the weights with
+hyper-parameters) before anything is built, checks the config against the constructor's
+signature and type hints, builds the model once on the meta device (no memory) to compare its
+state dict with ``"weights"`` and the weights file's size (a hostile config cannot allocate more
+than the file holds), then builds ``cls(**config)`` (the config holds the current depths),
+replaces the blocks that differ from the defaults, loads the weights with
 ``strict=True`` after checking every tensor's dtype and shape (a float64 file for a float32
 model is an error, never a silent cast), and marks inserted blocks. Every corrupt input raises a
 ValueError naming the file and the field, e.g.
@@ -56,7 +59,8 @@ renamed to ``<name>`` and the old one removed. A checkpoint folder is never modi
 an interrupted save leaves the previous checkpoint as it was, and :func:`load` of ``<name>``
 works at every instant (it falls back to ``.<name>.old`` while ``<name>`` is missing, and
 retries when a concurrent save replaces the folder under it). Concurrent saves to one path are
-not supported.
+not supported, and a save refuses a path that holds files other than a checkpoint's (it replaces
+the whole folder).
 """
 from __future__ import annotations
 
@@ -427,7 +431,9 @@ def _check_hyper(group: Dict[str, Any], loc: _Loc) -> None:
 def _check_optimizer_meta(opt: Dict[str, Any], loc: _Loc) -> None:
     """Structure of ``model.json: optimizer`` (no model needed)."""
     _dict(opt, loc)
-    cls_name = opt.get("class")
+    for k in ("class", "defaults", "param_groups", "scalars"):
+        _req(opt, k, loc)
+    cls_name = opt["class"]
     if cls_name is not None:
         _str(cls_name, loc.key("class"))
         lookup(cls_name, "optimizer class", str(loc.key("class")), base=torch.optim.Optimizer)
@@ -444,9 +450,14 @@ def _check_optimizer_meta(opt: Dict[str, Any], loc: _Loc) -> None:
         _check_hyper(g, gl)
     scalars = _dict(opt.get("scalars", {}), loc.key("scalars"))
     for n, st in scalars.items():
+        sl = loc.key("scalars").item(n)
         if n not in seen:
-            raise loc.key("scalars").item(n).fail("names a parameter that is in no param group")
-        _dict(st, loc.key("scalars").item(n))
+            raise sl.fail("names a parameter that is in no param group")
+        for k, v in _dict(st, sl).items():
+            if k in _LIKE_PARAM and v is not None:  # a buffer not yet allocated; tensors live in the file
+                raise sl.key(k).error("null (its tensor is stored in optimizer.safetensors)", v)
+            if not (v is None or isinstance(v, bool) or (_is_number(v) and math.isfinite(v))):
+                raise sl.key(k).error("a finite number, true, false or null", v)
 
 
 def _check_optimizer(opt: Dict[str, Any], tensors: Dict[str, Tensor], model: nn.Module, loc: _Loc,
@@ -593,6 +604,7 @@ def _old_of(path: Path) -> Path:
 
 def _replace_folder(target: Path, files: Dict[str, bytes]) -> None:
     """Writes ``files`` into a fresh sibling folder, then swaps it in for ``target`` (module docstring)."""
+    target = Path(os.path.abspath(target))
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
     old = _old_of(target)
@@ -842,7 +854,7 @@ def _check_arch(arch: Any, loc: _Loc) -> Dict[str, Any]:
         weights = _dict(_req(arch, "weights", loc), loc.key("weights"))
         for k, v in weights.items():
             _tensor_meta(v, loc.key("weights").item(k))
-        extra_t = arch.get("tensors")
+        extra_t = _req(arch, "tensors", loc)
         if extra_t is not None:
             for k, v in _dict(extra_t, loc.key("tensors")).items():
                 _tensor_meta(v, loc.key("tensors").item(k))
@@ -879,6 +891,14 @@ def _check_arch(arch: Any, loc: _Loc) -> Dict[str, Any]:
             if i in seen:
                 raise il.item(j).fail(f"block {i} is listed twice")
             seen.add(i)
+    if version == _VERSION:  # what a version-2 save always writes (null where absent)
+        for k in ("frozen", "optimizer", "scheduler", "extra"):
+            _req(arch, k, loc)
+        missing = [c for c in out["blocks"] if c not in out["inserted"]]
+        if missing:
+            raise loc.key("inserted").fail(f"expected an entry per container of blocks, missing {missing}")
+    if "torch" in arch and not isinstance(arch["torch"], str):
+        raise loc.key("torch").error("a version str", arch["torch"])
     _str_list(arch.get("frozen", []), loc.key("frozen"))
     if arch.get("optimizer") is not None:
         _check_optimizer_meta(arch["optimizer"], loc.key("optimizer"))
@@ -927,6 +947,47 @@ def _build_model(arch: Dict[str, Any], loc: _Loc) -> nn.Module:
     return model
 
 
+def _check_manifest(expected: Dict[str, Tensor], manifest: Dict[str, Any], loc: _Loc, name: str
+                    ) -> Dict[str, torch.dtype]:
+    """model.json's ``weights`` against the rebuilt model's state dict; returns ``{key: dtype}``."""
+    wl = loc.key("weights")
+    missing = [k for k in expected if k not in manifest]
+    unexpected = [k for k in manifest if k not in expected]
+    if missing or unexpected:
+        raise wl.fail(f"expected the state-dict keys of {name}(**config) with its blocks; missing {missing[:5]}, "
+                      f"unexpected {unexpected[:5]}")
+    dtypes = {}
+    for k, t in expected.items():
+        dtype, shape = _tensor_meta(manifest[k], wl.item(k))
+        if shape != tuple(t.shape):
+            raise wl.item(k).key("shape").error(f"{list(t.shape)} (the shape in {name}(**config))", list(shape))
+        if dtype.is_floating_point != t.dtype.is_floating_point:
+            raise wl.item(k).key("dtype").error(f"a {'floating' if t.dtype.is_floating_point else 'non-floating'} "
+                                                f"dtype like {_dtype_name(t.dtype)}", _dtype_name(dtype))
+        dtypes[k] = dtype
+    return dtypes
+
+
+def _dry_run(arch: Dict[str, Any], loc: _Loc, file: Path) -> None:
+    """Builds the model on the meta device (no memory) and checks its state dict against model.json's
+    ``weights`` and the size of ``file``, so a hostile config cannot make the real build allocate more
+    than the weights file holds. Skipped where a constructor cannot run on the meta device."""
+    try:
+        with torch.device("meta"):
+            model = _build_model(arch, loc)
+    except ValueError:
+        return  # the real build reports the error (or builds what the meta device cannot)
+    dtypes = _check_manifest(model.state_dict(), arch["weights"], loc, type(model).__name__)
+    need = sum(math.prod(t.shape) * dtypes[k].itemsize for k, t in model.state_dict().items())
+    try:
+        size = file.stat().st_size
+    except FileNotFoundError:
+        return  # reported when the weights are read
+    if size < need:
+        raise ValueError(f"{loc.fn}: {file}: {size} bytes cannot hold the {need} bytes of weights model.json lists "
+                         f"(truncated or corrupt?)")
+
+
 def _load_weights(model: nn.Module, tensors: Dict[str, Tensor], manifest: Optional[Dict[str, Any]], loc: _Loc,
                   file: Path) -> None:
     """Checks the weights against the manifest and the model (keys, shapes, dtypes), then loads them."""
@@ -934,21 +995,7 @@ def _load_weights(model: nn.Module, tensors: Dict[str, Tensor], manifest: Option
     floc = _Loc(loc.fn, file)
     name = type(model).__name__
     if manifest is not None:
-        wl = loc.key("weights")
-        missing = [k for k in expected if k not in manifest]
-        unexpected = [k for k in manifest if k not in expected]
-        if missing or unexpected:
-            raise wl.fail(f"expected the state-dict keys of {name}(**config) with its blocks; missing {missing[:5]}, "
-                          f"unexpected {unexpected[:5]}")
-        dtypes = {}
-        for k, t in expected.items():
-            dtype, shape = _tensor_meta(manifest[k], wl.item(k))
-            if shape != tuple(t.shape):
-                raise wl.item(k).key("shape").error(f"{list(t.shape)} (the shape in {name}(**config))", list(shape))
-            if dtype.is_floating_point != t.dtype.is_floating_point:
-                raise wl.item(k).key("dtype").error(f"a {'floating' if t.dtype.is_floating_point else 'non-floating'} "
-                                                    f"dtype like {_dtype_name(t.dtype)}", _dtype_name(dtype))
-            dtypes[k] = dtype
+        dtypes = _check_manifest(expected, manifest, loc, name)
     else:  # version 1: the file's dtypes, floating where the model is floating
         dtypes = {k: tensors[k].dtype
                   if k in tensors and tensors[k].dtype.is_floating_point == t.dtype.is_floating_point else t.dtype
@@ -975,6 +1022,8 @@ def _check_history(d: Any, loc: _Loc) -> GrowthHistory:
     _dict(d, loc)
     if "format" in d and d["format"] != "topoderiv-growth-history":
         raise loc.key("format").error("'topoderiv-growth-history'", d["format"])
+    if "version" in d and not _is_int(d["version"]):
+        raise loc.key("version").error("an int", d["version"])
     _dict(d.get("meta", {}), loc.key("meta"))
     hints = typing.get_type_hints(RoundRecord)
     required = [f.name for f in dataclass_fields(RoundRecord) if f.default is MISSING and f.default_factory is MISSING]
@@ -1036,6 +1085,8 @@ def _load_folder(path: Path, folder: Path, fn: str, device: Union[str, torch.dev
                              f"{ck_id!r}): files of different checkpoints are mixed in this folder")
         return data, meta
 
+    if arch["weights"] is not None:
+        _dry_run(arch, loc, folder / _WEIGHTS)
     model = _build_model(arch, loc)
     weights, _ = read(_WEIGHTS, "the model weights")
     _load_weights(model, weights, arch["weights"], loc, folder / _WEIGHTS)
