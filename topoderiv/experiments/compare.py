@@ -190,6 +190,7 @@ def run_method(
     keep_model: bool = False,
     checkpoint_dir: Union[str, Path, None] = None,
     callbacks: Sequence[Callable[[Grower, RoundRecord], None]] = (),
+    resume: bool = False,
 ) -> RunResult:
     """Runs one method of :data:`METHODS` on ``task`` with seed ``seed``.
 
@@ -206,14 +207,25 @@ def run_method(
         device: where to train.
         progress: tqdm bars.
         keep_model: keep the trained model and its optimiser in the result.
-        checkpoint_dir: the grower saves model + history there after every round.
+        checkpoint_dir: the grower saves its checkpoint there after every round (and after the
+            final "finish" round), before the callbacks run.
         callbacks: ``f(grower, record)`` after every round (the final "finish" round included).
+        resume: continue the run whose checkpoint is in ``checkpoint_dir`` (exactly: the result
+            is bit-identical to the uninterrupted run's with the same arguments); a fresh run when
+            the folder holds no checkpoint yet.
 
     Returns:
         :class:`RunResult`.
+
+    Raises:
+        ValueError: an unknown method; ``resume`` without ``checkpoint_dir``; a checkpoint of
+            another method, task or seed.
     """
+    fn = "run_method"
     if method not in METHODS:
-        raise ValueError(f"run_method: unknown method {method!r}; available: {', '.join(METHODS)}")
+        raise ValueError(f"{fn}: unknown method {method!r}; available: {', '.join(METHODS)}")
+    if resume and checkpoint_dir is None:
+        raise ValueError(f"{fn}: resume=True needs checkpoint_dir (the folder of the run to continue), got None")
     spec = METHODS[method]
     cfg = make_budget(task, budget)
     task = task.to(device)
@@ -221,17 +233,11 @@ def run_method(
     depth = cfg.depth
     if method == "fixed_final":
         depth = cfg.depth + cfg.rounds if final_depth is None else int(final_depth)
-    model = task.build_model(depth, width=cfg.width, seed=seed).to(device)
     train = task.loader("train", cfg.batch_size, seed=seed)
     total = cfg.total_epochs
     grows = spec.grows and cfg.rounds > 0
     strat = strategy if strategy is not None else (spec.strategy() if spec.strategy is not None else TopologicalStrategy())
-    grower = Grower(
-        model,
-        cfg.make_optimizer,
-        train,
-        task.val,
-        task.loss_fn,
+    settings = dict(
         strategy=strat,
         epochs_per_round=cfg.epochs_per_round,
         initial_epochs=cfg.epochs_per_round if grows else total,
@@ -247,8 +253,22 @@ def run_method(
         checkpoint_dir=checkpoint_dir,
         callbacks=callbacks,
     )
-    hist = grower.run()
-    hist.meta.update({"method": method, "task": task.name, "seed": seed, "budget_epochs": total})
+    run_meta = {"method": method, "task": task.name, "seed": seed, "budget_epochs": total}
+    if resume and (Path(checkpoint_dir) / "model.json").is_file():
+        grower = Grower.from_checkpoint(checkpoint_dir, train, task.val, task.loss_fn, optimizer=cfg.make_optimizer,
+                                        device=device, **settings)
+        saved = {k: grower.history.meta.get(k) for k in run_meta}
+        if saved != run_meta:
+            raise ValueError(f"{fn}: the checkpoint in {str(checkpoint_dir)!r} must be of the run asked for, got "
+                             f"{saved} in the checkpoint, {run_meta} asked for")
+        model = grower.model
+    else:
+        model = task.build_model(depth, width=cfg.width, seed=seed).to(device)
+        grower = Grower(model, cfg.make_optimizer, train, task.val, task.loss_fn, **settings)
+    hist = grower.history
+    hist.meta.update(run_meta)  # in every checkpoint: a resume checks it
+    if hist.stop_reason is None:  # else a resumed run whose growth had stopped: on to the finish phase
+        hist = grower.run()
     used = sum(r.epochs for r in hist.rounds)
     if used < total:  # growth stopped early: spend the rest of the budget on the final network
         t1 = time.perf_counter()
@@ -259,10 +279,10 @@ def run_method(
                           time.perf_counter() - t1, curve, test, lr=grower.optimizer.param_groups[0].get("lr"),
                           info={"phase": "finish", "reason": hist.stop_reason})
         hist.rounds.append(rec)
+        if checkpoint_dir is not None:  # before the callbacks (as the grower does)
+            grower.save(checkpoint_dir)
         for cb in callbacks:
             cb(grower, rec)
-        if checkpoint_dir is not None:
-            grower.save(checkpoint_dir)
     res = task.evaluate(model, "test")
     last = hist.rounds[-1]
     return RunResult(

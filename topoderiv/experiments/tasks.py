@@ -123,7 +123,12 @@ class Batches:
 
     Every ``iter()`` is one pass (an epoch). With ``shuffle=True`` each pass draws a new
     permutation from a private generator seeded with ``seed``, so a run is reproducible and
-    independent of the global RNG.
+    independent of the global RNG. The permutation is drawn when ``iter()`` is called.
+
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore the data order (the generator's
+    state and the number of passes started), so a resumed run (:meth:`topoderiv.Grower.from_checkpoint`)
+    sees the same batches as the interrupted one. The state is taken between passes: a pass in
+    progress is not resumed in the middle.
 
     Args:
         x: inputs ``[N, d_in]``.
@@ -149,6 +154,7 @@ class Batches:
         self.x, self.y = x, y
         self.batch_size = x.shape[0] if batch_size is None else int(batch_size)
         self.shuffle = shuffle
+        self.epoch = 0  # passes started
         self._gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -156,14 +162,42 @@ class Batches:
 
     def __iter__(self) -> Iterator[Split]:
         n = self.x.shape[0]
-        if self.shuffle:
-            perm = torch.randperm(n, generator=self._gen).to(self.x.device)
-            for i in range(0, n, self.batch_size):
+        self.epoch += 1
+        # drawn now, not at the first batch: the generator's state always falls between passes
+        perm = torch.randperm(n, generator=self._gen).to(self.x.device) if self.shuffle else None
+        return self._batches(n, perm)
+
+    def _batches(self, n: int, perm: Optional[Tensor]) -> Iterator[Split]:
+        for i in range(0, n, self.batch_size):
+            if perm is None:
+                yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
+            else:
                 idx = perm[i : i + self.batch_size]
                 yield self.x[idx], self.y[idx]
-        else:
-            for i in range(0, n, self.batch_size):
-                yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
+
+    def state_dict(self) -> Dict[str, object]:
+        """``{"generator": uint8 tensor, "epoch": passes started, "n", "batch_size", "shuffle"}``."""
+        return {"generator": self._gen.get_state(), "epoch": self.epoch, "n": int(self.x.shape[0]),
+                "batch_size": self.batch_size, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Restores the data order saved by :meth:`state_dict` (the next pass is the one that followed).
+
+        Raises:
+            TypeError: ``state`` is not such a dict. ValueError: it was saved by a loader with another
+                number of samples, batch size or shuffling (the order would not be the same).
+        """
+        fn = "Batches.load_state_dict"
+        if not isinstance(state, dict) or not isinstance(state.get("generator"), Tensor):
+            raise TypeError(f"{fn}: state must be a dict from Batches.state_dict() (with a 'generator' tensor), got "
+                            f"{type(state).__name__}")
+        mine = self.state_dict()
+        for key in ("n", "batch_size", "shuffle"):
+            if key in state and state[key] != mine[key]:
+                raise ValueError(f"{fn}: state must come from a loader with the same n, batch_size and shuffle, got "
+                                 f"{key} {state[key]!r} in the state, this loader's {mine[key]!r}")
+        self._gen.set_state(state["generator"].to("cpu", torch.uint8))
+        self.epoch = int(state.get("epoch", 0))
 
     def __repr__(self) -> str:
         return f"Batches(n={self.x.shape[0]}, batch_size={self.batch_size}, shuffle={self.shuffle})"

@@ -28,18 +28,23 @@ strategy measured (e.g. ``{"mu": {point: mu}}``) when it proposes nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import math
+import random
+import signal
+import sys
+import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..data import take_batches
+from ..data import is_batch, take_batches
 from ..sites import check_growable, check_point, depth
 from ..sites.linear import check_matrix_phi
 from .checkpoint import load_checkpoint, restore_optimizer, save
@@ -48,7 +53,11 @@ from .insertion import insert, insert_block
 from .strategies import InsertionStrategy, Proposal, make_strategy, strategy_from_config
 from .training import evaluate, fit
 
-__all__ = ["Grower", "grow", "adopt_parameters"]
+__all__ = ["Grower", "grow", "adopt_parameters", "deferred_interrupt", "RESUME_KEY"]
+
+#: key of the resume state in a checkpoint's ``extra`` metadata (its tensors, e.g. the RNG states as
+#: uint8 tensors, are the checkpoint's ``tensors``, keyed ``"resume.<path>"``)
+RESUME_KEY = "resume"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,6 +83,156 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> Optional[float]:
         return float(optimizer.param_groups[0]["lr"])
     except (KeyError, IndexError, TypeError):
         return None
+
+
+# ------------------------------------------------------------------------------------------------
+# what an exact resume needs besides model, optimiser, scheduler and history
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Holds back SIGINT (Ctrl-C) while the block runs, then delivers it once the block is done.
+
+    Used around checkpoint writes, so an interrupt never leaves a half-written checkpoint. Outside
+    the main thread (where Python cannot install signal handlers) the block runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: List[Tuple[int, Any]] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    except (ValueError, OSError):  # pragma: no cover - e.g. a sub-interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old if old is not None else signal.default_int_handler)
+        if received:
+            if callable(old) and old is not signal.default_int_handler:
+                old(*received[0])
+            elif old is not signal.SIG_IGN:
+                raise KeyboardInterrupt
+
+
+def _rng_state(generator: torch.Generator) -> Dict[str, Any]:
+    """torch CPU (+ every visible CUDA device), the grower's generator, Python ``random``, numpy."""
+    version, internal, gauss = random.getstate()
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+                             "python": [version, torch.tensor(internal, dtype=torch.int64), gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    np = sys.modules.get("numpy")  # only when something imported numpy: else nothing can have used it
+    if np is not None:
+        st = np.random.get_state(legacy=False)
+        state["numpy"] = {"bit_generator": st["bit_generator"],
+                          "key": torch.from_numpy(st["state"]["key"].astype(np.int64)),
+                          "pos": int(st["state"]["pos"]), "has_gauss": int(st["has_gauss"]),
+                          "gauss": float(st["gauss"])}
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(v) for v in internal.tolist()), gauss))
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        n = min(len(cuda), torch.cuda.device_count())
+        if n < len(cuda):
+            warnings.warn(f"Grower: the checkpoint holds the RNG states of {len(cuda)} CUDA devices, {n} are visible: "
+                          f"the states of devices {n}..{len(cuda) - 1} are not restored", stacklevel=3)
+        for i in range(n):
+            torch.cuda.set_rng_state(cuda[i], i)
+    np_state = state.get("numpy")
+    np = sys.modules.get("numpy")
+    if np_state is not None:
+        if np is None:
+            import numpy as np  # the run used numpy
+        np.random.set_state({"bit_generator": np_state["bit_generator"],
+                             "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+                             "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+
+
+def _generator_paths(data: Any) -> List[Tuple[str, torch.Generator]]:
+    """The ``torch.Generator`` objects that order a DataLoader-like object's batches, by attribute path."""
+    found: List[Tuple[str, torch.Generator]] = []
+    seen = set()
+    for path in ("generator", "sampler.generator", "batch_sampler.sampler.generator"):
+        obj = data
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.Generator) and id(obj) not in seen:
+            seen.add(id(obj))
+            found.append((path, obj))
+    return found
+
+
+def _data_order_state(data: Any) -> Optional[Dict[str, Any]]:
+    """The data-order state of a loader: its ``state_dict()`` (e.g. :class:`topoderiv.tasks.Batches`)
+    or the states of its ``torch.Generator`` objects (a DataLoader's ``generator=``); None when it has
+    none (a list of batches, or a DataLoader shuffled by the global RNG, which is saved anyway)."""
+    if data is None or is_batch(data) or isinstance(data, (list, tuple)):
+        return None
+    if callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None)):
+        return {"kind": "state_dict", "state": data.state_dict()}
+    gens = _generator_paths(data)
+    if gens:
+        return {"kind": "generators", "paths": [p for p, _ in gens], "states": [g.get_state() for _, g in gens]}
+    return None
+
+
+def _restore_data_order(name: str, data: Any, saved: Optional[Dict[str, Any]]) -> None:
+    if saved is None:
+        return
+    if saved["kind"] == "state_dict":
+        if not callable(getattr(data, "load_state_dict", None)):
+            warnings.warn(f"Grower: the checkpoint holds the data order of {name}_data (a loader's state_dict), but "
+                          f"the {name}_data given ({type(data).__name__}) has no load_state_dict: its batches start "
+                          "in a fresh order and the resumed run will not repeat the interrupted one exactly",
+                          stacklevel=3)
+            return
+        data.load_state_dict(saved["state"])
+        return
+    gens = dict(_generator_paths(data))
+    missing = [p for p in saved["paths"] if p not in gens]
+    if missing:
+        warnings.warn(f"Grower: the checkpoint holds the data-order generator {name}_data.{missing[0]}, but the "
+                      f"{name}_data given ({type(data).__name__}) has none: its batches start in a fresh order and "
+                      "the resumed run will not repeat the interrupted one exactly", stacklevel=3)
+    for path, st in zip(saved["paths"], saved["states"]):
+        if path in gens:
+            gens[path].set_state(st)
+
+
+def _pack(obj: Any, tensors: Dict[str, Tensor], prefix: str) -> Any:
+    """JSON-able copy of ``obj`` with every tensor moved to ``tensors`` (replaced by ``{"__tensor__": key}``)."""
+    if isinstance(obj, Tensor):
+        tensors[prefix] = obj.detach().to("cpu").clone()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {str(k): _pack(v, tensors, f"{prefix}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_pack(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"Grower.save: the resume state must hold tensors, dicts, lists and numbers, got "
+                    f"{type(obj).__name__} at {prefix!r}")
+
+
+def _unpack(obj: Any, tensors: Dict[str, Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            if obj["__tensor__"] not in tensors:
+                raise ValueError(f"Grower.from_checkpoint: the checkpoint's tensors must hold the resume state's "
+                                 f"{obj['__tensor__']!r}, got only {sorted(tensors)[:5]}")
+            return tensors[obj["__tensor__"]]
+        return {k: _unpack(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unpack(v, tensors) for v in obj]
+    return obj
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,17 +263,21 @@ class Grower:
         max_total_rounds: cap on the rounds after round 0, training-only rounds included.
         score_batches: number of training batches the strategy scores (default all).
         device: moves the model there (data batches follow the model's device).
-        seed: ``torch.manual_seed(seed + rounds_done)`` at :meth:`run` and a seeded
-            ``self.generator`` for strategies (None: leave the RNG alone).
+        seed: ``torch.manual_seed(seed)`` when :meth:`run` starts a fresh run, and a seeded
+            ``self.generator`` for strategies (None: leave the global RNG alone). A run resumed by
+            :meth:`from_checkpoint` is not reseeded: the saved RNG states are restored instead.
         progress: tqdm bars (rounds, and epochs within a round).
         scheduler: an LR scheduler on ``optimizer`` or a factory ``f(optimizer)``; steps per epoch.
         test_data, test_metric: optional held-out data and batch-mean metric recorded per round.
         freeze_existing: after an insertion, train only the new block and the head (``head_attr``)
             (Forward Thinking); earlier parameters get ``requires_grad = False``.
-        callbacks: ``f(grower, record)`` called after every round.
-        checkpoint_dir: save model + history + optimizer there after every round (resume with
-            :meth:`from_checkpoint`).
-        keep_best: keep a deep copy of the model with the best validation loss in ``best_model``.
+        callbacks: ``f(grower, record)`` called after every round, after the round's checkpoint is
+            written (a callback that raises does not lose the round).
+        checkpoint_dir: save the checkpoint there after every round (:meth:`save`: model, history,
+            optimiser, scheduler and the resume state; resume with :meth:`from_checkpoint`).
+        keep_best: keep a deep copy of the model with the best validation loss in ``best_model``
+            (not in checkpoints: after a resume it is the model when the last round is the best,
+            else None until a later round improves on the best).
         history: a history to continue (resume).
         grad_clip: gradient-norm clip for training.
     """
@@ -181,6 +344,9 @@ class Grower:
         self.grad_clip = grad_clip
         self.generator = torch.Generator().manual_seed(0 if seed is None else seed)
         self.history = history if history is not None else GrowthHistory()
+        # the global seed the first run() sets; None after a resume (the saved states are restored).
+        # A history given without a resume state (an old checkpoint) reseeds as before: seed + rounds.
+        self._pending_seed = None if seed is None else seed + len(self.history.rounds)
         self.history.meta.setdefault("model_class", type(model).__name__)
         self.history.meta["strategy"] = self.strategy.config()
         self.history.meta["settings"] = self.settings()
@@ -287,10 +453,10 @@ class Grower:
         self.history.rounds.append(rec)
         if self.keep_best and self.history.best_round is rec:
             self.best_model = copy.deepcopy(self.model)
+        if self.checkpoint_dir is not None:  # before the callbacks: one that raises does not lose the round
+            self.save(self.checkpoint_dir)
         for cb in self.callbacks:
             cb(self, rec)
-        if self.checkpoint_dir is not None:
-            self.save(self.checkpoint_dir)
 
     def _stop_reason(self) -> Optional[str]:
         done = len(self.history.insertions)
@@ -307,9 +473,16 @@ class Grower:
         return None
 
     def run(self) -> GrowthHistory:
-        """Runs (or continues) the growth; returns the history (``model`` is grown in place)."""
-        if self.seed is not None:
-            torch.manual_seed(self.seed + len(self.history.rounds))
+        """Runs (or continues) the growth; returns the history (``model`` is grown in place).
+
+        A fresh run starts with ``torch.manual_seed(seed)``. A run resumed by :meth:`from_checkpoint`
+        starts from the restored RNG and data-order states, and calling ``run()`` again (e.g. after
+        raising ``max_rounds``) continues from the current ones, so both repeat what one
+        uninterrupted run would have done.
+        """
+        if self._pending_seed is not None:
+            torch.manual_seed(self._pending_seed)
+            self._pending_seed = None
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -378,14 +551,76 @@ class Grower:
     # -- checkpoints -------------------------------------------------------------------------------
 
     def save(self, path: Union[str, Path]) -> Path:
-        """Saves model, history, optimiser and scheduler state to the folder ``path``."""
-        return save(self.model, path, history=self.history, optimizer=self.optimizer, scheduler=self.scheduler)
+        """Saves a checkpoint of the run to the folder ``path`` (resume with :meth:`from_checkpoint`).
+
+        It holds the model, the history, the optimiser and scheduler state and :meth:`resume_state`
+        (RNG states, data order, counters). ``best_model`` (``keep_best``) is not saved. A Ctrl-C
+        during the write is delivered once the write is complete.
+        """
+        tensors: Dict[str, Tensor] = {}
+        state = _pack(self.resume_state(), tensors, RESUME_KEY)
+        with deferred_interrupt():
+            return save(self.model, path, history=self.history, optimizer=self.optimizer, scheduler=self.scheduler,
+                        extra={RESUME_KEY: state}, tensors=tensors)
+
+    def resume_state(self) -> Dict[str, Any]:
+        """What an exact resume needs besides model, optimiser, scheduler and history.
+
+        ``{"version", "rounds_done", "epochs_done", "rng", "data"}``: the counters (rounds and
+        epochs trained; checkpoints fall between rounds, so no pass is in progress), the RNG states
+        (torch CPU, every visible CUDA device, ``self.generator``, Python ``random``, numpy's global
+        RNG when numpy is imported) and the data order of ``train_data``, ``val_data`` and
+        ``test_data``: a loader's ``state_dict()`` when it has ``state_dict``/``load_state_dict``
+        (:class:`topoderiv.tasks.Batches`, torchdata's StatefulDataLoader), else the states of the
+        ``torch.Generator`` objects at ``loader.generator``, ``loader.sampler.generator`` and
+        ``loader.batch_sampler.sampler.generator`` (a DataLoader with ``generator=``). A DataLoader
+        without a generator shuffles from the global torch RNG, which is restored anyway.
+
+        Not captured: RNG states inside DataLoader worker processes (``persistent_workers=True``;
+        without persistent workers they are reseeded from the loader's generator every epoch),
+        other generators of the user's own (a dataset's private ``torch.Generator``, a strategy's
+        state), and a loader interrupted in the middle of a pass (checkpoints fall between rounds).
+        """
+        return {"version": 1, "rounds_done": len(self.history.rounds),
+                "epochs_done": sum(r.epochs for r in self.history.rounds),
+                "rng": _rng_state(self.generator),
+                "data": {name: _data_order_state(d) for name, d in
+                         (("train", self.train_data), ("val", self.val_data), ("test", self.test_data))}}
+
+    def load_resume_state(self, state: Dict[str, Any]) -> None:
+        """Restores what :meth:`resume_state` captured (the next :meth:`run` is then not reseeded).
+
+        Raises:
+            TypeError: ``state`` is not a dict. ValueError: its round count differs from the history's
+                (the history and the state come from different saves).
+        """
+        fn = "Grower.load_resume_state"
+        if not isinstance(state, dict):
+            raise TypeError(f"{fn}: state must be a dict from Grower.resume_state(), got {type(state).__name__}")
+        if state.get("version") != 1:
+            raise ValueError(f"{fn}: state must be a version-1 resume state, got version {state.get('version')!r}")
+        if state["rounds_done"] != len(self.history.rounds):
+            raise ValueError(f"{fn}: the state's rounds_done must equal the history's round count (both from one "
+                             f"save), got rounds_done={state['rounds_done']} but the history has "
+                             f"{len(self.history.rounds)} rounds")
+        _set_rng_state(state["rng"], self.generator)
+        data = state.get("data") or {}
+        for name, d in (("train", self.train_data), ("val", self.val_data), ("test", self.test_data)):
+            _restore_data_order(name, d, data.get(name))
+        self._pending_seed = None
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], train_data: Any, val_data: Any,
                         loss_fn: Callable[[Tensor, Any], Tensor], *, optimizer: Any = None, scheduler: Any = None,
                         device: Union[str, torch.device, None] = None, **kwargs: Any) -> "Grower":
         """Resumes a growth run from a folder written by :meth:`save` (or ``checkpoint_dir``).
+
+        The resume is exact: model, optimiser, scheduler, history and the RNG / data-order states
+        of :meth:`resume_state` are restored (into ``train_data`` etc., which should be loaders
+        built like the original ones), so :meth:`run` continues exactly as the interrupted run
+        would have (same device, same settings; callbacks must not draw from the RNGs).
+        Checkpoints written without a resume state (older versions) resume with
+        ``torch.manual_seed(seed + rounds done)``, with a warning.
 
         Args:
             optimizer: None (rebuild the saved optimiser class) or a factory ``f(params)``; the
@@ -394,6 +629,7 @@ class Grower:
             kwargs: Grower settings; the saved ones are the defaults, and ``checkpoint_dir``
                 defaults to ``path`` (the resumed run keeps saving there).
         """
+        fn = "Grower.from_checkpoint"
         ck = load_checkpoint(path, device=device)
         opt = restore_optimizer(ck.model, ck.optimizer_state, optimizer)
         sched = None
@@ -408,7 +644,22 @@ class Grower:
         if "strategy" not in kwargs:
             settings["strategy"] = strategy_from_config(saved, "Grower.from_checkpoint")
         settings.update(kwargs)
-        return cls(ck.model, opt, train_data, val_data, loss_fn, scheduler=sched, history=history, **settings)
+        grower = cls(ck.model, opt, train_data, val_data, loss_fn, scheduler=sched, history=history, **settings)
+        extra = ck.meta.get("extra") or {}
+        state = extra.get(RESUME_KEY)
+        if state is None:
+            warnings.warn(f"{fn}: the checkpoint in {str(path)!r} holds no RNG / data-order state (written by an "
+                          "older version): the resumed run reseeds with seed + rounds done and does not repeat the "
+                          "interrupted run exactly", stacklevel=2)
+            return grower
+        grower.load_resume_state(_unpack(state, ck.tensors))
+        if grower.keep_best and history.best_round is not None:
+            if history.best_round is history.rounds[-1]:
+                grower.best_model = copy.deepcopy(grower.model)
+            else:
+                warnings.warn(f"{fn}: keep_best: the best model (round {history.best_round.round}) is not part of a "
+                              "checkpoint; best_model stays None until a later round improves on it", stacklevel=2)
+        return grower
 
 
 def grow(model: nn.Module, optimizer: Any, train_data: Any, val_data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
