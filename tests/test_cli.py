@@ -1,15 +1,31 @@
-"""CLI smoke tests: `grow` and `compare` on a tiny budget, in-process, into tmp_path."""
+"""CLI tests: `grow` and `compare` on a tiny budget (in-process, into tmp_path), usage errors,
+Ctrl-C during `grow` (a real SIGINT to a subprocess) and `grow --resume`."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from topoderiv.cli import build_parser, main
+import topoderiv.cli as cli
+from topoderiv.cli import EXIT_INTERRUPTED, build_parser, main
 
 TINY = ["--task", "regression", "--n-train", "64", "--rounds", "1", "--epochs", "1", "--width", "8",
         "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """`grow --threads 1` sets torch's thread count of this process: put it back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def test_grow_writes_history_plots_and_model(tmp_path, capsys):
@@ -59,7 +75,11 @@ def test_compare_method_subset(tmp_path):
     (["grow", "--task", "nope"], "invalid choice: 'nope'"),
     (["grow", "--epochs", "0"], "expected an integer >= 1, got 0"),
     (["grow", "--epochs", "abc"], "expected an integer >= 1, got 'abc'"),
-    (["grow", "--lr", "-1"], "expected a number > 0"),
+    (["grow", "--lr", "-1"], "expected a finite number > 0, got '-1'"),
+    (["grow", "--lr", "0"], "expected a finite number > 0, got '0'"),
+    (["grow", "--lr", "inf"], "expected a finite number > 0, got 'inf'"),
+    (["grow", "--lr", "nan"], "expected a finite number > 0, got 'nan'"),
+    (["compare", "--lr=-inf"], "expected a finite number > 0, got '-inf'"),
     (["compare", "--methods", "magic"], "invalid choice: 'magic'"),
     (["compare", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
     (["grow", "--device", "tpu9"], "device"),
@@ -91,3 +111,167 @@ def test_parser_defaults():
     assert args.task == "heat" and args.seed == 0 and args.device == "cpu" and args.patience == 2
     args = build_parser().parse_args(["compare"])
     assert args.seeds == [0, 1, 2] and "topological" in args.methods
+
+
+def test_depth_above_max_depth_is_refused(capsys, tmp_path):
+    for cmd in ("grow", "compare"):
+        with pytest.raises(SystemExit) as exc:
+            main([cmd, *TINY, "--depth", "5", "--max-depth", "2", "--out", str(tmp_path / cmd)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--depth must not exceed --max-depth" in err and "initial depth 5 and max depth 2" in err, err
+        assert not (tmp_path / cmd).exists()  # refused before anything is written
+
+
+def test_out_under_an_existing_file_is_a_usage_error(capsys, tmp_path):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    for out, msg in ((f / "run", f"'{f}' in it is an existing file"), (f, "an existing file")):
+        with pytest.raises(SystemExit) as exc:
+            main(["grow", *TINY, "--out", str(out)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--out must be a folder" in err and msg in err and "Traceback" not in err, err
+
+
+def test_python_m_topoderiv_without_gpu_says_so(monkeypatch, capsys):
+    import topoderiv.__main__ as entry
+
+    cuda_build = {"version": "0.1.0", "cuda": True, "cuda_architectures": "80;90", "cuda_runtime": "12.6",
+                  "gpus": [], "gpu_error": "CUDA driver version is insufficient for CUDA runtime version"}
+    monkeypatch.setattr(entry, "build_info", lambda: dict(cuda_build))
+    monkeypatch.setattr(entry, "nvidia_driver_loaded", lambda: False)
+    entry.main()
+    out = capsys.readouterr().out
+    assert "insufficient" not in out and "none visible (no NVIDIA GPU or driver on this machine)" in out
+    monkeypatch.setattr(entry, "nvidia_driver_loaded", lambda: True)  # a driver: then the error is real
+    entry.main()
+    assert "none usable: CUDA driver version is insufficient" in capsys.readouterr().out
+    monkeypatch.setattr(entry, "build_info", lambda: {**cuda_build, "gpus": ["NVIDIA H200 (sm_90)"],
+                                                      "gpu_error": None})
+    entry.main()
+    assert "NVIDIA H200 (sm_90)" in capsys.readouterr().out
+
+
+# --- Ctrl-C and --resume ---------------------------------------------------------------------
+
+#: about 0.3 s per round on one core: a SIGINT after round 0 lands in a later round
+GROW = ["grow", "--task", "regression", "--n-train", "256", "--rounds", "2", "--epochs", "100", "--width", "8",
+        "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run of GROW (its output folder)."""
+    n = torch.get_num_threads()
+    ref = tmp_path_factory.mktemp("reference") / "out"
+    assert main([*GROW, "--out", str(ref)]) == 0
+    torch.set_num_threads(n)
+    return ref
+
+
+def _timeless(hist):
+    """The rounds of a history.json without wall times (everything else must be bit-identical)."""
+    rounds = []
+    for r in hist["rounds"]:
+        r = {k: v for k, v in r.items() if k not in ("wall_time", "insert_time")}
+        r["info"] = {k: v for k, v in r["info"].items() if not k.endswith("_time")}
+        rounds.append(r)
+    return rounds
+
+
+def assert_same_outputs(a, b):
+    """Two `grow` output folders hold the same run: history, metrics, model and optimiser, bit for bit."""
+    ha, hb = (json.loads((d / "history.json").read_text()) for d in (a, b))
+    assert _timeless(ha) == _timeless(hb) and ha["meta"]["stop_reason"] == hb["meta"]["stop_reason"]
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    ma.pop("wall_time"), mb.pop("wall_time")
+    assert ma.pop("command").replace(str(a), "OUT") == mb.pop("command").replace(str(b), "OUT")
+    assert ma == mb
+    for f in ("model/model.safetensors", "model/optimizer.safetensors", "checkpoint/optimizer.safetensors"):
+        ta, tb = load_file(str(a / f)), load_file(str(b / f))
+        assert sorted(ta) == sorted(tb) and ta, f
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), (f, k)
+
+
+def test_interrupt_in_process_then_resume_matches_the_uninterrupted_run(tmp_path, monkeypatch, capsys, reference):
+    """KeyboardInterrupt right after round 1 (raised by the round printer, i.e. after the checkpoint)."""
+    out = tmp_path / "out"
+    printer = cli.RoundPrinter.__call__
+
+    def interrupt_after_round_1(self, grower, rec):
+        printer(self, grower, rec)
+        if rec.round == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(cli.RoundPrinter, "__call__", interrupt_after_round_1)
+    capsys.readouterr()
+    assert main([*GROW, "--out", str(out)]) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "round 1 (depth 3) is complete" in err and f"Resume with: topoderiv grow --resume {out}" in err
+    assert len(json.loads((out / "history.json").read_text())["rounds"]) == 2
+    assert len(json.loads((out / "model" / "history.json").read_text())["rounds"]) == 2
+    assert not (out / "metrics.json").exists()
+    monkeypatch.setattr(cli.RoundPrinter, "__call__", printer)
+    with pytest.raises(SystemExit) as exc:  # a fresh run would throw the saved rounds away: refused
+        main([*GROW, "--out", str(out)])
+    assert exc.value.code == 2
+    assert "holds an unfinished run" in capsys.readouterr().err and (out / "checkpoint" / "model.json").is_file()
+    assert main(["grow", "--resume", str(out), "--epochs", "100", "--no-progress"]) == 0  # agreeing flags are fine
+    text = capsys.readouterr().out
+    assert f"resuming {out}: 2 rounds done" in text and "stopped growing: max_rounds (2) reached" in text
+    assert_same_outputs(reference, out)
+
+
+def test_resume_refuses_disagreeing_flags_and_foreign_folders(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["grow", *TINY, "--out", str(out)]) == 0
+    capsys.readouterr()
+    for extra, msg in ((["--epochs", "2"], "--epochs 2 disagrees with the run in"),
+                       (["--seed", "3"], "--seed 3 disagrees with the run in"),
+                       (["--lr", "0.5"], "--lr 0.5 disagrees with the run in"),
+                       (["--out", str(tmp_path / "elsewhere")], "--out must be left out or be the --resume folder")):
+        with pytest.raises(SystemExit) as exc:
+            main(["grow", "--resume", str(out), *extra])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert msg in err, err
+    with pytest.raises(SystemExit) as exc:
+        main(["grow", "--resume", str(tmp_path)])
+    assert exc.value.code == 2 and "--resume must name an output folder of `topoderiv grow`" in capsys.readouterr().err
+    # a finished run resumes to the same outputs (nothing left to train)
+    before = json.loads((out / "metrics.json").read_text())
+    assert main(["grow", "--resume", str(out), "--epochs", "1", "--threads", "1"]) == 0
+    after = json.loads((out / "metrics.json").read_text())
+    assert before["mse"] == after["mse"] and before["command"] == after["command"]
+    assert main(["grow", *TINY, "--seed", "1", "--out", str(out)]) == 0  # a finished run's folder: a new run replaces it
+    assert json.loads((out / "metrics.json").read_text())["seed"] == 1
+    assert json.loads((out / "run.json").read_text())["args"]["seed"] == 1
+
+
+def test_sigint_during_grow_saves_the_round_and_resume_completes_it(tmp_path, reference):
+    """A real Ctrl-C: SIGINT to a `topoderiv grow` subprocess once round 0 is in the folder."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "topoderiv.cli", *GROW, "--out", str(out)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "history.json").exists():  # written after round 0's checkpoint
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "round 0 did not complete"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_INTERRUPTED, (stdout, stderr)
+    assert f"Resume with: topoderiv grow --resume {out}" in stderr and "Traceback" not in stderr, stderr
+    done = json.loads((out / "checkpoint" / "history.json").read_text())["rounds"]
+    assert 1 <= len(done) <= 4  # round 0 at least; the run was stopped before it wrote metrics.json
+    assert not (out / "metrics.json").exists()
+    assert len(json.loads((out / "history.json").read_text())["rounds"]) == len(done)
+    assert (out / "model" / "model.safetensors").is_file()
+    assert main(["grow", "--resume", str(out)]) == 0
+    assert_same_outputs(reference, out)

@@ -7,7 +7,11 @@
 ``grow`` runs topological-derivative growth on a built-in task, prints the growth table round by
 round and the final metrics, and writes to ``--out``: ``history.json``, ``growth.png`` (loss curve
 with insertions), ``mu.png`` (topological derivative per point per round), ``metrics.json`` and the
-grown model (``model/``, load it with ``topoderiv.load(DIR/"model")``).
+grown model (``model/``, load it with ``topoderiv.load(DIR/"model")``). While it runs, ``--out``
+holds ``run.json`` (the settings), ``checkpoint/`` (the last completed round, written before
+anything else of that round) and ``history.json`` (the rounds so far). Ctrl-C writes ``model/``
+and ``history.json`` of the last completed round, prints the command that resumes, and exits
+with 130; ``topoderiv grow --resume DIR`` continues the run exactly as if it had not stopped.
 
 ``compare`` runs every method of :mod:`topoderiv.baselines` on every seed with the same budget
 and writes ``results.md`` (markdown table, mean +- std over seeds, and the command),
@@ -18,13 +22,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "EXIT_INTERRUPTED"]
+
+#: exit status after Ctrl-C (128 + SIGINT, as a shell reports it)
+EXIT_INTERRUPTED = 130
+RUN_FILE = "run.json"
+CHECKPOINT = "checkpoint"
+
+
+class UsageError(Exception):
+    """A command line that parses but cannot run (reported as a usage error, exit status 2)."""
 
 
 def _int_at_least(lo: int):
@@ -47,12 +63,13 @@ _nonneg_int = _int_at_least(0)
 
 
 def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (``inf`` and ``nan`` are refused)."""
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return v
 
 
@@ -107,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="{grow,compare,info}")
     sub.required = True
+    parser.commands = {}  # sub-command parsers, for usage errors found after parsing
 
     g = sub.add_parser("grow", help="grow a network on a built-in task by the topological derivative",
                        description="Topological-derivative growth on a built-in task: growth table, final "
@@ -117,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="phi: top eigenvector (default; one live row), the reference code's multi-eigenvector "
                         "rule, or 'all' (every row on its own block's top eigenvector, no dead rows)")
     g.add_argument("--out", type=Path, default=None, help="output folder (default runs/grow-<task>-s<seed>)")
+    g.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                   help="continue the run in the output folder DIR (after Ctrl-C or a crash) with its recorded "
+                        "settings; flags given again must agree with them (--device, --threads, --no-progress "
+                        "may change)")
+    parser.commands["grow"] = g
 
     c = sub.add_parser("compare", help="compare growth with the baselines over seeds",
                        description="Runs every method with the same budget and seeds; writes results.md, "
@@ -129,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"methods (default: {' '.join(DEFAULT_METHODS)}; also: "
                         f"{' '.join(m for m in METHODS if m not in DEFAULT_METHODS)})")
     c.add_argument("--out", type=Path, default=None, help="output folder (default runs/compare-<task>)")
+    parser.commands["compare"] = c
 
     sub.add_parser("info", help="print what was built (C++/CUDA kernels, torch)")
     return parser
@@ -148,6 +172,34 @@ def _task(args: argparse.Namespace):
     return get_task(args.task, seed=args.data_seed, **kwargs)
 
 
+def _check_budget(cfg: Any) -> None:
+    if cfg.depth > cfg.max_depth:
+        raise UsageError(f"--depth must not exceed --max-depth (the depth cap of the growth), got initial depth "
+                         f"{cfg.depth} and max depth {cfg.max_depth}")
+
+
+def _make_out(out: Path) -> None:
+    """Creates the output folder; a usage error when a part of the path is an existing file."""
+    p = out
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    if os.path.lexists(p) and not p.is_dir():
+        if p == out:
+            raise UsageError(f"--out must be a folder, got {str(out)!r}, an existing file")
+        raise UsageError(f"--out must be a folder path, got {str(out)!r}: {str(p)!r} in it is an existing file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out: cannot create the folder {str(out)!r}: {err.strerror or err}") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file: the file is never seen half-written."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _setup(args: argparse.Namespace) -> None:
     import torch
 
@@ -159,11 +211,12 @@ def _command_line(argv: Sequence[str]) -> str:
     return "topoderiv " + " ".join(shlex.quote(a) for a in argv)
 
 
-class _RoundPrinter:
+class RoundPrinter:
     """Prints one growth-table row per finished round (through tqdm when bars are shown)."""
 
     def __init__(self, metric_name: str, progress: bool) -> None:
         self.metric_name, self.progress = metric_name, progress
+        self.started = False
         self.header = (f"{'round':>5} {'depth':>5} {'params':>7} {'point':>5} {'eps':>5} {'mu*':>9} "
                        f"{'train':>9} {'val':>9} {'test ' + metric_name:>12} {'time':>7}")
 
@@ -176,7 +229,8 @@ class _RoundPrinter:
             print(line, flush=True)
 
     def __call__(self, grower: Any, rec: Any) -> None:
-        if rec.round == 0:
+        if not self.started:
+            self.started = True
             self.write(self.header)
         mu = rec.mu.get(rec.point) if rec.point is not None else None
         point = "-" if rec.point is None else str(rec.point)
@@ -189,49 +243,186 @@ class _RoundPrinter:
                    f"{rec.train_loss:>9.3e} {rec.val_loss:>9.3e} {test:>12} {rec.wall_time:>6.1f}s")
 
 
+#: grow settings recorded in run.json; a resumed run uses them (flags given again must agree)
+_GROW_SETTINGS = ("task", "data_seed", "n_train", "rounds", "epochs", "width", "depth", "max_depth", "lr", "optimizer",
+                  "batch_size", "patience", "score_batches", "seed", "rule")
+#: settings a resumed run may change (they do not change what is computed, except in the last bits
+#: when the device or the thread count differs)
+_FREE_SETTINGS = ("device", "threads", "no_progress")
+#: flag -> the resolved budget field it sets
+_BUDGET_FIELDS = {"epochs": "epochs_per_round", "rounds": "rounds", "width": "width", "depth": "depth",
+                  "max_depth": "max_depth", "lr": "lr", "optimizer": "optimizer", "batch_size": "batch_size"}
+_UNSET = object()
+
+
+def _given_flags(argv: Sequence[str]) -> Dict[str, Any]:
+    """The grow options present on the command line (not their defaults), by dest."""
+    parser = build_parser()
+    dests = vars(parser.parse_args(argv))
+    parser.commands["grow"].set_defaults(**{k: _UNSET for k in dests if k != "command"})
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not _UNSET and k != "command"}
+
+
+def _resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:
+    """The namespace of ``grow --resume DIR``: DIR's recorded settings, checked against the flags given."""
+    g = parser.commands["grow"]
+    folder: Path = args.resume
+    run_file = folder / RUN_FILE
+    if not run_file.is_file():
+        why = "no such folder" if not folder.exists() else f"it holds no {RUN_FILE}"
+        g.error(f"--resume must name an output folder of `topoderiv grow`, got {str(folder)!r} ({why})")
+    try:
+        run = json.loads(run_file.read_text())
+        recorded, resolved = dict(run["args"]), dict(run["resolved"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        g.error(f"--resume: {run_file} is not a readable run record ({err})")
+    given = _given_flags(argv)
+    given.pop("resume", None)
+    for dest, val in given.items():
+        flag = "--" + dest.replace("_", "-")
+        if dest in _FREE_SETTINGS:
+            continue
+        if dest == "out":
+            if Path(val).resolve() != folder.resolve():
+                g.error(f"--out must be left out or be the --resume folder, got --out {val} and --resume {folder}")
+            continue
+        want = (resolved[_BUDGET_FIELDS[dest]] if dest in _BUDGET_FIELDS else
+                resolved["n_train"] if dest == "n_train" else recorded.get(dest))
+        if val != want:
+            g.error(f"{flag} {val} disagrees with the run in {folder} (recorded: {want}); leave {flag} out to resume "
+                    f"that run, or start a new run with another --out")
+    ns = argparse.Namespace(**{k: recorded.get(k) for k in _GROW_SETTINGS + _FREE_SETTINGS})
+    for k in _FREE_SETTINGS:
+        if k in given:
+            setattr(ns, k, given[k])
+    if "device" not in given:
+        try:
+            ns.device = _device(ns.device)
+        except argparse.ArgumentTypeError as err:
+            g.error(f"the run in {folder} ran on {ns.device!r}: {err}; give --device cpu to resume it on the CPU")
+    ns.command, ns.out, ns.resume = "grow", folder, folder
+    return ns
+
+
+def _start_fresh(out: Path) -> None:
+    """Clears the outputs of an earlier, finished run in ``out``; refuses an unfinished one (it can be resumed)."""
+    import shutil
+
+    ck = out / CHECKPOINT / "model.json"
+    if ck.is_file() and not (out / "metrics.json").is_file():
+        raise UsageError(f"--out {out} holds an unfinished run (its checkpoint is in {out / CHECKPOINT}): continue it "
+                         f"with `topoderiv grow --resume {shlex.quote(str(out))}`, or remove the folder or choose another "
+                         "--out to start a new run")
+    for name in ("metrics.json", "history.json", "growth.png", "mu.png", RUN_FILE):
+        if (out / name).is_file():
+            (out / name).unlink()
+    ours = {"model.json", "model.safetensors", "optimizer.safetensors", "tensors.safetensors", "history.json"}
+    for name in (CHECKPOINT, "model"):  # checkpoint folders holding nothing else
+        folder = out / name
+        if (folder / "model.json").is_file() and {p.name for p in folder.iterdir()} <= ours:
+            shutil.rmtree(folder)
+
+
+def _interrupted(out: Path, ck_dir: Path, extra: Dict[str, Any]) -> int:
+    """After Ctrl-C: model/ and history.json of the last completed round, and how to resume."""
+    from .growth import load_checkpoint, save
+
+    try:  # a second Ctrl-C must not cut these writes short
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: no signal handling there
+        old = None
+    try:
+        resume = f"topoderiv grow --resume {shlex.quote(str(out))}"
+        if not (ck_dir / "model.json").is_file():
+            print(f"\ninterrupted before the first round was complete: nothing to keep. Start again with: {resume}",
+                  file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+        ck = load_checkpoint(ck_dir)
+        hist = ck.history
+        hist.meta["command"] = extra["command"]
+        _write_atomic(out / "history.json", json.dumps(hist.to_dict(), indent=1))
+        save(ck.model, out / "model", history=hist, extra=extra)
+        last = hist.rounds[-1]
+        print(f"\ninterrupted: round {last.round} (depth {last.depth}) is complete and saved in {ck_dir}; wrote "
+              f"{out}/history.json and {out}/model/ of that round.\nResume with: {resume}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
 def cmd_grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from dataclasses import asdict
+
     from .experiments.compare import make_budget, run_method
-    from .growth import TopologicalStrategy
     from .experiments.plots import plot_growth, plot_mu
+    from .growth import GrowthHistory, TopologicalStrategy, save
 
     _setup(args)
     task = _task(args)
     cfg = make_budget(task, _budget(args))
+    _check_budget(cfg)
     out = args.out or Path("runs") / f"grow-{args.task}-s{args.seed}"
-    out.mkdir(parents=True, exist_ok=True)
+    _make_out(out)
+    ck_dir = out / CHECKPOINT
+    resuming = args.resume is not None
+    if resuming:
+        command = json.loads((out / RUN_FILE).read_text())["command"]
+    else:
+        _start_fresh(out)
+        command = _command_line(argv)
+        run = {"format": "topoderiv-grow-run", "version": 1, "command": command,
+               "args": {k: getattr(args, k) for k in _GROW_SETTINGS + _FREE_SETTINGS},
+               "resolved": {**asdict(cfg), "n_train": int(task.train[0].shape[0])}}
+        _write_atomic(out / RUN_FILE, json.dumps(run, indent=1))
     progress = not args.no_progress
     print(f"task {task.name}: d_in {task.d_in} -> d_out {task.d_out}, train/val/test "
           f"{task.train[0].shape[0]}/{task.val[0].shape[0]}/{task.test[0].shape[0]}, metric {task.metric.name}")
     print(f"network: ResidualMLP width {cfg.width}, initial depth {cfg.depth}; budget {cfg.total_epochs} epochs = "
           f"{cfg.epochs_per_round} x ({cfg.rounds} rounds + 1), {cfg.describe_optimizer()}, batch {cfg.batch_size}, "
           f"patience {args.patience}, device {args.device}")
-    printer = _RoundPrinter(task.metric.name, progress)
-    t0 = time.perf_counter()
-    res = run_method(task, "topological", args.seed, budget=cfg, patience=args.patience,
-                     strategy=TopologicalStrategy(rule=args.rule, k=4 if args.rule == "multi" else 1),
-                     score_batches=args.score_batches, device=args.device, progress=progress, keep_model=True,
-                     callbacks=[printer])
-    wall = time.perf_counter() - t0
-    hist = res.history
-    hist.meta["command"] = _command_line(argv)
-    hist.to_json(out / "history.json")
-    from .growth import save
+    printer = RoundPrinter(task.metric.name, progress)
+    if resuming:
+        if (ck_dir / "history.json").is_file():
+            done = GrowthHistory.from_json(ck_dir / "history.json")
+            print(f"resuming {out}: {len(done.rounds)} rounds done (checkpoint {ck_dir})")
+            for rec in done.rounds:
+                printer(None, rec)
+        else:
+            print(f"resuming {out}: no round was complete, starting from round 0")
 
-    save(res.model, out / "model", history=hist, optimizer=res.optimizer,
-         extra={"task": task.name, "seed": args.seed, "data_seed": args.data_seed, "command": _command_line(argv)})
-    plot_growth(hist, out / "growth.png", metric_name=f"test {task.metric.name}")
-    plot_mu(hist, out / "mu.png")
-    metrics = {"task": task.name, "seed": args.seed, "data_seed": args.data_seed, task.metric.name: res.metric,
-               "test_loss": res.test_loss, "val_loss": res.val_loss, "train_loss": res.train_loss,
-               "initial_" + task.metric.name: hist.rounds[0].test_metric, "depth": res.depth,
-               "n_params": res.n_params, "epochs": res.epochs, "insertions": len(hist.insertions),
-               "stop_reason": hist.stop_reason, "wall_time": wall, "command": _command_line(argv)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    def write_history(grower: Any, rec: Any) -> None:  # after the round's checkpoint
+        grower.history.meta["command"] = command
+        _write_atomic(out / "history.json", json.dumps(grower.history.to_dict(), indent=1))
+
+    extra = {"task": task.name, "seed": args.seed, "data_seed": args.data_seed, "command": command}
+    t0 = time.perf_counter()
+    try:
+        res = run_method(task, "topological", args.seed, budget=cfg, patience=args.patience,
+                         strategy=TopologicalStrategy(rule=args.rule, k=4 if args.rule == "multi" else 1),
+                         score_batches=args.score_batches, device=args.device, progress=progress, keep_model=True,
+                         checkpoint_dir=ck_dir, resume=resuming, callbacks=[printer, write_history])
+        wall = time.perf_counter() - t0
+        hist = res.history
+        hist.meta["command"] = command
+        _write_atomic(out / "history.json", json.dumps(hist.to_dict(), indent=1))
+        save(res.model, out / "model", history=hist, optimizer=res.optimizer, extra=extra)
+        plot_growth(hist, out / "growth.png", metric_name=f"test {task.metric.name}")
+        plot_mu(hist, out / "mu.png")
+        metrics = {"task": task.name, "seed": args.seed, "data_seed": args.data_seed, task.metric.name: res.metric,
+                   "test_loss": res.test_loss, "val_loss": res.val_loss, "train_loss": res.train_loss,
+                   "initial_" + task.metric.name: hist.rounds[0].test_metric, "depth": res.depth,
+                   "n_params": res.n_params, "epochs": res.epochs, "insertions": len(hist.insertions),
+                   "stop_reason": hist.stop_reason, "wall_time": wall, "command": command}
+        _write_atomic(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
+    except KeyboardInterrupt:
+        return _interrupted(out, ck_dir, extra)
     print(f"stopped growing: {hist.stop_reason}")
     print(f"final: test {task.metric.name} {res.metric:.4g} (initial network after round 0: "
           f"{hist.rounds[0].test_metric:.4g}), test loss {res.test_loss:.4g}, depth {res.depth}, "
           f"{res.n_params} parameters, {res.epochs} epochs, {wall:.1f} s")
-    print(f"wrote {out}/: history.json, metrics.json, growth.png, mu.png, model/ (topoderiv.load('{out / 'model'}'))")
+    print(f"wrote {out}/: history.json, metrics.json, growth.png, mu.png, model/ (topoderiv.load('{out / 'model'}')), "
+          f"{CHECKPOINT}/")
     return 0
 
 
@@ -262,8 +453,11 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     _setup(args)
     task = _task(args)
+    from .experiments.compare import make_budget
+
+    _check_budget(make_budget(task, _budget(args)))
     out = args.out or Path("runs") / f"compare-{args.task}"
-    out.mkdir(parents=True, exist_ok=True)
+    _make_out(out)
     seeds = list(dict.fromkeys(args.seeds))
     methods = list(dict.fromkeys(args.methods))
     command = _command_line(argv)
@@ -300,8 +494,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "grow" and args.resume is not None:
+        args = _resume_args(parser, args, argv)
     handler = {"grow": cmd_grow, "compare": cmd_compare, "info": cmd_info}[args.command]
-    return handler(args, argv)
+    try:
+        return handler(args, argv)
+    except UsageError as err:
+        parser.commands.get(args.command, parser).error(str(err))
+        raise  # pragma: no cover - error() exits
+    except KeyboardInterrupt:  # grow handles its own (it saves the last round); here nothing was kept
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover
