@@ -70,20 +70,22 @@ class ResidualCNN(nn.Module):
             raise ValueError(f"ResidualCNN: kernel_size must be an odd int >= 1 (same padding), got {kernel_size!r}")
         self.in_channels, self.d_out, self.channels = in_channels, d_out, chans
         self.kernel_size, self.bias = kernel_size, bool(bias)
+        # the modules build the network (an unregistered activation instance works); their names
+        # (activation_spec) go into config() and are only needed to save and rebuild
         act = get_activation(activation, default="tanh")
-        self._act = activation_spec(act)
-        self._block_act = activation_spec(get_activation(block_activation))
-        self._insert_act = (self._block_act if insert_activation is None
-                            else activation_spec(get_activation(insert_activation)))
+        blk_act = get_activation(block_activation)
+        self._insert_module = blk_act if insert_activation is None else get_activation(insert_activation)
+        self._act, self._block_act = activation_spec(act), activation_spec(blk_act)
+        self._insert_act = activation_spec(self._insert_module)
         pad = kernel_size // 2
         self.stem = nn.Sequential(nn.Conv2d(in_channels, chans[0], kernel_size, padding=pad), act)
         self.stages = nn.ModuleList(
-            nn.Sequential(*(ResidualConvBlock(c, kernel_size, activation=self._block_act, bias=self.bias)
+            nn.Sequential(*(ResidualConvBlock(c, kernel_size, activation=blk_act, bias=self.bias)
                             for _ in range(depth)))
             for c, depth in zip(chans, deps)
         )
         self.downsample = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), get_activation(self._act))
+            nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), get_activation(act))
             for a, b in zip(chans, chans[1:])
         )
         self.head = nn.Linear(chans[-1], d_out)
@@ -114,7 +116,7 @@ class ResidualCNN(nn.Module):
     def site_specs(self) -> List[SiteSpec]:
         """One ``conv`` site container per stage: ``"stages.0"``, ``"stages.1"``, ..."""
         return [SiteSpec(f"stages.{i}", "conv", {"channels": c, "kernel_size": self.kernel_size,
-                                                 "activation": self._insert_act, "bias": self.bias,
+                                                 "activation": self._insert_module, "bias": self.bias,
                                                  "feature": "identity"})
                 for i, c in enumerate(self.channels)]
 

@@ -46,15 +46,17 @@ class ResidualMLP(nn.Module):
             if isinstance(val, bool) or not isinstance(val, int) or val < lo:
                 raise ValueError(f"ResidualMLP: {name} must be an int >= {lo}, got {val!r}")
         self.d_in, self.width, self.d_out, self.bias = d_in, width, d_out, bool(bias)
+        # the modules build the network (an unregistered activation instance works); their names
+        # (activation_spec) go into config() and are only needed to save and rebuild
         stem_act = get_activation(activation, default="tanh")
-        self._act = activation_spec(stem_act)
         blk_act = get_activation(block_activation)
-        self._block_act = activation_spec(blk_act)
-        self._insert_act = self._block_act if insert_activation is None else activation_spec(get_activation(insert_activation))
+        self._insert_module = blk_act if insert_activation is None else get_activation(insert_activation)
+        self._act, self._block_act = activation_spec(stem_act), activation_spec(blk_act)
+        self._insert_act = activation_spec(self._insert_module)
         self._feature = feature if feature is not None else "identity"
         self.stem = nn.Sequential(nn.Linear(d_in, width), stem_act)
         self.blocks = nn.Sequential(*(
-            ResidualBlock(width, activation=self._block_act, bias=self.bias, feature=self._feature)
+            ResidualBlock(width, activation=blk_act, bias=self.bias, feature=self._feature)
             for _ in range(depth)
         ))
         self.head = nn.Linear(width, d_out)
@@ -70,7 +72,7 @@ class ResidualMLP(nn.Module):
 
     def site_specs(self) -> List[SiteSpec]:
         """One ``linear`` site container: ``blocks`` (point ``i`` = the stream entering ``blocks[i]``)."""
-        return [SiteSpec("blocks", "linear", {"width": self.width, "activation": self._insert_act, "bias": self.bias,
+        return [SiteSpec("blocks", "linear", {"width": self.width, "activation": self._insert_module, "bias": self.bias,
                                               "feature": self._feature})]
 
     def new_block(self, point: int) -> ResidualBlock:
