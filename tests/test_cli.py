@@ -244,7 +244,8 @@ def test_resume_refuses_disagreeing_flags_and_foreign_folders(tmp_path, capsys):
     assert main(["grow", "--resume", str(out), "--epochs", "1", "--threads", "1"]) == 0
     after = json.loads((out / "metrics.json").read_text())
     assert before["mse"] == after["mse"] and before["command"] == after["command"]
-    assert main(["grow", *TINY, "--seed", "1", "--out", str(out)]) == 0  # a finished run's folder: a new run replaces it
+    # a finished run's folder: a new run replaces it
+    assert main(["grow", *TINY, "--seed", "1", "--out", str(out)]) == 0
     assert json.loads((out / "metrics.json").read_text())["seed"] == 1
     assert json.loads((out / "run.json").read_text())["args"]["seed"] == 1
 

@@ -311,8 +311,8 @@ def _start_fresh(out: Path) -> None:
     ck = out / CHECKPOINT / "model.json"
     if ck.is_file() and not (out / "metrics.json").is_file():
         raise UsageError(f"--out {out} holds an unfinished run (its checkpoint is in {out / CHECKPOINT}): continue it "
-                         f"with `topoderiv grow --resume {shlex.quote(str(out))}`, or remove the folder or choose another "
-                         "--out to start a new run")
+                         f"with `topoderiv grow --resume {shlex.quote(str(out))}`, or remove the folder or choose "
+                         "another --out to start a new run")
     for name in ("metrics.json", "history.json", "growth.png", "mu.png", RUN_FILE):
         if (out / name).is_file():
             (out / name).unlink()

@@ -171,9 +171,10 @@ def _generator_paths(data: Any) -> List[Tuple[str, torch.Generator]]:
 
 
 def _data_order_state(data: Any) -> Optional[Dict[str, Any]]:
-    """The data-order state of a loader: its ``state_dict()`` (e.g. :class:`topoderiv.tasks.Batches`)
-    or the states of its ``torch.Generator`` objects (a DataLoader's ``generator=``); None when it has
-    none (a list of batches, or a DataLoader shuffled by the global RNG, which is saved anyway)."""
+    """The data-order state of a loader: its ``state_dict()`` (e.g.
+    :class:`topoderiv.experiments.tasks.Batches`) or the states of its ``torch.Generator`` objects (a
+    DataLoader's ``generator=``); None when it has none (a list of batches, or a DataLoader shuffled
+    by the global RNG, which is saved anyway)."""
     if data is None or is_batch(data) or isinstance(data, (list, tuple)):
         return None
     if callable(getattr(data, "state_dict", None)) and callable(getattr(data, "load_state_dict", None)):
@@ -571,7 +572,7 @@ class Grower:
         (torch CPU, every visible CUDA device, ``self.generator``, Python ``random``, numpy's global
         RNG when numpy is imported) and the data order of ``train_data``, ``val_data`` and
         ``test_data``: a loader's ``state_dict()`` when it has ``state_dict``/``load_state_dict``
-        (:class:`topoderiv.tasks.Batches`, torchdata's StatefulDataLoader), else the states of the
+        (:class:`topoderiv.experiments.tasks.Batches`, torchdata's StatefulDataLoader), else the states of the
         ``torch.Generator`` objects at ``loader.generator``, ``loader.sampler.generator`` and
         ``loader.batch_sampler.sampler.generator`` (a DataLoader with ``generator=``). A DataLoader
         without a generator shuffles from the global torch RNG, which is restored anyway.
