@@ -17,16 +17,26 @@
 
 When no eigenvalue is positive every rule returns the ``"top"`` phi (``mu <= 0``: nothing is
 inserted anyway).
+
+The standard transformer sub-blocks (``mlp_block``, ``attention_block``, ``transformer_block``
+sites) have singular values instead: :func:`singular_rule`. There ``Q`` is block diagonal over
+the units of each group (the MLP's hidden units form one group; each attention head's
+``head_dim`` units form one), every unit of a group sharing the block
+``c [[0, M^T], [M, 0]]``; the same four rule names apply with "one unit per singular pair" in
+place of "one row per block" (see :func:`singular_rule`). A whole block's groups are its heads
+and its MLP together, so ``"top"`` picks the winning sub-block and ``"all"``/``"reference"``
+may start both.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["RULES", "Selection", "eigen_rule", "reference_count"]
+__all__ = ["RULES", "Selection", "eigen_rule", "reference_count", "SingularSelection", "singular_rule"]
 
 RULES = ("top", "all", "multi", "reference")
 
@@ -121,3 +131,90 @@ def eigen_rule(values: Tensor, vectors: Tensor, rule: str,
     total = float(sum(sorted_vals[:count]))
     # eigenvectors of one block are orthonormal and blocks are disjoint: gain = mean of the values
     return Selection(phi, r_star, total / count, total if rule == "reference" else lam_top, count)
+
+
+# ------------------------------------------------------------------------------------------------
+# rules for the singular-value kinds (standard transformer sub-blocks, METHOD.md section 7)
+
+
+@dataclass
+class SingularSelection:
+    """Which singular pairs make ``phi``, with their weights.
+
+    Attributes:
+        pairs: ``(group, j, weight)``: the ``j``-th singular pair of group ``group`` goes into unit
+            ``j`` of that group with ``weight``; ``sum weight^2 = 1``.
+        block: the group holding the top singular value.
+        quotient: ``phi^T Q phi``. score: what points are ranked by. n_pairs: ``len(pairs)``.
+    """
+
+    pairs: List[Tuple[int, int, float]]
+    block: int
+    quotient: float
+    score: float
+    n_pairs: int
+
+
+def singular_rule(values: Sequence[Tensor], capacity: Sequence[int], rule: str) -> SingularSelection:
+    """Selects singular pairs for ``phi`` by ``rule`` (the singular-value analogue of :func:`eigen_rule`).
+
+    For a sub-block whose eps-scaled parameters are an in-map (rows = units) and an out-map
+    (columns = units), ``Q`` is block diagonal over units, and every unit of group ``g`` (the MLP's
+    hidden units; one attention head's ``head_dim`` units) has the same block
+    ``c_g [[0, M_g^T], [M_g, 0]]`` with eigenvalues ``+-|c_g| s_{g,i}`` (singular values of ``M_g``)
+    and eigenvectors ``(v_i, +-u_i) / sqrt(2)``. Unit ``j`` of a group holds at most one pair, so a
+    group takes at most ``capacity[g]`` pairs; pair ``j`` goes into unit ``j``.
+
+    - ``"top"``: the top pair of the group with the largest value (``phi^T Q phi = mu``).
+    - ``"all"``: in every group its top ``capacity[g]`` pairs with a positive value, weight
+      ``sqrt(lambda_i)`` normalised: ``phi^T Q phi = sum lambda_i^2 / sum lambda_i``.
+    - ``"reference"`` / ``"multi"``: the DISTINCT singular pairs of all groups (each pair once, not
+      once per unit) from the top while ``>= 50%`` of the largest, the first below included
+      (:func:`reference_count`; at least two), summed with equal weights: ``phi^T Q phi`` = their
+      mean; score = their sum (``"reference"``) or ``mu`` (``"multi"``).
+
+    When no value is positive every rule returns the ``"top"`` selection.
+
+    Args:
+        values: per group, its singular values in loss units (``|c_g| s_{g,i}``), descending ``[r_g]``.
+        capacity: per group, the number of units (pairs it can hold).
+        rule: one of :data:`RULES`.
+
+    Returns:
+        :class:`SingularSelection`.
+
+    Raises:
+        ValueError: unknown rule, no groups, ``values`` and ``capacity`` of different lengths, a
+            capacity < 1 or a group without values.
+    """
+    fn = "singular_rule"
+    if rule not in RULES:
+        raise ValueError(f"{fn}: rule must be one of {RULES}, got {rule!r}")
+    if len(values) == 0 or len(values) != len(capacity):
+        raise ValueError(f"{fn}: values and capacity must give the same number (>= 1) of groups, got "
+                         f"{len(values)} and {len(capacity)}")
+    vals: List[List[float]] = []
+    for g, (v, c) in enumerate(zip(values, capacity)):
+        if int(c) < 1 or v.numel() < 1:
+            raise ValueError(f"{fn}: group {g} must have a capacity >= 1 and at least one value, got capacity {c} and "
+                             f"{v.numel()} values")
+        vals.append([float(t) for t in v.reshape(-1)[: int(c)].tolist()])
+    tops = [v[0] for v in vals]
+    g_star = max(range(len(tops)), key=lambda g: (tops[g], -g))
+    mu = tops[g_star]
+    if rule == "top" or mu <= 0:
+        return SingularSelection([(g_star, 0, 1.0)], g_star, mu, mu, 1)
+    if rule == "all":
+        chosen = [(g, j, lam) for g, v in enumerate(vals) for j, lam in enumerate(v) if lam > 0]
+        total = sum(lam for _, _, lam in chosen)
+        pairs = [(g, j, math.sqrt(lam / total)) for g, j, lam in chosen]
+        quotient = sum(lam * lam for _, _, lam in chosen) / total
+        return SingularSelection(pairs, g_star, quotient, mu, len(pairs))
+    flat = [(lam, g, j) for g, v in enumerate(vals) for j, lam in enumerate(v)]
+    flat.sort(key=lambda t: (-t[0], t[1], t[2]))  # stable: by value, then group, then pair
+    count = max(reference_count([t[0] for t in flat]), min(2, len(flat)))
+    chosen_ref = flat[:count]
+    w = 1.0 / math.sqrt(count)
+    total = sum(t[0] for t in chosen_ref)
+    pairs = [(g, j, w) for _, g, j in chosen_ref]
+    return SingularSelection(pairs, g_star, total / count, total if rule == "reference" else mu, count)

@@ -10,8 +10,9 @@ budget, ``solve(S, rule)`` -> :class:`Solution`):
   are accumulated batch by batch (dense route, memory ``n m^2``) or the rows are kept and solved
   matrix-free (:func:`topoderiv.ops.sensitivity_topk`), as the route and the budget decide.
 - :class:`SingularStatistic`: the standard transformer sub-blocks (``mlp_block``,
-  ``attention_block``; see :mod:`topoderiv.sites.transformer`): ``M = sum_rows p z^T`` per
-  group (head), ``mu = c * s_max(M)``.
+  ``attention_block``, ``transformer_block``; see :mod:`topoderiv.sites.transformer`):
+  ``M_g = sum_rows q_g zt^T`` per group (the MLP; each attention head), ``mu = max_g |c_g|
+  s_max(M_g)``, solved by an SVD (rule ``"top"``: Lanczos on the Gram matrices).
 
 Costate scaling: batch b's costates arrive as ``-B_b dJ_b/dx`` and the statistic is divided by
 the total sample count ``S`` at the end, which is exactly ``p = -dJ/dx`` of the mean loss (the
@@ -19,18 +20,22 @@ statistics are linear in ``p``) without knowing ``S`` in advance.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import ops, reference
-from .rules import eigen_rule
+from .rules import eigen_rule, singular_rule
 
 __all__ = [
     "Solution",
     "EigenStatistic",
+    "SingularPart",
+    "SingularStatistic",
+    "singular_pairs",
     "kernels_available",
     "resolve_backend",
     "subspace_start",
@@ -283,3 +288,247 @@ class EigenStatistic:
         return Solution(mu=float(block_vals[sel.block, 0]), block=sel.block, phi=sel.phi,
                         block_mu=block_vals[:, 0].clone(), values=block_vals, quotient=sel.quotient * scale,
                         score=sel.score * scale, n_pairs=sel.n_pairs, converged=conv, route=route)
+
+
+# ------------------------------------------------------------------------------------------------
+# singular-value statistic (standard transformer sub-blocks, METHOD.md section 7)
+
+# elements of the inputs of one accumulation GEMM the features of a site should stay within
+SINGULAR_CHUNK_ELEMS = 2 ** 22
+
+
+@dataclass(frozen=True)
+class SingularPart:
+    """One sub-block whose eps-scaled parameters are an in-map and an out-map around its units.
+
+    The sub-block's output is, to second order, ``eps^2 c sum_units w_out,k (w_in,k^T zt)`` with
+    ``w_in,k`` row ``k`` of ``[W_in | b_in]`` (``m = d + bias``), ``w_out,k`` column ``k`` of
+    ``W_out`` (``n`` rows), ``zt = [z; 1]`` the unit's input feature and ``c`` a curvature factor
+    (``act'(0)`` of an MLP's hidden activation, 1 for attention). Units come in ``groups`` of
+    ``capacity``: unit ``j`` of group ``g`` is row / column ``g * capacity + j``; all units of a
+    group see the same ``z`` (the MLP: one group of ``hidden`` units; attention: one group per
+    head, ``head_dim`` units each, ``z`` = the head's attention-weighted features).
+
+    Attributes:
+        name: label (e.g. ``"mlp"``, ``"attn"``).
+        groups: number of groups G. capacity: units per group.
+        n: output dim (rows of ``M_g``). d: input features (without the bias column).
+        bias: whether ``zt`` has the column of ones (``w_in`` a bias).
+        curvature: ``c``.
+        in_weight: phi key of ``W_in`` ``[G * capacity, d]``. in_bias: phi key of ``b_in``
+            ``[G * capacity]`` (None without bias). out_weight: phi key of ``W_out``
+            ``[n, G * capacity]``.
+    """
+
+    name: str
+    groups: int
+    capacity: int
+    n: int
+    d: int
+    bias: bool
+    curvature: float
+    in_weight: str
+    in_bias: Optional[str]
+    out_weight: str
+
+    @property
+    def m(self) -> int:
+        return self.d + int(self.bias)
+
+    @property
+    def units(self) -> int:
+        return self.groups * self.capacity
+
+
+# features(x, p) -> iterable of (part index, q, z): q [N, n] or [N, G, n], z [N, d] or [N, G, d]
+FeaturesFn = Callable[[Tensor, Tensor], Iterable[Tuple[int, Tensor, Tensor]]]
+
+# Lanczos on the Gram matrices only for this many pairs per group at most (and at most a quarter
+# of min(n, m)); otherwise a full SVD
+LANCZOS_MAX_PAIRS = 16
+# relative residual of those Lanczos solves (float64 Gram matrices)
+GRAM_TOL = 1e-12
+
+
+def singular_pairs(M: Tensor, k: int, lanczos: bool) -> Tuple[Tensor, Tensor, Tensor, str, float]:
+    """The top ``k`` singular triplets of every ``M [G, n, m]`` (float64): ``(U [G, n, k], s [G, k],
+    Vh [G, k, m], route, rel_floor)``, ``s`` descending (``k`` clipped to ``min(n, m)``).
+
+    ``lanczos`` and few pairs (``k <= LANCZOS_MAX_PAIRS`` and ``k <= min(n, m) / 4``): batched
+    Lanczos (:func:`topoderiv.ops.lanczos_topk`, residual ``GRAM_TOL``) on the smaller Gram matrix
+    (``M M^T`` or ``M^T M``), groups it does not converge on redone by ``eigh``; the other side's
+    vectors and ``s`` then come from one product with ``M`` (``s = ||M^T u||``, not
+    ``sqrt(lambda)``, so small values are not squared into noise): route ``"lanczos"``. About 20x
+    cheaper than a full SVD at ``384 x 385`` with ``k = 1``. Otherwise :func:`torch.linalg.svd`:
+    route ``"svd"``. ``rel_floor`` is the relative accuracy of ``s`` (values below
+    ``rel_floor * s_max`` are noise).
+    """
+    G, n, m = M.shape
+    r = min(n, m)
+    k = max(1, min(int(k), r))
+    if lanczos and k <= LANCZOS_MAX_PAIRS and 4 * k <= r:
+        left = n <= m
+        gram = M @ M.mT if left else M.mT @ M  # [G, r, r]
+        gram = (gram + gram.mT) / 2
+        res = ops.lanczos_topk(gram, k, tol=GRAM_TOL, shared_norm=True)
+        vecs = res.vectors
+        bad = (~res.converged).nonzero().flatten()
+        if bad.numel():
+            _, v = torch.linalg.eigh(gram[bad])
+            vecs = vecs.clone()
+            vecs[bad] = v.flip(-1)[..., :k]
+        if left:
+            W = M.mT @ vecs  # [G, m, k]: M^T u = s v
+            s = W.norm(dim=-2)
+            U, V = vecs, W / torch.where(s > 0, s, torch.ones_like(s))[:, None, :]
+        else:
+            W = M @ vecs  # [G, n, k]: M v = s u
+            s = W.norm(dim=-2)
+            V, U = vecs, W / torch.where(s > 0, s, torch.ones_like(s))[:, None, :]
+        s, order = s.sort(dim=-1, descending=True)
+        U = torch.gather(U, -1, order[:, None, :].expand_as(U))
+        V = torch.gather(V, -1, order[:, None, :].expand_as(V))
+        return U, s, V.mT, "lanczos", max(GRAM_TOL, max(n, m) * torch.finfo(torch.float64).eps) * 10
+    U, s, Vh = torch.linalg.svd(M, full_matrices=False)  # [G, n, r], [G, r], [G, r, m]
+    return U[..., :k], s[:, :k], Vh[:, :k], "svd", max(n, m) * torch.finfo(torch.float64).eps
+
+
+class SingularStatistic:
+    """``M_g = sum_rows q_g zt_g^T`` (``zt = [z; 1]``) per group of every part, accumulated, then an SVD.
+
+    For a part with curvature ``c`` every unit of group ``g`` has the ``Q`` block
+    ``c [[0, M_g^T], [M_g, 0]]`` (in ``(w_in, w_out)`` coordinates): eigenvalues ``+-|c| s_{g,i}``,
+    eigenvectors ``(v_i, sign(c) u_i) / sqrt(2)`` for ``M_g v_i = s_i u_i``. So
+    ``mu = max_g |c_g| s_max(M_g)`` and ``phi`` places singular pairs in units
+    (:func:`topoderiv.method.rules.singular_rule`).
+
+    Args:
+        parts: the sub-blocks (:class:`SingularPart`); groups are numbered across parts in order
+            (part 0's groups first).
+        features: ``features(x, p)`` yields ``(part index, q, z)`` in chunks: ``q [N, n]`` with
+            ``z [N, G, d]`` (every group its own features, one costate) or ``q [N, G, n]`` with
+            ``z [N, d]`` (one feature, costates per group), or both 2-D when ``G = 1``. Rows are
+            samples x tokens. The bias column is appended here.
+        k: singular values reported per group (``values``).
+        backend: ``"kernels"``: rule ``"top"`` with few values takes the top pairs by Lanczos
+            (:func:`singular_pairs`); ``"torch"``: always a full SVD.
+
+    The ``M_g`` are accumulated in float32 (float64 for float64 inputs) and solved in float64
+    (:func:`singular_pairs`: :func:`torch.linalg.svd`, or Lanczos on the Gram matrices for the
+    rule ``"top"``). Memory: ``sum_parts G n m`` whatever the data; nothing is kept, so
+    ``held_bytes`` is 0 and :meth:`flush` does nothing.
+    """
+
+    def __init__(self, parts: Sequence[SingularPart], features: FeaturesFn, *, k: int = 1,
+                 backend: str = "torch") -> None:
+        if not parts:
+            raise ValueError("SingularStatistic: parts must hold at least one SingularPart, got none")
+        self.parts = list(parts)
+        self.features = features
+        self.k = int(k)
+        self.backend = backend
+        self.bias = any(pt.bias for pt in self.parts)
+        self.M: List[Optional[Tensor]] = [None] * len(self.parts)
+        self.held_bytes = 0
+
+    def flush(self) -> None:
+        """Nothing to do: the statistic is always accumulated."""
+
+    def add(self, x: Tensor, p: Tensor) -> None:
+        """Adds one batch: stream states ``x`` and costates ``p`` (carrying ``B_b``) at the site."""
+        for i, q, z in self.features(x, p):
+            part = self.parts[i]
+            dt = torch.float64 if z.dtype == torch.float64 else torch.float32
+            q, z = q.to(dt), z.to(dt)
+            N, G, n, d = z.shape[0], part.groups, part.n, part.d
+            if part.bias:
+                z = torch.cat([z, z.new_ones(z.shape[:-1] + (1,))], dim=-1)
+            m = part.m
+            if q.dim() == 3 and z.dim() == 2:  # per-group costates, one feature: one GEMM [G n, N] x [N, m]
+                contrib = (q.reshape(N, G * n).mT @ z).reshape(G, n, m)
+            elif q.dim() == 2 and z.dim() == 3:  # one costate, per-group features: [n, N] x [N, G m]
+                contrib = (q.mT @ z.reshape(N, G * m)).reshape(n, G, m).transpose(0, 1)
+            elif q.dim() == 2 and z.dim() == 2 and G == 1:
+                contrib = (q.mT @ z)[None]
+            else:
+                raise ValueError(f"SingularStatistic.add: part {part.name!r} got q {list(q.shape)} and z "
+                                 f"{list(z.shape)}; expected [N, n] with [N, G, d], [N, G, n] with [N, d], or both 2-D "
+                                 f"for G = 1 (G = {G}, n = {n}, d = {d})")
+            if tuple(contrib.shape) != (G, n, m):
+                raise ValueError(f"SingularStatistic.add: part {part.name!r} expects M of shape {[G, n, m]}, the "
+                                 f"features give {list(contrib.shape)}")
+            if self.M[i] is None:
+                self.M[i] = contrib.clone() if contrib.dtype == dt else contrib.to(dt)
+            else:
+                self.M[i].add_(contrib)
+
+    def matrices(self, S: int) -> List[Tensor]:
+        """``M_g / S`` of every part, float64: ``[G, n, m]`` each (zeros where no row was added)."""
+        out = []
+        for part, M in zip(self.parts, self.M):
+            if M is None:
+                raise ValueError(f"SingularStatistic: no rows were added to part {part.name!r}")
+            out.append(M.to(torch.float64) / S)
+        return out
+
+    def solve(self, S: int, rule: str) -> Solution:
+        """SVD of every ``M_g / S``, then ``phi`` by ``rule`` (:func:`topoderiv.method.rules.singular_rule`).
+
+        ``phi`` is a dict ``{key: tensor}`` over every part's three keys (unit total Frobenius
+        norm); ``block`` is the global group index of the top value; ``block_mu [G_total]`` and
+        ``values [G_total, k]`` are ``|c_g| s_{g,i}`` (loss units).
+        """
+        mats = self.matrices(S)
+        dev = mats[0].device
+        dtype = self.M[0].dtype  # type: ignore[union-attr]
+        vecs: List[Tuple[Tensor, Tensor]] = []
+        values: List[Tensor] = []
+        capacity: List[int] = []
+        owner: List[Tuple[int, int]] = []
+        routes = set()
+        for i, (part, M) in enumerate(zip(self.parts, mats)):
+            # "top" needs the top pair of each group (and k values); the other rules up to capacity
+            need = max(self.k, 1) if rule == "top" else min(part.m, part.n)
+            U, sv, Vh, route, floor = singular_pairs(M, need, self.backend == "kernels" and rule == "top")
+            routes.add(route)
+            # numerical rank (as torch.linalg.matrix_rank, at the accumulation precision): the
+            # rest is rounding noise (e.g. the costates of a stream read only through LayerNorms
+            # are orthogonal to the ones vector, so M has rank <= n - 1), with arbitrary vectors
+            tol = sv[:, :1] * max(floor, max(part.n, part.m) * torch.finfo(dtype).eps)
+            sv = torch.where(sv > tol, sv, torch.zeros_like(sv))
+            # canonical sign of each pair: the largest-magnitude entry of v positive
+            idx = Vh.abs().argmax(dim=-1, keepdim=True)
+            sgn = torch.sign(torch.gather(Vh, -1, idx))
+            sgn = torch.where(sgn == 0, torch.ones_like(sgn), sgn)
+            Vh = Vh * sgn
+            U = U * sgn.transpose(-1, -2)
+            for g in range(part.groups):
+                vecs.append((U[g], Vh[g]))
+                values.append(abs(part.curvature) * sv[g])
+                capacity.append(part.capacity)
+                owner.append((i, g))
+        sel = singular_rule(values, capacity, rule)
+        phi: Dict[str, Tensor] = {}
+        for part in self.parts:
+            phi[part.in_weight] = torch.zeros(part.units, part.d, dtype=torch.float64, device=dev)
+            if part.in_bias is not None:
+                phi[part.in_bias] = torch.zeros(part.units, dtype=torch.float64, device=dev)
+            phi[part.out_weight] = torch.zeros(part.n, part.units, dtype=torch.float64, device=dev)
+        r2 = 1.0 / math.sqrt(2.0)
+        for gg, j, w in sel.pairs:
+            i, g = owner[gg]
+            part = self.parts[i]
+            U, Vh = vecs[gg]
+            unit = g * part.capacity + j
+            sign = 1.0 if part.curvature >= 0 else -1.0
+            a, b = Vh[j] * (w * r2), U[:, j] * (w * r2 * sign)
+            phi[part.in_weight][unit] += a[: part.d]
+            if part.in_bias is not None:
+                phi[part.in_bias][unit] += a[part.d]
+            phi[part.out_weight][:, unit] += b
+        phi = {key: t.to(dtype) for key, t in phi.items()}
+        kk = max(1, min([self.k] + [v.numel() for v in values]))
+        vals = torch.stack([v[:kk] for v in values]).to(dtype)
+        return Solution(mu=float(values[sel.block][0]), block=sel.block, phi=phi, block_mu=vals[:, 0].clone(),
+                        values=vals, quotient=sel.quotient, score=sel.score, n_pairs=sel.n_pairs, converged=True,
+                        route="svd" if "svd" in routes else "lanczos")

@@ -10,6 +10,7 @@ eps search then re-evaluates only that suffix.
 from ..sites import candidate_points, check_growable  # noqa: F401
 from ..sites.linear import ResidualBlock  # noqa: F401
 from .mlp import ResidualMLP  # noqa: F401
+from .vit import ViT  # noqa: F401
 from .cnn import ResidualCNN  # noqa: F401
 
 __all__ = ["ResidualMLP", "ResidualCNN", "ResidualBlock", "candidate_points", "check_growable"]

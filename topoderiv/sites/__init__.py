@@ -20,6 +20,7 @@ from .base import (  # noqa: F401
     sites,
 )
 from . import linear  # noqa: F401,E402  (registers the kinds)
+from . import transformer  # noqa: F401,E402  (registers the transformer kinds)
 from . import conv  # noqa: F401,E402  (registers the conv kind)
 
 __all__ = ["KINDS", "Site", "SiteSpec", "candidate_points", "check_growable", "check_point", "check_points", "declare", "depth",
