@@ -10,7 +10,9 @@
 //     single out-of-bounds access: ASan aborts the run otherwise;
 //   - every mutation that must be rejected is (std::invalid_argument), and valid params are not.
 // Usage: fuzz_validate [iterations] [seed] [share of CUDA calls]   (exit status 1 on a failed property)
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -428,6 +430,56 @@ void fuzz_lanczos(bool cuda, int64_t it) {
         });
 }
 
+// The messages the Python bindings cannot reach (they always pass consistent dtypes and real
+// pointers): each check named, with its expectation and what it got.
+template <class F>
+void expect_message(const char* what, const std::string& want, F f) {
+  std::string got = "(nothing thrown)";
+  try {
+    f();
+  } catch (const std::invalid_argument& e) {
+    got = e.what();
+  }
+  EXPECT(got.find(want) != std::string::npos, "%s: expected a message containing '%s', got '%s'", what, want.c_str(),
+         got.c_str());
+}
+
+void messages() {
+  float x[8] = {}, p[8] = {}, out[32] = {};
+  SensitivityBlocksParams B;
+  B.N = 2; B.d = 3; B.n = 1; B.x = x; B.x_rstride = 3; B.p = p; B.p_rstride = 1; B.out = out;
+  B.in_dtype = DType::kBFloat16;
+  B.acc_dtype = DType::kFloat64;
+  expect_message("cuda acc", "sensitivity_blocks: acc_dtype must be float32 for bfloat16 inputs on CUDA, got float64",
+                 [&] { check_blocks_params("sensitivity_blocks", B, true, 32, 32, 128); });
+  B.in_dtype = static_cast<DType>(9);
+  expect_message("unknown dtype", "sensitivity_blocks: in_dtype must be float32, float64 or bfloat16, got dtype code 9",
+                 [&] { check_blocks_params("sensitivity_blocks", B, false, 32, 32, 128); });
+  B.in_dtype = DType::kFloat32;
+  B.acc_dtype = DType::kFloat32;
+  B.x = reinterpret_cast<const void*>(~uintptr_t(0) & ~uintptr_t(63));  // 64 bytes below the top
+  B.N = 100;                                                                // 1200 bytes of x
+  expect_message("wrap", "sensitivity_blocks: x must not wrap the address space",
+                 [&] { check_blocks_params("sensitivity_blocks", B, false, INT64_MAX, 32, 128); });
+  B.x = x;
+  B.N = INT64_MAX / 4;
+  B.x_rstride = 3;
+  B.d = 4;
+  B.batch = 2;
+  B.x_bstride = INT64_MAX - 8;
+  expect_message("sum overflow", "sensitivity_blocks: sizes must fit in int64, got a sum",
+                 [&] { check_blocks_params("sensitivity_blocks", B, false, 32, 32, 128); });
+  LanczosParams L;
+  L.num_problems = 2; L.m = 3; L.k = 1; L.max_steps = 3; L.dtype = DType::kFloat64;
+  L.op.batch = 1; L.op.n = 2; L.op.d = 2; L.op.N = 4; L.op.acc_dtype = DType::kFloat32;
+  expect_message("mf acc", "lanczos_topk: op.acc_dtype must equal the Lanczos dtype float64, got float32",
+                 [&] { check_lanczos_params("lanczos_topk", L, false, LanczosSpans()); });
+  L.dtype = DType::kFloat32;
+  L.op.in_dtype = DType::kFloat64;
+  expect_message("mf in f64", "lanczos_topk: acc_dtype must be float64 for float64 inputs, got float32",
+                 [&] { check_lanczos_params("lanczos_topk", L, false, LanczosSpans()); });
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -435,6 +487,7 @@ int main(int argc, char** argv) {
   const uint64_t seed = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 20240531;
   const double cuda_share = argc > 3 ? std::atof(argv[3]) : 0.25;  // the emulated CUDA kernels are slower
   rng.seed(seed);
+  messages();
   for (int64_t it = 0; it < iters; ++it) {
     const bool cuda = coin(cuda_share);
     switch (rnd(0, 2)) {
