@@ -171,13 +171,14 @@ def reference(tmp_path_factory):
 
 
 def _timeless(hist):
-    """The rounds of a history.json without wall times (everything else must be bit-identical)."""
-    rounds = []
-    for r in hist["rounds"]:
-        r = {k: v for k, v in r.items() if k not in ("wall_time", "insert_time")}
-        r["info"] = {k: v for k, v in r["info"].items() if not k.endswith("_time")}
-        rounds.append(r)
-    return rounds
+    """The rounds of a history.json without wall times (everything else, FLOP counts and per-epoch
+    validation losses included, must be bit-identical)."""
+    def drop(d):
+        if isinstance(d, dict):
+            return {k: drop(v) for k, v in d.items() if not k.endswith(("_time", "_times"))}
+        return d
+
+    return [drop(r) for r in hist["rounds"]]
 
 
 def assert_same_outputs(a, b):

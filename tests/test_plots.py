@@ -5,7 +5,7 @@ import pytest
 
 from topoderiv.experiments.compare import compare
 from topoderiv.growth import GrowthHistory, RoundRecord
-from topoderiv.experiments.plots import as_history, plot_comparison, plot_curves, plot_growth, plot_mu
+from topoderiv.experiments.plots import as_history, plot_comparison, plot_compute, plot_curves, plot_growth, plot_mu
 from topoderiv.experiments.tasks import get_task
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -56,3 +56,9 @@ def test_comparison_plots(tmp_path):
                    budget={"width": 8, "epochs_per_round": 1, "rounds": 1}, progress=False)
     assert _is_png(plot_comparison(comp, tmp_path / "cmp.png"))
     assert _is_png(plot_curves(comp, tmp_path / "curves.png"))
+    # no fixed_final: no default target line, a given one is drawn
+    assert _is_png(plot_compute(comp, tmp_path / "compute.png"))
+    assert _is_png(plot_compute(comp, tmp_path / "compute2.png", target=0.5))
+    with pytest.raises(ValueError, match="plot_compute: the comparison has no methods"):
+        comp.methods = []
+        plot_compute(comp, tmp_path / "x.png")

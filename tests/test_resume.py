@@ -64,7 +64,7 @@ def _grower(kind, strategy, ck, callbacks=(), max_rounds=3):
     model = ResidualMLP(2, 8, 1, 1)
     return Grower(model, _adam, _loader(kind, train), [val], F.mse_loss, strategy=_strategy(strategy),
                   epochs_per_round=2, max_rounds=max_rounds, patience=10, progress=False, seed=0, checkpoint_dir=ck,
-                  callbacks=callbacks, test_data=[val], test_metric=F.l1_loss)
+                  callbacks=callbacks, test_data=[val], test_metric=F.l1_loss, val_every_epoch=True)
 
 
 def _resume(kind, path, ck, **kwargs):
@@ -99,6 +99,9 @@ def assert_same_run(a: Grower, b: Grower) -> None:
         assert (x.val_loss, x.train_loss, x.train_curve, x.test_metric) == (y.val_loss, y.train_loss, y.train_curve,
                                                                            y.test_metric), x.round
         assert (x.point, x.eps, x.mu, x.depth, x.n_params, x.lr) == (y.point, y.eps, y.mu, y.depth, y.n_params, y.lr)
+        # compute: FLOP counts and the per-epoch validation curve too (wall times differ)
+        assert (x.train_flops, x.optimizer_flops, x.score_flops, x.search_flops, x.val_curve) == \
+            (y.train_flops, y.optimizer_flops, y.score_flops, y.search_flops, y.val_curve), x.round
     assert a.history.stop_reason == b.history.stop_reason
     assert torch.equal(a.generator.get_state(), b.generator.get_state())
 

@@ -14,9 +14,11 @@ and ``history.json`` of the last completed round, prints the command that resume
 with 130; ``topoderiv grow --resume DIR`` continues the run exactly as if it had not stopped.
 
 ``compare`` runs every method of :mod:`topoderiv.baselines` on every seed with the same budget
-and writes ``results.md`` (markdown table, mean +- std over seeds, and the command),
-``results.json``, ``comparison.png``, ``curves.png`` and the growth plots of the first seed's
-topological run.
+and writes ``results.md`` (markdown tables: the test metric, mean +- std over seeds, and the
+compute to first reach a target validation loss, ``--target`` or by default the best of the
+final-size network trained from scratch; and the command), ``results.json``, ``comparison.png``,
+``curves.png``, ``compute.png`` (validation loss against cumulative FLOPs and wall time) and the
+growth plots of the first seed's topological run.
 """
 from __future__ import annotations
 
@@ -152,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"methods (default: {' '.join(DEFAULT_METHODS)}; also: "
                         f"{' '.join(m for m in METHODS if m not in DEFAULT_METHODS)})")
     c.add_argument("--out", type=Path, default=None, help="output folder (default runs/compare-<task>)")
+    c.add_argument("--target", type=_positive_float, default=None, metavar="LOSS",
+                   help="validation loss of the compute-to-target table (default: on each seed, the best validation "
+                        "loss of fixed_final, the final-size network trained from scratch)")
+    c.add_argument("--no-epoch-val", action="store_true",
+                   help="evaluate the validation loss at the end of every round only, not after every epoch (faster; "
+                        "the compute to the target is then read per round)")
     parser.commands["compare"] = c
 
     sub.add_parser("info", help="print what was built (C++/CUDA kernels, torch)")
@@ -217,8 +225,9 @@ class RoundPrinter:
     def __init__(self, metric_name: str, progress: bool) -> None:
         self.metric_name, self.progress = metric_name, progress
         self.started = False
+        self.cum_flops = 0
         self.header = (f"{'round':>5} {'depth':>5} {'params':>7} {'point':>5} {'eps':>5} {'mu*':>9} "
-                       f"{'train':>9} {'val':>9} {'test ' + metric_name:>12} {'time':>7}")
+                       f"{'train':>9} {'val':>9} {'test ' + metric_name:>12} {'cum GFLOP':>10} {'time':>7}")
 
     def write(self, line: str) -> None:
         if self.progress:
@@ -239,8 +248,12 @@ class RoundPrinter:
         eps = "-" if rec.eps is None else f"{rec.eps:.2g}"
         mus = "-" if mu is None else f"{mu:.3g}"
         test = "-" if rec.test_metric is None else f"{rec.test_metric:.4g}"
+        flops = "-"
+        if rec.flops is not None:
+            self.cum_flops += rec.flops
+            flops = f"{self.cum_flops / 1e9:.4g}"
         self.write(f"{rec.round:>5} {rec.depth:>5} {rec.n_params:>7} {point:>5} {eps:>5} {mus:>9} "
-                   f"{rec.train_loss:>9.3e} {rec.val_loss:>9.3e} {test:>12} {rec.wall_time:>6.1f}s")
+                   f"{rec.train_loss:>9.3e} {rec.val_loss:>9.3e} {test:>12} {flops:>10} {rec.wall_time:>6.1f}s")
 
 
 #: grow settings recorded in run.json; a resumed run uses them (flags given again must agree)
@@ -441,15 +454,34 @@ def results_markdown(comp: Any, command: str) -> str:
         f"Wall time {comp.meta.get('wall_time', 0):.0f} s on {comp.meta.get('device', 'cpu')} "
         f"({comp.meta.get('torch_threads')} threads).",
         "",
-        f"Command: `{command}`",
-        "",
     ]
+    lines += compute_markdown(comp)
+    lines += [f"Command: `{command}`", ""]
     return "\n".join(lines)
+
+
+def compute_markdown(comp: Any) -> List[str]:
+    """The compute-to-target section of ``results.md`` (a note when no target can be set)."""
+    lines = ["## Compute to reach the target validation loss", ""]
+    try:
+        table = comp.compute_table()
+    except ValueError as err:
+        return lines + [f"No table: {err} (give --target).", ""]
+    lines += [table, "",
+              "Compute counted up to the FIRST evaluation (after every epoch when recorded) at or below the target, "
+              "interpolated linearly in the loss over that epoch's training (topoderiv.growth.compute."
+              "compute_to_target); mean ± std over the seeds that reached it. FLOPs: forward + backward by torch's "
+              "FLOP formulas (matrix products; activations and other elementwise ops not counted), the optimiser "
+              "analytically per parameter element, scoring's solve by the kernels' cost model with the actual "
+              "Lanczos steps, and the eps search. Wall time: training, scoring and the eps search, evaluation "
+              "excluded. Saving: 1 - compute / compute of fixed_final on the same seed (both reached). GFLOP whole "
+              "run: all the compute of the run's budget.", ""]
+    return lines
 
 
 def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .experiments.compare import compare
-    from .experiments.plots import plot_comparison, plot_curves, plot_growth, plot_mu
+    from .experiments.plots import plot_comparison, plot_compute, plot_curves, plot_growth, plot_mu
 
     _setup(args)
     task = _task(args)
@@ -463,13 +495,15 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     command = _command_line(argv)
     print(f"task {task.name}: methods {' '.join(methods)}; seeds {seeds}")
     comp = compare(task, methods, seeds, _budget(args), patience=args.patience, score_batches=args.score_batches,
-                   device=args.device, progress=not args.no_progress, log=print)
+                   device=args.device, progress=not args.no_progress, log=print, target=args.target,
+                   val_every_epoch=not args.no_epoch_val)
     comp.meta["command"] = command
     comp.to_json(out / "results.json")
     md = results_markdown(comp, command)
     (out / "results.md").write_text(md)
     plot_comparison(comp, out / "comparison.png")
     plot_curves(comp, out / "curves.png")
+    plot_compute(comp, out / "compute.png")
     for m in ("topological", "topological_multi"):
         runs = comp.by_method(m)
         if runs:
@@ -478,7 +512,7 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
             plot_mu(first.history, out / f"mu_{m}_s{first.seed}.png")
     print()
     print(md)
-    print(f"wrote {out}/: results.md, results.json, comparison.png, curves.png")
+    print(f"wrote {out}/: results.md, results.json, comparison.png, curves.png, compute.png")
     return 0
 
 

@@ -35,6 +35,13 @@ when ``rounds`` insertions were made or when the strategy proposes nothing; the 
 budget are then spent training the final network (recorded as a last round without insertion,
 ``info["phase"] == "finish"``), so every method trains exactly the same number of epochs.
 Reported: the test metric of the FINAL network (no checkpoint selection).
+
+Compute: every run records its FLOPs (training, scoring, eps search) and wall time per round and
+its validation loss after every epoch (:mod:`topoderiv.growth.compute`).
+:meth:`Comparison.compute_summary` / :meth:`Comparison.compute_table` give, per method, the compute
+needed to FIRST reach a target validation loss (by default, on each seed, the best validation loss
+of ``fixed_final``, the final-size network trained from scratch, on that seed), over the seeds that
+reached it, and the saving relative to ``fixed_final`` on the same seed.
 """
 from __future__ import annotations
 
@@ -60,9 +67,8 @@ from ..growth import (
     TopologicalAllRows,
     TopologicalStrategy,
     count_parameters,
-    evaluate,
-    fit,
 )
+from ..growth.compute import Reach, best_val, compute_curve, compute_to_target
 from .tasks import ModelConfig, Task
 
 __all__ = [
@@ -191,6 +197,7 @@ def run_method(
     checkpoint_dir: Union[str, Path, None] = None,
     callbacks: Sequence[Callable[[Grower, RoundRecord], None]] = (),
     resume: bool = False,
+    val_every_epoch: bool = True,
 ) -> RunResult:
     """Runs one method of :data:`METHODS` on ``task`` with seed ``seed``.
 
@@ -213,6 +220,11 @@ def run_method(
         resume: continue the run whose checkpoint is in ``checkpoint_dir`` (exactly: the result
             is bit-identical to the uninterrupted run's with the same arguments); a fresh run when
             the folder holds no checkpoint yet.
+        val_every_epoch: record the validation loss after every epoch (the compute-to-target of
+            :meth:`Comparison.compute_summary` reads it); False: at the end of every round only.
+
+    Every round records its compute (FLOPs of training, scoring and the eps search; wall time):
+    :mod:`topoderiv.growth.compute`.
 
     Returns:
         :class:`RunResult`.
@@ -252,6 +264,7 @@ def run_method(
         freeze_existing=spec.freeze_existing,
         checkpoint_dir=checkpoint_dir,
         callbacks=callbacks,
+        val_every_epoch=val_every_epoch,
     )
     run_meta = {"method": method, "task": task.name, "seed": seed, "budget_epochs": total}
     if resume and (Path(checkpoint_dir) / "model.json").is_file():
@@ -271,18 +284,7 @@ def run_method(
         hist = grower.run()
     used = sum(r.epochs for r in hist.rounds)
     if used < total:  # growth stopped early: spend the rest of the budget on the final network
-        t1 = time.perf_counter()
-        curve = fit(model, grower.optimizer, train, task.loss_fn, total - used, progress=progress, desc="finish")
-        val = evaluate(model, task.val, task.loss_fn)
-        test = evaluate(model, task.test, _metric_fn(task))
-        rec = RoundRecord(len(hist.rounds), total - used, curve[-1], val, count_parameters(model), len(model.blocks),
-                          time.perf_counter() - t1, curve, test, lr=grower.optimizer.param_groups[0].get("lr"),
-                          info={"phase": "finish", "reason": hist.stop_reason})
-        hist.rounds.append(rec)
-        if checkpoint_dir is not None:  # before the callbacks (as the grower does)
-            grower.save(checkpoint_dir)
-        for cb in callbacks:
-            cb(grower, rec)
+        grower.finish(total - used)  # recorded as a last round; checkpoint and callbacks as after any
     res = task.evaluate(model, "test")
     last = hist.rounds[-1]
     return RunResult(
@@ -382,10 +384,131 @@ class Comparison:
             lines.append(line)
         return "\n".join(lines)
 
+    # -- compute to a target validation loss -------------------------------------------------------
+
+    def _target_arg(self, target: Optional[float], fn: str) -> Optional[float]:
+        if target is None:
+            target = self.meta.get("target")
+        if target is None:
+            return None
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(float(target)):
+            raise ValueError(f"{fn}: target must be None or a finite number (a validation loss), got {target!r}")
+        return float(target)
+
+    def targets(self, target: Optional[float] = None) -> Dict[int, float]:
+        """The target validation loss of every seed: ``target`` (default ``meta["target"]``) for all, or
+        when None, the best validation loss of ``fixed_final`` on that seed (over every evaluation:
+        every epoch when recorded).
+
+        Raises:
+            ValueError: no target given and ``fixed_final`` is not among the methods (or lacks a seed).
+        """
+        fn = "Comparison.targets"
+        t = self._target_arg(target, fn)
+        if t is not None:
+            return {s: t for s in self.seeds}
+        if "fixed_final" not in self.methods:
+            raise ValueError(f"{fn}: target must be given when 'fixed_final' is not among the methods (the default "
+                             f"target is its best validation loss), got methods {self.methods}")
+        fixed = {r.seed: r for r in self.by_method("fixed_final")}
+        missing = [s for s in self.seeds if s not in fixed]
+        if missing:
+            raise ValueError(f"{fn}: the default target needs a fixed_final run for every seed, got none for seeds "
+                             f"{missing}")
+        return {s: best_val(fixed[s].history) for s in self.seeds}
+
+    def reach(self, target: Optional[float] = None) -> Dict[str, Dict[int, Reach]]:
+        """``{method: {seed: Reach}}``: when each run first reached its seed's target
+        (:func:`topoderiv.growth.compute.compute_to_target`, which documents the interpolation)."""
+        targets = self.targets(target)
+        return {m: {r.seed: compute_to_target(r.history, targets[r.seed]) for r in self.by_method(m)}
+                for m in self.methods}
+
+    def compute_summary(self, target: Optional[float] = None) -> Dict[str, Dict[str, Any]]:
+        """Per method: the compute to the target over the seeds that reached it, and the saving.
+
+        ``{"seeds", "reached", "flops", "flops_std", "time", "time_std", "flops_saving",
+        "flops_saving_std", "time_saving", "time_saving_std", "paired", "total_flops",
+        "total_time"}``: ``flops``/``time`` mean and std over the seeds that reached the target;
+        ``*_saving`` = ``1 - C_method / C_fixed_final`` per seed (same seed, both reached;
+        ``paired`` such seeds), mean and std; ``total_*`` the whole run's compute (mean over seeds).
+        NaN where nothing is defined.
+        """
+        reach = self.reach(target)
+        fixed = reach.get("fixed_final", {})
+        out: Dict[str, Dict[str, Any]] = {}
+        for m in self.methods:
+            rs = reach[m]
+            ok = {s: r for s, r in rs.items() if r.reached}
+            fl, fl_sd = _mean_std([r.flops for r in ok.values()])
+            tm, tm_sd = _mean_std([r.time for r in ok.values()])
+            pairs = [s for s in ok if s in fixed and fixed[s].reached]
+            sv_f, sv_f_sd = _mean_std([1.0 - ok[s].flops / fixed[s].flops for s in pairs
+                                       if fixed[s].flops > 0 and math.isfinite(ok[s].flops)])
+            sv_t, sv_t_sd = _mean_std([1.0 - ok[s].time / fixed[s].time for s in pairs if fixed[s].time > 0])
+            curves = [compute_curve(r.history) for r in self.by_method(m)]
+            tot_f, _ = _mean_std([c.total_flops for c in curves])
+            tot_t, _ = _mean_std([c.total_time for c in curves])
+            out[m] = {"seeds": len(rs), "reached": len(ok), "flops": fl, "flops_std": fl_sd, "time": tm,
+                      "time_std": tm_sd, "flops_saving": sv_f, "flops_saving_std": sv_f_sd, "time_saving": sv_t,
+                      "time_saving_std": sv_t_sd, "paired": len(pairs), "total_flops": tot_f, "total_time": tot_t}
+        return out
+
+    def compute_table(self, target: Optional[float] = None) -> str:
+        """A markdown table of :meth:`compute_summary`, with a line saying what the target is."""
+        targets = self.targets(target)
+        s = self.compute_summary(target)
+        t = self._target_arg(target, "Comparison.compute_table")
+        if t is not None:
+            what = f"validation loss {t:.4g} (given)"
+        else:
+            vals = list(targets.values())
+            mean, std = _mean_std(vals)
+            what = (f"on each seed, the best validation loss of fixed_final on that seed (mean {mean:.4g} ± "
+                    f"{std:.2g} over seeds)")
+        n = len(self.seeds)
+
+        def pm(mean: float, std: float, scale: float = 1.0, fmt: str = ".3g") -> str:
+            if not math.isfinite(mean):
+                return "not reached"
+            return f"{mean / scale:{fmt}} ± {std / scale:{fmt}}"
+
+        def saving(mean: float, std: float, paired: int) -> str:
+            if not math.isfinite(mean):
+                return "—"
+            return f"{100 * mean:+.0f}% ± {100 * std:.0f}%" + (f" ({paired} seeds)" if paired != n else "")
+
+        lines = [f"Target: {what}.", "",
+                 "| method | reached | GFLOP to target | saving (FLOPs) | seconds to target | saving (time) | "
+                 "GFLOP whole run |",
+                 "|---|---|---|---|---|---|---|"]
+        for m in self.methods:
+            d = s[m]
+            lines.append(f"| {m} | {d['reached']}/{d['seeds']} | {pm(d['flops'], d['flops_std'], 1e9)} | "
+                         f"{saving(d['flops_saving'], d['flops_saving_std'], d['paired'])} | "
+                         f"{pm(d['time'], d['time_std'], 1.0, '.3g')} | "
+                         f"{saving(d['time_saving'], d['time_saving_std'], d['paired'])} | "
+                         f"{d['total_flops'] / 1e9:.3g} |")
+        return "\n".join(lines)
+
+    def compute_dict(self, target: Optional[float] = None) -> Optional[Dict[str, Any]]:
+        """JSON-able compute-to-target results (targets, summary, every run's crossing), or None when
+        no target can be set (no ``target`` and no ``fixed_final``)."""
+        try:
+            targets = self.targets(target)
+        except ValueError:
+            return None
+        reach = self.reach(target)
+        return {"target": self._target_arg(target, "Comparison.compute_dict"),
+                "targets": {str(k): v for k, v in targets.items()},
+                "summary": self.compute_summary(target),
+                "runs": [{"method": m, "seed": sd, **r.to_dict()} for m in self.methods for sd, r in
+                         sorted(reach[m].items())]}
+
     def to_dict(self) -> Dict[str, Any]:
         return {"format": "topoderiv-comparison", "version": 1, "task": self.task, "metric_name": self.metric_name,
                 "higher_is_better": self.higher_is_better, "methods": self.methods, "seeds": self.seeds,
-                "budget": self.budget, "summary": self.summary(), "meta": self.meta,
+                "budget": self.budget, "summary": self.summary(), "compute": self.compute_dict(), "meta": self.meta,
                 "runs": [r.to_dict() for r in self.runs]}
 
     def to_json(self, path: Union[str, Path]) -> Path:
@@ -415,6 +538,8 @@ def compare(
     device: Union[str, torch.device] = "cpu",
     progress: bool = True,
     log: Optional[Callable[[str], None]] = None,
+    target: Optional[float] = None,
+    val_every_epoch: bool = True,
 ) -> Comparison:
     """Runs every method on every seed with the same budget; mean +- std of the test metric.
 
@@ -427,6 +552,10 @@ def compare(
         patience, score_batches, device: see :func:`run_method`.
         progress: a tqdm bar over the runs.
         log: called with one line per finished run (e.g. ``print``).
+        target: the validation loss of the compute-to-target table (``meta["target"]``; None:
+            on each seed, the best validation loss of ``fixed_final``).
+        val_every_epoch: record the validation loss after every epoch (default; the compute to
+            the target is then read per epoch, not per round).
 
     Returns:
         :class:`Comparison`; ``.table()`` is the markdown table.
@@ -440,6 +569,9 @@ def compare(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("compare: seeds must hold at least one seed")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                               or not math.isfinite(float(target))):
+        raise ValueError(f"compare: target must be None or a finite number (a validation loss), got {target!r}")
     cfg = make_budget(task, budget)
     # the topological run of a seed fixes the depth of "fixed_final" for that seed
     order = sorted(methods, key=lambda m: (m != "topological", methods.index(m)))
@@ -458,13 +590,14 @@ def compare(
             for m in order:
                 final_depth = td_depth if m == "fixed_final" else None
                 r = run_method(task, m, seed, budget=cfg, patience=patience, final_depth=final_depth,
-                               score_batches=score_batches, device=device)
+                               score_batches=score_batches, device=device, val_every_epoch=val_every_epoch)
                 if m == "topological":
                     td_depth = r.depth
                 comp.runs.append(r)
                 if log is not None:
+                    flops = compute_curve(r.history).total_flops
                     log(f"seed {seed} {m:<17} {task.metric.name} = {r.metric:.4f}  depth {r.depth}  "
-                        f"params {r.n_params}  {r.wall_time:.1f} s")
+                        f"params {r.n_params}  {flops / 1e9:.3g} GFLOP  {r.wall_time:.1f} s")
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(method=m, seed=seed)
@@ -472,6 +605,7 @@ def compare(
         if bar is not None:
             bar.close()
     comp.meta["wall_time"] = time.perf_counter() - t0
+    comp.meta["target"] = None if target is None else float(target)
     comp.meta["device"] = str(device)
     comp.meta["torch_threads"] = torch.get_num_threads()
     return comp

@@ -8,6 +8,8 @@
   a column is "the point index at that round", not a fixed place in the network.
 - :func:`plot_comparison`: test metric per method over seeds (box + individual seeds + mean).
 - :func:`plot_curves`: mean training-loss curve per method over seeds, insertions marked.
+- :func:`plot_compute`: validation loss against cumulative FLOPs and against wall time for every
+  method (each seed thin, the mean over seeds bold), insertions marked, the target drawn.
 
 Every function takes a :class:`topoderiv.growth.GrowthHistory` (or its ``to_dict()`` / a JSON
 path) or a :class:`topoderiv.baselines.Comparison`, writes a PNG and returns its path. Figures
@@ -22,9 +24,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..growth.compute import compute_curve
 from ..growth.history import GrowthHistory
 
-__all__ = ["plot_growth", "plot_mu", "plot_comparison", "plot_curves", "as_history"]
+__all__ = ["plot_growth", "plot_mu", "plot_comparison", "plot_curves", "plot_compute", "as_history"]
 
 PathLike = Union[str, Path]
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
@@ -269,4 +272,84 @@ def plot_curves(comparison: Any, path: PathLike, *, title: Optional[str] = None)
     ax.legend(fontsize=8, ncol=2)
     ax.set_title(title or f"{comparison.task}: training curves (triangles: insertions, seed {min(comparison.seeds)})",
                  fontsize=10)
+    return _save(fig, path)
+
+
+def _mean_curve(xs: List[np.ndarray], ys: List[np.ndarray]) -> tuple:
+    """Mean of several curves y(x) on a common grid over the x range all of them cover (log-linear
+    interpolation of the loss between evaluations)."""
+    lo = max(float(x[0]) for x in xs)
+    hi = min(float(x[-1]) for x in xs)
+    if not hi > lo:
+        return np.array([]), np.array([])
+    grid = np.linspace(lo, hi, 200)
+    logs = [np.interp(grid, x, np.log(np.maximum(y, 1e-300))) for x, y in zip(xs, ys)]
+    return grid, np.exp(np.mean(logs, axis=0))
+
+
+def plot_compute(comparison: Any, path: PathLike, *, target: Optional[float] = None,
+                 title: Optional[str] = None) -> Path:
+    """Validation loss against cumulative FLOPs (left) and wall time (right) for every method.
+
+    Each seed's run is a thin line (one point per evaluation: every epoch when recorded), the mean
+    over seeds (of the log loss, on the compute range every seed covers) a bold one; triangles mark
+    the insertions of every seed. The target of :meth:`Comparison.targets` is a dashed line (the
+    mean over seeds when it differs by seed). Runs that counted no FLOPs are left out of the left
+    panel.
+
+    Args:
+        comparison: a :class:`topoderiv.experiments.compare.Comparison`.
+        path: output PNG.
+        target: the target validation loss (default: the comparison's, see ``Comparison.targets``).
+    """
+    methods = list(comparison.methods)
+    if not methods:
+        raise ValueError("plot_compute: the comparison has no methods")
+    fig = Figure(figsize=(13.0, 4.8))
+    axes = fig.subplots(1, 2, sharey=True)
+    for i, m in enumerate(methods):
+        col = _COLORS[i % len(_COLORS)]
+        curves = [compute_curve(r.history) for r in sorted(comparison.by_method(m), key=lambda r: r.seed)]
+        for ax, key, scale in ((axes[0], "flops", 1e9), (axes[1], "time", 1.0)):
+            xs, ys = [], []
+            for j, c in enumerate(curves):
+                x = np.asarray(getattr(c, key), dtype=float) / scale
+                y = np.asarray(c.val, dtype=float)
+                ok = np.isfinite(x) & np.isfinite(y) & (y > 0)
+                if not ok.any():
+                    continue
+                ax.plot(x[ok], y[ok], color=col, lw=0.6, alpha=0.35)
+                xs.append(x[ok])
+                ys.append(y[ok])
+                for ins in c.insertions:  # at the loss of the last evaluation before it (what was inserted into)
+                    at = ins[0 if key == "flops" else 1] / scale
+                    k = int(np.searchsorted(x[ok], at, side="right")) - 1
+                    if math.isfinite(at) and k >= 0:
+                        ax.plot([at], [y[ok][k]], marker="v", color=col, ms=4, mec="black", mew=0.3, alpha=0.8)
+            if xs:
+                gx, gy = _mean_curve(xs, ys)
+                if len(gx):
+                    ax.plot(gx, gy, color=col, lw=1.8, label=m)
+                else:
+                    ax.plot([], [], color=col, lw=1.8, label=m)
+    try:
+        targets = comparison.targets(target)
+    except ValueError:
+        targets = {}
+    if targets:
+        vals = list(targets.values())
+        t = float(np.mean(vals))
+        same = max(vals) - min(vals) <= 1e-12 * max(abs(t), 1.0)
+        for ax in axes:
+            ax.axhline(t, color="0.2", ls="--", lw=1.0,
+                       label="target" if same else "target (mean of the seeds' targets)")
+    for ax, label in ((axes[0], "cumulative GFLOP (training + scoring + eps search)"),
+                      (axes[1], "cumulative wall time [s] (evaluation excluded)")):
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.grid(True, which="both", alpha=0.25)
+    axes[0].set_ylabel("validation loss")
+    axes[0].legend(fontsize=8, ncol=2)
+    fig.suptitle(title or f"{comparison.task}: validation loss against compute (thin: seeds {list(comparison.seeds)}, "
+                 "bold: mean; triangles: insertions)", fontsize=10)
     return _save(fig, path)

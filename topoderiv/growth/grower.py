@@ -25,6 +25,13 @@ A proposal either gives ``weight [n, d_in]`` / ``bias [n]`` for ``model.new_bloc
 inserted parameters are ``eps * weight`` and ``eps * bias``; ``None`` means zeros), or a ready
 ``block`` module that is inserted as is. ``strategy.last_info`` (a dict) may carry what the
 strategy measured (e.g. ``{"mu": {point: mu}}``) when it proposes nothing.
+
+Compute: every round records its FLOPs and wall times (:mod:`topoderiv.growth.compute`). A
+strategy reports what proposing cost in ``info["compute"]`` (``Proposal.info``, or
+``last_info`` when it proposes nothing): ``{"score_flops": int, "search_flops": int,
+"counting_time": seconds spent only on counting, left out of the round's insert_time}``; a
+strategy that reports nothing spent 0 FLOPs. A last proposal that inserted nothing is carried
+by the next round recorded (``history.meta["stop_compute"]`` until then).
 """
 from __future__ import annotations
 
@@ -48,6 +55,13 @@ from ..data import is_batch, take_batches
 from ..sites import check_growable, check_point, depth
 from ..sites.linear import check_matrix_phi
 from .checkpoint import load_checkpoint, restore_optimizer, save
+from .compute import (
+    STRATEGY_COMPUTE_KEY,
+    BatchProbe,
+    optimizer_supported,
+    training_step_flops,
+    warn_unsupported_optimizer,
+)
 from .history import GrowthHistory, RoundRecord, count_parameters, jsonable
 from .insertion import insert, insert_block
 from .strategies import InsertionStrategy, Proposal, make_strategy, strategy_from_config
@@ -281,6 +295,13 @@ class Grower:
             else None until a later round improves on the best).
         history: a history to continue (resume).
         grad_clip: gradient-norm clip for training.
+        val_every_epoch: evaluate the validation loss after every epoch (``RoundRecord.val_curve``;
+            what :func:`topoderiv.growth.compute.compute_to_target` reads), not only at the end of
+            every round. Costs one validation pass per epoch (recorded in ``eval_time``).
+        count_flops: record the compute of every round (``train_flops``, ``optimizer_flops``,
+            ``score_flops``, ``search_flops``; :mod:`topoderiv.growth.compute`). The first epoch of
+            each round runs under a FLOP counter (same results, a little slower); False records
+            None. Wall times are recorded either way.
     """
 
     def __init__(self, model: nn.Module, optimizer: Union[torch.optim.Optimizer, Callable[..., torch.optim.Optimizer]],
@@ -294,8 +315,12 @@ class Grower:
                  test_metric: Optional[Callable[[Tensor, Any], Tensor]] = None, freeze_existing: bool = False,
                  head_attr: str = "head", callbacks: Sequence[Callable[["Grower", RoundRecord], None]] = (),
                  checkpoint_dir: Union[str, Path, None] = None, keep_best: bool = False,
-                 history: Optional[GrowthHistory] = None, grad_clip: Optional[float] = None) -> None:
+                 history: Optional[GrowthHistory] = None, grad_clip: Optional[float] = None,
+                 val_every_epoch: bool = False, count_flops: bool = True) -> None:
         fn = "Grower"
+        for name, val in (("val_every_epoch", val_every_epoch), ("count_flops", count_flops)):
+            if not isinstance(val, bool):
+                raise TypeError(f"{fn}: {name} must be a bool, got {type(val).__name__} {val!r}")
         check_growable(model, fn)
         if not callable(loss_fn):
             raise TypeError(f"{fn}: loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -343,6 +368,10 @@ class Grower:
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.keep_best, self.best_model = keep_best, None
         self.grad_clip = grad_clip
+        self.val_every_epoch, self.count_flops = val_every_epoch, count_flops
+        self._optimizer_counted = optimizer_supported(self.optimizer)
+        if count_flops and not self._optimizer_counted:
+            warn_unsupported_optimizer(self.optimizer, fn)
         self.generator = torch.Generator().manual_seed(0 if seed is None else seed)
         self.history = history if history is not None else GrowthHistory()
         # the global seed the first run() sets; None after a resume (the saved states are restored).
@@ -362,7 +391,8 @@ class Grower:
                 "max_total_rounds": self.max_total_rounds,
                 "score_batches": self.score_batches,
                 "seed": self.seed, "freeze_existing": self.freeze_existing, "head_attr": self.head_attr,
-                "keep_best": self.keep_best, "grad_clip": self.grad_clip, "progress": self.progress}
+                "keep_best": self.keep_best, "grad_clip": self.grad_clip, "progress": self.progress,
+                "val_every_epoch": self.val_every_epoch, "count_flops": self.count_flops}
 
     def score_data(self) -> List[Any]:
         """The training batches used for scoring and the eps search (first ``score_batches``)."""
@@ -429,16 +459,96 @@ class Grower:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def _evaluate(self) -> tuple:
-        val = evaluate(self.model, self.val_data, self.loss_fn)
+    def _evaluate(self, trained: Optional["_Trained"] = None) -> tuple:
+        """Validation loss (the last per-epoch value when recorded: the same model) and test metric."""
+        t0 = time.perf_counter()
+        if trained is not None and trained.val_curve:
+            val = trained.val_curve[-1]
+        else:
+            val = evaluate(self.model, self.val_data, self.loss_fn)
         test = None
         if self.test_data is not None:
             test = evaluate(self.model, self.test_data, self.test_metric or self.loss_fn)
+        if trained is not None:
+            trained.eval_time += time.perf_counter() - t0
         return val, test
 
-    def _train_round(self, epochs: int, r: int) -> List[float]:
-        return fit(self.model, self.optimizer, self.train_data, self.loss_fn, epochs, scheduler=self.scheduler,
-                   progress=self.progress, grad_clip=self.grad_clip, desc=f"round {r}")
+    def _train_round(self, epochs: int, r: int, desc: Optional[str] = None) -> "_Trained":
+        """``epochs`` epochs of :func:`fit`, one call per epoch (the same steps as one call for all),
+        the wall time of each, the validation loss after each one when ``val_every_epoch``, and the
+        round's FLOPs: the first batch of the first epoch (kept by a :class:`BatchProbe`) re-run on a
+        copy of the model under the counter (:func:`training_step_flops`, outside the timed epoch),
+        scaled to the epoch's samples and steps, times ``epochs``."""
+        out = _Trained()
+        bar = None
+        if self.progress and epochs:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=epochs, desc=desc or f"round {r}", leave=False)
+        probe = BatchProbe(self.model) if self.count_flops and epochs else None
+        try:
+            for e in range(epochs):
+                t0 = time.perf_counter()
+                losses = fit(self.model, self.optimizer, self.train_data, self.loss_fn, 1,
+                             scheduler=self.scheduler, grad_clip=self.grad_clip)
+                out.epoch_times.append(time.perf_counter() - t0)
+                out.curve.extend(losses)
+                if probe is not None:
+                    probe.remove()
+                    self._count_epoch(probe, epochs, out)
+                    probe = None
+                if self.val_every_epoch:
+                    t0 = time.perf_counter()
+                    out.val_curve.append(evaluate(self.model, self.val_data, self.loss_fn))
+                    out.eval_time += time.perf_counter() - t0
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        finally:
+            if probe is not None:
+                probe.remove()
+            if bar is not None:
+                bar.close()
+        if self.count_flops and epochs == 0:
+            out.train_flops = 0
+            out.optimizer_flops = 0 if self._optimizer_counted else None
+        return out
+
+    def _count_epoch(self, probe: BatchProbe, epochs: int, out: "_Trained") -> None:
+        """The round's training FLOPs from one epoch's probe (see :meth:`_train_round`)."""
+        if probe.args is None or probe.first_batch == 0:
+            out.train_flops, out.optimizer_flops = 0, (0 if self._optimizer_counted else None)
+            return
+        clip = 3 if self.grad_clip is not None else 0  # clip_grad_norm_: square + add (the norm), scale
+        fb, opt, _ = training_step_flops(self.model, probe.args, probe.kwargs,
+                                         self.optimizer if self._optimizer_counted else None, extra_per_element=clip)
+        per_epoch_fb = fb * probe.samples // probe.first_batch  # matrix products: linear in the batch
+        per_epoch_opt = opt * probe.calls  # one optimiser step per batch
+        out.train_flops = (per_epoch_fb + per_epoch_opt) * epochs
+        out.optimizer_flops = per_epoch_opt * epochs if self._optimizer_counted else None
+
+    def _strategy_compute(self, info: Dict[str, Any]) -> Dict[str, Optional[int]]:
+        """The FLOPs a strategy reports for proposing (``info["compute"]``); 0 when it reports none."""
+        if not self.count_flops:
+            return {"score_flops": None, "search_flops": None}
+        comp = info.get(STRATEGY_COMPUTE_KEY) or {}
+        return {k: int(comp.get(k) or 0) for k in ("score_flops", "search_flops")}
+
+    def _take_pending(self) -> Dict[str, Any]:
+        """The compute of a last proposal that inserted nothing (spent before the next round's training)."""
+        return self.history.meta.pop("stop_compute", None) or {}
+
+    def _compute_fields(self, trained: "_Trained", proposed: Dict[str, Optional[int]],
+                        pending: Dict[str, Any]) -> Dict[str, Any]:
+        fields = {"val_curve": trained.val_curve, "train_flops": trained.train_flops,
+                  "optimizer_flops": trained.optimizer_flops, "train_time": sum(trained.epoch_times),
+                  "eval_time": trained.eval_time, "epoch_times": trained.epoch_times}
+        for key in ("score_flops", "search_flops"):
+            v = proposed.get(key)
+            if self.count_flops:
+                v = int(v or 0) + int(pending.get(key) or 0)
+            fields[key] = v
+        return fields
 
     def _rounds_since_best(self) -> int:
         best = math.inf
@@ -493,11 +603,13 @@ class Grower:
         try:
             if not self.history.rounds:
                 t0 = time.perf_counter()
-                curve = self._train_round(self.initial_epochs, 0)
-                val, test = self._evaluate()
+                tr = self._train_round(self.initial_epochs, 0)
+                val, test = self._evaluate(tr)
+                curve = tr.curve
                 rec = RoundRecord(0, self.initial_epochs, curve[-1] if curve else evaluate(self.model, self.train_data, self.loss_fn),
                                   val, count_parameters(self.model), self.depth, time.perf_counter() - t0, curve, test,
-                                  lr=_current_lr(self.optimizer))
+                                  lr=_current_lr(self.optimizer),
+                                  **self._compute_fields(tr, self._strategy_compute({}), self._take_pending()))
                 self._finish_round(rec)
                 if bar is not None:
                     bar.update(1)
@@ -510,11 +622,15 @@ class Grower:
                 t0 = time.perf_counter()
                 if self.grow_patience is not None and self._rounds_since_best() < self.grow_patience:
                     # the reference code's rule: only train until the validation loss stalls
-                    curve = self._train_round(self.epochs_per_round, r)
-                    val, test = self._evaluate()
+                    pending = self._take_pending()
+                    tr = self._train_round(self.epochs_per_round, r)
+                    val, test = self._evaluate(tr)
+                    curve = tr.curve
                     rec = RoundRecord(r, self.epochs_per_round, curve[-1] if curve else math.nan, val,
                                       count_parameters(self.model), self.depth, time.perf_counter() - t0, curve, test,
-                                      lr=_current_lr(self.optimizer), info={"phase": "train"})
+                                      lr=_current_lr(self.optimizer), insert_time=float(pending.get("time", 0.0)),
+                                      info={"phase": "train"},
+                                      **self._compute_fields(tr, self._strategy_compute({}), pending))
                     self._finish_round(rec)
                     if bar is not None:
                         bar.update(1)
@@ -525,18 +641,27 @@ class Grower:
                     info = getattr(self.strategy, "last_info", {}) or {}
                     reason = "strategy proposed no insertion" + (f" ({info['reason']})" if "reason" in info else "")
                     self.history.meta["last_scores"] = jsonable(info)
+                    # what the failed proposal cost: carried by the next round (compare's finish)
+                    spent = self._strategy_compute(info)
+                    prev = self.history.meta.get("stop_compute") or {}
+                    self.history.meta["stop_compute"] = {
+                        **{k: (None if v is None else v + int(prev.get(k) or 0)) for k, v in spent.items()},
+                        "time": float(prev.get("time", 0.0)) + time.perf_counter() - t0 - _counting_time(info)}
                     break
                 self.apply(proposal)
-                t_insert = time.perf_counter() - t0
-                curve = self._train_round(self.epochs_per_round, r)
-                val, test = self._evaluate()
+                pending = self._take_pending()
+                t_insert = time.perf_counter() - t0 - _counting_time(proposal.info) + float(pending.get("time", 0.0))
+                tr = self._train_round(self.epochs_per_round, r)
+                val, test = self._evaluate(tr)
+                curve = tr.curve
                 train_loss = curve[-1] if curve else evaluate(self.model, self.train_data, self.loss_fn)
                 mu = {int(k): float(v) for k, v in proposal.info.get("mu", {}).items()}
                 info = {k: v for k, v in proposal.info.items() if k != "mu"}
                 rec = RoundRecord(r, self.epochs_per_round, train_loss, val, count_parameters(self.model), self.depth,
                                   time.perf_counter() - t0, curve, test, proposal.point,
                                   None if proposal.block is not None else float(proposal.eps), mu,
-                                  _current_lr(self.optimizer), t_insert, jsonable(info))
+                                  _current_lr(self.optimizer), t_insert, jsonable(info),
+                                  **self._compute_fields(tr, self._strategy_compute(proposal.info), pending))
                 self._finish_round(rec)
                 if bar is not None:
                     bar.update(1)
@@ -548,6 +673,33 @@ class Grower:
         if self.checkpoint_dir is not None:
             self.save(self.checkpoint_dir)
         return self.history
+
+    def finish(self, epochs: int) -> RoundRecord:
+        """Trains the current network ``epochs`` more epochs, recorded as a last round with
+        ``info["phase"] == "finish"`` (how :func:`topoderiv.experiments.compare.run_method` spends
+        the rest of a budget once growth stopped); checkpoint and callbacks as after any round.
+
+        The round carries the compute of a last proposal that inserted nothing (scoring that found
+        no point, in ``score_flops``/``search_flops`` and ``insert_time``).
+
+        Raises:
+            ValueError: ``epochs`` is not an int >= 0.
+        """
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"Grower.finish: epochs must be an int >= 0, got {epochs!r}")
+        r = len(self.history.rounds)
+        t0 = time.perf_counter()
+        tr = self._train_round(epochs, r, desc="finish")
+        val, test = self._evaluate(tr)
+        pending = self._take_pending()
+        curve = tr.curve
+        rec = RoundRecord(r, epochs, curve[-1] if curve else evaluate(self.model, self.train_data, self.loss_fn), val,
+                          count_parameters(self.model), self.depth, time.perf_counter() - t0, curve, test,
+                          lr=_current_lr(self.optimizer), insert_time=float(pending.get("time", 0.0)),
+                          info={"phase": "finish", "reason": self.history.stop_reason},
+                          **self._compute_fields(tr, self._strategy_compute({}), pending))
+        self._finish_round(rec)
+        return rec
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -661,6 +813,24 @@ class Grower:
                 warnings.warn(f"{fn}: keep_best: the best model (round {history.best_round.round}) is not part of a "
                               "checkpoint; best_model stays None until a later round improves on it", stacklevel=2)
         return grower
+
+
+def _counting_time(info: Dict[str, Any]) -> float:
+    """Seconds a strategy spent counting FLOPs (re-runs under the counter): not part of its wall time."""
+    comp = info.get(STRATEGY_COMPUTE_KEY) or {}
+    return float(comp.get("counting_time") or 0.0)
+
+
+@dataclass
+class _Trained:
+    """What :meth:`Grower._train_round` measured."""
+
+    curve: List[float] = field(default_factory=list)
+    val_curve: List[float] = field(default_factory=list)
+    epoch_times: List[float] = field(default_factory=list)
+    train_flops: Optional[int] = None
+    optimizer_flops: Optional[int] = None
+    eval_time: float = 0.0
 
 
 def grow(model: nn.Module, optimizer: Any, train_data: Any, val_data: Any, loss_fn: Callable[[Tensor, Any], Tensor],

@@ -38,7 +38,22 @@ def jsonable(obj: Any) -> Any:
 
 @dataclass
 class RoundRecord:
-    """One round: round 0 trains the initial network; round r >= 1 inserts then trains."""
+    """One round: round 0 trains the initial network; round r >= 1 inserts then trains.
+
+    Compute (:mod:`topoderiv.growth.compute` says how each is counted; None: not counted):
+
+    - ``train_flops``: training FLOPs of the round's epochs (forward + backward + optimiser);
+      ``optimizer_flops`` the optimiser's share of it.
+    - ``score_flops``, ``search_flops``: FLOPs of proposing the insertion (scoring: capture pass +
+      solve; the eps search), spent before the round's training (0 for strategies that do not
+      score; a finish round carries a last proposal that inserted nothing).
+    - ``train_time``: seconds of training (``epoch_times``: per epoch); ``insert_time``: seconds of
+      proposing and inserting; ``eval_time``: seconds of evaluation (validation per epoch, test),
+      counted in no compute budget.
+    - ``val_curve``: validation loss after every epoch (empty when not recorded per epoch).
+
+    Cumulative totals: sums over the rounds (:func:`topoderiv.growth.compute.compute_curve`).
+    """
 
     round: int
     epochs: int
@@ -55,6 +70,21 @@ class RoundRecord:
     lr: Optional[float] = None
     insert_time: float = 0.0
     info: Dict[str, Any] = field(default_factory=dict)
+    val_curve: List[float] = field(default_factory=list)
+    train_flops: Optional[int] = None
+    optimizer_flops: Optional[int] = None
+    score_flops: Optional[int] = None
+    search_flops: Optional[int] = None
+    train_time: float = 0.0
+    eval_time: float = 0.0
+    epoch_times: List[float] = field(default_factory=list)
+
+    @property
+    def flops(self) -> Optional[int]:
+        """All FLOPs of the round (training, scoring, eps search); None when not counted."""
+        if self.train_flops is None:
+            return None
+        return int(self.train_flops) + int(self.score_flops or 0) + int(self.search_flops or 0)
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -65,6 +95,10 @@ class RoundRecord:
     def from_dict(cls, d: Dict[str, Any]) -> "RoundRecord":
         d = dict(d)
         d["mu"] = {int(k): float(v) for k, v in d.get("mu", {}).items()}
+        # jsonable() writes non-finite floats as strings ("nan", "inf"): read them back as floats
+        for key in ("val_curve", "train_curve", "epoch_times"):
+            if key in d and isinstance(d[key], list):
+                d[key] = [float(v) if isinstance(v, str) else v for v in d[key]]
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -110,12 +144,16 @@ class GrowthHistory:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def table(self) -> str:
-        """A plain-text growth table."""
+        """A plain-text growth table; with compute counted, the round's training GFLOP, its scoring +
+        eps-search GFLOP and the cumulative GFLOP of the run so far."""
         has_test = any(r.test_metric is not None for r in self.rounds)
+        has_flops = any(r.train_flops is not None for r in self.rounds)
         head = f"{'round':>5} {'depth':>5} {'params':>8} {'point':>5} {'eps':>6} {'mu*':>10} {'train':>10} {'val':>10}"
         head += f" {'test':>10}" if has_test else ""
+        head += f" {'train GF':>9} {'score GF':>9} {'cum GF':>9}" if has_flops else ""
         head += f" {'time':>7}"
         lines = [head]
+        cum = 0.0
         for r in self.rounds:
             mu = r.mu.get(r.point) if r.point is not None else None
             line = (f"{r.round:>5} {r.depth:>5} {r.n_params:>8} {'-' if r.point is None else r.point:>5} "
@@ -123,6 +161,13 @@ class GrowthHistory:
                     f"{r.train_loss:>10.4g} {r.val_loss:>10.4g}")
             if has_test:
                 line += f" {'-' if r.test_metric is None else f'{r.test_metric:.4g}':>10}"
+            if has_flops:
+                if r.flops is None:
+                    line += f" {'-':>9} {'-':>9} {'-':>9}"
+                else:
+                    cum += r.flops
+                    pre = int(r.score_flops or 0) + int(r.search_flops or 0)
+                    line += f" {r.train_flops / 1e9:>9.4g} {pre / 1e9:>9.4g} {cum / 1e9:>9.4g}"
             line += f" {r.wall_time:>6.1f}s"
             lines.append(line)
         if self.stop_reason:

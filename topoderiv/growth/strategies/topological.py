@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Optional, Sequence
 
+from ..compute import STRATEGY_COMPUTE_KEY, count_call
 from ..insertion import DEFAULT_EPS_GRID, search_eps
 from ..scoring import score
 from .base import InsertionStrategy, Proposal
@@ -27,7 +28,11 @@ class TopologicalStrategy(InsertionStrategy):
         max_tries: points tried by the eps search.
 
     The proposal's ``info`` records ``block`` (``r*``), ``live_rows`` (non-zero rows of phi),
-    ``quotient`` (``phi^T Q phi``), predicted and actual loss change at the chosen eps.
+    ``quotient`` (``phi^T Q phi``), predicted and actual loss change at the chosen eps, and under
+    ``"compute"`` the FLOPs of scoring (capture pass + solve) and of the eps search (every point
+    tried), unless ``grower.count_flops`` is False: both are re-run under the counter after their
+    timed run (:func:`topoderiv.growth.compute.count_call`), so ``score_time``/``search_time`` are
+    uncounted times.
     """
 
     name = "topological"
@@ -45,24 +50,43 @@ class TopologicalStrategy(InsertionStrategy):
 
     def propose(self, grower: "Grower") -> Optional[Proposal]:
         data = grower.score_data()
+        counting = bool(getattr(grower, "count_flops", True))
+
+        def scoring() -> Any:
+            return score(grower.model, data, grower.loss_fn, k=self.k, rule=self.rule, route=self.route,
+                         backend=self.backend)
+
         t0 = time.perf_counter()
-        rep = score(grower.model, data, grower.loss_fn, k=self.k, rule=self.rule, route=self.route,
-                    backend=self.backend)
+        rep = scoring()
         t_score = time.perf_counter() - t0
         info: Dict[str, Any] = {"mu": rep.mu, "score_loss": rep.loss, "score_time": t_score,
                                 "backend": rep.backend}
         self.last_info = info
         tried = []
+        found = None
         for ps in rep.ranked()[: self.max_tries]:
             eps, losses = search_eps(grower.model, ps.point, ps.phi, data, grower.loss_fn, self.eps_grid)
-            tried.append(ps.point)
-            if eps is None:
-                continue
-            info.update({"block": ps.block, "live_rows": int((ps.phi.abs().sum(1) > 0).sum()),
-                         "quotient": ps.quotient, "predicted_change": ps.predicted_change(eps),
-                         "actual_change": losses[eps] - losses[0.0], "eps_losses": {str(e): v for e, v in losses.items()},
-                         "tried": tried, "search_time": time.perf_counter() - t0 - t_score})
-            return Proposal(ps.point, weight=ps.weight, bias=ps.bias_vector, eps=eps, info=info)
-        info["tried"] = tried
-        info["reason"] = "no point with mu > 0" if not tried else "no eps of the grid lowers the loss"
-        return None
+            tried.append(ps)
+            if eps is not None:
+                found = ps, eps, losses
+                break
+        info["search_time"] = time.perf_counter() - t0 - t_score
+        if counting:  # the same calls again under the counter, outside the timed ones
+            t1 = time.perf_counter()
+            _, scored = count_call(scoring)
+            _, searched = count_call(lambda: [search_eps(grower.model, ps.point, ps.phi, data, grower.loss_fn,
+                                                         self.eps_grid) for ps in tried])
+            info[STRATEGY_COMPUTE_KEY] = {"score_flops": scored.total, "search_flops": searched.total,
+                                          "score_capture_flops": scored.torch_flops,
+                                          "score_solve_flops": scored.ops_flops, "lanczos_steps": scored.lanczos_steps,
+                                          "solves": dict(scored.solves), "samples": rep.n_samples,
+                                          "counting_time": time.perf_counter() - t1}
+        info["tried"] = [ps.point for ps in tried]
+        if found is None:
+            info["reason"] = "no point with mu > 0" if not tried else "no eps of the grid lowers the loss"
+            return None
+        ps, eps, losses = found
+        info.update({"block": ps.block, "live_rows": int((ps.phi.abs().sum(1) > 0).sum()),
+                     "quotient": ps.quotient, "predicted_change": ps.predicted_change(eps),
+                     "actual_change": losses[eps] - losses[0.0], "eps_losses": {str(e): v for e, v in losses.items()}})
+        return Proposal(ps.point, weight=ps.weight, bias=ps.bias_vector, eps=eps, info=info)
