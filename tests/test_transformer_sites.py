@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 import topoderiv
-from topoderiv.growth import (Grower, IdentityInsertion, InsertionStrategy, Proposal, RandomInsertion,
+from topoderiv.growth import (Grower, IdentityInsertion, RandomInsertion,
                               TopologicalStrategy, insert, insert_block, score, search_eps)
 from topoderiv.method.statistic import kernels_available
 from topoderiv.models import ResidualBlock, ResidualMLP, ViT
@@ -491,32 +491,14 @@ def _image_task(seed=0, n=48):
 GRID = (0.05, 0.2, 0.5, 1.0)
 
 
-class SubBlockTopological(InsertionStrategy):
-    """score -> search_eps -> insert with the dict phi (what TopologicalStrategy does; see the report)."""
-
-    name = "test_sub_block_topological"
-
-    def __init__(self, rule):
-        super().__init__()
-        self.rule = rule
-
-    def propose(self, grower):
-        data = grower.score_data()
-        rep = score(grower.model, data, grower.loss_fn, rule=self.rule)
-        for ps in rep.ranked()[:3]:
-            eps, losses = search_eps(grower.model, ps.point, ps.phi, data, grower.loss_fn, GRID)
-            if eps is not None:
-                self.last_info = {"mu": rep.mu, "eps_losses": losses, "eps": eps}
-                return Proposal(ps.point, phi=ps.phi, eps=eps, info={"mu": rep.mu})
-        return None
-
-
 @pytest.mark.parametrize("kind", ["transformer_block", "tokens"])
 def test_growth_end_to_end(kind):
     x, y = _image_task()
     train = [(x[:16], y[:16]), (x[16:32], y[16:32])]
     val = (x[32:], y[32:])
-    topo = (lambda rule: TopologicalStrategy(rule=rule, eps_grid=GRID)) if kind == "tokens" else SubBlockTopological
+    def topo(rule):
+        return TopologicalStrategy(rule=rule, eps_grid=GRID)
+
     for strategy, rounds in ((topo("top"), 1), (topo("all"), 2), (RandomInsertion(), 1), (IdentityInsertion(), 1)):
         torch.manual_seed(0)
         model = ViT(8, 4, 2, 3, 8, 1, 2, 2.0, insert=kind)
@@ -524,6 +506,8 @@ def test_growth_end_to_end(kind):
                         strategy=strategy, epochs_per_round=1, max_rounds=rounds, patience=5, progress=False, seed=0)
         hist = grower.run()
         n_ins = len(hist.insertions)
+        if isinstance(strategy, TopologicalStrategy):
+            assert all(r.info["kind"] == kind and r.info["live_rows"] >= 1 for r in hist.insertions)
         assert n_ins >= 1, (type(strategy).__name__, hist.meta.get("stop_reason"))
         assert len(model.blocks) == 1 + n_ins and model.config()["depth"] == 1 + n_ins
         assert all(math.isfinite(r.val_loss) for r in hist.rounds)

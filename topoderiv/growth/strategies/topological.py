@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Optional, Sequence
 
+from torch import Tensor
+
 from ..compute import STRATEGY_COMPUTE_KEY, count_call
 from ..insertion import DEFAULT_EPS_GRID, search_eps
 from ..scoring import score
@@ -27,7 +29,9 @@ class TopologicalStrategy(InsertionStrategy):
         eps_grid: passed to :func:`topoderiv.search_eps` (default its grid).
         max_tries: points tried by the eps search.
 
-    The proposal's ``info`` records ``block`` (``r*``), ``live_rows`` (non-zero rows of phi),
+    Works for every site kind (the proposal carries ``phi`` as scored: ``[n, m]`` or a dict).
+    The proposal's ``info`` records ``block`` (``r*``), ``live_rows`` (non-zero rows of phi, or
+    the units a sub-block phi starts), the site's ``kind`` and name,
     ``quotient`` (``phi^T Q phi``), predicted and actual loss change at the chosen eps, and under
     ``"compute"`` the FLOPs of scoring (capture pass + solve) and of the eps search (every point
     tried), unless ``grower.count_flops`` is False: both are re-run under the counter after their
@@ -86,7 +90,9 @@ class TopologicalStrategy(InsertionStrategy):
             info["reason"] = "no point with mu > 0" if not tried else "no eps of the grid lowers the loss"
             return None
         ps, eps, losses = found
-        info.update({"block": ps.block, "live_rows": int((ps.phi.abs().sum(1) > 0).sum()),
+        # live rows of a matrix phi; for sub-block kinds (a dict phi) the units it starts non-zero
+        live = int((ps.phi.abs().sum(1) > 0).sum()) if isinstance(ps.phi, Tensor) else ps.n_pairs
+        info.update({"block": ps.block, "live_rows": live, "kind": ps.kind, "site": ps.name,
                      "quotient": ps.quotient, "predicted_change": ps.predicted_change(eps),
                      "actual_change": losses[eps] - losses[0.0], "eps_losses": {str(e): v for e, v in losses.items()}})
-        return Proposal(ps.point, weight=ps.weight, bias=ps.bias_vector, eps=eps, info=info)
+        return Proposal(ps.point, phi=ps.phi, eps=eps, info=info)
