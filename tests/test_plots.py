@@ -37,6 +37,13 @@ def test_growth_and_mu_plots(tmp_path):
     assert _is_png(plot_mu(str(p), tmp_path / "mu2.png"))
 
 
+def test_growth_plot_with_per_epoch_validation(tmp_path):
+    h = _history()
+    for r in h.rounds:
+        r.val_curve = [r.val_loss * (1.0 + 0.1 * (r.epochs - 1 - i)) for i in range(r.epochs)]
+    assert _is_png(plot_growth(h, tmp_path / "g.png"))
+
+
 def test_mu_plot_without_scores_and_growth_without_test(tmp_path):
     h = GrowthHistory([RoundRecord(0, 2, 0.5, 0.6, 100, 2, 0.1, [0.9, 0.5])], {})
     assert _is_png(plot_mu(h, tmp_path / "mu.png"))

@@ -1,8 +1,8 @@
 """Plots of growth runs and comparisons (matplotlib, no pyplot state: safe in scripts and tests).
 
 - :func:`plot_growth`: training loss per epoch (log scale) with the validation loss at the end of
-  every round and a marker at every insertion (labelled with the point), plus the test metric per
-  round when recorded.
+  every round (and after every epoch when recorded) and a marker at every insertion (labelled
+  with the point), plus the test metric per round when recorded.
 - :func:`plot_mu`: the topological derivative ``mu`` of every candidate point at every insertion
   round (heatmap; the chosen point is outlined). Points are renumbered after every insertion, so
   a column is "the point index at that round", not a fixed place in the network.
@@ -92,6 +92,10 @@ def plot_growth(
     for i, (r, (s, e, xs, curve)) in enumerate(zip(hist.rounds, spans)):
         if len(curve):
             ax.plot(xs, curve, color=_COLORS[0], lw=1.3, label="train loss (epoch mean)" if i == 0 else None)
+        if r.val_curve:
+            vx = np.arange(s + 1, s + len(r.val_curve) + 1)
+            ax.plot(vx, np.asarray(r.val_curve, dtype=float), color=_COLORS[1], lw=0.9, alpha=0.7,
+                    label="validation loss (every epoch)" if i == 0 else None)
         ax.plot([e], [r.val_loss], "o", color=_COLORS[1], ms=5, label="validation loss (end of round)" if i == 0 else None)
     ends = [e for (_, e, _, _) in spans]
     ax.plot(ends, [r.val_loss for r in hist.rounds], "-", color=_COLORS[1], lw=0.8, alpha=0.6)
@@ -294,8 +298,9 @@ def plot_compute(comparison: Any, path: PathLike, *, target: Optional[float] = N
     Each seed's run is a thin line (one point per evaluation: every epoch when recorded), the mean
     over seeds (of the log loss, on the compute range every seed covers) a bold one; triangles mark
     the insertions of every seed. The target of :meth:`Comparison.targets` is a dashed line (the
-    mean over seeds when it differs by seed). Runs that counted no FLOPs are left out of the left
-    panel.
+    mean over seeds when it differs by seed). The loss axis shows the range from the lowest loss to
+    8x the target (or the lowest loss): the approach to the target. Runs that counted no FLOPs are
+    left out of the left panel.
 
     Args:
         comparison: a :class:`topoderiv.experiments.compare.Comparison`.
@@ -336,6 +341,11 @@ def plot_compute(comparison: Any, path: PathLike, *, target: Optional[float] = N
         targets = comparison.targets(target)
     except ValueError:
         targets = {}
+    lows = [float(np.min(line.get_ydata())) for ax in axes for line in ax.get_lines() if len(line.get_ydata())]
+    highs = [float(np.max(line.get_ydata())) for ax in axes for line in ax.get_lines() if len(line.get_ydata())]
+    if lows:  # zoom on the end of training, where the curves approach the target (early losses are far above)
+        level = max([min(lows)] + [float(np.mean(list(targets.values())))] if targets else [min(lows)])
+        axes[0].set_ylim(0.85 * min(lows), min(max(highs), 8.0 * level) * 1.05)
     if targets:
         vals = list(targets.values())
         t = float(np.mean(vals))
