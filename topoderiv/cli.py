@@ -13,6 +13,12 @@ anything else of that round) and ``history.json`` (the rounds so far). Ctrl-C wr
 and ``history.json`` of the last completed round, prints the command that resumes, and exits
 with 130; ``topoderiv grow --resume DIR`` continues the run exactly as if it had not stopped.
 
+Data parallel: ``torchrun --nproc-per-node N -m topoderiv.cli grow ...`` (or ``topoderiv grow
+--distributed N``, which starts torchrun itself) runs the growth in N processes (gloo on the CPU,
+NCCL with ``--device cuda``: rank r on ``cuda:LOCAL_RANK``): every global batch of ``--batch-size``
+rows is cut into N slices, one per rank (the same run as one process, up to rounding); rank 0
+prints and writes every file.
+
 ``compare`` runs every method of :mod:`topoderiv.baselines` on every seed with the same budget
 and writes ``results.md`` (markdown tables: the test metric, mean +- std over seeds, and the
 compute to first reach a target validation loss, ``--target`` or by default the best of the
@@ -28,6 +34,7 @@ import math
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -141,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in the output folder DIR (after Ctrl-C or a crash) with its recorded "
                         "settings; flags given again must agree with them (--device, --threads, --no-progress "
                         "may change)")
+    g.add_argument("--distributed", type=_positive_int, nargs="?", const=0, default=None, metavar="N",
+                   help="run data-parallel in N processes on this machine (torch.distributed.run with gloo on the "
+                        "CPU, NCCL with --device cuda; N omitted: one per CPU core or GPU); each rank takes its slice "
+                        "of every training batch. Under torchrun this is implied (and N is ignored)")
     parser.commands["grow"] = g
 
     c = sub.add_parser("compare", help="compare growth with the baselines over seeds",
@@ -261,7 +272,7 @@ _GROW_SETTINGS = ("task", "data_seed", "n_train", "rounds", "epochs", "width", "
                   "batch_size", "patience", "score_batches", "seed", "rule")
 #: settings a resumed run may change (they do not change what is computed, except in the last bits
 #: when the device or the thread count differs)
-_FREE_SETTINGS = ("device", "threads", "no_progress")
+_FREE_SETTINGS = ("device", "threads", "no_progress", "distributed")
 #: flag -> the resolved budget field it sets
 _BUDGET_FIELDS = {"epochs": "epochs_per_round", "rounds": "rounds", "width": "width", "depth": "depth",
                   "max_depth": "max_depth", "lr": "lr", "optimizer": "optimizer", "batch_size": "batch_size"}
@@ -364,7 +375,84 @@ def _interrupted(out: Path, ck_dir: Path, extra: Dict[str, Any]) -> int:
             signal.signal(signal.SIGINT, old)
 
 
+def _launched() -> bool:
+    """True in a process started by torchrun (torch.distributed.run)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``topoderiv grow --distributed N``: this command again, in N processes under torch.distributed.run
+    (the children see torchrun's environment and ignore --distributed); returns their exit status."""
+    import torch
+
+    n = args.distributed or (torch.cuda.device_count() if str(args.device).startswith("cuda") else os.cpu_count()) or 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "topoderiv.cli", *argv]
+    proc = subprocess.Popen(cmd)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # the children got the same Ctrl-C: wait for them to save and exit
+            continue
+
+
+def _start_distributed(args: argparse.Namespace) -> Optional[Dict[str, int]]:
+    """Under torchrun: the process group (gloo, or NCCL for --device cuda on cuda:LOCAL_RANK), and
+    ``{"rank", "world"}``; None for one process."""
+    if not _launched():
+        return None
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ["WORLD_SIZE"])
+    cuda = str(args.device).startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return {"rank": dist.get_rank(), "world": world}
+
+
+def _shard_task(task: Any, rank: int, world: int) -> Any:
+    """``task`` whose training loader gives rank ``rank`` its slice of every batch
+    (:func:`topoderiv.data.shard`); validation and test stay whole."""
+    from dataclasses import dataclass, fields
+
+    from .data import shard
+
+    @dataclass
+    class ShardedTask(type(task)):  # type: ignore[misc, valid-type]
+        rank: int = 0
+        world: int = 1
+
+        def loader(self, split: str = "train", batch_size: Optional[int] = None, *, shuffle: Optional[bool] = None,
+                   seed: int = 0) -> Any:
+            base = super().loader(split, batch_size, shuffle=shuffle, seed=seed)
+            return shard(base, self.rank, self.world) if split == "train" else base
+
+    return ShardedTask(**{f.name: getattr(task, f.name) for f in fields(task)}, rank=rank, world=world)
+
+
 def cmd_grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.distributed not in (None, 1) and not _launched():
+        return _launch(args, argv)
+    ranks = _start_distributed(args)
+    if ranks is None:
+        return _grow(args, argv, None)
+    import torch.distributed as dist
+
+    try:
+        return _grow(args, argv, ranks)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _grow(args: argparse.Namespace, argv: Sequence[str], ranks: Optional[Dict[str, int]]) -> int:
+    """``topoderiv grow`` in this process (one rank of several when ``ranks`` is given: rank 0 prints
+    and writes every file, the others train, score and wait)."""
     from dataclasses import asdict
 
     from .experiments.compare import make_budget, run_method
@@ -372,30 +460,43 @@ def cmd_grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .growth import GrowthHistory, TopologicalStrategy, save
 
     _setup(args)
+    writer = ranks is None or ranks["rank"] == 0
+    print = builtin_print if writer else _quiet  # noqa: A001  (rank 0 speaks for all)
     task = _task(args)
     cfg = make_budget(task, _budget(args))
     _check_budget(cfg)
     out = args.out or Path("runs") / f"grow-{args.task}-s{args.seed}"
-    _make_out(out)
     ck_dir = out / CHECKPOINT
     resuming = args.resume is not None
-    if resuming:
-        command = json.loads((out / RUN_FILE).read_text())["command"]
-    else:
-        _start_fresh(out)
-        command = _command_line(argv)
-        run = {"format": "topoderiv-grow-run", "version": 1, "command": command,
-               "args": {k: getattr(args, k) for k in _GROW_SETTINGS + _FREE_SETTINGS},
-               "resolved": {**asdict(cfg), "n_train": int(task.train[0].shape[0])}}
-        _write_atomic(out / RUN_FILE, json.dumps(run, indent=1))
-    progress = not args.no_progress
+    failed: Optional[Exception] = None
+    try:
+        if writer:
+            _make_out(out)
+            if not resuming:
+                _start_fresh(out)
+                run = {"format": "topoderiv-grow-run", "version": 1, "command": _command_line(argv),
+                       "args": {k: getattr(args, k) for k in _GROW_SETTINGS + _FREE_SETTINGS},
+                       "resolved": {**asdict(cfg), "n_train": int(task.train[0].shape[0])}}
+                _write_atomic(out / RUN_FILE, json.dumps(run, indent=1))
+    except Exception as err:
+        if ranks is None:
+            raise
+        failed = err
+    if ranks is not None:  # every rank learns whether rank 0's setup failed; then the shards
+        from .method.distributed import communicator
+
+        communicator(None, "topoderiv grow").agree({"out": str(out)}, failed)
+        task = _shard_task(task, ranks["rank"], ranks["world"])
+    command = json.loads((out / RUN_FILE).read_text())["command"] if resuming else _command_line(argv)
+    progress = not args.no_progress and writer
     print(f"task {task.name}: d_in {task.d_in} -> d_out {task.d_out}, train/val/test "
           f"{task.train[0].shape[0]}/{task.val[0].shape[0]}/{task.test[0].shape[0]}, metric {task.metric.name}")
     print(f"network: ResidualMLP width {cfg.width}, initial depth {cfg.depth}; budget {cfg.total_epochs} epochs = "
           f"{cfg.epochs_per_round} x ({cfg.rounds} rounds + 1), {cfg.describe_optimizer()}, batch {cfg.batch_size}, "
-          f"patience {args.patience}, device {args.device}")
+          f"patience {args.patience}, device {args.device}"
+          + (f"; data parallel: {ranks['world']} processes" if ranks is not None else ""))
     printer = RoundPrinter(task.metric.name, progress)
-    if resuming:
+    if resuming and writer:
         if (ck_dir / "history.json").is_file():
             done = GrowthHistory.from_json(ck_dir / "history.json")
             print(f"resuming {out}: {len(done.rounds)} rounds done (checkpoint {ck_dir})")
@@ -414,8 +515,11 @@ def cmd_grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
         res = run_method(task, "topological", args.seed, budget=cfg, patience=args.patience,
                          strategy=TopologicalStrategy(rule=args.rule, k=4 if args.rule == "multi" else 1),
                          score_batches=args.score_batches, device=args.device, progress=progress, keep_model=True,
-                         checkpoint_dir=ck_dir, resume=resuming, callbacks=[printer, write_history])
+                         checkpoint_dir=ck_dir, resume=resuming,
+                         callbacks=[printer, write_history] if writer else [])
         wall = time.perf_counter() - t0
+        if not writer:
+            return 0
         hist = res.history
         hist.meta["command"] = command
         _write_atomic(out / "history.json", json.dumps(hist.to_dict(), indent=1))
@@ -429,7 +533,7 @@ def cmd_grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
                    "stop_reason": hist.stop_reason, "wall_time": wall, "command": command}
         _write_atomic(out / "metrics.json", json.dumps(metrics, indent=1, default=str))
     except KeyboardInterrupt:
-        return _interrupted(out, ck_dir, extra)
+        return _interrupted(out, ck_dir, extra) if writer else EXIT_INTERRUPTED
     print(f"stopped growing: {hist.stop_reason}")
     print(f"final: test {task.metric.name} {res.metric:.4g} (initial network after round 0: "
           f"{hist.rounds[0].test_metric:.4g}), test loss {res.test_loss:.4g}, depth {res.depth}, "
@@ -437,6 +541,13 @@ def cmd_grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(f"wrote {out}/: history.json, metrics.json, growth.png, mu.png, model/ (topoderiv.load('{out / 'model'}')), "
           f"{CHECKPOINT}/")
     return 0
+
+
+builtin_print = print
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """``print`` on the ranks other than 0."""
 
 
 def results_markdown(comp: Any, command: str) -> str:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import random
 import signal
@@ -52,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import is_batch, take_batches
+from ..method.distributed import communicator, current_group, ddp_settings, is_ddp, process_group, wrap_ddp
 from ..sites import check_growable, check_point, depth
 from ..sites.linear import check_matrix_phi
 from .checkpoint import load_checkpoint, restore_optimizer, save
@@ -254,6 +256,19 @@ def _unpack(obj: Any, tensors: Dict[str, Tensor]) -> Any:
 # the loop
 
 
+def _under_group(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs a Grower method with the grower's group as the current process group, so that scoring,
+    the eps search and evaluation (``group=None``) reduce over it, and over nothing when the grower
+    runs on one process."""
+
+    @functools.wraps(method)
+    def wrapper(self: "Grower", *args: Any, **kwargs: Any) -> Any:
+        with process_group(False if self.group is None else self.group):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Grower:
     """Grows a model in depth by repeated train / propose / insert rounds.
 
@@ -298,6 +313,20 @@ class Grower:
         val_every_epoch: evaluate the validation loss after every epoch (``RoundRecord.val_curve``;
             what :func:`topoderiv.growth.compute.compute_to_target` reads), not only at the end of
             every round. Costs one validation pass per epoch (recorded in ``eval_time``).
+        group: data parallelism (:mod:`topoderiv.method.distributed`): ``None`` (default) the
+            current process group (torch.distributed's default group when initialised), ``False``
+            this process only, or a ProcessGroup. ``model`` may also be a
+            ``DistributedDataParallel`` wrapper (its group is used). Under a group of several
+            ranks, construct and run the Grower on EVERY rank with the same settings and each
+            rank's own shard of the training data (:func:`topoderiv.data.shard`): training is
+            DDP (the grower wraps a plain model itself, and wraps the grown model again after
+            every insertion, since DDP does not see parameters added after it was built; the
+            optimiser adopts the new parameters on every rank); scoring and the eps search
+            all-reduce, so every rank inserts the same block at the same point with the same eps;
+            losses are over all ranks; checkpoints are written by rank 0 only (every rank waits
+            for the write), resume by calling :meth:`from_checkpoint` on every rank. Callbacks run
+            on every rank (test ``grower.is_writer`` to write files once). ``self.model`` is the
+            plain model; ``self.train_model`` the DDP wrapper that trains it.
         count_flops: record the compute of every round (``train_flops``, ``optimizer_flops``,
             ``score_flops``, ``search_flops``; :mod:`topoderiv.growth.compute`). The first epoch of
             each round runs under a FLOP counter (same results, a little slower); False records
@@ -316,11 +345,15 @@ class Grower:
                  head_attr: str = "head", callbacks: Sequence[Callable[["Grower", RoundRecord], None]] = (),
                  checkpoint_dir: Union[str, Path, None] = None, keep_best: bool = False,
                  history: Optional[GrowthHistory] = None, grad_clip: Optional[float] = None,
-                 val_every_epoch: bool = False, count_flops: bool = True) -> None:
+                 val_every_epoch: bool = False, count_flops: bool = True, group: Any = None) -> None:
         fn = "Grower"
         for name, val in (("val_every_epoch", val_every_epoch), ("count_flops", count_flops)):
             if not isinstance(val, bool):
                 raise TypeError(f"{fn}: {name} must be a bool, got {type(val).__name__} {val!r}")
+        ddp = None
+        if is_ddp(model):  # train the wrapper, grow the module inside it
+            ddp, model = model, model.module
+            group = ddp.process_group
         check_growable(model, fn)
         if not callable(loss_fn):
             raise TypeError(f"{fn}: loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -341,6 +374,12 @@ class Grower:
         if device is not None:
             model.to(device)
         self.model = model
+        # data parallel: the group (None: one process), how to wrap the model, the wrapper
+        self.group = None if communicator(group, fn) is None else current_group(group, fn)
+        self._ddp_settings = ddp_settings(ddp) if ddp is not None else None
+        self.train_model: nn.Module = model
+        if self.group is not None:
+            self.train_model = ddp if ddp is not None else wrap_ddp(model, group=self.group)
         if isinstance(optimizer, torch.optim.Optimizer):
             self.optimizer = optimizer
         elif callable(optimizer):
@@ -378,6 +417,8 @@ class Grower:
         # A history given without a resume state (an old checkpoint) reseeds as before: seed + rounds.
         self._pending_seed = None if seed is None else seed + len(self.history.rounds)
         self.history.meta.setdefault("model_class", type(model).__name__)
+        if self.group is not None:
+            self.history.meta["processes"] = self.world_size
         self.history.meta["strategy"] = self.strategy.config()
         self.history.meta["settings"] = self.settings()
 
@@ -402,6 +443,22 @@ class Grower:
     def depth(self) -> int:
         """Blocks in the model's site containers."""
         return depth(self.model)
+
+    @property
+    def world_size(self) -> int:
+        """Processes that run this growth together (1 without a process group)."""
+        return 1 if self.group is None else torch.distributed.get_world_size(self.group)
+
+    @property
+    def is_writer(self) -> bool:
+        """True on the process that writes files: rank 0 of the group (always True without one)."""
+        return self.group is None or torch.distributed.get_rank(self.group) == 0
+
+    def _rewrap(self) -> None:
+        """A new DDP wrapper after the model grew (DDP does not see parameters added after it was
+        built); building it broadcasts rank 0's parameters and checks the ranks' shapes agree."""
+        if self.group is not None:
+            self.train_model = wrap_ddp(self.model, self._ddp_settings, group=self.group)
 
     # -- one insertion ---------------------------------------------------------------------------
 
@@ -433,6 +490,7 @@ class Grower:
             for p in self.model.parameters():
                 p.requires_grad_(id(p) in keep)
         adopt_parameters(self.optimizer, block.parameters())
+        self._rewrap()
         return block
 
     @staticmethod
@@ -489,7 +547,7 @@ class Grower:
         try:
             for e in range(epochs):
                 t0 = time.perf_counter()
-                losses = fit(self.model, self.optimizer, self.train_data, self.loss_fn, 1,
+                losses = fit(self.train_model, self.optimizer, self.train_data, self.loss_fn, 1,
                              scheduler=self.scheduler, grad_clip=self.grad_clip)
                 out.epoch_times.append(time.perf_counter() - t0)
                 out.curve.extend(losses)
@@ -583,6 +641,7 @@ class Grower:
             return f"validation loss did not improve for {self.patience} rounds"
         return None
 
+    @_under_group
     def run(self) -> GrowthHistory:
         """Runs (or continues) the growth; returns the history (``model`` is grown in place).
 
@@ -674,6 +733,7 @@ class Grower:
             self.save(self.checkpoint_dir)
         return self.history
 
+    @_under_group
     def finish(self, epochs: int) -> RoundRecord:
         """Trains the current network ``epochs`` more epochs, recorded as a last round with
         ``info["phase"] == "finish"`` (how :func:`topoderiv.experiments.compare.run_method` spends
@@ -712,9 +772,21 @@ class Grower:
         """
         tensors: Dict[str, Tensor] = {}
         state = _pack(self.resume_state(), tensors, RESUME_KEY)
-        with deferred_interrupt():
-            return save(self.model, path, history=self.history, optimizer=self.optimizer, scheduler=self.scheduler,
-                        extra={RESUME_KEY: state}, tensors=tensors)
+        comm = None if self.group is None else communicator(self.group, "Grower.save")
+        failed: Optional[Exception] = None
+        out = Path(path)
+        if self.is_writer:  # rank 0 writes; the others wait for it (and learn if it failed)
+            try:
+                with deferred_interrupt():
+                    out = save(self.model, path, history=self.history, optimizer=self.optimizer,
+                               scheduler=self.scheduler, extra={RESUME_KEY: state}, tensors=tensors)
+            except Exception as err:
+                if comm is None:
+                    raise
+                failed = err
+        if comm is not None:
+            comm.agree({"save": True}, failed)  # the path may differ: only rank 0 writes
+        return out
 
     def resume_state(self) -> Dict[str, Any]:
         """What an exact resume needs besides model, optimiser, scheduler and history.

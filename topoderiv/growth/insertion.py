@@ -11,7 +11,8 @@ container ``insert``: an error leaves the model as it was.
 every eps of the grid goes through the new block and the model's suffix as ONE batched pass
 (chunked to bound memory); otherwise the block is inserted temporarily and the whole model runs
 per eps. It keeps the best eps rather than stopping at the first increase, and never modifies the
-model.
+model. Under a process group each rank evaluates its own shard and the losses are all-reduced, so
+every rank picks the same eps (the eps of one process on the union of the shards).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..data import batch_size, check_loss, device_of, iter_batches, train_mode
+from ..method.distributed import communicator
 from ..sites import Site, check_growable, check_point
 from ..sites.capture import probed, state_at
 from .scoring import PointScore
@@ -161,7 +163,7 @@ def _full_losses(model: nn.Module, site: Site, x: Tensor, y: Any, block: nn.Modu
 @torch.no_grad()
 def search_eps(model: nn.Module, point: Any, phi: Any, data: Any,
                loss_fn: Callable[[Tensor, Any], Tensor], grid: Optional[Sequence[float]] = None, *,
-               training: Optional[bool] = False, max_batches: Optional[int] = None
+               training: Optional[bool] = False, max_batches: Optional[int] = None, group: Any = None
                ) -> Tuple[Optional[float], Dict[float, float]]:
     """The eps of ``grid`` that minimises the training loss after inserting ``eps * phi`` at ``point``.
 
@@ -173,6 +175,11 @@ def search_eps(model: nn.Module, point: Any, phi: Any, data: Any,
             Negative values try ``-phi``. 0 is always evaluated as the baseline.
         training: mode of the evaluation (``False`` = eval, default; restored afterwards).
         max_batches: use at most this many batches.
+        group: process group (as :func:`topoderiv.score`: ``None`` the current one, ``False``
+            this process only). Under a group of several ranks every rank must call with the same
+            point, phi and grid and its own shard of the data (possibly empty): the per-eps loss
+            sums and the sample count are all-reduced (one collective), so every rank returns the
+            same ``(best_eps, losses)``.
 
     Returns:
         ``(best_eps, losses)``: ``losses`` maps every eps (0.0 included) to the mean loss;
@@ -195,29 +202,40 @@ def search_eps(model: nn.Module, point: Any, phi: Any, data: Any,
     eps_list = [0.0] + eps_vals
     device = device_of(model)
     has_suffix = callable(getattr(model, "forward_from", None))
+    comm = communicator(group, fn)
     totals = [0.0] * len(eps_list)
     S = 0
     checked = False
-    with train_mode(model, training):
-        block.train(model.training)
-        for x, y in iter_batches(data, fn, device=device, check_finite=True, limit=max_batches):
-            B = batch_size(x)
-            if B == 0:
-                continue
-            if not checked:  # one forward with every site hooked: the container holds one stream shape
-                with probed(model, [site.point], need_grad=False, fn=fn) as probes:
-                    model(x)
-                probes.check(fn, [site.point])
-                site.check_state(probes.store[site.point], fn)
-                checked = True
-            if has_suffix:
-                h = state_at(model, x, site.point)
-                losses = _suffix_losses(model, site, h, y, block, phi_t, eps_list, loss_fn, fn)
-            else:
-                losses = _full_losses(model, site, x, y, block, phi_t, eps_list, loss_fn, fn)
-            for i, v in enumerate(losses):
-                totals[i] += (v if math.isfinite(v) else math.inf) * B
-            S += B
+    failed: Optional[Exception] = None
+    try:
+        with train_mode(model, training):
+            block.train(model.training)
+            for x, y in iter_batches(data, fn, device=device, check_finite=True, limit=max_batches):
+                B = batch_size(x)
+                if B == 0:
+                    continue
+                if not checked:  # one forward with every site hooked: the container holds one stream shape
+                    with probed(model, [site.point], need_grad=False, fn=fn) as probes:
+                        model(x)
+                    probes.check(fn, [site.point])
+                    site.check_state(probes.store[site.point], fn)
+                    checked = True
+                if has_suffix:
+                    h = state_at(model, x, site.point)
+                    losses = _suffix_losses(model, site, h, y, block, phi_t, eps_list, loss_fn, fn)
+                else:
+                    losses = _full_losses(model, site, x, y, block, phi_t, eps_list, loss_fn, fn)
+                for i, v in enumerate(losses):
+                    totals[i] += (v if math.isfinite(v) else math.inf) * B
+                S += B
+    except Exception as err:  # under a group every rank must learn of it
+        if comm is None:
+            raise
+        failed = err
+    if comm is not None:
+        comm.agree({"point": site.point, "eps": eps_list}, failed)
+        summed = comm.sum_floats([float(S)] + totals, "eps")
+        S, totals = int(summed[0]), summed[1:]
     if S == 0:
         raise ValueError(f"{fn}: data must hold at least one non-empty (x, y) batch, got none")
     mean = {e: t / S for e, t in zip(eps_list, totals)}

@@ -13,18 +13,24 @@ site, :func:`topoderiv.sites.capture.capture`), each site's statistic accumulate
 (:mod:`topoderiv.method.statistic`: dense blocks with ``out=`` accumulation, or rows kept for a
 matrix-free solve within ``memory_budget``), then solved; ``phi`` by the rule
 (:mod:`topoderiv.method.rules`).
+
+Data parallel: under a process group (torch.distributed initialised, or ``group=``) every rank
+streams its own shard and every rank gets the report of one process scoring the union of the
+shards (:mod:`topoderiv.method.distributed`).
 """
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..data import batch_size, device_of, is_batch, iter_batches, train_mode
+from ..method.distributed import communicator
 from ..method.rules import RULES
 from ..method.statistic import ROUTES, resolve_backend
 from ..sites import check_growable, check_points
@@ -171,7 +177,7 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
           points: Optional[Sequence[Any]] = None, k: int = 1, rule: str = "top", route: str = "auto",
           backend: str = "auto", progress: bool = False, training: Optional[bool] = False,
           max_batches: Optional[int] = None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
-          tol: Optional[float] = None) -> ScoreReport:
+          tol: Optional[float] = None, group: Any = None) -> ScoreReport:
     """Topological derivative ``mu`` and initialisation ``phi`` at every candidate point.
 
     Args:
@@ -209,14 +215,30 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
             for float64 ones. A residual ``r`` gives eigenvalue errors ~ ``r^2 / gap`` and
             eigenvector angles ~ ``r / gap``: far below what the choice of point and the eps
             search can resolve.
+        group: the process group to score over: ``None`` (default) the current one
+            (:func:`topoderiv.method.distributed.process_group`, else torch.distributed's default
+            group when it is initialised), ``False`` this process only (the opt-out), or a
+            ``ProcessGroup``. Under a group of several ranks EVERY rank must call ``score`` with
+            the same arguments and its OWN shard of the data (a shard may be empty); every rank
+            gets the report of one process scoring the union of the shards: ``S``, the loss and
+            the batch count are all-reduced; dense blocks and the sub-blocks' ``M_g`` are
+            all-reduced once per point after the stream (not per batch); matrix-free solves run
+            the step-wise Lanczos of :mod:`topoderiv.method.lanczos`, one all-reduce of the
+            ``[n, m]`` product per step. The route is chosen from the rows of all ranks, and
+            when the rows kept on ANY rank exceed ``memory_budget`` (a per-rank budget) every
+            rank streams dense blocks, so all ranks take one path. A rank that fails (bad data)
+            makes every rank raise. The solves run on every rank on identical data; if ranks end
+            with different bits (e.g. different thread counts) rank 0's report is broadcast,
+            with a warning.
 
     Returns:
         :class:`ScoreReport`; ``report.best`` is the point to insert at (None if every mu <= 0).
 
     Raises:
-        TypeError: model without sites, bad data, a new block of the wrong type.
+        TypeError: model without sites, bad data, a new block of the wrong type, a bad group.
         ValueError: inadmissible new block, non-scalar or non-finite loss, NaN/Inf data, bad
             rule/route/backend/k/points, empty data, a site container whose blocks change shape.
+        RuntimeError: under a process group, another rank failed or the ranks' calls differ.
     """
     fn = "score"
     t0 = time.perf_counter()
@@ -234,6 +256,7 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
         raise ValueError(f"{fn}: memory_budget must be a number of bytes >= 0, got {memory_budget!r}")
     device = device_of(model)
     be = resolve_backend(backend, device, fn)
+    comm = communicator(group, fn)
 
     stats: Dict[int, Any] = {}
     curvature: Dict[int, float] = {}
@@ -250,6 +273,7 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
         from tqdm.auto import tqdm
 
         bar = tqdm(desc="score", unit="batch", leave=False, total=None if not is_batch(data) else 1)
+    failed: Optional[Exception] = None
     try:
         with train_mode(model, training):
             for batch in iter_batches(data, fn, device=device, check_finite=True, limit=max_batches):
@@ -271,9 +295,16 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
                             st.flush()
                 if bar is not None:
                     bar.update(1)
+    except Exception as err:  # under a group: every rank must learn of it (no rank left in a collective)
+        if comm is None:
+            raise
+        failed = err
     finally:
         if bar is not None:
             bar.close()
+    if comm is not None:
+        S, total_loss, n_batches = _synchronise(comm, chosen, stats, rule, route, k, be, tol, S, total_loss,
+                                                n_batches, device, failed)
     if S == 0:
         raise ValueError(f"{fn}: data must hold at least one non-empty (x, y) batch, got none")
 
@@ -286,4 +317,36 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
             quotient=sol.quotient, sigma2=curvature[s.point], bias=bool(getattr(st, "bias", True)),
             converged=sol.converged, route=sol.route, name=s.name, kind=s.kind, score=sol.score, n_pairs=sol.n_pairs,
         ))
+    if comm is not None and not comm.same([(p.mu, p.block, p.phi, p.values, p.quotient) for p in results]):
+        warnings.warn(f"{fn}: the ranks solved the same statistics to different bits (different thread counts or "
+                      "hardware?): every rank takes rank 0's report", stacklevel=2)
+        results = comm.broadcast_object(results)
     return ScoreReport(results, total_loss / S, S, n_batches, rule, be, time.perf_counter() - t0)
+
+
+def _synchronise(comm: Any, chosen: Sequence[Any], stats: Dict[int, Any], rule: str, route: str, k: int,
+                 backend: str, tol: Optional[float], S: int, total_loss: float, n_batches: int,
+                 device: Any, failed: Optional[Exception]) -> Tuple[int, float, int]:
+    """After every rank streamed its shard: agree on the call (or fail together), all-reduce the
+    counts, the loss and what each statistic needs to choose its path, then let each statistic
+    reduce itself (:meth:`EigenStatistic.synchronise`); the routes are checked to agree."""
+    fn = "score"
+    what = {"points": [s.point for s in chosen], "kinds": [s.kind for s in chosen], "rule": rule, "route": route,
+            "k": k, "backend": backend, "tol": tol,
+            "statistics": [(type(stats[s.point]).__name__, getattr(stats[s.point], "n", None),
+                            getattr(stats[s.point], "d", None)) for s in chosen]}
+    comm.agree(what, failed)
+    local = [float(S), float(total_loss), float(n_batches)]
+    for s in chosen:
+        local += stats[s.point].summary()
+    total = comm.sum_floats(local, "meta")
+    S, total_loss, n_batches = int(total[0]), total[1], int(total[2])
+    if S == 0:
+        return 0, 0.0, 0
+    routes = []
+    for i, s in enumerate(chosen):
+        st = stats[s.point]
+        part = total[3 + 5 * i: 8 + 5 * i]
+        routes.append(st.synchronise(comm, part, st.solve_k(rule) if hasattr(st, "solve_k") else k, device))
+    comm.agree({"routes": routes})  # every branch was decided from reduced values: a disagreement is a bug
+    return S, total_loss, n_batches

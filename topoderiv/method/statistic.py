@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 
 from .. import ops, reference
+from .distributed import Comm
+from .lanczos import sensitivity_lanczos
 from .rules import eigen_rule, singular_rule
 
 __all__ = [
@@ -40,12 +42,41 @@ __all__ = [
     "resolve_backend",
     "subspace_start",
     "canonical_sign",
+    "accumulation_dtype",
+    "dtype_code",
     "ROUTES",
     "BACKENDS",
 ]
 
 ROUTES = ("auto", "dense", "matfree")
 BACKENDS = ("auto", "kernels", "torch")
+
+# the input dtypes rows are kept in (the kernels' inputs); any other floating dtype (float16 from
+# CUDA autocast) is widened to float32 when added
+_ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# a dtype as a small code for the collectives that agree on it (0: no data on this rank)
+_DTYPE_CODES = {torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+_CODE_DTYPES = {c: d for d, c in _DTYPE_CODES.items()}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What statistics of inputs of ``dtype`` accumulate in: float64 for float64, else float32
+    (bfloat16 / float16 models, autocast: the statistics are float32 whatever the model)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dtype_code(dtype: Optional[torch.dtype]) -> int:
+    """``dtype`` as the code the ranks agree on (0 for None: no data)."""
+    return 0 if dtype is None else _DTYPE_CODES[dtype]
+
+
+def _agreed_dtype(counts: Sequence[float], what: str) -> torch.dtype:
+    """The one dtype whose code the ranks hold (``counts[c - 1]`` ranks hold code ``c``)."""
+    held = [c + 1 for c, v in enumerate(counts) if v > 0]
+    if len(held) != 1:
+        names = [str(_CODE_DTYPES[c]) for c in held]
+        raise ValueError(f"score: the ranks must hold {what} of one dtype, got {names or 'none'}")
+    return _CODE_DTYPES[held[0]]
 
 
 def kernels_available() -> bool:
@@ -136,7 +167,8 @@ WARM_RANK = 32
 WARM_MIN_M = 2 * WARM_RANK
 
 
-def subspace_start(u: Tensor, q: Tensor, bias: bool, rank: int = WARM_RANK) -> Tensor:
+def subspace_start(u: Tensor, q: Tensor, bias: bool, rank: int = WARM_RANK,
+                   reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Warm-start vectors ``[n, m]`` for the top eigenvectors of the blocks of ``(u [..., d], q [..., n])``.
 
     Rayleigh-Ritz in one subspace shared by all blocks: ``V`` = the ``rank`` leading right singular
@@ -148,17 +180,27 @@ def subspace_start(u: Tensor, q: Tensor, bias: bool, rank: int = WARM_RANK) -> T
     start residual is a few per cent of ``||Q||``, the matrix-free Lanczos needs about half the
     steps, and fewer blocks misconverge. 1% of a seeded random direction is mixed in, so a top
     eigenvector outside the subspace is still reached.
+
+    ``reduce``: under a process group every rank passes its own rows and ``reduce`` sums a tensor
+    over the ranks (in place): the Gram matrix ``Xt^T Xt`` and the projected blocks are reduced,
+    so every rank gets the start of the union of the rows (two collectives, ``m^2`` and
+    ``n rank^2`` elements).
     """
     u = u.reshape(-1, u.shape[-1]).to(torch.float64 if u.dtype == torch.float64 else torch.float32)
     q = q.reshape(-1, q.shape[-1])  # samples (x tokens) as rows
     xt = torch.cat([u, u.new_ones(u.shape[0], 1)], dim=1) if bias else u
     m = xt.shape[1]
     r = min(int(rank), m)
-    _, basis = torch.linalg.eigh(xt.mT @ xt)
+    gram = xt.mT @ xt
+    if reduce is not None:
+        gram = reduce(gram)
+    _, basis = torch.linalg.eigh(gram)
     basis = basis[:, -r:]  # [m, r] leading right singular vectors
     z = xt @ basis
     # a start vector needs no more than 1% accuracy in the subspace: Lanczos, not a full eigh
     c = ops.sensitivity_blocks(z, q.to(z.dtype), bias=False)  # [n, r, r]
+    if reduce is not None:
+        c = reduce(c)
     v0 = ops.lanczos_topk(c, 1, tol=1e-2).vectors[:, :, 0] @ basis.mT
     # plus 1% of a seeded random direction: a start with no component along the top eigenvector
     # (one outside the subspace) would never find it
@@ -182,6 +224,14 @@ class EigenStatistic:
         collect: whether rows may be kept for a matrix-free solve (False: always stream blocks).
         k: eigenpairs per block. tol: relative residual tolerance (None: the defaults of
             :func:`topoderiv.score`).
+
+    Precision: rows are kept in their dtype (bfloat16 stays bfloat16; float16 is widened to
+    float32, the kernels' input), the blocks and every product accumulate in float32 (float64
+    for float64 inputs), whatever the model's dtype.
+
+    Under a process group (:meth:`synchronise`, called by :func:`topoderiv.score` on every rank
+    after the stream) the blocks are all-reduced once, or the kept rows stay on their ranks and
+    every operator application of the matrix-free solve is all-reduced.
     """
 
     def __init__(self, rows: RowsFn, n: int, d: int, bias: bool, curvature: float, *, backend: str,
@@ -195,6 +245,13 @@ class EigenStatistic:
         self.us: List[Tensor] = []
         self.qs: List[Tensor] = []
         self.held_bytes = 0
+        self.in_dtype: Optional[torch.dtype] = None  # dtype of the rows added
+        # set by synchronise (a process group): the communicator, the rows kept on all ranks, the
+        # route every rank takes, and where empty rows go
+        self.comm: Optional[Comm] = None
+        self.global_rows: Optional[int] = None
+        self.planned: Optional[str] = None
+        self.device: Optional[torch.device] = None
 
     @property
     def m(self) -> int:
@@ -203,9 +260,16 @@ class EigenStatistic:
     def add(self, x: Tensor, p: Tensor) -> None:
         """Adds one batch: stream states ``x`` and costates ``p`` (carrying ``B_b``) at the site."""
         for u, q in self.rows(x, p):
+            if u.dtype not in _ROW_DTYPES:
+                u = u.float()
             if self.sign < 0:
                 q = -q
             q = q.to(u.dtype)
+            if self.in_dtype is None:
+                self.in_dtype = u.dtype
+            elif u.dtype != self.in_dtype:
+                raise ValueError(f"score: the rows of one site must keep one dtype over the batches, got "
+                                 f"{self.in_dtype} then {u.dtype}")
             if self.collecting:
                 self.us.append(u)
                 self.qs.append(q)
@@ -220,7 +284,8 @@ class EigenStatistic:
             else:
                 ops.sensitivity_blocks(u, q, bias=self.bias, out=self.blocks)
         else:
-            b = reference.sensitivity_blocks(u, q, bias=self.bias)
+            acc = accumulation_dtype(u.dtype)
+            b = reference.sensitivity_blocks(u.to(acc), q.to(acc), bias=self.bias)
             self.blocks = b if self.blocks is None else self.blocks.add_(b)
 
     def flush(self) -> None:
@@ -229,38 +294,106 @@ class EigenStatistic:
             self._accumulate(u, q)
         self.us, self.qs, self.held_bytes, self.collecting = [], [], 0, False
 
+    # -- data parallel --------------------------------------------------------------------------
+
+    def summary(self) -> List[float]:
+        """What :meth:`synchronise` needs from every rank: ``[rows kept, 1 if streaming blocks,
+        one-hot of the rows' dtype (bfloat16, float32, float64)]`` (summed over the ranks)."""
+        code = dtype_code(self.in_dtype)
+        return [float(sum(u.shape[0] for u in self.us)), float(self.blocks is not None)] + \
+            [float(code == c) for c in (1, 2, 3)]
+
+    def synchronise(self, comm: Comm, total: Sequence[float], k: int, device: Optional[torch.device]) -> str:
+        """Makes every rank's statistic the statistic of the union of the ranks' rows.
+
+        ``total``: the sum over the ranks of :meth:`summary`. When any rank streams dense blocks
+        (the route, a conv site, or a rank whose kept rows exceeded the memory budget) every rank
+        moves its rows into blocks and the blocks are all-reduced (ONE collective, ``n m^2``
+        elements); otherwise the rows stay where they are, and the route is the one
+        :func:`topoderiv.ops.choose_route` picks for the rows of ALL ranks. Returns the route
+        every rank will take (``"dense"`` or ``"matfree"``), identical on every rank.
+        """
+        rows, streaming = int(total[0]), total[1] > 0
+        self.in_dtype = _agreed_dtype(total[2:5], "the rows of a site")
+        self.device = device
+        if streaming or not self.collecting:
+            self.flush()
+            if self.blocks is None:
+                self.blocks = torch.zeros(self.n, self.m, self.m, dtype=accumulation_dtype(self.in_dtype),
+                                          device=device)
+            comm.all_reduce_(self.blocks, "blocks")
+            self.planned = "dense"
+            return self.planned
+        self.comm, self.global_rows = comm, rows
+        self.planned = self._route(rows, k)
+        return self.planned
+
+    def _route(self, N: int, k: int) -> str:
+        if self.route != "auto":
+            return self.route
+        return ops.choose_route(N, self.d, self.n, bias=self.bias, k=k,
+                                itemsize=8 if self.in_dtype == torch.float64 else 4)
+
+    def _kept_rows(self) -> Tuple[Tensor, Tensor]:
+        """The kept rows concatenated (empty ``[0, d]``, ``[0, n]`` on a rank without rows)."""
+        if self.us:
+            u = self.us[0] if len(self.us) == 1 else torch.cat(self.us, dim=0)
+            q = self.qs[0] if len(self.qs) == 1 else torch.cat(self.qs, dim=0)
+        else:
+            dt = self.in_dtype or torch.float32
+            u = torch.zeros(0, self.d, dtype=dt, device=self.device)
+            q = torch.zeros(0, self.n, dtype=dt, device=self.device)
+        self.us, self.qs = [], []
+        return u, q
+
     def eigenpairs(self, S: int, k: int) -> Tuple[Tensor, Tensor, bool, str, Callable[[Tensor], Tensor]]:
         """Top-``k`` eigenpairs of the blocks of ``sign * B / S``: ``(values [n, k], vectors [n, m, k],
         converged, route, blocks_of)``; ``blocks_of(idx)`` gives dense blocks ``[len(idx), m, m]``.
 
         Kernels: Lanczos (dense or matrix-free; matrix-free solves start from :func:`subspace_start`);
         blocks it did not converge on are redone with a full eigh when that is affordable. Torch
-        backend: dense blocks + eigh.
+        backend: dense blocks + eigh. Under a process group the matrix-free Lanczos is the
+        step-wise one of :mod:`topoderiv.method.lanczos`, each step's product all-reduced.
         """
         tol = self.tol
-        if self.blocks is None and self.us:  # everything kept: the kernels pick the route with the real S
-            u = self.us[0] if len(self.us) == 1 else torch.cat(self.us, dim=0)
-            self.us = []
-            q = (self.qs[0] if len(self.qs) == 1 else torch.cat(self.qs, dim=0)) / S
-            self.qs = []
+        comm = self.comm
+        if self.blocks is None and (self.us or comm is not None):
+            # everything kept: the route is picked with the real S (of every rank)
+            u, q = self._kept_rows()
             fp64 = u.dtype == torch.float64
-            route = self.route
-            if route == "auto":
-                route = ops.choose_route(u.shape[0], self.d, self.n, bias=self.bias, k=k, itemsize=8 if fp64 else 4)
+            N = self.global_rows if comm is not None else u.shape[0]
+            route = self.planned if self.planned is not None else self._route(int(N), k)
+
+            def reduced(t: Tensor, tag: str) -> Tensor:
+                return t if comm is None else comm.all_reduce_(t, tag)
 
             def blocks_of(idx: Tensor) -> Tensor:
-                return ops.sensitivity_blocks(u, q[..., idx], bias=self.bias)
+                return reduced(ops.sensitivity_blocks(u, q[..., idx], bias=self.bias), "fallback") / S
 
             v0 = None
             if route == "matfree" and k == 1 and self.m >= WARM_MIN_M:
-                v0 = subspace_start(u, q, self.bias)
+                if comm is None:
+                    v0 = subspace_start(u, q, self.bias)
+                else:
+                    v0 = subspace_start(u, q, self.bias, reduce=lambda t: comm.all_reduce_(t, "warm"))
             if tol is None:
                 # warm-started fp32 solves stop at 1e-3 * ||Q||: their eigenvalues are then as
                 # accurate as cold solves at 1e-4 (benchmarks/RESULTS.md)
                 tol = 1e-10 if fp64 else (1e-3 if v0 is not None else 1e-4)
-            res = ops.sensitivity_topk(u, q, k=k, bias=self.bias, route=route, tol=tol, v0=v0)
-            vals, vecs, conv = _fallback(res.values, res.vectors, res.converged, k, blocks_of)
-            return vals, vecs, conv, res.route, blocks_of
+            # the rows carry B_b, not B_b / S: the values are divided by S afterwards (a solve is
+            # scale-invariant, and bfloat16 costates are not rounded once more)
+            if comm is None:
+                res = ops.sensitivity_topk(u, q, k=k, bias=self.bias, route=route, tol=tol, v0=v0)
+            elif route == "dense":
+                blocks = reduced(ops.sensitivity_blocks(u, q, bias=self.bias), "blocks")
+                res = ops.lanczos_topk(blocks, k, tol=tol, shared_norm=True)
+
+                def blocks_of(idx: Tensor) -> Tensor:
+                    return blocks[idx] / S
+            else:
+                res = sensitivity_lanczos(u, q, comm, k=k, bias=self.bias, tol=tol, v0=v0)
+            vals, vecs, conv = _fallback(res.values / S, res.vectors, res.converged, k, blocks_of)
+            return vals, vecs, conv, route, blocks_of
         if self.blocks is None:
             raise ValueError("EigenStatistic: no rows were added")
         blocks = self.blocks / S
@@ -276,10 +409,14 @@ class EigenStatistic:
         vals, vecs = reference.eigh_topk(blocks, k)
         return vals, vecs, True, "eigh", dense_of
 
+    def solve_k(self, rule: str) -> int:
+        """Eigenpairs per block the rule needs."""
+        k = max(self.k, 4) if rule in ("multi", "reference") else self.k
+        return min(k, self.m)
+
     def solve(self, S: int, rule: str) -> Solution:
         """Eigenpairs, then ``phi`` by ``rule`` (:func:`topoderiv.method.rules.eigen_rule`)."""
-        k = max(self.k, 4) if rule in ("multi", "reference") else self.k
-        k = min(k, self.m)
+        k = self.solve_k(rule)
         vals, vecs, conv, route, blocks_of = self.eigenpairs(S, k)
         vecs = canonical_sign(vecs)
         scale = abs(self.curvature)
@@ -416,7 +553,8 @@ class SingularStatistic:
     The ``M_g`` are accumulated in float32 (float64 for float64 inputs) and solved in float64
     (:func:`singular_pairs`: :func:`torch.linalg.svd`, or Lanczos on the Gram matrices for the
     rule ``"top"``). Memory: ``sum_parts G n m`` whatever the data; nothing is kept, so
-    ``held_bytes`` is 0 and :meth:`flush` does nothing.
+    ``held_bytes`` is 0 and :meth:`flush` does nothing. Under a process group the ``M_g`` of every
+    part are all-reduced together, once (:meth:`synchronise`).
     """
 
     def __init__(self, parts: Sequence[SingularPart], features: FeaturesFn, *, k: int = 1,
@@ -430,6 +568,25 @@ class SingularStatistic:
         self.bias = any(pt.bias for pt in self.parts)
         self.M: List[Optional[Tensor]] = [None] * len(self.parts)
         self.held_bytes = 0
+        self.dtype: Optional[torch.dtype] = None  # what M accumulates in
+
+    def summary(self) -> List[float]:
+        """``[0, 1 if any M, one-hot of M's dtype (bfloat16, float32, float64)]`` (see
+        :meth:`EigenStatistic.summary`)."""
+        code = dtype_code(self.dtype)
+        return [0.0, float(self.dtype is not None)] + [float(code == c) for c in (1, 2, 3)]
+
+    def synchronise(self, comm: Comm, total: Sequence[float], k: int, device: Optional[torch.device]) -> str:
+        """All-reduces every part's ``M_g`` in ONE collective (zeros on a rank without rows); returns
+        ``"svd"``-or-Lanczos' common label ``"reduced"``."""
+        dt = _agreed_dtype(total[2:5], "the sub-block statistics")
+        for i, part in enumerate(self.parts):
+            if self.M[i] is None:
+                self.M[i] = torch.zeros(part.groups, part.n, part.m, dtype=dt, device=device)
+        for i, t in enumerate(comm.all_reduce(self.M, "singular")):  # type: ignore[arg-type]
+            self.M[i] = t
+        self.dtype = dt
+        return "reduced"
 
     def flush(self) -> None:
         """Nothing to do: the statistic is always accumulated."""
@@ -461,6 +618,7 @@ class SingularStatistic:
                 self.M[i] = contrib.clone() if contrib.dtype == dt else contrib.to(dt)
             else:
                 self.M[i].add_(contrib)
+            self.dtype = dt
 
     def matrices(self, S: int) -> List[Tensor]:
         """``M_g / S`` of every part, float64: ``[G, n, m]`` each (zeros where no row was added)."""
