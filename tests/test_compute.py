@@ -420,6 +420,14 @@ def test_comparison_compute_summary_and_table():
     assert {(r["method"], r["seed"], r["reached"]) for r in d["compute"]["runs"]} >= {("never", 0, False)}
 
 
+def test_comparison_of_runs_without_flops_says_not_counted():
+    comp = _comparison()
+    for r in comp.runs:
+        r.history.rounds[0].train_flops = None
+    table = comp.compute_table()
+    assert "| cheap | 2/2 | not counted |" in table and "| never | 0/2 | not reached |" in table
+
+
 def test_comparison_target_errors():
     comp = _comparison()
     comp.methods = ["cheap", "never"]

@@ -468,9 +468,9 @@ class Comparison:
                     f"{std:.2g} over seeds)")
         n = len(self.seeds)
 
-        def pm(mean: float, std: float, scale: float = 1.0, fmt: str = ".3g") -> str:
+        def pm(mean: float, std: float, reached: int, scale: float = 1.0, fmt: str = ".3g") -> str:
             if not math.isfinite(mean):
-                return "not reached"
+                return "not counted" if reached else "not reached"  # runs recorded before FLOPs were counted
             return f"{mean / scale:{fmt}} ± {std / scale:{fmt}}"
 
         def saving(mean: float, std: float, paired: int) -> str:
@@ -484,9 +484,9 @@ class Comparison:
                  "|---|---|---|---|---|---|---|"]
         for m in self.methods:
             d = s[m]
-            lines.append(f"| {m} | {d['reached']}/{d['seeds']} | {pm(d['flops'], d['flops_std'], 1e9)} | "
+            lines.append(f"| {m} | {d['reached']}/{d['seeds']} | {pm(d['flops'], d['flops_std'], d['reached'], 1e9)} | "
                          f"{saving(d['flops_saving'], d['flops_saving_std'], d['paired'])} | "
-                         f"{pm(d['time'], d['time_std'], 1.0, '.3g')} | "
+                         f"{pm(d['time'], d['time_std'], d['reached'], 1.0, '.3g')} | "
                          f"{saving(d['time_saving'], d['time_saving_std'], d['paired'])} | "
                          f"{d['total_flops'] / 1e9:.3g} |")
         return "\n".join(lines)
