@@ -142,10 +142,10 @@ def communicator(group: Any = None, fn: str = "communicator") -> Optional["Comm"
     g = current_group(group, fn)
     if g is None:
         return None
-    if dist.get_world_size(g) <= 1:
-        return None
     if dist.get_rank(g) < 0:
         raise RuntimeError(f"{fn}: this process is not a member of the process group it was given")
+    if dist.get_world_size(g) <= 1:
+        return None
     return Comm(g, fn)
 
 
