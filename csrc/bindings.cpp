@@ -5,9 +5,11 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
+#include "topoderiv/conv_sensitivity.h"
 #include "topoderiv/lanczos.h"
 #include "topoderiv/sensitivity.h"
 #include "topoderiv/validate.h"
@@ -53,6 +55,19 @@ int check_threads(const char* fn, int threads) {
 
 template <typename T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// 4-D sizes / element strides as Python tuples.
+using Quad = std::tuple<int64_t, int64_t, int64_t, int64_t>;
+
+Strides4 strides4(const Quad& q) { return Strides4{std::get<0>(q), std::get<1>(q), std::get<2>(q), std::get<3>(q)}; }
+
+// x [N, C, H, W] (shape), n output channels, kernel size, padding, bias.
+ConvGeometry geometry(const Quad& shape, int64_t n, int64_t k, int64_t pad, bool bias) {
+  ConvGeometry g;
+  g.N = std::get<0>(shape); g.C = std::get<1>(shape); g.H = std::get<2>(shape); g.W = std::get<3>(shape);
+  g.n = n; g.k = k; g.pad = pad; g.bias = bias;
+  return g;
+}
 
 // CUDA calls: every buffer a kernel touches must be device (or managed) memory of one device,
 // except the host ones (the Lanczos norms), which must not be device memory. CPU calls are not
@@ -181,6 +196,94 @@ PYBIND11_MODULE(_C, m) {
         sensitivity_matvec_cpu(P);
       },
       "out[b, r] = B[b, r] @ v[b, r] without forming B (pointers with spans (ptr, bytes); see sensitivity.h)");
+
+  m.def(
+      "conv_sensitivity_blocks",
+      [](const std::string& device, Buf x, const Quad& xs, Buf p, const Quad& ps, Buf out, const Quad& shape, int64_t n,
+         int64_t k, int64_t pad, bool bias, int in_dt, int acc_dt, int threads, uintptr_t stream) {
+        const char* fn = "conv_sensitivity_blocks";
+        ConvSensitivityBlocksParams P;
+        P.g = geometry(shape, n, k, pad, bias);
+        P.x = ptr<const void>(x.first); P.xs = strides4(xs);
+        P.p = ptr<const void>(p.first); P.ps = strides4(ps);
+        P.out = ptr<void>(out.first);
+        P.in_dtype = to_dtype(fn, "in_dtype", in_dt); P.acc_dtype = to_dtype(fn, "acc_dtype", acc_dt);
+        P.num_threads = check_threads(fn, threads); P.stream = ptr<void>(stream);
+        const bool cuda = is_cuda(fn, device);
+        check_memory(fn, check_conv_blocks_params(fn, P, cuda, x.second, p.second, out.second), cuda);
+        py::gil_scoped_release nogil;
+#ifdef TOPODERIV_WITH_CUDA
+        if (cuda) return conv_sensitivity_blocks_cuda(P);
+#endif
+        (void)cuda;
+        conv_sensitivity_blocks_cpu(P);
+      },
+      "out[r] += sum_{s, pixels} p[s, r, pixel] patch patch^T (pointers with spans; see conv_sensitivity.h)");
+
+  m.def(
+      "conv_sensitivity_matvec",
+      [](const std::string& device, Buf x, const Quad& xs, Buf p, const Quad& ps, Buf v, Buf out, Buf ws,
+         const Quad& shape, int64_t n, int64_t k, int64_t pad, bool bias, int in_dt, int acc_dt, int threads,
+         uintptr_t stream) {
+        const char* fn = "conv_sensitivity_matvec";
+        ConvSensitivityMatvecParams P;
+        P.g = geometry(shape, n, k, pad, bias);
+        P.x = ptr<const void>(x.first); P.xs = strides4(xs);
+        P.p = ptr<const void>(p.first); P.ps = strides4(ps);
+        P.v = ptr<const void>(v.first); P.out = ptr<void>(out.first); P.workspace = ptr<void>(ws.first);
+        P.in_dtype = to_dtype(fn, "in_dtype", in_dt); P.acc_dtype = to_dtype(fn, "acc_dtype", acc_dt);
+        P.num_threads = check_threads(fn, threads); P.stream = ptr<void>(stream);
+        const bool cuda = is_cuda(fn, device);
+        check_memory(fn, check_conv_matvec_params(fn, P, cuda, x.second, p.second, v.second, out.second, ws.second),
+                     cuda);
+        py::gil_scoped_release nogil;
+#ifdef TOPODERIV_WITH_CUDA
+        if (cuda) return conv_sensitivity_matvec_cuda(P);
+#endif
+        (void)cuda;
+        conv_sensitivity_matvec_cpu(P);
+      },
+      "out[r] = B[r] @ v[r] of the conv blocks without forming them (pointers with spans; see conv_sensitivity.h)");
+
+  m.def(
+      "conv_lanczos_topk",
+      [](const std::string& device, Buf x, const Quad& xs, Buf p, const Quad& ps, const Quad& shape, int64_t n,
+         int64_t kernel, int64_t pad, bool bias, int in_dt, int64_t mdim, int64_t k, int64_t steps, double tol,
+         uint64_t seed, int64_t norm_group, Buf v0, int dt, Buf values, Buf vectors, Buf ritz, Buf nsteps, Buf anorm,
+         Buf true_res, Buf ws, int threads, uintptr_t stream) {
+        const char* fn = "conv_sensitivity_lanczos";
+        ConvSensitivityMatvecParams op;
+        op.g = geometry(shape, n, kernel, pad, bias);
+        op.x = ptr<const void>(x.first); op.xs = strides4(xs);
+        op.p = ptr<const void>(p.first); op.ps = strides4(ps);
+        op.in_dtype = to_dtype(fn, "in_dtype", in_dt);
+        LanczosParams P;
+        P.num_problems = n; P.m = mdim; P.k = k; P.max_steps = steps; P.tol = tol; P.seed = seed;
+        P.norm_group = norm_group;
+        P.v0 = ptr<const void>(v0.first);
+        P.dtype = to_dtype(fn, "dtype", dt);
+        op.acc_dtype = P.dtype;
+        P.num_threads = op.num_threads = check_threads(fn, threads);
+        P.stream = op.stream = ptr<void>(stream);
+        P.values = ptr<void>(values.first); P.vectors = ptr<void>(vectors.first); P.ritz_residuals = ptr<void>(ritz.first);
+        P.steps = ptr<int32_t>(nsteps.first); P.anorm_host = ptr<double>(anorm.first);
+        P.true_residuals = ptr<void>(true_res.first); P.workspace = ptr<void>(ws.first);
+        const bool cuda = is_cuda(fn, device);
+        LanczosSpans spans;
+        spans.x = x.second; spans.p = p.second; spans.v0 = v0.second;
+        spans.values = values.second; spans.vectors = vectors.second; spans.ritz = ritz.second;
+        spans.steps = nsteps.second; spans.anorm = anorm.second; spans.true_residuals = true_res.second;
+        spans.workspace = ws.second;
+        check_memory(fn, check_conv_lanczos_params(fn, P, op, cuda, spans), cuda);
+        py::gil_scoped_release nogil;
+#ifdef TOPODERIV_WITH_CUDA
+        if (cuda) return conv_lanczos_topk_cuda(P, op);
+#endif
+        (void)cuda;
+        conv_lanczos_topk_cpu(P, op);
+      },
+      "Matrix-free batched Lanczos top-k eigenpairs of the conv sensitivity blocks (pointers with spans; see "
+      "conv_sensitivity.h and lanczos.h).");
 
   m.def(
       "lanczos_workspace_elems",

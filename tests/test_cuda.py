@@ -208,3 +208,129 @@ def test_cuda_core_checks_memory_kinds():
     with pytest.raises(ValueError, match="lanczos_topk: anorm must be host memory, got CUDA device memory"):
         lib().lanczos_topk("cuda", b(a), (0, 0), 0, (0, 0), 0, 0, 0, 0, 0, True, 0, B, m, k, steps, 1e-6, 0, 1,
                            (0, 0), 0, *[b(t) for t in outs[:5]], (0, 0), b(ws), 1, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# convolutions (conv_sensitivity_*): CUDA against the CPU twin and a float64 unfold reference
+
+
+def _unfold_blocks(x: torch.Tensor, p: torch.Tensor, k: int, bias: bool = True) -> torch.Tensor:
+    import torch.nn.functional as F
+    N, n = x.shape[0], p.shape[1]
+    cols = F.unfold(x, k, padding=k // 2)
+    if bias:
+        cols = torch.cat([cols, torch.ones(N, 1, cols.shape[2], dtype=cols.dtype)], dim=1)
+    return torch.einsum("srl,sil,sjl->rij", p.reshape(N, n, -1).to(x.dtype), cols, cols)
+
+
+CONV_SHAPES = [(1, 1, 1, 1, 1, 1), (2, 1, 5, 7, 3, 3), (3, 4, 7, 5, 2, 3), (2, 3, 6, 9, 5, 5), (4, 5, 4, 4, 7, 1),
+               (2, 8, 9, 11, 8, 3), (16, 64, 8, 8, 64, 3)]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_blocks_cuda(shape, dtype, bias):
+    from topoderiv import ops
+    N, C, H, W, n, k = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    p = torch.randn(N, n, H, W, generator=g, dtype=torch.float64).to(dtype)
+    exact = _unfold_blocks(x.double(), p.double(), k, bias)
+    got = ops.conv_sensitivity_blocks(x.cuda(), p.cuda(), k, bias=bias)
+    cpu = ops.conv_sensitivity_blocks(x, p, k, bias=bias)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert got.is_cuda and got.dtype == cpu.dtype
+    assert rel(got, exact) < tol and rel(got, cpu) < tol
+    assert torch.equal(got, got.mT)
+    xi = torch.randint(-3, 4, (N, C, H, W), generator=g).to(dtype)
+    pi = torch.randint(-3, 4, (N, n, H, W), generator=g).to(dtype)
+    exact_i = _unfold_blocks(xi.double(), pi.double(), k, bias)
+    assert torch.equal(ops.conv_sensitivity_blocks(xi.cuda(), pi.cuda(), k, bias=bias).double().cpu(), exact_i)
+
+
+def test_conv_blocks_cuda_layouts_streaming_and_empty():
+    from topoderiv import ops
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, 7, 9, generator=g, dtype=torch.float64)
+    p = torch.randn(6, 4, 7, 9, generator=g, dtype=torch.float64)
+    exact = _unfold_blocks(x, p, 3)
+    xc, pc = x.cuda(), p.cuda()
+    for xv, pv in ((xc.to(memory_format=torch.channels_last), pc.to(memory_format=torch.channels_last)),
+                   (xc.transpose(2, 3).contiguous().transpose(2, 3), pc), (xc[:, :, :, :].expand(6, 5, 7, 9), pc)):
+        assert rel(ops.conv_sensitivity_blocks(xv, pv, 3), exact) < 1e-12
+    acc = torch.zeros(4, 46, 46, device="cuda", dtype=torch.float64)
+    for s0 in range(0, 6, 4):
+        ops.conv_sensitivity_blocks(xc[s0:s0 + 4], pc[s0:s0 + 4], 3, out=acc)
+    assert rel(acc, exact) < 1e-12
+    acc64 = torch.zeros(4, 46, 46, device="cuda", dtype=torch.float64)
+    ops.conv_sensitivity_blocks(xc.float(), pc.float(), 3, out=acc64)  # float32 on CUDA into a float64 out
+    assert rel(acc64, _unfold_blocks(x.float().double(), p.float().double(), 3)) < 1e-6
+    z = ops.conv_sensitivity_blocks(torch.zeros(0, 3, 4, 4, device="cuda"), torch.zeros(0, 2, 4, 4, device="cuda"), 3)
+    assert torch.equal(z.cpu(), torch.zeros(2, 28, 28))
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES + [(4, 1, 40, 40, 2, 1)])  # the last: the second GEMM splits its rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_conv_matvec_cuda(shape, dtype):
+    from topoderiv import ops
+    N, C, H, W, n, k = shape
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    p = torch.randn(N, n, H, W, generator=g, dtype=torch.float64).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    v = torch.randn(n, C * k * k + 1, generator=g, dtype=torch.float64)
+    exact = torch.einsum("rij,rj->ri", _unfold_blocks(x.double(), p.double(), k), v)
+    got = ops.conv_sensitivity_matvec(x.cuda(), p.cuda(), v.to(acc).cuda(), k)
+    assert got.is_cuda and rel(got, exact) < (1e-11 if dtype == torch.float64 else 1e-4)
+
+
+@pytest.mark.parametrize("route", ["dense", "matfree"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_conv_topk_cuda(route, dtype):
+    import torch.nn.functional as F
+    from topoderiv import ops
+    g = torch.Generator().manual_seed(12)
+    N, C, H, W, n = 6, 4, 7, 9, 5
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64) / torch.arange(1, C + 1).sqrt()[:, None, None]
+    q = F.conv2d(x, torch.randn(n, C, 3, 3, generator=g, dtype=torch.float64) / 3, padding=1) ** 2
+    p = (q - q.mean(0)) / N
+    x, p = x.to(dtype), p.to(dtype)
+    w = torch.linalg.eigvalsh(_unfold_blocks(x.double(), p.double(), 3))[:, -1]
+    res = ops.conv_sensitivity_topk(x.cuda(), p.cuda(), 3, route=route)
+    cpu = ops.conv_sensitivity_topk(x, p, 3, route=route)
+    assert res.route == route and res.converged.all() and res.values.is_cuda
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert rel(res.values[:, 0], w) < tol and rel(res.values, cpu.values) < tol
+
+
+def test_conv_cuda_opcheck_stream_and_validation():
+    from torch.library import opcheck
+    from topoderiv import ops
+    T = torch.ops.topoderiv
+    x = torch.randn(2, 3, 5, 4, device="cuda")
+    p = torch.randn(2, 2, 5, 4, device="cuda")
+    v = torch.randn(2, 28, device="cuda")
+    opcheck(T.conv_sensitivity_blocks.default, (x, p, 3, True))
+    opcheck(T.conv_sensitivity_blocks_accumulate_.default, (x, p, 3, True, torch.zeros(2, 28, 28, device="cuda")))
+    opcheck(T.conv_sensitivity_matvec.default, (x, p, v, 3, True))
+    opcheck(T.conv_sensitivity_lanczos.default, (x, p, 3, True, 1, 28, 1e-6, 0))
+    s = torch.cuda.Stream()
+    big_x, big_p = torch.randn(8, 16, 12, 12, device="cuda"), torch.randn(8, 16, 12, 12, device="cuda")
+    with torch.cuda.stream(s):
+        out = ops.conv_sensitivity_blocks(big_x, big_p, 3)
+    s.synchronize()
+    assert rel(out, _unfold_blocks(big_x.double().cpu(), big_p.double().cpu(), 3)) < 1e-5
+    with pytest.raises(ValueError, match=r"conv_sensitivity_blocks: p must be on the same device as x \(cuda:0\), "
+                                         r"got cpu"):
+        T.conv_sensitivity_blocks(x, p.cpu(), 3, True)
+    with pytest.raises(ValueError, match=r"conv_sensitivity_matvec: v must be on the same device as x \(cuda:0\)"):
+        T.conv_sensitivity_matvec(x, p, v.cpu(), 3, True)
+    with pytest.raises(ValueError, match="conv_sensitivity_blocks_accumulate_: out must be on the same device as x"):
+        T.conv_sensitivity_blocks_accumulate_(x, p, 3, True, torch.zeros(2, 28, 28))
+    from topoderiv._lib import lib
+    b = ops._buf
+    with pytest.raises(ValueError, match="conv_sensitivity_blocks: x must be CUDA device memory, got host memory"):
+        xh = x.cpu()
+        lib().conv_sensitivity_blocks("cuda", b(xh), xh.stride(), b(p), p.stride(), b(torch.zeros(2, 28, 28, device="cuda")),
+                                      tuple(x.shape), 2, 3, 1, True, 0, 0, 1, 0)

@@ -27,3 +27,20 @@ def lanczos_topk(
     dtype: int, values: Buf, vectors: Buf, ritz: Buf, steps_out: Buf, anorm: Buf, true_residuals: Buf, workspace: Buf,
     threads: int, stream: int,
 ) -> None: ...
+
+Quad = Tuple[int, int, int, int]  # x's shape [N, C, H, W], or the element strides of a 4-D tensor
+
+def conv_sensitivity_blocks(
+    device: str, x: Buf, x_strides: Quad, p: Buf, p_strides: Quad, out: Buf, shape: Quad, n: int, kernel_size: int,
+    padding: int, bias: bool, in_dtype: int, acc_dtype: int, threads: int, stream: int,
+) -> None: ...
+def conv_sensitivity_matvec(
+    device: str, x: Buf, x_strides: Quad, p: Buf, p_strides: Quad, v: Buf, out: Buf, workspace: Buf, shape: Quad,
+    n: int, kernel_size: int, padding: int, bias: bool, in_dtype: int, acc_dtype: int, threads: int, stream: int,
+) -> None: ...
+def conv_lanczos_topk(
+    device: str, x: Buf, x_strides: Quad, p: Buf, p_strides: Quad, shape: Quad, n: int, kernel_size: int,
+    padding: int, bias: bool, in_dtype: int, m: int, k: int, steps: int, tol: float, seed: int, norm_group: int,
+    v0: Buf, dtype: int, values: Buf, vectors: Buf, ritz: Buf, steps_out: Buf, anorm: Buf, true_residuals: Buf,
+    workspace: Buf, threads: int, stream: int,
+) -> None: ...

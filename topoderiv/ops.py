@@ -17,6 +17,14 @@ triangle is accumulated into and mirrored), ``sensitivity_matvec(x, p, v, bias)`
 ``sensitivity_lanczos(x, p, bias, k, steps, tol, seed, v0=None)``; the Lanczos ops return
 ``(values, vectors, ritz estimates, steps, norms, explicit residuals)``.
 
+The convolution ops (the paper's conv block, METHOD.md section 7) take ``x [N, C, H, W]``,
+``p [N, n, H, W]`` with any strides (NCHW, channels-last, views: read in place, never copied), an odd
+``kernel_size`` and same zero padding: ``conv_sensitivity_blocks(x, p, kernel_size, bias)``,
+``conv_sensitivity_blocks_accumulate_(x, p, kernel_size, bias, out)``,
+``conv_sensitivity_matvec(x, p, v, kernel_size, bias)`` and
+``conv_sensitivity_lanczos(x, p, kernel_size, bias, k, steps, tol, seed, v0=None)``; the patches
+are addressed inside the kernels (csrc/include/topoderiv/conv_sensitivity.h).
+
 All ops compute statistics, not differentiable functions: inputs are detached and the ops have no
 autograd formula.
 """
@@ -40,6 +48,10 @@ __all__ = [
     "SensitivityTopK",
     "choose_route",
     "has_cuda_kernels",
+    "conv_sensitivity_blocks",
+    "conv_sensitivity_matvec",
+    "conv_sensitivity_topk",
+    "choose_conv_route",
 ]
 
 _INPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -854,4 +866,376 @@ def sensitivity_topk(
         res = _finish(*_lanczos_op(_blocks_op(x2, p2, bias), k, steps, tol, seed, max(1, n), v0), tol)
     else:
         res = _finish(*_sens_lanczos_op(x2, p2, bias, k, steps, tol, seed, v0), tol)
+    return SensitivityTopK(res.values, res.vectors, res.converged, res.residuals, route)
+
+
+# --------------------------------------------------------------------------------------------
+# convolutions: the blocks of the paper's conv block x + sigma(K (*) u(x) + b) (METHOD.md 7)
+#
+# x [N, C, H, W], p [N, n, H, W] (same padding, stride 1, an odd square kernel), m = C k k (+1).
+# The raw ops take the kernel size and bias; any strides (NCHW, channels-last, views) go to the
+# kernels as they are: no input is copied. The patches are addressed inside the kernels, never
+# materialised (csrc/include/topoderiv/conv_sensitivity.h).
+
+_CONV_PADDINGS = ("same",)
+# multiply-adds below which one more CPU thread does not pay for the conv kernels: each parallel
+# region ends in a barrier, and a barrier costs a scheduler time slice when other processes share
+# the cores (measured on a loaded 2-core machine: a 10 MFLOP conv matvec takes 0.3 ms on one thread
+# and 12-24 ms on two)
+_CONV_WORK_PER_THREAD = 2**24
+
+
+def _conv_threads(work: float) -> int:
+    """CPU threads for a conv kernel call of ``work`` multiply-adds (at least one)."""
+    return max(1, min(torch.get_num_threads(), int(work // max(1, _CONV_WORK_PER_THREAD))))
+
+
+def _check_kernel_size(fn: str, kernel_size: object) -> int:
+    if isinstance(kernel_size, torch.SymInt):
+        return kernel_size  # type: ignore[return-value]
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+        raise TypeError(f"{fn}: kernel_size must be an int, got {type(kernel_size).__name__}")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"{fn}: kernel_size must be an odd int >= 1 (same padding kernel_size // 2, stride 1), "
+                         f"got {kernel_size}")
+    return kernel_size
+
+
+def _check_padding(fn: str, padding: object) -> None:
+    if not isinstance(padding, str) or padding not in _CONV_PADDINGS:
+        raise ValueError(f"{fn}: padding must be 'same' (zero padding kernel_size // 2, stride 1: p has x's height "
+                         f"and width), got {padding!r}")
+
+
+def _check_conv_pair(fn: str, x: object, p: object, kernel_size: object, bias: object, real: bool = True,
+                     data: bool = True) -> Tuple[Tensor, Tensor, int]:
+    """The conv ops' ``(x [N, C, H, W], p [N, n, H, W])``, kernel size and bias; returns ``(x, p, k)``
+    detached, strides as given. ``data``: also one finite-value reduction per input."""
+    x = _check_tensor(fn, "x", x)
+    p = _check_tensor(fn, "p", p)
+    _check_dtype(fn, "x", x, _INPUT_DTYPES)
+    if p.dtype != x.dtype:
+        raise TypeError(f"{fn}: p must have the same dtype as x ({x.dtype}), got {p.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: x must be 4-D [N, C, H, W], got shape {list(x.shape)}")
+    if p.dim() != 4:
+        raise ValueError(f"{fn}: p must be 4-D [N, n, H, W], got shape {list(p.shape)}")
+    if p.shape[0] != x.shape[0] or p.shape[2:] != x.shape[2:]:
+        raise ValueError(f"{fn}: p must have x's samples, height and width [N, n, H, W] = "
+                         f"[{x.shape[0]}, n, {x.shape[2]}, {x.shape[3]}] (same padding), got {list(p.shape)}")
+    k = _check_kernel_size(fn, kernel_size)
+    _check_bias(fn, bias)
+    if x.shape[1] == 0 and not bias:
+        raise ValueError(f"{fn}: x must have C >= 1 channels when bias=False, got C = 0")
+    _check_device(fn, "x", x, x.device, real)
+    _check_device(fn, "p", p, x.device, real)
+    if real and data:
+        _check_finite(fn, "x", x)
+        _check_finite(fn, "p", p)
+    return x.detach(), p.detach(), k
+
+
+def _conv_m(x: Tensor, k: int, bias: bool) -> int:
+    return x.shape[1] * k * k + int(bias)
+
+
+def _check_conv_out(fn: str, out: object, x: Tensor, p: Tensor, k: int, bias: bool, real: bool = True) -> Tensor:
+    """``out [n, m, m]`` of the accumulating form: float32/float64, contiguous, sharing no memory with x, p."""
+    out = _check_tensor(fn, "out", out)
+    _check_dtype(fn, "out", out, _ACC_DTYPES)
+    if x.dtype == torch.float64 and out.dtype != torch.float64:
+        raise TypeError(f"{fn}: out must be float64 for float64 inputs, got {out.dtype}")
+    n, m = p.shape[1], _conv_m(x, k, bias)
+    if tuple(out.shape) != (n, m, m):
+        raise ValueError(f"{fn}: out must have shape [n, m, m] = {[n, m, m]} (m = C k k + bias), got {list(out.shape)}")
+    if out.device != x.device:
+        raise ValueError(f"{fn}: out must be on the same device as x ({x.device}), got {out.device}")
+    if not out.is_contiguous():
+        raise ValueError(f"{fn}: out must be contiguous, got strides {out.stride()}")
+    if real:
+        for name, t in (("x", x), ("p", p)):
+            if _overlaps(out, t):
+                raise ValueError(f"{fn}: out must not share memory with {name} (out is accumulated into while "
+                                 f"{name} is read), got overlapping memory")
+    return out
+
+
+def _check_conv_v(fn: str, v: object, x: Tensor, p: Tensor, k: int, bias: bool, real: bool = True) -> Tensor:
+    """The conv matvec's ``v [n, m]`` in the accumulation dtype; returned contiguous (detached)."""
+    v = _check_tensor(fn, "v", v)
+    acc = _acc_dtype(x.dtype)
+    if v.dtype != acc:
+        raise TypeError(f"{fn}: v must have dtype {acc} for {x.dtype} inputs, got {v.dtype}")
+    n, m = p.shape[1], _conv_m(x, k, bias)
+    if tuple(v.shape) != (n, m):
+        raise ValueError(f"{fn}: v must have shape [n, m] = {[n, m]} (m = C k k + bias), got {list(v.shape)}")
+    if v.device != x.device:
+        raise ValueError(f"{fn}: v must be on the same device as x ({x.device}), got {v.device}")
+    return v.detach().contiguous() if real else v
+
+
+def _conv_blocks_impl(x: Tensor, p: Tensor, k: int, bias: bool, out: Tensor) -> None:
+    if x.shape[0] * x.shape[2] * x.shape[3] == 0 or p.shape[1] == 0:
+        return
+    m = _conv_m(x, k, bias)
+    work = x.shape[0] * x.shape[2] * x.shape[3] * p.shape[1] * m * (m + 1) / 2
+    _lib().conv_sensitivity_blocks(
+        x.device.type, _buf(x), tuple(x.stride()), _buf(p), tuple(p.stride()), _buf(out), tuple(x.shape),
+        p.shape[1], k, k // 2, bool(bias), _DTYPE_CODE[x.dtype], _DTYPE_CODE[out.dtype], _conv_threads(work),
+        _stream(x),
+    )
+
+
+def _new_conv_blocks(x: Tensor, p: Tensor, k: int, bias: bool) -> Tensor:
+    m = _conv_m(x, k, bias)
+    return torch.zeros(p.shape[1], m, m, dtype=_acc_dtype(x.dtype), device=x.device)
+
+
+@torch.library.custom_op("topoderiv::conv_sensitivity_blocks", mutates_args=(), device_types=("cpu", "cuda"))
+def _conv_blocks_op(x: Tensor, p: Tensor, kernel_size: int, bias: bool) -> Tensor:
+    x, p, k = _check_conv_pair("conv_sensitivity_blocks", x, p, kernel_size, bias)
+    out = _new_conv_blocks(x, p, k, bias)
+    _conv_blocks_impl(x, p, k, bias, out)
+    return out
+
+
+@_conv_blocks_op.register_fake
+def _(x: Tensor, p: Tensor, kernel_size: int, bias: bool) -> Tensor:
+    x, p, k = _check_conv_pair("conv_sensitivity_blocks", x, p, kernel_size, bias, real=False)
+    m = x.shape[1] * k * k + int(bias)
+    return x.new_empty(p.shape[1], m, m, dtype=_acc_dtype(x.dtype))
+
+
+@torch.library.custom_op(
+    "topoderiv::conv_sensitivity_blocks_accumulate_", mutates_args=("out",), device_types=("cpu", "cuda")
+)
+def _conv_blocks_acc_op(x: Tensor, p: Tensor, kernel_size: int, bias: bool, out: Tensor) -> None:
+    fn = "conv_sensitivity_blocks_accumulate_"
+    x, p, k = _check_conv_pair(fn, x, p, kernel_size, bias)
+    _check_conv_out(fn, out, x, p, k, bias)
+    if x.device.type == "cuda" and out.dtype != _acc_dtype(x.dtype):
+        # the CUDA kernels accumulate float32/bfloat16 inputs in float32 only
+        tmp = _new_conv_blocks(x, p, k, bias)
+        _conv_blocks_impl(x, p, k, bias, tmp)
+        out.add_(tmp)
+        return
+    _conv_blocks_impl(x, p, k, bias, out)
+
+
+@_conv_blocks_acc_op.register_fake
+def _(x: Tensor, p: Tensor, kernel_size: int, bias: bool, out: Tensor) -> None:
+    fn = "conv_sensitivity_blocks_accumulate_"
+    x, p, k = _check_conv_pair(fn, x, p, kernel_size, bias, real=False)
+    _check_conv_out(fn, out, x, p, k, bias, real=False)
+    return None
+
+
+def _conv_matvec_impl(x: Tensor, p: Tensor, v: Tensor, k: int, bias: bool) -> Tensor:
+    out = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    rows = x.shape[0] * x.shape[2] * x.shape[3]
+    n = p.shape[1]
+    if rows == 0 or n == 0:
+        return out
+    ws = torch.empty(rows * n if x.device.type == "cuda" else 0, dtype=v.dtype, device=x.device)
+    _lib().conv_sensitivity_matvec(
+        x.device.type, _buf(x), tuple(x.stride()), _buf(p), tuple(p.stride()), _buf(v), _buf(out),
+        _buf(ws) if ws.numel() else (0, 0), tuple(x.shape), n, k, k // 2, bool(bias), _DTYPE_CODE[x.dtype],
+        _DTYPE_CODE[v.dtype], _conv_threads(2.0 * rows * n * v.shape[1]), _stream(x),
+    )
+    return out
+
+
+@torch.library.custom_op("topoderiv::conv_sensitivity_matvec", mutates_args=(), device_types=("cpu", "cuda"))
+def _conv_matvec_op(x: Tensor, p: Tensor, v: Tensor, kernel_size: int, bias: bool) -> Tensor:
+    fn = "conv_sensitivity_matvec"
+    x, p, k = _check_conv_pair(fn, x, p, kernel_size, bias, data=False)
+    v = _check_conv_v(fn, v, x, p, k, bias)
+    out = _conv_matvec_impl(x, p, v, k, bias)
+    # finite values checked on the small output, as sensitivity_matvec does (a NaN / Inf anywhere in
+    # x, p or v that the operator reads reaches it); then the inputs are searched to name one
+    if out.numel() == 0 or x.numel() == 0 or not math.isfinite(float(out.sum(dtype=torch.float64))):
+        for name, t in (("x", x), ("p", p), ("v", v)):
+            _check_finite(fn, name, t)
+    return out
+
+
+@_conv_matvec_op.register_fake
+def _(x: Tensor, p: Tensor, v: Tensor, kernel_size: int, bias: bool) -> Tensor:
+    fn = "conv_sensitivity_matvec"
+    x, p, k = _check_conv_pair(fn, x, p, kernel_size, bias, real=False)
+    v = _check_conv_v(fn, v, x, p, k, bias, real=False)
+    return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def _run_conv_lanczos(x: Tensor, p: Tensor, kernel: int, bias: bool, k: int, steps: int, tol: float, seed: int,
+                      v0: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Matrix-free Lanczos on the conv operator (validated arguments, v0 normalised); returns
+    (values, vectors, ritz estimates, steps, ||Q|| estimate, explicit residuals)."""
+    B, m = p.shape[1], _conv_m(x, kernel, bias)
+    dtype, device = _acc_dtype(x.dtype), x.device
+    values = torch.zeros(B, k, dtype=dtype, device=device)
+    vectors = torch.zeros(B, m, k, dtype=dtype, device=device)
+    ritz = torch.zeros(B, k, dtype=dtype, device=device)
+    nsteps = torch.zeros(B, dtype=torch.int32, device=device)
+    anorm = torch.zeros(B, dtype=torch.float64)
+    resid = torch.zeros(B, k, dtype=dtype, device=device)
+    if B == 0:
+        return values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid
+    cuda = device.type == "cuda"
+    rows = x.shape[0] * x.shape[2] * x.shape[3]
+    # as _run_lanczos: the CPU backend forms the explicit residuals from the stored A v_t within
+    # _MF_RESIDUAL_BYTES, else they take k more operator applications here
+    in_kernel_residual = not cuda and steps * B * m * dtype.itemsize <= _MF_RESIDUAL_BYTES
+    n_ws = _lib().lanczos_workspace_elems(B, m, k, steps, True, cuda, rows, B, 1)
+    # CUDA applies the operator to every block, converged ones included: zero the basis so that
+    # their never-written slots read zeros
+    ws = (torch.zeros if cuda else torch.empty)(n_ws, dtype=dtype, device=device)
+    _lib().conv_lanczos_topk(
+        device.type, _buf(x), tuple(x.stride()), _buf(p), tuple(p.stride()), tuple(x.shape), B, kernel, kernel // 2,
+        bool(bias), _DTYPE_CODE[x.dtype], m, k, steps, float(tol), int(seed), B, _buf(v0), _DTYPE_CODE[dtype],
+        _buf(values), _buf(vectors), _buf(ritz), _buf(nsteps), _buf(anorm),
+        _buf(resid) if in_kernel_residual else (0, 0), _buf(ws), _conv_threads(2.0 * rows * B * m), _stream(ws),
+    )
+    if not in_kernel_residual:
+        av = torch.stack([_conv_matvec_impl(x, p, vectors[:, :, c].contiguous(), kernel, bias) for c in range(k)],
+                         dim=2)
+        resid = (av - vectors * values[:, None, :]).norm(dim=1)
+    return values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid
+
+
+def _check_conv_lanczos_op(fn: str, x: Tensor, p: Tensor, kernel_size: int, bias: bool, k: int, steps: int,
+                           tol: float, seed: int, v0: Optional[Tensor],
+                           real: bool) -> Tuple[Tensor, Tensor, int, Optional[Tensor]]:
+    x, p, kk = _check_conv_pair(fn, x, p, kernel_size, bias, real)
+    m = x.shape[1] * kk * kk + int(bias)
+    _check_lanczos_args(fn, m, k, steps, tol, seed, clamp=False)
+    v0 = _check_v0(fn, v0, (p.shape[1], m), x.device, real)
+    return x, p, kk, v0
+
+
+@torch.library.custom_op("topoderiv::conv_sensitivity_lanczos", mutates_args=(), device_types=("cpu", "cuda"))
+def _conv_lanczos_op(
+    x: Tensor, p: Tensor, kernel_size: int, bias: bool, k: int, steps: int, tol: float, seed: int,
+    v0: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    x, p, kk, v0 = _check_conv_lanczos_op("conv_sensitivity_lanczos", x, p, kernel_size, bias, k, steps, tol, seed,
+                                          v0, True)
+    return _run_conv_lanczos(x, p, kk, bias, k, steps, tol, seed, _normalise_v0(v0, _acc_dtype(x.dtype)))
+
+
+@_conv_lanczos_op.register_fake
+def _(x: Tensor, p: Tensor, kernel_size: int, bias: bool, k: int, steps: int, tol: float, seed: int,
+      v0: Optional[Tensor] = None):
+    x, p, kk, v0 = _check_conv_lanczos_op("conv_sensitivity_lanczos", x, p, kernel_size, bias, k, steps, tol, seed,
+                                          v0, False)
+    m = x.shape[1] * kk * kk + int(bias)
+    n = p.shape[1]
+    dt = _acc_dtype(x.dtype)
+    return (x.new_empty(n, k, dtype=dt), x.new_empty(n, m, k, dtype=dt), x.new_empty(n, k, dtype=dt),
+            x.new_empty(n, dtype=torch.int32), x.new_empty(n, dtype=dt), x.new_empty(n, k, dtype=dt))
+
+
+def conv_sensitivity_blocks(x: Tensor, p: Tensor, kernel_size: int, *, padding: str = "same", bias: bool = True,
+                            out: Optional[Tensor] = None) -> Tensor:
+    """Sensitivity blocks of a ``k x k`` convolution: ``B[r] = sum_{s, pixels} p[s, r, pixel] * pt pt^T``.
+
+    ``pt = [patch; 1]`` is the zero-padded ``k x k`` patch of ``x`` around the pixel (``m = C k k + 1``
+    with bias), its features in the order of ``Conv2d.weight.reshape(n, -1)`` (channel, kernel row,
+    kernel column: :func:`torch.nn.functional.unfold`'s). ``B[r]`` is the Hessian block of output
+    channel ``r`` of the paper's conv block ``x + sigma(K (*) x + b)`` (METHOD.md section 7). The
+    patches are addressed inside the kernel: the im2col matrix (``N H W x m``) is never formed.
+
+    Args:
+        x: features ``[N, C, H, W]`` (float32, float64 or bfloat16; CPU or CUDA; any strides, e.g.
+            channels-last, read in place), finite.
+        p: costates ``[N, n, H, W]`` (same samples, height, width, dtype, device), finite.
+        kernel_size: odd ``k >= 1`` (1, 3, 5, ...).
+        padding: ``"same"`` (zero padding ``k // 2``, stride 1), the only one supported.
+        bias: append the feature 1 (``m = C k k + 1``), else ``m = C k k``.
+        out: optional float32/float64 ``[n, m, m]`` contiguous tensor on the same device, sharing no
+            memory with x or p: the result is ACCUMULATED into it (stream batches) and returned.
+
+    Returns:
+        ``[n, m, m]``, exactly symmetric; float32 for float32/bfloat16 inputs, float64 for float64
+        inputs (or ``out``'s dtype). Extra memory is O(output + a fixed chunk of rows per thread).
+    """
+    fn = "conv_sensitivity_blocks"
+    _check_padding(fn, padding)
+    x, p, k = _check_conv_pair(fn, x, p, kernel_size, bias, data=False)  # finite values: checked by the op
+    if out is None:
+        return _conv_blocks_op(x, p, k, bias)
+    _check_conv_out(fn, out, x, p, k, bias)
+    _conv_blocks_acc_op(x, p, k, bias, out)
+    return out
+
+
+def conv_sensitivity_matvec(x: Tensor, p: Tensor, v: Tensor, kernel_size: int, *, padding: str = "same",
+                            bias: bool = True) -> Tensor:
+    """Applies every conv block to its own vector without forming the blocks: row ``r`` is ``B[r] @ v[r]``.
+
+    Two passes over the data, the patches addressed inside the kernels: ``y[s, r, pixel] = pt . v_r``
+    (a convolution of ``x`` with ``v`` as weights), then ``out[r] = sum_{s, pixels} p y pt`` (its
+    weight gradient against ``p * y``). Extra memory O(chunk) on the CPU and O(N n H W) on CUDA.
+
+    Args:
+        x, p, kernel_size, padding, bias: as in :func:`conv_sensitivity_blocks`.
+        v: ``[n, m]`` in the accumulation dtype (float32 for float32/bfloat16 inputs, float64 for
+            float64 inputs), same device. NaN / Inf in x, p or v raise ValueError.
+
+    Returns:
+        ``[n, m]`` in ``v``'s dtype.
+    """
+    fn = "conv_sensitivity_matvec"
+    _check_padding(fn, padding)
+    x, p, k = _check_conv_pair(fn, x, p, kernel_size, bias, data=False)
+    v = _check_conv_v(fn, v, x, p, k, bias, real=False)
+    return _conv_matvec_op(x, p, v.detach(), k, bias)
+
+
+def choose_conv_route(N: int, C: int, H: int, W: int, n: int, kernel_size: int, *, bias: bool = True, k: int = 1,
+                      memory_budget: float = 2 * 2**30, itemsize: int = 4) -> str:
+    """:func:`choose_route` for a conv point: rows = ``N H W`` output pixels, ``d = C k^2`` features.
+
+    The dense route forms ``n m^2`` blocks at ``N H W n m (m + 1) / 2`` multiply-adds; the
+    matrix-free route costs ``2 steps N H W n m`` per solve and keeps nothing beyond ``x`` and ``p``
+    (the images, ``k^2`` times less than their patches). Both read the patches in place.
+    """
+    return choose_route(N * H * W, C * kernel_size * kernel_size, n, bias=bias, k=k, memory_budget=memory_budget,
+                        itemsize=itemsize)
+
+
+def conv_sensitivity_topk(
+    x: Tensor, p: Tensor, kernel_size: int, *, k: int = 1, padding: str = "same", bias: bool = True,
+    route: str = "auto", steps: Optional[int] = None, tol: float = 1e-6, seed: int = 0, v0: Optional[Tensor] = None,
+) -> SensitivityTopK:
+    """Top-``k`` eigenpairs of every conv sensitivity block ``B[r]`` of ``(x, p)``.
+
+    ``route="dense"`` forms the blocks (:func:`conv_sensitivity_blocks`) and runs batched Lanczos on
+    them; ``"matfree"`` drives the same Lanczos (the shared driver) with
+    :func:`conv_sensitivity_matvec` and never forms a block; ``"auto"`` picks by
+    :func:`choose_conv_route`. As in :func:`sensitivity_topk`, residuals are measured against
+    ``||Q|| = max_r ||B_r||`` and ``sigma''(0) * result.best_value`` is the topological derivative.
+
+    Args:
+        x, p, kernel_size, padding, bias: as in :func:`conv_sensitivity_blocks`.
+        k: eigenpairs per block. route: ``"auto"``, ``"dense"`` or ``"matfree"``.
+        steps, tol, seed: as in :func:`lanczos_topk`.
+        v0: optional start vectors ``[n, m]``, one per block (any scale; see :func:`lanczos_topk`).
+    """
+    fn = "conv_sensitivity_topk"
+    _check_padding(fn, padding)
+    x, p, kk = _check_conv_pair(fn, x, p, kernel_size, bias)  # finite values too: the errors name this function
+    if route not in _ROUTES:
+        raise ValueError(f"{fn}: route must be one of {_ROUTES}, got {route!r}")
+    n, m = p.shape[1], _conv_m(x, kk, bias)
+    k, steps, tol, seed = _check_lanczos_args(fn, m, k, steps, tol, seed)
+    acc = _acc_dtype(x.dtype)
+    v0 = _check_v0(fn, v0, (n, m), x.device)
+    if route == "auto":
+        N, C, H, W = x.shape
+        route = choose_conv_route(N, C, H, W, n, kk, bias=bias, k=k, itemsize=torch.finfo(acc).bits // 8)
+    if route == "dense":
+        res = _finish(*_lanczos_op(_conv_blocks_op(x, p, kk, bias), k, steps, tol, seed, max(1, n), v0), tol)
+    else:
+        res = _finish(*_conv_lanczos_op(x, p, kk, bias, k, steps, tol, seed, v0), tol)
     return SensitivityTopK(res.values, res.vectors, res.converged, res.residuals, route)

@@ -7,9 +7,10 @@ intermediate larger than a fixed chunk, so they also run on real sizes.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "augment",
@@ -18,6 +19,10 @@ __all__ = [
     "lanczos_topk",
     "eigh_topk",
     "sensitivity_topk",
+    "conv_rows",
+    "conv_sensitivity_blocks",
+    "conv_sensitivity_matvec",
+    "conv_sensitivity_topk",
 ]
 
 
@@ -111,3 +116,75 @@ def sensitivity_topk(
     Dense einsum blocks followed by ``torch.linalg.eigh`` (the plain-PyTorch baseline).
     """
     return eigh_topk(sensitivity_blocks(x, p, bias=bias), k)
+
+
+# ------------------------------------------------------------------------------------------------
+# convolutions: x [N, C, H, W], p [N, n, H, W], odd k, same zero padding k // 2, stride 1
+
+
+def conv_rows(x: torch.Tensor, p: torch.Tensor, kernel_size: int,
+              max_rows: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The im2col rows of ``(x, p)`` in chunks of at most ``max(max_rows, 1)`` rows.
+
+    Yields ``(patches [r, C k k], p [r, n])``: the rows of output pixels (sample, row, column),
+    features in ``Conv2d.weight.reshape(n, -1)``'s order (:func:`torch.nn.functional.unfold`'s).
+    Whole images when ``N H W`` rows fit, else tiles of pixels of one image (the padded input is
+    sliced, no patch is duplicated).
+    """
+    N, C, H, W = x.shape
+    n = p.shape[1]
+    k, pad = kernel_size, kernel_size // 2
+    ckk = C * k * k
+    max_rows = max(1, int(max_rows))
+    if N * H * W <= max_rows:
+        cols = F.unfold(x, k, padding=pad)  # [N, Ckk, HW]
+        yield cols.transpose(1, 2).reshape(-1, ckk), p.permute(0, 2, 3, 1).reshape(-1, n)
+        return
+    tw = min(W, max_rows)
+    th = max(1, min(H, max_rows // tw))
+    xp = F.pad(x, (pad, pad, pad, pad))
+    for s in range(N):
+        for r0 in range(0, H, th):
+            r1 = min(H, r0 + th)
+            for c0 in range(0, W, tw):
+                c1 = min(W, c0 + tw)
+                cols = F.unfold(xp[s : s + 1, :, r0 : r1 + k - 1, c0 : c1 + k - 1], k)  # [1, Ckk, rows]
+                yield cols[0].t().contiguous(), p[s, :, r0:r1, c0:c1].reshape(n, -1).t().contiguous()
+
+
+def conv_sensitivity_blocks(
+    x: torch.Tensor, p: torch.Tensor, kernel_size: int, *, bias: bool = True, max_rows: int = 2**16
+) -> torch.Tensor:
+    """``B[r] = sum_{s, pixels} p[s, r, pixel] * pt pt^T`` (``pt = [patch; 1]``) as ``[n, m, m]``.
+
+    im2col by :func:`torch.nn.functional.unfold` in chunks of at most ``max_rows`` rows
+    (:func:`conv_rows`), each accumulated by :func:`sensitivity_blocks`; computed in ``x``'s dtype.
+    """
+    m = x.shape[1] * kernel_size * kernel_size + int(bias)
+    out = torch.zeros(p.shape[1], m, m, dtype=x.dtype, device=x.device)
+    for u, q in conv_rows(x, p.to(x.dtype), kernel_size, max_rows):
+        out += sensitivity_blocks(u, q, bias=bias)
+    return out
+
+
+def conv_sensitivity_matvec(
+    x: torch.Tensor, p: torch.Tensor, v: torch.Tensor, kernel_size: int, *, bias: bool = True
+) -> torch.Tensor:
+    """Row ``r`` is ``B[r] @ v[r]``, by convolutions: ``y = conv2d(x, v as weights)``, then the weight
+    gradient of ``p * y`` (:func:`torch.nn.grad.conv2d_weight`); in ``v``'s dtype."""
+    n, C, k = p.shape[1], x.shape[1], kernel_size
+    d = C * k * k
+    xv, pv = x.to(v.dtype), p.to(v.dtype)
+    y = F.conv2d(xv, v[:, :d].reshape(n, C, k, k), v[:, d] if bias else None, padding=k // 2)
+    z = pv * y
+    out = torch.nn.grad.conv2d_weight(xv, (n, C, k, k), z, padding=k // 2).reshape(n, d)
+    if bias:
+        out = torch.cat([out, z.sum(dim=(0, 2, 3))[:, None]], dim=1)
+    return out
+
+
+def conv_sensitivity_topk(
+    x: torch.Tensor, p: torch.Tensor, kernel_size: int, *, k: int = 1, bias: bool = True
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` eigenpairs of every conv block: :func:`conv_sensitivity_blocks` then ``eigh``."""
+    return eigh_topk(conv_sensitivity_blocks(x, p, kernel_size, bias=bias), k)

@@ -65,6 +65,15 @@ class CpuBackend final : public LanczosBackend {
   void set_active(const uint8_t* active) override { std::copy(active, active + B_, active_.begin()); }
 
   void apply(int64_t j) override {
+    if (P_.external != nullptr) {
+      // another op's operator (e.g. the convolution blocks): it may skip inactive problems, whose
+      // basis slots were never written (the workspace is not initialised): zero them first
+      for (int64_t b = 0; b < B_; ++b)
+        if (!active_[b]) std::fill(V(j, b), V(j, b) + m_, T(0));
+      P_.external->apply(V(j, 0), w_, active_.data(), nullptr);
+      if (av_) std::copy(w_, w_ + B_ * m_, AV(j, 0));
+      return;
+    }
     if (P_.matrix_free()) {
       SensitivityMatvecParams op = P_.op;
       op.num_threads = nt_;
@@ -287,8 +296,8 @@ void lanczos_topk_cpu(const LanczosParams& P) {
   if (P.num_problems > 0 && (P.workspace == nullptr || P.values == nullptr || P.vectors == nullptr ||
                              P.ritz_residuals == nullptr || P.steps == nullptr))
     fail("lanczos_topk", "workspace and output pointers must not be null");
-  if (!P.matrix_free()) {
-    // dense operator
+  if (!P.matrix_free() || P.external != nullptr) {
+    // dense operator, or another op's operator (checked by its caller)
   } else if (P.op.batch * P.op.n != P.num_problems || P.op.m() != P.m) {
     fail("lanczos_topk", "matrix-free operator shape does not match num_problems / m");
   }

@@ -15,7 +15,8 @@
 //   restart_kernel       one block per masked problem: seeded start vector (start_value, shared
 //                        with the CPU backend), Gram-Schmidt twice against V_0..V_j, normalised.
 //   finish_kernel        one block per (problem, wanted pair): y = V S[:, c], normalised column.
-// Matrix-free operator: sensitivity_matvec_cuda on basis vector j ([op.batch, op.n, m]).
+// Matrix-free operator: sensitivity_matvec_cuda on basis vector j ([op.batch, op.n, m]), or the
+// external operator of another op (params.external, e.g. the convolution blocks).
 // Host <-> device: small cudaMemcpyAsync on params.stream followed by cudaStreamSynchronize.
 // This file is only compiled into CUDA builds (CMake defines TOPODERIV_WITH_CUDA for them); define
 // it here too so that a standalone nvcc compile sees the CUDA declarations of the headers.
@@ -239,6 +240,10 @@ class CudaLanczosBackend final : public LanczosBackend {
       const dim3 grid(grid_dim(ceil_div(m_, kRows), kMaxGridX), grid_dim(B_, kMaxGridYZ), 1);
       launch(kOp, dense_apply_kernel<T>, grid, dim3(kLanes, kRows, 1), stream_,
              static_cast<const T*>(p_.a), vj, w_, static_cast<const T*>(active_), B_, m_);
+    } else if (p_.external != nullptr) {
+      // another op's operator (conv_sensitivity.h): applied to every problem (the basis slots of
+      // inactive ones hold zeros or their last vector: the workspace is zeroed by the caller)
+      p_.external->apply(vj, w_, nullptr, layout_.total > layout_.matvec ? ws_ + layout_.matvec : nullptr);
     } else {
       SensitivityMatvecParams op = p_.op;
       op.v = vj;
@@ -390,7 +395,7 @@ void lanczos_topk_cuda(const LanczosParams& params) {
         params.ritz_residuals == nullptr || params.steps == nullptr) {
       fail(op, "workspace, values, vectors, ritz_residuals and steps must be non-null");
     }
-    if (params.matrix_free()) {
+    if (params.matrix_free() && params.external == nullptr) {
       const SensitivityMatvecParams& o = params.op;
       if (o.batch * o.n != params.num_problems || o.m() != params.m) {
         fail(op, "matrix-free operator: expected op.batch * op.n == num_problems and op.m() == m, got " +

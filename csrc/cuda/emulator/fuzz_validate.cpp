@@ -1,7 +1,9 @@
-// Fuzz of the span checks of topoderiv/validate.h (what csrc/bindings.cpp runs before any kernel),
-// built with AddressSanitizer + UBSan by run_emulated_tests.sh.
+// Fuzz of the span checks of topoderiv/validate.h and topoderiv/conv_sensitivity.h (what
+// csrc/bindings.cpp runs before any kernel), built with AddressSanitizer + UBSan by
+// run_emulated_tests.sh.
 //
-// Random params of the blocks, matvec and (dense and matrix-free) Lanczos kernels, each buffer its
+// Random params of the blocks, matvec and (dense and matrix-free) Lanczos kernels, and of the
+// convolution blocks, matvec and matrix-free Lanczos (random geometry and strides), each buffer its
 // own heap allocation of exactly the bytes claimed for it, then one mutation or none: a span short
 // by a few bytes, a misaligned or null pointer, a negative size or stride, an unknown dtype code,
 // sizes that overflow int64, an output overlapping an input, Lanczos arguments out of range, a
@@ -22,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "topoderiv/conv_sensitivity.h"
 #include "topoderiv/lanczos.h"
 #include "topoderiv/sensitivity.h"
 #include "topoderiv/validate.h"
@@ -130,8 +133,8 @@ void trial(const char* what, int mut, bool must_reject, bool must_accept, Check 
   } else {
     ++rejected;
     EXPECT(!must_accept, "%s: valid params rejected: %s", what, msg.c_str());
-    EXPECT(msg.rfind("sensitivity_", 0) == 0 || msg.rfind("lanczos_", 0) == 0, "%s: message does not name the op: %s",
-           what, msg.c_str());
+    EXPECT(msg.rfind("sensitivity_", 0) == 0 || msg.rfind("lanczos_", 0) == 0 || msg.rfind("conv_sensitivity_", 0) == 0,
+           "%s: message does not name the op: %s", what, msg.c_str());
   }
 }
 
@@ -430,6 +433,225 @@ void fuzz_lanczos(bool cuda, int64_t it) {
         });
 }
 
+// ------------------------------------------------------------------------------- convolutions
+
+// Elements of a 4-D view (the same formula as conv_sensitivity.h, written again).
+int64_t span4(int64_t a, int64_t b, int64_t c, int64_t d, const Strides4& st) {
+  if (a == 0 || b == 0 || c == 0 || d == 0) return 0;
+  return 1 + (a - 1) * st.n + (b - 1) * st.c + (c - 1) * st.h + (d - 1) * st.w;
+}
+
+// NCHW or channels-last with padding, arbitrary small strides (overlapping elements: x and p are
+// only read), or broadcast (zero) strides.
+Strides4 random_strides(int64_t a, int64_t b, int64_t c, int64_t d) {
+  Strides4 st;
+  switch (rnd(0, 3)) {
+    case 0:
+      st.w = 1; st.h = d + rnd(0, 2); st.c = c * st.h + rnd(0, 2); st.n = b * st.c + rnd(0, 3);
+      break;
+    case 1:
+      st.c = 1; st.w = b + rnd(0, 2); st.h = d * st.w + rnd(0, 2); st.n = c * st.h + rnd(0, 3);
+      break;
+    case 2:
+      st.n = rnd(0, 40); st.c = rnd(0, 20); st.h = rnd(0, 10); st.w = rnd(0, 4);
+      break;
+    default:
+      st.w = coin(0.5) ? 0 : 1; st.h = coin(0.5) ? 0 : d; st.c = c * d; st.n = coin(0.5) ? 0 : b * c * d;
+      break;
+  }
+  return st;
+}
+
+ConvGeometry random_geometry() {
+  ConvGeometry g;
+  g.N = rnd(0, 4) == 0 ? rnd(0, 1) : rnd(1, 3);
+  g.C = rnd(0, 4);
+  g.H = rnd(0, 6) == 0 ? rnd(0, 1) : rnd(1, 7);
+  g.W = rnd(0, 6) == 0 ? rnd(0, 1) : rnd(1, 7);
+  g.n = rnd(0, 5);
+  g.k = 2 * rnd(0, 2) + (coin(0.8) ? 1 : 2);  // mostly odd: 1, 3, 5; sometimes 2, 4, 6
+  g.pad = coin(0.7) ? g.k / 2 : rnd(0, g.k);
+  g.bias = coin(0.7) || g.C == 0;
+  return g;
+}
+
+// 0 blocks, 1 matvec, 2 matrix-free Lanczos on the conv operator.
+void fuzz_conv(int kind, bool cuda, int64_t it) {
+  ConvSensitivityMatvecParams P;
+  ConvGeometry& g = P.g;
+  g = random_geometry();
+  P.in_dtype = in_dtype();
+  P.acc_dtype = acc_for(P.in_dtype, cuda);
+  P.num_threads = static_cast<int>(rnd(1, 3));
+  const int64_t Ho = std::max<int64_t>(g.Ho(), 0), Wo = std::max<int64_t>(g.Wo(), 0);
+  P.xs = random_strides(g.N, g.C, g.H, g.W);
+  P.ps = random_strides(g.N, g.n, Ho, Wo);
+  const int64_t ies = dtype_size(P.in_dtype), aes = dtype_size(P.acc_dtype), m = g.m(), rows = g.rows();
+  const bool lanczos = kind == 2;
+  const bool active = g.n > 0 && (kind == 1 || lanczos || rows > 0);
+  const bool reads = active && rows > 0;
+  // 0 x, 1 p, 2 out (values for the Lanczos), 3 v, 4 workspace, 5 vectors, 6 ritz, 7 steps
+  int64_t bytes[8] = {};
+  bytes[0] = (reads && g.d() > 0) ? span4(g.N, g.C, g.H, g.W, P.xs) * ies : 0;
+  bytes[1] = reads ? span4(g.N, g.n, Ho, Wo, P.ps) * ies : 0;
+  LanczosParams L;
+  int64_t kk = 1;
+  if (lanczos) {
+    L.num_problems = g.n;
+    L.m = m;
+    kk = rnd(1, m);
+    L.k = kk;
+    L.max_steps = rnd(kk, m);
+    L.norm_group = rnd(1, std::max<int64_t>(g.n, 1));
+    L.dtype = P.acc_dtype;
+    L.tol = 1e-6;
+    L.num_threads = P.num_threads;
+    // cuda: the operator's y [rows, n] after the driver's own layout
+    const int64_t ws = g.n > 0 ? lanczos_workspace_layout(L, false).total + (cuda ? rows * g.n : 0) : 0;
+    bytes[2] = g.n * kk * aes;
+    bytes[4] = ws * aes;
+    bytes[5] = g.n * m * kk * aes;
+    bytes[6] = g.n * kk * aes;
+    bytes[7] = g.n * 4;
+  } else {
+    bytes[2] = active ? g.n * m * (kind == 1 ? 1 : m) * aes : 0;
+    bytes[3] = (kind == 1 && reads) ? g.n * m * aes : 0;
+    bytes[4] = (kind == 1 && reads && cuda) ? rows * g.n * aes : 0;
+  }
+  const int64_t tes[8] = {ies, ies, aes, aes, aes, aes, aes, 4};
+  int mut = coin(0.4) ? kNone : static_cast<int>(rnd(1, kNumMut - 1));
+  if (mut == kLanczosArg && !lanczos) mut = kNone;
+  bool must_reject = false;
+  const int target = static_cast<int>(rnd(0, 7));
+  int64_t misalign[8] = {};
+  bool null[8] = {};
+  if ((mut == kShort || mut == kMisalign || mut == kNull) && bytes[target] == 0) mut = kNone;
+  if (mut == kShort) {
+    bytes[target] -= rnd(1, std::min<int64_t>(bytes[target], 2 * tes[target]));
+    must_reject = true;
+  } else if (mut == kMisalign) {
+    if (tes[target] > 1) {
+      misalign[target] = rnd(1, tes[target] - 1);
+      must_reject = true;
+    } else {
+      mut = kNone;
+    }
+  } else if (mut == kNull) {
+    null[target] = true;
+    must_reject = true;
+  }
+  const DType t_of[8] = {P.in_dtype, P.in_dtype, P.acc_dtype, P.acc_dtype, P.acc_dtype, P.acc_dtype, P.acc_dtype,
+                         DType::kFloat32};
+  Buffer buf[8];
+  for (int i = 0; i < 8; ++i) buf[i] = make(bytes[i], t_of[i], misalign[i]);
+  for (int i = 0; i < 8; ++i)
+    if (null[i] || (bytes[i] == 0 && coin(0.5))) buf[i].ptr = nullptr;
+  int64_t have[8];
+  for (int i = 0; i < 8; ++i) have[i] = bytes[i];
+  Buffer shared;
+  if (mut == kOverlap && bytes[2] > 0 && (bytes[0] > 0 || bytes[1] > 0)) {  // out inside x or p
+    const int src = bytes[0] > 0 ? 0 : 1;
+    const int64_t start = rnd(0, (bytes[src] - 1) / 8) * 8;
+    shared = make(start + std::max(bytes[src] - start, bytes[2]) + 8, DType::kFloat64);
+    buf[src].ptr = shared.ptr;
+    buf[2].ptr = shared.ptr + start;
+    have[src] = shared.bytes;
+    have[2] = shared.bytes - start;
+    must_reject = true;
+  }
+  switch (mut) {
+    case kNegative: {
+      int64_t* f[] = {&g.N, &g.C, &g.H, &g.W, &g.n, &g.pad, &P.xs.n, &P.xs.c, &P.xs.h, &P.xs.w, &P.ps.n, &P.ps.w};
+      *f[rnd(0, 11)] = -rnd(1, 3);
+      must_reject = true;
+      break;
+    }
+    case kDtype:
+      if (coin(0.5)) P.in_dtype = static_cast<DType>(coin(0.5) ? 3 : -1);
+      else P.acc_dtype = coin(0.5) ? DType::kBFloat16 : static_cast<DType>(7);
+      must_reject = true;
+      break;
+    case kOverflow:
+      if (coin(0.5)) {
+        g.N = int64_t(1) << 62;
+        g.H = g.W = std::max<int64_t>(g.H, 4) + g.k;
+      } else {
+        g.k = (int64_t(1) << 32) + 1;
+        g.pad = int64_t(1) << 31;
+      }
+      g.n = std::max<int64_t>(g.n, 1);
+      must_reject = true;
+      break;
+    case kGrow:  // a size grew after the buffers were allocated: the checks decide, ASan verifies
+      if (coin(0.5)) g.C += 1; else g.N += 1;
+      break;
+    case kStrides:  // anything goes: the checks decide, ASan verifies
+      P.xs = Strides4{rnd(0, 60), rnd(0, 30), rnd(0, 12), rnd(0, 4)};
+      P.ps = Strides4{rnd(0, 60), rnd(0, 30), rnd(0, 12), rnd(0, 4)};
+      break;
+    case kLanczosArg:
+      switch (rnd(0, 4)) {
+        case 0: L.k = coin(0.5) ? 0 : m + 1; break;
+        case 1: L.max_steps = coin(0.5) ? L.k - 1 : m + 1; break;
+        case 2: L.tol = coin(0.5) ? 0.0 : NAN; break;
+        case 3: L.norm_group = -rnd(0, 2); break;
+        default: L.m = m + 1; break;
+      }
+      must_reject = true;
+      break;
+    default:
+      break;
+  }
+  if (!cuda && P.in_dtype == DType::kFloat64 && P.acc_dtype == DType::kFloat32) must_reject = true;
+  const bool must_accept = mut == kNone;
+  P.x = buf[0].ptr;
+  P.p = buf[1].ptr;
+  char what[200];
+  std::snprintf(what, sizeof what, "conv %s %s it=%ld N=%ld C=%ld H=%ld W=%ld n=%ld k=%ld pad=%ld",
+                kind == 0 ? "blocks" : kind == 1 ? "matvec" : "lanczos", cuda ? "cuda" : "cpu", (long)it, (long)g.N,
+                (long)g.C, (long)g.H, (long)g.W, (long)g.n, (long)g.k, (long)g.pad);
+  if (kind == 0) {
+    ConvSensitivityBlocksParams B;
+    B.g = g; B.x = P.x; B.xs = P.xs; B.p = P.p; B.ps = P.ps; B.out = buf[2].ptr;
+    B.in_dtype = P.in_dtype; B.acc_dtype = P.acc_dtype; B.num_threads = P.num_threads;
+    trial(what, mut, must_reject, must_accept,
+          [&] { check_conv_blocks_params("conv_sensitivity_blocks", B, cuda, have[0], have[1], have[2]); },
+          [&] {
+            if (cuda) conv_sensitivity_blocks_cuda(B);
+            else conv_sensitivity_blocks_cpu(B);
+          });
+  } else if (kind == 1) {
+    P.out = buf[2].ptr;
+    P.v = buf[3].ptr;
+    P.workspace = buf[4].ptr;
+    trial(what, mut, must_reject, must_accept,
+          [&] {
+            check_conv_matvec_params("conv_sensitivity_matvec", P, cuda, have[0], have[1], have[3], have[2], have[4]);
+          },
+          [&] {
+            if (cuda) conv_sensitivity_matvec_cuda(P);
+            else conv_sensitivity_matvec_cpu(P);
+          });
+  } else {
+    P.acc_dtype = mut == kDtype ? P.acc_dtype : L.dtype;
+    L.dtype = P.acc_dtype == DType::kFloat64 || P.acc_dtype == DType::kFloat32 ? P.acc_dtype : L.dtype;
+    L.values = buf[2].ptr;
+    L.workspace = buf[4].ptr;
+    L.vectors = buf[5].ptr;
+    L.ritz_residuals = buf[6].ptr;
+    L.steps = reinterpret_cast<int32_t*>(buf[7].ptr);
+    LanczosSpans sp;
+    sp.x = have[0]; sp.p = have[1]; sp.values = have[2]; sp.workspace = have[4]; sp.vectors = have[5];
+    sp.ritz = have[6]; sp.steps = have[7];
+    trial(what, mut, must_reject, must_accept,
+          [&] { check_conv_lanczos_params("conv_sensitivity_lanczos", L, P, cuda, sp); },
+          [&] {
+            if (cuda) conv_lanczos_topk_cuda(L, P);
+            else conv_lanczos_topk_cpu(L, P);
+          });
+  }
+}
+
 // The messages the Python bindings cannot reach (they always pass consistent dtypes and real
 // pointers): each check named, with its expectation and what it got.
 template <class F>
@@ -478,6 +700,28 @@ void messages() {
   L.op.in_dtype = DType::kFloat64;
   expect_message("mf in f64", "lanczos_topk: acc_dtype must be float64 for float64 inputs, got float32",
                  [&] { check_lanczos_params("lanczos_topk", L, false, LanczosSpans()); });
+  ConvSensitivityMatvecParams C;
+  C.g.N = 1; C.g.C = 2; C.g.H = 3; C.g.W = 3; C.g.n = 2; C.g.k = 3; C.g.pad = 1;
+  C.in_dtype = DType::kFloat32;
+  C.acc_dtype = DType::kFloat32;
+  LanczosParams CL;
+  CL.num_problems = 2; CL.m = 19; CL.k = 1; CL.max_steps = 3; CL.dtype = DType::kFloat64;
+  expect_message("conv mf acc", "conv_sensitivity_lanczos: op.acc_dtype must equal the Lanczos dtype float64, got "
+                 "float32", [&] { check_conv_lanczos_params("conv_sensitivity_lanczos", CL, C, false, LanczosSpans()); });
+  CL.dtype = DType::kFloat32;
+  CL.num_problems = 3;
+  expect_message("conv mf n", "conv_sensitivity_lanczos: the matrix-free operator must have n = num_problems = 3 and "
+                 "m = 19, got n = 2 and m = 19",
+                 [&] { check_conv_lanczos_params("conv_sensitivity_lanczos", CL, C, false, LanczosSpans()); });
+  ConvSensitivityBlocksParams CB;
+  CB.g = C.g;
+  CB.in_dtype = DType::kFloat32;
+  CB.acc_dtype = DType::kFloat64;
+  expect_message("conv cuda acc", "conv_sensitivity_blocks: acc_dtype must be float32 for float32 inputs on CUDA, got "
+                 "float64", [&] { check_conv_blocks_params("conv_sensitivity_blocks", CB, true, 0, 0, 0); });
+  CB.in_dtype = static_cast<DType>(5);
+  expect_message("conv dtype", "conv_sensitivity_blocks: in_dtype must be float32, float64 or bfloat16, got dtype code 5",
+                 [&] { check_conv_blocks_params("conv_sensitivity_blocks", CB, false, 0, 0, 0); });
 }
 
 }  // namespace
@@ -490,10 +734,11 @@ int main(int argc, char** argv) {
   messages();
   for (int64_t it = 0; it < iters; ++it) {
     const bool cuda = coin(cuda_share);
-    switch (rnd(0, 2)) {
+    switch (rnd(0, 5)) {
       case 0: fuzz_blocks_or_matvec(false, cuda, it); break;
       case 1: fuzz_blocks_or_matvec(true, cuda, it); break;
-      default: fuzz_lanczos(cuda, it); break;
+      case 2: fuzz_lanczos(cuda, it); break;
+      default: fuzz_conv(static_cast<int>(rnd(0, 2)), cuda, it); break;
     }
   }
   std::printf("%s: validate.h fuzz, seed %llu, %ld calls: %ld accepted (%ld ran), %ld rejected, %d failures\n",

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "topoderiv/conv_sensitivity.h"
 #include "topoderiv/lanczos.h"
 #include "topoderiv/sensitivity.h"
 
@@ -335,6 +336,273 @@ static void test_lanczos_mf(DType tin, int64_t batch, int64_t N, int64_t d, int6
     }
 }
 
+// ------------------------------------------------------------------------------------ convolutions
+
+// A 4-D tensor [a, b, c, d] stored with padded strides: layout 0 = NCHW-like (d fastest), 1 =
+// channels-last-like (b fastest). Values (rounded to the dtype) kept densely as doubles.
+struct Tensor4 {
+  std::vector<unsigned char> raw;
+  std::vector<double> val;
+  Strides4 st;
+  int64_t a = 0, b = 0, c = 0, d = 0;
+  double at(int64_t i, int64_t j, int64_t h, int64_t w) const { return val[((i * b + j) * c + h) * d + w]; }
+};
+
+static Tensor4 make_tensor4(DType t, int64_t a, int64_t b, int64_t c, int64_t d, int layout, bool integer) {
+  Tensor4 T;
+  T.a = a; T.b = b; T.c = c; T.d = d;
+  auto pad = [] { return static_cast<int64_t>(rng() % 3); };
+  if (layout == 0) {
+    T.st.w = 1;
+    T.st.h = d + pad();
+    T.st.c = c * T.st.h + pad();
+    T.st.n = b * T.st.c + pad();
+  } else {
+    T.st.c = 1;
+    T.st.w = b + pad();
+    T.st.h = d * T.st.w + pad();
+    T.st.n = c * T.st.h + pad();
+  }
+  int64_t elems = 1;
+  if (a > 0 && b > 0 && c > 0 && d > 0) elems += (a - 1) * T.st.n + (b - 1) * T.st.c + (c - 1) * T.st.h + (d - 1) * T.st.w;
+  T.raw.assign(static_cast<size_t>(elems) * esize(t), 0);
+  for (int64_t e = 0; e < elems; ++e) store(T.raw.data(), t, e, NAN);  // poison: padding reads show
+  T.val.assign(static_cast<size_t>(a * b * c * d), 0);
+  std::uniform_real_distribution<double> U(-1, 1);
+  std::uniform_int_distribution<int> I(-3, 3);
+  for (int64_t i = 0; i < a; ++i)
+    for (int64_t j = 0; j < b; ++j)
+      for (int64_t h = 0; h < c; ++h)
+        for (int64_t w = 0; w < d; ++w)
+          T.val[((i * b + j) * c + h) * d + w] =
+              store(T.raw.data(), t, i * T.st.n + j * T.st.c + h * T.st.h + w * T.st.w, integer ? I(rng) : U(rng));
+  return T;
+}
+
+// pt[row s, feature i] of the naive im2col.
+static double patch_ref(const Tensor4& X, const ConvGeometry& g, int64_t s, int64_t i) {
+  const int64_t d = g.d();
+  if (i == d) return 1.0;
+  const int64_t Ho = g.Ho(), Wo = g.Wo();
+  const int64_t img = s / (Ho * Wo), oh = (s / Wo) % Ho, ow = s % Wo;
+  const int64_t c = i / (g.k * g.k), ky = (i / g.k) % g.k, kx = i % g.k;
+  const int64_t h = oh + ky - g.pad, w = ow + kx - g.pad;
+  if (h < 0 || h >= g.H || w < 0 || w >= g.W) return 0.0;
+  return X.at(img, c, h, w);
+}
+static double pcost_ref(const Tensor4& P, const ConvGeometry& g, int64_t s, int64_t r) {
+  const int64_t Ho = g.Ho(), Wo = g.Wo();
+  return P.at(s / (Ho * Wo), r, (s / Wo) % Ho, s % Wo);
+}
+
+struct ConvShape {
+  int64_t N, C, H, W, n, k, pad;
+  bool bias;
+};
+
+static void test_conv_blocks(DType t, const ConvShape& c, bool integer, int layout) {
+  ConvGeometry g;
+  g.N = c.N; g.C = c.C; g.H = c.H; g.W = c.W; g.n = c.n; g.k = c.k; g.pad = c.pad; g.bias = c.bias;
+  const int64_t m = g.m(), rows = g.rows();
+  Tensor4 X = make_tensor4(t, g.N, g.C, g.H, g.W, layout, integer);
+  Tensor4 Pt = make_tensor4(t, g.N, g.n, std::max<int64_t>(g.Ho(), 0), std::max<int64_t>(g.Wo(), 0), 1 - layout, integer);
+  const bool f64 = t == DType::kFloat64;
+  const int64_t oe = g.n * m * m;
+  std::vector<double> out0(oe), ref(oe);
+  std::uniform_int_distribution<int> I(-5, 5);
+  for (int64_t r = 0; r < g.n; ++r)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = i; j < m; ++j) out0[(r * m + i) * m + j] = out0[(r * m + j) * m + i] = I(rng);
+  std::vector<double> pt(static_cast<size_t>(rows * m));
+  for (int64_t s = 0; s < rows; ++s)
+    for (int64_t i = 0; i < m; ++i) pt[s * m + i] = patch_ref(X, g, s, i);
+  for (int64_t r = 0; r < g.n; ++r)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < m; ++j) {
+        double acc = out0[(r * m + i) * m + j];
+        for (int64_t s = 0; s < rows; ++s) acc += pcost_ref(Pt, g, s, r) * pt[s * m + i] * pt[s * m + j];
+        ref[(r * m + i) * m + j] = acc;
+      }
+  double maxref = 0;
+  for (double e : ref) maxref = std::max(maxref, std::fabs(e));
+  for (int cuda = 0; cuda < 2; ++cuda) {
+    std::vector<float> of(out0.begin(), out0.end());
+    std::vector<double> od(out0);
+    ConvSensitivityBlocksParams P;
+    P.g = g;
+    P.x = X.raw.data(); P.xs = X.st;
+    P.p = Pt.raw.data(); P.ps = Pt.st;
+    P.out = f64 ? static_cast<void*>(od.data()) : static_cast<void*>(of.data());
+    P.in_dtype = t;
+    P.acc_dtype = f64 ? DType::kFloat64 : DType::kFloat32;
+    P.num_threads = 2;
+    if (cuda) conv_sensitivity_blocks_cuda(P); else conv_sensitivity_blocks_cpu(P);
+    double maxerr = 0;
+    bool sym = true;
+    for (int64_t r = 0; r < g.n; ++r)
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t e = (r * m + i) * m + j, et = (r * m + j) * m + i;
+          const double got = f64 ? od[e] : of[e], gott = f64 ? od[et] : of[et];
+          if (got != gott) sym = false;
+          maxerr = std::max(maxerr, std::isnan(got) ? INFINITY : std::fabs(got - ref[e]));
+        }
+    const double tol = integer ? 0.0 : (f64 ? 1e-12 : 1e-5) * std::max(1.0, (double)rows) * std::max(1.0, maxref);
+    CHECK(maxerr <= tol, "conv blocks %s %s N=%ld C=%ld H=%ld W=%ld n=%ld k=%ld pad=%ld bias=%d layout=%d int=%d: "
+          "maxerr %g (tol %g)", cuda ? "cuda" : "cpu", dtype_name(t), c.N, c.C, c.H, c.W, c.n, c.k, c.pad, c.bias,
+          layout, integer, maxerr, tol);
+    CHECK(sym, "conv blocks %s: not exactly symmetric", cuda ? "cuda" : "cpu");
+  }
+}
+
+static void test_conv_matvec(DType t, const ConvShape& c, bool integer, int layout) {
+  ConvGeometry g;
+  g.N = c.N; g.C = c.C; g.H = c.H; g.W = c.W; g.n = c.n; g.k = c.k; g.pad = c.pad; g.bias = c.bias;
+  const int64_t m = g.m(), rows = g.rows();
+  Tensor4 X = make_tensor4(t, g.N, g.C, g.H, g.W, layout, integer);
+  Tensor4 Pt = make_tensor4(t, g.N, g.n, std::max<int64_t>(g.Ho(), 0), std::max<int64_t>(g.Wo(), 0), layout, integer);
+  const bool f64 = t == DType::kFloat64;
+  std::uniform_real_distribution<double> U(-1, 1);
+  std::uniform_int_distribution<int> I(-3, 3);
+  std::vector<double> v(static_cast<size_t>(g.n * m));
+  for (auto& e : v) e = integer ? I(rng) : U(rng);
+  if (!f64) for (auto& e : v) e = static_cast<float>(e);
+  std::vector<double> ref(static_cast<size_t>(g.n * m), 0.0), pt(static_cast<size_t>(m));
+  for (int64_t s = 0; s < rows; ++s) {
+    for (int64_t i = 0; i < m; ++i) pt[i] = patch_ref(X, g, s, i);
+    for (int64_t r = 0; r < g.n; ++r) {
+      double y = 0;
+      for (int64_t i = 0; i < m; ++i) y += pt[i] * v[r * m + i];
+      const double z = pcost_ref(Pt, g, s, r) * y;
+      for (int64_t i = 0; i < m; ++i) ref[r * m + i] += z * pt[i];
+    }
+  }
+  double maxref = 0;
+  for (double e : ref) maxref = std::max(maxref, std::fabs(e));
+  for (int cuda = 0; cuda < 2; ++cuda) {
+    std::vector<float> vf(v.begin(), v.end()), of(g.n * m, NAN), wf(rows * g.n + 1, NAN);
+    std::vector<double> od(g.n * m, NAN), wd(rows * g.n + 1, NAN);
+    ConvSensitivityMatvecParams P;
+    P.g = g;
+    P.x = X.raw.data(); P.xs = X.st;
+    P.p = Pt.raw.data(); P.ps = Pt.st;
+    P.v = f64 ? static_cast<const void*>(v.data()) : static_cast<const void*>(vf.data());
+    P.out = f64 ? static_cast<void*>(od.data()) : static_cast<void*>(of.data());
+    P.workspace = f64 ? static_cast<void*>(wd.data()) : static_cast<void*>(wf.data());
+    P.in_dtype = t;
+    P.acc_dtype = f64 ? DType::kFloat64 : DType::kFloat32;
+    P.num_threads = 3;
+    if (cuda) conv_sensitivity_matvec_cuda(P); else conv_sensitivity_matvec_cpu(P);
+    double maxerr = 0;
+    for (int64_t e = 0; e < g.n * m; ++e) {
+      const double got = f64 ? od[e] : of[e];
+      maxerr = std::max(maxerr, std::isnan(got) ? INFINITY : std::fabs(got - ref[e]));
+    }
+    const double tol = integer ? 0.0 : (f64 ? 1e-12 : 1e-5) * std::max(1.0, (double)rows * m) * std::max(1.0, maxref);
+    CHECK(maxerr <= tol, "conv matvec %s %s N=%ld C=%ld H=%ld W=%ld n=%ld k=%ld pad=%ld bias=%d layout=%d int=%d: "
+          "maxerr %g (tol %g)", cuda ? "cuda" : "cpu", dtype_name(t), c.N, c.C, c.H, c.W, c.n, c.k, c.pad, c.bias,
+          layout, integer, maxerr, tol);
+    if (cuda) CHECK(f64 ? std::isnan(wd[rows * g.n]) : std::isnan(wf[rows * g.n]), "conv matvec workspace overrun");
+  }
+}
+
+// Matrix-free Lanczos on the conv operator: emulated CUDA and CPU agree, and the CUDA vectors are
+// eigenvectors of the naive dense blocks.
+template <typename T>
+static void test_conv_lanczos(DType tin, const ConvShape& c, int64_t k) {
+  ConvGeometry g;
+  g.N = c.N; g.C = c.C; g.H = c.H; g.W = c.W; g.n = c.n; g.k = c.k; g.pad = c.pad; g.bias = c.bias;
+  const int64_t m = g.m(), B = g.n, rows = g.rows();
+  Tensor4 X = make_tensor4(tin, g.N, g.C, g.H, g.W, 1, false);
+  Tensor4 Pt = make_tensor4(tin, g.N, g.n, g.Ho(), g.Wo(), 0, false);
+  const DType dt = sizeof(T) == 8 ? DType::kFloat64 : DType::kFloat32;
+  ConvSensitivityMatvecParams op;
+  op.g = g;
+  op.x = X.raw.data(); op.xs = X.st;
+  op.p = Pt.raw.data(); op.ps = Pt.st;
+  op.in_dtype = tin;
+  op.acc_dtype = dt;
+  op.num_threads = 2;
+  LanczosParams P;
+  P.num_problems = B; P.m = m; P.k = k; P.max_steps = m; P.tol = sizeof(T) == 8 ? 1e-10 : 1e-5; P.seed = 11;
+  P.norm_group = B; P.dtype = dt; P.num_threads = 2;
+  std::vector<T> vals[2], vecs[2], res[2], ws[2];
+  std::vector<int32_t> steps[2];
+  for (int w = 0; w < 2; ++w) {
+    LanczosParams Q = P;
+    vals[w].assign(B * k, NAN);
+    vecs[w].assign(B * m * k, NAN);
+    res[w].assign(B * k, NAN);
+    steps[w].assign(B, -1);
+    // the CUDA workspace holds the operator's y [rows, n] at its end; zeroed as ops.py does
+    const int64_t total = lanczos_workspace_layout(P, false).total + (w == 0 ? rows * B : 0);
+    ws[w].assign(total + 1, w == 0 ? T(0) : T(NAN));
+    ws[w].back() = T(NAN);
+    Q.values = vals[w].data(); Q.vectors = vecs[w].data(); Q.ritz_residuals = res[w].data();
+    Q.steps = steps[w].data(); Q.workspace = ws[w].data();
+    if (w == 0) conv_lanczos_topk_cuda(Q, op); else conv_lanczos_topk_cpu(Q, op);
+    CHECK(std::isnan(static_cast<double>(ws[w].back())), "conv lanczos workspace overrun");
+  }
+  std::vector<double> pt(static_cast<size_t>(rows * m));
+  for (int64_t s = 0; s < rows; ++s)
+    for (int64_t i = 0; i < m; ++i) pt[s * m + i] = patch_ref(X, g, s, i);
+  for (int64_t r = 0; r < B; ++r) {
+    std::vector<double> A(static_cast<size_t>(m * m), 0.0);
+    for (int64_t s = 0; s < rows; ++s) {
+      const double pr = pcost_ref(Pt, g, s, r);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < m; ++j) A[i * m + j] += pr * pt[s * m + i] * pt[s * m + j];
+    }
+    double anorm = 0;
+    for (double e : A) anorm = std::max(anorm, std::fabs(e));
+    anorm *= m;
+    for (int64_t cc = 0; cc < k; ++cc) {
+      const double lam = vals[0][r * k + cc];
+      CHECK(std::fabs(lam - vals[1][r * k + cc]) <= (sizeof(T) == 8 ? 1e-8 : 1e-3) * std::max(1.0, anorm),
+            "conv lanczos r=%ld c=%ld value cuda %.10g cpu %.10g", r, cc, lam, (double)vals[1][r * k + cc]);
+      double r2 = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        double av = 0;
+        for (int64_t j = 0; j < m; ++j) av += A[i * m + j] * vecs[0][(r * m + j) * k + cc];
+        r2 += std::pow(av - lam * vecs[0][(r * m + i) * k + cc], 2);
+      }
+      CHECK(std::sqrt(r2) <= (sizeof(T) == 8 ? 1e-6 : 1e-3) * std::max(1e-3, anorm), "conv lanczos r=%ld residual %g",
+            r, std::sqrt(r2));
+    }
+    for (int64_t i = 0; i < m; ++i)
+      CHECK(vals[0][r * k] >= A[i * m + i] - 1e-4 * std::max(1.0, anorm), "conv lanczos not top: %g < A_ii %g",
+            (double)vals[0][r * k], A[i * m + i]);
+  }
+}
+
+static void test_conv() {
+  const DType dts[3] = {DType::kFloat32, DType::kFloat64, DType::kBFloat16};
+  const ConvShape shapes[] = {
+      {1, 1, 1, 1, 1, 1, 0, true},  {2, 1, 5, 7, 3, 3, 1, true},  {1, 3, 4, 5, 2, 3, 1, false},
+      {2, 2, 6, 5, 4, 5, 2, true},  {1, 2, 3, 3, 3, 5, 2, true},  {1, 4, 5, 6, 5, 3, 0, true},   // valid padding
+      {1, 0, 4, 4, 2, 3, 1, true},  {2, 3, 7, 6, 17, 1, 0, true}, {1, 8, 5, 5, 3, 3, 1, true},   // m = 73
+      {0, 2, 4, 4, 2, 3, 1, true},  {1, 2, 4, 4, 0, 3, 1, true},  {1, 2, 2, 2, 2, 5, 0, true},   // no rows
+  };
+  for (const ConvShape& c : shapes)
+    for (DType t : dts)
+      for (int integer = 0; integer < 2; ++integer) test_conv_blocks(t, c, integer, static_cast<int>(rng() % 2));
+  std::printf("conv blocks done (%d failures)\n", failures);
+  const ConvShape mshapes[] = {
+      {1, 1, 1, 1, 1, 1, 0, true}, {2, 1, 5, 7, 3, 3, 1, true}, {1, 3, 4, 5, 2, 3, 1, false},
+      {1, 2, 6, 5, 70, 3, 1, true}, {1, 8, 5, 5, 3, 3, 1, true}, {1, 0, 4, 4, 2, 3, 1, true},
+      {3, 1, 30, 30, 2, 1, 0, true},  // 2700 rows, m = 2: the second GEMM splits its rows
+      {0, 2, 4, 4, 2, 3, 1, true},
+  };
+  for (const ConvShape& c : mshapes)
+    for (DType t : dts)
+      for (int integer = 0; integer < 2; ++integer) test_conv_matvec(t, c, integer, static_cast<int>(rng() % 2));
+  std::printf("conv matvec done (%d failures)\n", failures);
+  test_conv_lanczos<double>(DType::kFloat64, {2, 2, 4, 5, 3, 3, 1, true}, 2);
+  test_conv_lanczos<float>(DType::kFloat32, {1, 1, 5, 5, 4, 3, 1, false}, 1);
+  test_conv_lanczos<float>(DType::kBFloat16, {1, 2, 3, 4, 2, 1, 0, true}, 1);
+  std::printf("conv lanczos done (%d failures)\n", failures);
+}
+
 int main(int argc, char** argv) {
   emu::order_mode = argc > 1 ? std::atoi(argv[1]) : 0;
   const DType dts[3] = {DType::kFloat32, DType::kFloat64, DType::kBFloat16};
@@ -375,6 +643,7 @@ int main(int argc, char** argv) {
   test_lanczos_mf<float>(DType::kBFloat16, 1, 30, 5, 2, 1);
   test_lanczos_mf<double>(DType::kFloat64, 1, 2100, 4, 2, 2);  // split second GEMM
   std::printf("lanczos mf done (%d failures)\n", failures);
+  test_conv();
   {  // validation
     LanczosParams P;
     P.num_problems = 0;

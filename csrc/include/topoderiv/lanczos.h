@@ -15,6 +15,19 @@
 
 namespace topoderiv {
 
+// A matrix-free operator supplied by another op's core (the convolution blocks of
+// conv_sensitivity.h), used instead of `op` when LanczosParams::external is set (and a == nullptr).
+class LanczosOperator {
+ public:
+  virtual ~LanczosOperator() = default;
+  // out[b] = A_b v[b] for every problem b with active[b] != 0 (host array [num_problems]; the
+  // operator may skip the others, whose rows of out are then unspecified). v, out: [num_problems, m]
+  // in the Lanczos dtype, backend memory (device memory on CUDA); v's rows of inactive problems are
+  // zero. workspace: workspace_elems(cuda) elements of the Lanczos dtype (nullptr when 0).
+  virtual void apply(const void* v, void* out, const uint8_t* active, void* workspace) const = 0;
+  virtual int64_t workspace_elems(bool cuda) const = 0;
+};
+
 struct LanczosParams {
   int64_t num_problems = 0;  // B
   int64_t m = 0;             // operator size
@@ -38,6 +51,9 @@ struct LanczosParams {
   // Matrix-free operator when a == nullptr: the sensitivity blocks of (x, p); B = op.batch * op.n,
   // problem index = b * n + r. op.v / op.out / op.workspace are set by the backend.
   SensitivityMatvecParams op;
+  // Matrix-free operator of another kind when a == nullptr and external != nullptr (then `op` is
+  // not used). Not owned.
+  const LanczosOperator* external = nullptr;
   // Outputs.
   void* values = nullptr;          // [B, k] dtype, descending
   void* vectors = nullptr;         // [B, m, k] dtype, unit columns
@@ -62,7 +78,8 @@ struct LanczosWorkspaceLayout {
   int64_t s = 0;       // [B, max_steps, k] Ritz coefficients (device copy)
   int64_t coef = 0;    // [B, max_steps + 1] Gram-Schmidt coefficients
   int64_t scalars = 0; // [B, 4] alpha, beta, active flag, scratch
-  int64_t matvec = 0;  // [op.batch, op.N, op.n] matrix-free CUDA workspace (0 elements otherwise)
+  int64_t matvec = 0;  // [op.batch, op.N, op.n] matrix-free CUDA workspace, or the external
+                       // operator's (0 elements otherwise)
   int64_t total = 0;
 };
 
@@ -75,7 +92,8 @@ inline LanczosWorkspaceLayout lanczos_workspace_layout(const LanczosParams& p, b
   l.coef = l.s + B * p.max_steps * p.k;
   l.scalars = l.coef + B * (p.max_steps + 1);
   l.matvec = l.scalars + B * 4;
-  l.total = l.matvec + ((cuda && p.matrix_free()) ? matvec_workspace_elems(p.op) : 0);
+  const int64_t mv = p.external != nullptr ? p.external->workspace_elems(cuda) : matvec_workspace_elems(p.op);
+  l.total = l.matvec + ((cuda && p.matrix_free()) ? mv : 0);
   return l;
 }
 

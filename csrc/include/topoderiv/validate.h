@@ -208,7 +208,11 @@ inline int64_t lanczos_workspace_elems_checked(const char* fn, const LanczosPara
   ws = add(fn, ws, mul(fn, mul(fn, B, S), k));
   ws = add(fn, ws, mul(fn, B, add(fn, S, 1)));
   ws = add(fn, ws, mul(fn, B, 4));
-  if (cuda && P.matrix_free()) {
+  if (cuda && P.matrix_free() && P.external != nullptr) {
+    const int64_t ext = P.external->workspace_elems(true);
+    non_negative(fn, "the external operator's workspace", ext);
+    ws = add(fn, ws, ext);
+  } else if (cuda && P.matrix_free()) {
     non_negative(fn, "op.batch", P.op.batch);
     non_negative(fn, "op.N", P.op.N);
     non_negative(fn, "op.n", P.op.n);
@@ -224,7 +228,9 @@ struct LanczosSpans {
 };
 
 // Dense ([B, m, m] a) or matrix-free (op) Lanczos: the arguments lanczos_run would reject, plus the
-// spans of every input, output and the workspace (lanczos_workspace_layout) when B > 0.
+// spans of every input, output and the workspace (lanczos_workspace_layout) when B > 0. With an
+// external operator (params.external) the caller checks the operator and adds the spans it reads
+// (conv_sensitivity.h: check_conv_lanczos_params).
 inline std::vector<Region> check_lanczos_params(const char* fn, const LanczosParams& P, bool cuda,
                                                 const LanczosSpans& s) {
   using namespace validate_detail;
@@ -237,7 +243,7 @@ inline std::vector<Region> check_lanczos_params(const char* fn, const LanczosPar
   if (P.norm_group < 1) fail(fn, "norm_group must be >= 1, got " + str(P.norm_group));
   if (P.dtype != DType::kFloat32 && P.dtype != DType::kFloat64)
     fail(fn, "dtype must be float32 or float64, got " + dtype_str(P.dtype));
-  if (P.matrix_free()) {
+  if (P.matrix_free() && P.external == nullptr) {
     const SensitivityMatvecParams& o = P.op;
     check_data_params(fn, o);
     if (cuda) check_cuda_acc(fn, o.in_dtype, o.acc_dtype);
@@ -252,16 +258,16 @@ inline std::vector<Region> check_lanczos_params(const char* fn, const LanczosPar
   if (B > 0) {
     const int64_t es = dtype_size(P.dtype);
     const int64_t ws = lanczos_workspace_elems_checked(fn, P, cuda);
-    if (P.matrix_free()) {
+    if (P.matrix_free() && P.external == nullptr) {
       const SensitivityMatvecParams& o = P.op;
       if (o.N > 0) {
         const int64_t ies = dtype_size(o.in_dtype);
         R.add("x", o.x, s.x, span_elems(fn, o.batch, o.N, o.d, o.x_rstride, o.x_bstride), ies, false);
         R.add("p", o.p, s.p, span_elems(fn, o.batch, o.N, o.n, o.p_rstride, o.p_bstride), ies, false);
       }
-    } else {
+    } else if (!P.matrix_free()) {
       R.add("a", P.a, s.a, mul(fn, B, mul(fn, m, m)), es, false);
-    }
+    }  // an external operator: its caller adds the spans it reads
     if (P.v0 != nullptr) R.add("v0", P.v0, s.v0, mul(fn, B, m), es, false);
     R.add("values", P.values, s.values, mul(fn, B, k), es, true);
     R.add("vectors", P.vectors, s.vectors, mul(fn, mul(fn, B, m), k), es, true);

@@ -1,0 +1,523 @@
+// CPU convolution sensitivity kernels (contract: include/topoderiv/conv_sensitivity.h): the
+// readable spec of the CUDA twins, and fast.
+//
+// Both kernels walk the rows (output pixels, row-major over [N, Ho, Wo]) in chunks of KC = 256. Each
+// thread gathers the patches of its current chunk through PatchAddress into a private [KC, m]
+// buffer (the bias column included; 590 KB at m = 577 in float32, it stays in L2), so the im2col
+// matrix never exists: the extra memory is the output plus fixed per-thread buffers. From that
+// buffer on, the kernels are the ones of sensitivity_cpu.cpp:
+//
+// Blocks. One GEMM  C[r, (i,j)] = P^T Z  over the chunk, Z[s, (i,j)] = pt[s, i] pt[s, j] generated
+// in the packing of its panels (never stored); only the upper triangle's m(m+1)/2 pairs, cut into
+// tiles of NR consecutive pairs (no padding at row ends). Each thread owns a fixed, equal share of
+// the tiles for the whole call (no barrier: a barrier per chunk costs a time slice whenever another
+// process shares the cores) and gathers every chunk itself (m values per row, against its tiles'
+// n m^2 / (2 threads) multiply-adds per row). The lower triangle is mirrored at the end.
+//
+// Matvec. Split-K over chunks: each thread gathers its own chunks, then Y = Pt V^T ([KC, n]) and
+// acc += (P .* Y)^T Pt (the product with P fused into the second GEMM's A panels) into a private
+// [n, m] accumulator; the accumulators are summed in thread order at the end (deterministic for a
+// given thread count).
+//
+// The matrix-free Lanczos runs the shared driver (csrc/common/lanczos_driver.cpp) through the CPU
+// backend with this matvec as its external operator; once a fifth of the blocks have converged the
+// operator gathers the costate channels of the others and applies only those.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu/microkernel.h"
+#include "topoderiv/conv_sensitivity.h"
+
+namespace topoderiv {
+namespace cpu {
+namespace {
+
+constexpr int64_t KC = 256;  // rows (output pixels) per chunk
+
+template <typename T>
+struct Aligned {
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> ptr;
+  explicit Aligned(int64_t n) {
+    size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
+    bytes = (bytes + 63) / 64 * 64;
+    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    if (!ptr) throw std::bad_alloc();
+  }
+  T* get() const { return ptr.get(); }
+};
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+inline int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+// PatchAddress::feature for every feature i < d, computed once per call (no divisions per element).
+struct FeatureTable {
+  std::vector<int64_t> off;
+  std::vector<int64_t> ky, kx;
+  explicit FeatureTable(const PatchAddress& A) {
+    off.resize(static_cast<size_t>(A.d));
+    ky.resize(static_cast<size_t>(A.d));
+    kx.resize(static_cast<size_t>(A.d));
+    for (int64_t i = 0; i < A.d; ++i) {
+      const PatchFeature f = A.feature(i);
+      off[i] = f.off;
+      ky[i] = f.ky;
+      kx[i] = f.kx;
+    }
+  }
+};
+
+// buf[q, i] = patch feature i of row s0 + q (q < rows, i < m, row stride ld): x elements through A,
+// zeros outside the image, the bias feature 1. Rows whose whole window is inside the image take
+// no bounds test.
+template <typename Tin, typename Tacc>
+TD_TARGET_CLONES void gather_rows(const Tin* x, const PatchAddress& A, const FeatureTable& F, int64_t s0,
+                                  int64_t rows, Tacc* buf, int64_t ld) {
+  const int64_t d = A.d, k = A.k;
+  const int64_t* off = F.off.data();
+  const int64_t* ky = F.ky.data();
+  const int64_t* kx = F.kx.data();
+  for (int64_t q = 0; q < rows; ++q) {
+    Tacc* dst = buf + q * ld;
+    if (A.bias) dst[d] = Tacc(1);
+    if (d == 0) continue;
+    const PatchRow r = A.row(s0 + q);
+    if (r.ih >= 0 && r.ih + k <= A.H && r.iw >= 0 && r.iw + k <= A.W) {
+      const Tin* xb = x + r.base;  // x[img, 0, ih, iw], inside x
+      for (int64_t i = 0; i < d; ++i) dst[i] = convert<Tacc>(xb[off[i]]);
+    } else {
+      for (int64_t i = 0; i < d; ++i) {
+        const bool in = static_cast<uint64_t>(r.ih + ky[i]) < static_cast<uint64_t>(A.H) &&
+                        static_cast<uint64_t>(r.iw + kx[i]) < static_cast<uint64_t>(A.W);
+        dst[i] = in ? convert<Tacc>(x[r.base + off[i]]) : Tacc(0);
+      }
+    }
+  }
+}
+
+// A panel of P^T for the chunk: Ap[q, ii] = p[row s0 + q, channel r0 + ii] (zero past n).
+template <typename Tin, typename Tacc>
+TD_TARGET_CLONES void pack_p_panel(const Tin* p, const int64_t* prow, int64_t pc, int64_t n, int64_t r0,
+                                   int64_t kc, Tacc* Ap) {
+  const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
+  for (int64_t q = 0; q < kc; ++q) {
+    const Tin* row = p + prow[q] + r0 * pc;
+    Tacc* dst = Ap + q * MR;
+    for (int ii = 0; ii < mr; ++ii) dst[ii] = convert<Tacc>(row[ii * pc]);
+    for (int ii = mr; ii < MR; ++ii) dst[ii] = Tacc(0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// blocks
+
+struct Run {
+  int c0, c1;     // tile columns [c0, c1)
+  int64_t i, j0;  // pair (i, j0 + c - c0) for tile column c
+};
+struct TriangleTiles {
+  std::vector<Run> runs;       // the runs of all tiles, tile by tile
+  std::vector<int64_t> first;  // tile t: runs[first[t], first[t + 1])
+  int64_t size() const { return static_cast<int64_t>(first.size()) - 1; }
+};
+
+// The pairs (i, j >= i) in row-major order, cut into tiles of nr consecutive pairs.
+TriangleTiles triangle_tiles(int64_t m, int nr) {
+  TriangleTiles t;
+  t.first.push_back(0);
+  int used = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = i; j < m;) {
+      const int take = static_cast<int>(std::min<int64_t>(nr - used, m - j));
+      t.runs.push_back(Run{used, used + take, i, j});
+      used += take;
+      j += take;
+      if (used == nr) {
+        t.first.push_back(static_cast<int64_t>(t.runs.size()));
+        used = 0;
+      }
+    }
+  }
+  if (used > 0) t.first.push_back(static_cast<int64_t>(t.runs.size()));
+  return t;
+}
+
+// One tile of every block for a chunk of kc gathered rows (xc [kc, ldx]): the panel
+// Bp[q, c] = pt_i * pt_j of the tile's pairs, times every P^T panel, added to the outputs.
+template <typename T>
+TD_TARGET_CLONES void blocks_tile(const T* xc, int64_t ldx, int64_t m, int64_t kc, const Run* runs, int nruns,
+                                  const T* Apack, int64_t n, T* out, T* Bp) {
+  constexpr int nr = NR<T>;
+  const int used = runs[nruns - 1].c1;
+  for (int64_t q = 0; q < kc; ++q) {
+    const T* row = xc + q * ldx;
+    T* dst = Bp + q * nr;
+    for (int u = 0; u < nruns; ++u) {
+      const Run& ru = runs[u];
+      const T xi = row[ru.i];
+      const int64_t shift = ru.j0 - ru.c0;  // feature of tile column c: c + shift
+      for (int c = ru.c0; c < ru.c1; ++c) dst[c] = xi * row[c + shift];
+    }
+    for (int c = used; c < nr; ++c) dst[c] = T(0);
+  }
+  const int64_t mm = m * m;
+  alignas(64) T acc[MR * nr];
+  for (int64_t r0 = 0; r0 < n; r0 += MR) {
+    const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
+    if (nruns == 1) {  // one run: the outputs are contiguous, add in place
+      const Run& ru = runs[0];
+      microkernel<T>(kc, Apack + (r0 / MR) * KC * MR, Bp, out + r0 * mm + ru.i * m + ru.j0, mm, mr, 0, used);
+      continue;
+    }
+    std::memset(acc, 0, sizeof(acc));
+    microkernel<T>(kc, Apack + (r0 / MR) * KC * MR, Bp, acc, nr, MR, 0, nr);
+    for (int ii = 0; ii < mr; ++ii) {
+      T* o = out + (r0 + ii) * mm;
+      const T* a = acc + ii * nr;
+      for (int u = 0; u < nruns; ++u) {
+        const Run& ru = runs[u];
+        T* dst = o + ru.i * m + ru.j0;
+        for (int c = ru.c0; c < ru.c1; ++c) dst[c - ru.c0] += a[c];
+      }
+    }
+  }
+}
+
+template <typename T>
+void mirror_lower(T* out, int64_t n, int64_t m, int nthreads) {
+  constexpr int64_t TB = 32;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t ib = 0; ib < m; ib += TB) {
+      T* a = out + r * m * m;
+      for (int64_t jb = 0; jb <= ib; jb += TB) {
+        for (int64_t i = ib; i < std::min(ib + TB, m); ++i)
+          for (int64_t j = jb; j < std::min({jb + TB, m, i}); ++j) a[i * m + j] = a[j * m + i];
+      }
+    }
+  }
+}
+
+template <typename Tin, typename Tacc>
+void blocks_impl(const ConvSensitivityBlocksParams& P) {
+  constexpr int nr = NR<Tacc>;
+  const ConvGeometry& g = P.g;
+  const PatchAddress A(g, P.xs, P.ps);
+  const FeatureTable F(A);
+  const int64_t m = g.m(), n = g.n, R = g.rows();
+  const TriangleTiles tiles = triangle_tiles(m, nr);
+  const int64_t ntiles = tiles.size(), nrb = (n + MR - 1) / MR;
+  const int nthreads = std::max(1, P.num_threads);
+  const int nt = static_cast<int>(std::min<int64_t>(nthreads, ntiles));
+  const int64_t per_thread = KC * m + nrb * KC * MR + KC * nr;
+  Aligned<Tacc> work(static_cast<int64_t>(nt) * per_thread);
+  std::vector<int64_t> prows(static_cast<size_t>(nt * KC));
+  const Tin* x = static_cast<const Tin*>(P.x);
+  const Tin* p = static_cast<const Tin*>(P.p);
+  Tacc* out = static_cast<Tacc*>(P.out);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = thread_id(), T = team_size();
+    const int64_t t0 = ntiles * tid / T, t1 = ntiles * (tid + 1) / T;
+    Tacc* Xc = work.get() + static_cast<int64_t>(tid) * per_thread;
+    Tacc* Ap = Xc + KC * m;
+    Tacc* Bp = Ap + nrb * KC * MR;
+    int64_t* prow = prows.data() + static_cast<int64_t>(tid) * KC;
+    for (int64_t s0 = 0; s0 < R && t0 < t1; s0 += KC) {
+      const int64_t kc = std::min(KC, R - s0);
+      gather_rows<Tin, Tacc>(x, A, F, s0, kc, Xc, m);
+      for (int64_t q = 0; q < kc; ++q) prow[q] = A.p_row(s0 + q);
+      for (int64_t rb = 0; rb < nrb; ++rb) pack_p_panel<Tin, Tacc>(p, prow, P.ps.c, n, rb * MR, kc, Ap + rb * KC * MR);
+      for (int64_t t = t0; t < t1; ++t)
+        blocks_tile<Tacc>(Xc, m, m, kc, tiles.runs.data() + tiles.first[t],
+                          static_cast<int>(tiles.first[t + 1] - tiles.first[t]), Ap, n, out, Bp);
+    }
+  }
+  mirror_lower(out, n, m, nthreads);
+}
+
+// ---------------------------------------------------------------------------------------------
+// matvec
+
+// GEMM-1 A panel: Xp[i, ii] = xc[sb + ii, i] (K = m features, MR rows; zero past rows).
+template <typename T>
+TD_TARGET_CLONES void pack_rows_t(const T* xc, int64_t ldx, int64_t m, int64_t rows, T* Xp) {
+  for (int ii = 0; ii < MR; ++ii) {
+    if (ii < rows) {
+      const T* row = xc + ii * ldx;
+      for (int64_t i = 0; i < m; ++i) Xp[i * MR + ii] = row[i];
+    } else {
+      for (int64_t i = 0; i < m; ++i) Xp[i * MR + ii] = T(0);
+    }
+  }
+}
+
+// GEMM-2 B panel: XB[q, c] = xc[q, j0 + c] (K = kc rows, NR features; zero past m).
+template <typename T>
+TD_TARGET_CLONES void pack_cols(const T* xc, int64_t ldx, int64_t m, int64_t kc, int64_t j0, T* XB) {
+  constexpr int nr = NR<T>;
+  const int hi = static_cast<int>(std::min<int64_t>(nr, m - j0));
+  for (int64_t q = 0; q < kc; ++q) {
+    const T* row = xc + q * ldx + j0;
+    for (int c = 0; c < hi; ++c) XB[q * nr + c] = row[c];
+    for (int c = hi; c < nr; ++c) XB[q * nr + c] = T(0);
+  }
+}
+
+// GEMM-1 B panel: Vp[i, c] = v[r0 + c, i].
+template <typename T>
+TD_TARGET_CLONES void pack_v_panel(const T* v, int64_t n, int64_t m, int64_t r0, T* Vp) {
+  constexpr int nr = NR<T>;
+  const int hi = static_cast<int>(std::min<int64_t>(nr, n - r0));
+  for (int64_t i = 0; i < m; ++i) {
+    for (int c = 0; c < hi; ++c) Vp[i * nr + c] = v[(r0 + c) * m + i];
+    for (int c = hi; c < nr; ++c) Vp[i * nr + c] = T(0);
+  }
+}
+
+template <typename T>
+TD_TARGET_CLONES void gemm1_task(int64_t m, const T* Xp, const T* Vp, T* Y, int64_t ldy, int mr, int hi) {
+  microkernel<T>(m, Xp, Vp, Y, ldy, mr, 0, hi);
+}
+
+// GEMM-2 for one row block of out: A2[q, ii] = p[row q, r0 + ii] * Y[q, r0 + ii]; acc += A2^T XB.
+template <typename Tin, typename Tacc>
+TD_TARGET_CLONES void gemm2_task(const Tin* p, const int64_t* prow, int64_t pc, const Tacc* Y, int64_t n, int64_t m,
+                                 int64_t kc, int64_t r0, const Tacc* XB, Tacc* A2, Tacc* acc) {
+  constexpr int nr = NR<Tacc>;
+  const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
+  for (int64_t q = 0; q < kc; ++q) {
+    const Tin* row = p + prow[q] + r0 * pc;
+    const Tacc* y = Y + q * n + r0;
+    for (int ii = 0; ii < mr; ++ii) A2[q * MR + ii] = convert<Tacc>(row[ii * pc]) * y[ii];
+    for (int ii = mr; ii < MR; ++ii) A2[q * MR + ii] = Tacc(0);
+  }
+  for (int64_t j0 = 0; j0 < m; j0 += nr) {
+    const int hi = static_cast<int>(std::min<int64_t>(nr, m - j0));
+    microkernel<Tacc>(kc, A2, XB + (j0 / nr) * KC * nr, acc + r0 * m + j0, m, mr, 0, hi);
+  }
+}
+
+template <typename Tin, typename Tacc>
+void matvec_impl(const ConvSensitivityMatvecParams& P) {
+  constexpr int nr = NR<Tacc>;
+  const ConvGeometry& g = P.g;
+  const PatchAddress A(g, P.xs, P.ps);
+  const FeatureTable F(A);
+  const int64_t m = g.m(), n = g.n, R = g.rows();
+  const int64_t nchunks = (R + KC - 1) / KC;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(1, P.num_threads), nchunks)));
+  const int64_t nvt = (n + nr - 1) / nr;   // column tiles of V^T (GEMM-1)
+  const int64_t nxt = (m + nr - 1) / nr;   // column tiles of the patches (GEMM-2)
+  const int64_t nsb = (KC + MR - 1) / MR;  // row blocks per chunk
+  const int64_t nrb = (n + MR - 1) / MR;   // row blocks of out
+  const int64_t per_thread = KC * m + nsb * m * MR + nxt * KC * nr + KC * n + KC * MR + n * m;
+  Aligned<Tacc> Vp(nvt * m * nr), work(static_cast<int64_t>(nt) * per_thread);
+  std::vector<int64_t> prows(static_cast<size_t>(nt * KC));
+  const Tin* x = static_cast<const Tin*>(P.x);
+  const Tin* p = static_cast<const Tin*>(P.p);
+  const Tacc* v = static_cast<const Tacc*>(P.v);
+  Tacc* out = static_cast<Tacc*>(P.out);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = thread_id(), T = team_size();
+    Tacc* Xc = work.get() + static_cast<int64_t>(tid) * per_thread;
+    Tacc* Xp = Xc + KC * m;
+    Tacc* XB = Xp + nsb * m * MR;
+    Tacc* Y = XB + nxt * KC * nr;
+    Tacc* A2 = Y + KC * n;
+    Tacc* acc = A2 + KC * MR;
+    int64_t* prow = prows.data() + static_cast<int64_t>(tid) * KC;
+    std::fill(acc, acc + n * m, Tacc(0));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < nvt; ++t) pack_v_panel<Tacc>(v, n, m, t * nr, Vp.get() + t * m * nr);
+    for (int64_t c = nchunks * tid / T; c < nchunks * (tid + 1) / T; ++c) {
+      const int64_t s0 = c * KC, kc = std::min(KC, R - s0);
+      const int64_t sbs = (kc + MR - 1) / MR;
+      gather_rows<Tin, Tacc>(x, A, F, s0, kc, Xc, m);
+      for (int64_t q = 0; q < kc; ++q) prow[q] = A.p_row(s0 + q);
+      for (int64_t sb = 0; sb < sbs; ++sb)
+        pack_rows_t<Tacc>(Xc + sb * MR * m, m, m, std::min<int64_t>(MR, kc - sb * MR), Xp + sb * m * MR);
+      for (int64_t t = 0; t < nxt; ++t) pack_cols<Tacc>(Xc, m, m, kc, t * nr, XB + t * KC * nr);
+      std::fill(Y, Y + kc * n, Tacc(0));
+      for (int64_t t = 0; t < nvt; ++t)
+        for (int64_t sb = 0; sb < sbs; ++sb)
+          gemm1_task<Tacc>(m, Xp + sb * m * MR, Vp.get() + t * m * nr, Y + sb * MR * n + t * nr, n,
+                           static_cast<int>(std::min<int64_t>(MR, kc - sb * MR)),
+                           static_cast<int>(std::min<int64_t>(nr, n - t * nr)));
+      for (int64_t rb = 0; rb < nrb; ++rb) gemm2_task<Tin, Tacc>(p, prow, P.ps.c, Y, n, m, kc, rb * MR, XB, A2, acc);
+    }
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      Tacc* o = out + r * m;
+      std::fill(o, o + m, Tacc(0));
+      for (int t = 0; t < T; ++t) {
+        const Tacc* a = work.get() + static_cast<int64_t>(t) * per_thread + (per_thread - n * m) + r * m;
+        for (int64_t j = 0; j < m; ++j) o[j] += a[j];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// matrix-free Lanczos operator
+
+// A v for the Lanczos CPU backend (T = the Lanczos dtype = the matvec's acc dtype). Once a fifth
+// of the blocks have converged, the costate channels of the active ones are gathered (channels
+// last, [N, Ho, Wo, na]) and only those blocks are applied: the GEMMs shrink with them.
+template <typename T>
+class ConvOperator final : public LanczosOperator {
+ public:
+  explicit ConvOperator(const ConvSensitivityMatvecParams& op) : op_(op) {}
+
+  int64_t workspace_elems(bool) const override { return 0; }
+
+  void apply(const void* v, void* out, const uint8_t* active, void* /*workspace*/) const override {
+    const int64_t n = op_.g.n, m = op_.g.m();
+    act_.clear();
+    for (int64_t b = 0; b < n; ++b)
+      if (active == nullptr || active[b]) act_.push_back(b);
+    const int64_t na = static_cast<int64_t>(act_.size());
+    ConvSensitivityMatvecParams P = op_;
+    if (na * 5 >= n * 4) {
+      P.v = v;
+      P.out = out;
+      conv_sensitivity_matvec_cpu(P);
+      return;
+    }
+    const ConvGeometry& g = op_.g;
+    const int64_t Ho = g.Ho(), Wo = g.Wo(), hw = Ho * Wo;
+    const size_t es = static_cast<size_t>(dtype_size(op_.in_dtype));
+    pbuf_.resize(static_cast<size_t>(g.N * hw * na) * es);
+    const unsigned char* src = static_cast<const unsigned char*>(op_.p);
+    unsigned char* dstb = pbuf_.data();
+    const Strides4 ps = op_.ps;
+    const std::vector<int64_t>& act = act_;
+#pragma omp parallel for num_threads(std::max(1, op_.num_threads)) schedule(static)
+    for (int64_t pix = 0; pix < g.N * hw; ++pix) {
+      const int64_t img = pix / hw, rem = pix - img * hw, oh = rem / Wo, ow = rem - oh * Wo;
+      const unsigned char* row = src + static_cast<size_t>(img * ps.n + oh * ps.h + ow * ps.w) * es;
+      unsigned char* dst = dstb + static_cast<size_t>(pix * na) * es;
+      for (int64_t c = 0; c < na; ++c) std::memcpy(dst + c * es, row + static_cast<size_t>(act[c] * ps.c) * es, es);
+    }
+    vbuf_.resize(static_cast<size_t>(na * m));
+    wbuf_.resize(static_cast<size_t>(na * m));
+    const T* vin = static_cast<const T*>(v);
+    for (int64_t c = 0; c < na; ++c) std::copy(vin + act[c] * m, vin + (act[c] + 1) * m, vbuf_.data() + c * m);
+    P.g.n = na;
+    P.p = pbuf_.data();
+    P.ps = Strides4{hw * na, 1, Wo * na, na};
+    P.v = vbuf_.data();
+    P.out = wbuf_.data();
+    conv_sensitivity_matvec_cpu(P);
+    T* w = static_cast<T*>(out);
+    for (int64_t c = 0; c < na; ++c) std::copy(wbuf_.data() + c * m, wbuf_.data() + (c + 1) * m, w + act[c] * m);
+  }
+
+ private:
+  ConvSensitivityMatvecParams op_;
+  mutable std::vector<int64_t> act_;
+  mutable std::vector<unsigned char> pbuf_;  // costate channels of the active blocks
+  mutable std::vector<T> vbuf_, wbuf_;
+};
+
+}  // namespace
+}  // namespace cpu
+
+namespace {
+template <class F32, class BF, class F64, class F32D, class BFD>
+void dispatch(const char* fn, DType in, DType acc, F32 f32, BF bf, F64 f64, F32D f32d, BFD bfd) {
+  if (in == DType::kFloat32 && acc == DType::kFloat32) return f32();
+  if (in == DType::kBFloat16 && acc == DType::kFloat32) return bf();
+  if (in == DType::kFloat64 && acc == DType::kFloat64) return f64();
+  if (in == DType::kFloat32 && acc == DType::kFloat64) return f32d();
+  if (in == DType::kBFloat16 && acc == DType::kFloat64) return bfd();
+  fail(fn, std::string("unsupported (input, accumulation) dtypes (") + dtype_name(in) + ", " + dtype_name(acc) + ")");
+}
+
+// What the kernels need beyond validate's span checks (they also run without the bindings).
+template <class Params>
+void check_geometry(const char* fn, const Params& P) {
+  const ConvGeometry& g = P.g;
+  if (g.N < 0 || g.C < 0 || g.H < 0 || g.W < 0 || g.n < 0 || g.k < 1 || g.pad < 0)
+    fail(fn, "sizes must be >= 0 (kernel_size >= 1)");
+  if (g.m() < 1) fail(fn, "m = C k k + bias must be >= 1");
+  if (g.rows() > 0 && g.n > 0 && ((g.d() > 0 && P.x == nullptr) || P.p == nullptr)) fail(fn, "x and p must not be null");
+}
+}  // namespace
+
+void conv_sensitivity_blocks_cpu(const ConvSensitivityBlocksParams& P) {
+  const char* fn = "conv_sensitivity_blocks";
+  check_geometry(fn, P);
+  if (P.g.rows() == 0 || P.g.n == 0) return;
+  if (P.out == nullptr) fail(fn, "out must not be null");
+  using cpu::bf16;
+  dispatch(fn, P.in_dtype, P.acc_dtype,
+           [&] { cpu::blocks_impl<float, float>(P); }, [&] { cpu::blocks_impl<bf16, float>(P); },
+           [&] { cpu::blocks_impl<double, double>(P); }, [&] { cpu::blocks_impl<float, double>(P); },
+           [&] { cpu::blocks_impl<bf16, double>(P); });
+}
+
+void conv_sensitivity_matvec_cpu(const ConvSensitivityMatvecParams& P) {
+  const char* fn = "conv_sensitivity_matvec";
+  check_geometry(fn, P);
+  if (P.g.n == 0) return;
+  if (P.out == nullptr || P.v == nullptr) fail(fn, "v and out must not be null");
+  const int64_t count = P.g.n * P.g.m();
+  if (P.acc_dtype == DType::kFloat32) {
+    std::fill(static_cast<float*>(P.out), static_cast<float*>(P.out) + count, 0.0f);
+  } else {
+    std::fill(static_cast<double*>(P.out), static_cast<double*>(P.out) + count, 0.0);
+  }
+  if (P.g.rows() == 0) return;
+  using cpu::bf16;
+  dispatch(fn, P.in_dtype, P.acc_dtype,
+           [&] { cpu::matvec_impl<float, float>(P); }, [&] { cpu::matvec_impl<bf16, float>(P); },
+           [&] { cpu::matvec_impl<double, double>(P); }, [&] { cpu::matvec_impl<float, double>(P); },
+           [&] { cpu::matvec_impl<bf16, double>(P); });
+}
+
+void conv_lanczos_topk_cpu(LanczosParams P, const ConvSensitivityMatvecParams& op) {
+  const char* fn = "conv_sensitivity_lanczos";
+  check_geometry(fn, op);
+  if (op.g.n != P.num_problems || op.g.m() != P.m)
+    fail(fn, "the operator must have n = num_problems and m = the Lanczos m");
+  if (op.acc_dtype != P.dtype) fail(fn, "op.acc_dtype must equal the Lanczos dtype");
+  P.a = nullptr;
+  if (P.dtype == DType::kFloat32) {
+    const cpu::ConvOperator<float> A(op);
+    P.external = &A;
+    lanczos_topk_cpu(P);
+  } else if (P.dtype == DType::kFloat64) {
+    const cpu::ConvOperator<double> A(op);
+    P.external = &A;
+    lanczos_topk_cpu(P);
+  } else {
+    fail(fn, std::string("dtype must be float32 or float64, got ") + dtype_name(P.dtype));
+  }
+}
+
+}  // namespace topoderiv

@@ -1,0 +1,529 @@
+// CUDA twins of csrc/cpu/conv_sensitivity_cpu.cpp (contract: include/topoderiv/conv_sensitivity.h).
+//
+// The kernels are those of sensitivity_cuda.cu with one change: every tile of the patch matrix is
+// staged into shared memory through PatchAddress (the addressing scheme the CPU gather uses), so
+// the im2col matrix never exists. Per tile, the addresses are split into a row part (sample,
+// output pixel: x's offset of the window's top-left corner, the pixel (ih, iw), p's offset) and a
+// feature part ((c, ky, kx): offset from the corner; or the bias feature, or padding past m).
+// Both parts are decoded once per tile or chunk into small shared arrays; a staged element is then
+// one bounds test (zero padding) and one load x[row.base + feature.off].
+//
+// conv_sensitivity_blocks_cuda: out[r] += B[r]. Grid: (upper-triangle tile pair (ti <= tj) of the
+//   m x m block) x (group of R output channels). 256 threads (16 x 16) keep a TM x TM tile of
+//   accumulators for each of their R channels in registers and loop over the rows (output pixels)
+//   in chunks of KS = 16, staging pt[s, i-tile], pt[s, j-tile] and p[s, r-group]. Only tiles with
+//   tj >= ti are computed; each value is added to (i, j) and (j, i): one writer per element, no
+//   atomics, deterministic, out stays exactly symmetric. TM = 16 (R = 16) for m <= 16, TM = 32
+//   (R = 8) for m <= 32, TM = 64 (R = 4) otherwise.
+// conv_sensitivity_matvec_cuda: out[r] = B[r] v[r] without forming B:
+//   kernel 1: Y = Pt V^T ([rows, n], into params.workspace), 64 x 64 tiles;
+//   kernel 2: out = (P .* Y)^T Pt ([n, m]), the product with P fused into the staging; the rows are
+//   split into ranges added atomically (out zeroed first; not bitwise reproducible) only when the
+//   output tiles cannot fill the GPU, as in sensitivity_cuda.cu.
+// conv_lanczos_topk_cuda: the CUDA Lanczos backend (lanczos_cuda.cu) with this matvec as its external
+//   operator (applied to every block; its workspace is the tail of the Lanczos workspace).
+//
+// Input dtypes: float32, float64, bfloat16 (raw 16-bit patterns, converted exactly to float32).
+// Accumulation: float32 for float32/bfloat16 inputs, float64 for float64 inputs.
+// This file is only compiled into CUDA builds (CMake defines TOPODERIV_WITH_CUDA for them); define
+// it here too so that a standalone nvcc compile sees the CUDA declarations of the headers.
+#ifndef TOPODERIV_WITH_CUDA
+#define TOPODERIV_WITH_CUDA 1
+#endif
+#include <cstdint>
+#include <string>
+
+#include "topoderiv/conv_sensitivity.h"
+#include "cuda_utils.cuh"
+
+namespace topoderiv {
+namespace {
+
+using cuda_detail::bf16_raw;
+using cuda_detail::ceil_div;
+using cuda_detail::check_cuda;
+using cuda_detail::grid_dim;
+using cuda_detail::kMaxGridX;
+using cuda_detail::kMaxGridYZ;
+using cuda_detail::launch;
+using cuda_detail::to_acc_f;
+
+constexpr int kThreads = 256;  // 16 x 16, 1-D block; tx = tid % 16, ty = tid / 16
+
+// Shared-memory decodings of PatchAddress (plain arrays: __shared__ variables take no constructors).
+// Row q of a tile: x offset of the window corner, its pixel (ih, iw), p's offset, valid (< rows).
+template <int NROWS>
+struct RowsS {
+  int64_t base[NROWS], ih[NROWS], iw[NROWS], prow[NROWS];
+  int valid[NROWS];
+};
+// Feature c of a tile: offset from the corner, (ky, kx), kind (0 x, 1 bias, 2 zero).
+template <int NF>
+struct FeatsS {
+  int64_t off[NF], ky[NF], kx[NF];
+  int kind[NF];
+};
+
+template <int NROWS>
+__device__ __forceinline__ void decode_row(RowsS<NROWS>& R, int q, const PatchAddress& A, int64_t s, int64_t rows) {
+  const bool valid = s < rows;
+  R.valid[q] = valid ? 1 : 0;
+  if (valid) {
+    const PatchRow r = A.row(s);
+    R.base[q] = r.base;
+    R.ih[q] = r.ih;
+    R.iw[q] = r.iw;
+    R.prow[q] = A.p_row(s);
+  } else {
+    R.base[q] = R.ih[q] = R.iw[q] = R.prow[q] = 0;
+  }
+}
+
+template <int NF>
+__device__ __forceinline__ void decode_feature(FeatsS<NF>& F, int c, const PatchAddress& A, int64_t i) {
+  const PatchFeature f = A.feature(i);
+  F.off[c] = f.off;
+  F.ky[c] = f.ky;
+  F.kx[c] = f.kx;
+  F.kind[c] = f.kind;
+}
+
+// pt[row q, feature c]: x through the decoded address, 0 outside the image / past m / past rows.
+template <typename Acc, typename Tin, int NROWS, int NF>
+__device__ __forceinline__ Acc patch_value(const Tin* __restrict__ x, const PatchAddress& A, const RowsS<NROWS>& R,
+                                           int q, const FeatsS<NF>& F, int c) {
+  if (!R.valid[q]) return Acc(0);
+  const int kind = F.kind[c];
+  if (kind == 1) return Acc(1);
+  if (kind != 0) return Acc(0);
+  const int64_t h = R.ih[q] + F.ky[c], w = R.iw[q] + F.kx[c];
+  if (static_cast<uint64_t>(h) >= static_cast<uint64_t>(A.H) || static_cast<uint64_t>(w) >= static_cast<uint64_t>(A.W))
+    return Acc(0);
+  return static_cast<Acc>(to_acc_f(x[R.base[q] + F.off[c]]));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Dense blocks.
+// ------------------------------------------------------------------------------------------------
+template <typename Tin, typename Acc, int TM, int R>
+__global__ void __launch_bounds__(kThreads, sizeof(Acc) == 4 ? 2 : 1)
+conv_blocks_kernel(const Tin* __restrict__ x, const Tin* __restrict__ p, PatchAddress A,
+                   Acc* __restrict__ out,  // [n, m, m]
+                   int64_t rows, int64_t n, int64_t m,
+                   int64_t num_tiles,    // ceil(m / TM)
+                   int64_t num_pairs,    // num_tiles * (num_tiles + 1) / 2
+                   int64_t num_rgroups)  // ceil(n / R)
+{
+  constexpr int KS = 16;       // rows per shared-memory chunk
+  constexpr int MT = TM / 16;  // micro tile per thread
+  static_assert(TM % 16 == 0, "TM must be a multiple of 16");
+  __shared__ Acc xi_s[KS][TM];  // pt[s0 + kk, i0 + c]
+  __shared__ Acc xj_s[KS][TM];  // pt[s0 + kk, j0 + c]
+  __shared__ Acc p_s[KS][R];    // p[s0 + kk, r0 + c]
+  __shared__ FeatsS<TM> fi, fj;
+  __shared__ RowsS<KS> rs;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % 16;
+  const int ty = tid / 16;
+  const int64_t work = num_pairs * num_rgroups;
+
+  for (int64_t item = blockIdx.x; item < work; item += gridDim.x) {
+    const int64_t pair = item % num_pairs;
+    const int64_t rg = item / num_pairs;
+    int64_t ti = 0, rem = pair;  // pair -> (ti, tj), ti <= tj, row-major over the upper triangle
+    while (rem >= num_tiles - ti) {
+      rem -= num_tiles - ti;
+      ++ti;
+    }
+    const int64_t tj = ti + rem;
+    const int64_t i0 = ti * TM, j0 = tj * TM, r0 = rg * R;
+
+    __syncthreads();  // the previous item no longer reads the feature decodings
+    for (int c = tid; c < TM; c += kThreads) {
+      decode_feature(fi, c, A, i0 + c);
+      decode_feature(fj, c, A, j0 + c);
+    }
+
+    Acc acc[R][MT][MT];
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+      for (int u = 0; u < MT; ++u)
+#pragma unroll
+        for (int w = 0; w < MT; ++w) acc[rr][u][w] = Acc(0);
+
+    for (int64_t s0 = 0; s0 < rows; s0 += KS) {
+      __syncthreads();  // the previous chunk is no longer being read
+      if (tid < KS) decode_row(rs, tid, A, s0 + tid, rows);
+      __syncthreads();
+      for (int e = tid; e < KS * TM; e += kThreads) {
+        const int kk = e / TM, c = e % TM;
+        xi_s[kk][c] = patch_value<Acc>(x, A, rs, kk, fi, c);
+        xj_s[kk][c] = patch_value<Acc>(x, A, rs, kk, fj, c);
+      }
+      for (int e = tid; e < KS * R; e += kThreads) {
+        const int kk = e / R, c = e % R;
+        const int64_t r = r0 + c;
+        p_s[kk][c] = (rs.valid[kk] && r < n) ? static_cast<Acc>(to_acc_f(p[rs.prow[kk] + r * A.ps.c])) : Acc(0);
+      }
+      __syncthreads();
+#pragma unroll 2
+      for (int kk = 0; kk < KS; ++kk) {
+        Acc a[MT], bj[MT];
+#pragma unroll
+        for (int u = 0; u < MT; ++u) a[u] = xi_s[kk][ty + 16 * u];
+#pragma unroll
+        for (int w = 0; w < MT; ++w) bj[w] = xj_s[kk][tx + 16 * w];
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) {
+          const Acc pr = p_s[kk][rr];
+#pragma unroll
+          for (int u = 0; u < MT; ++u) {
+            const Acc t = a[u] * pr;
+#pragma unroll
+            for (int w = 0; w < MT; ++w) acc[rr][u][w] += t * bj[w];
+          }
+        }
+      }
+    }
+
+    // Epilogue: out[r, i, j] += v and out[r, j, i] += v (same v), one writer per element.
+#pragma unroll
+    for (int rr = 0; rr < R; ++rr) {
+      const int64_t r = r0 + rr;
+      if (r >= n) continue;
+      Acc* ob = out + r * m * m;
+#pragma unroll
+      for (int u = 0; u < MT; ++u) {
+        const int64_t i = i0 + ty + 16 * u;
+        if (i >= m) continue;
+#pragma unroll
+        for (int w = 0; w < MT; ++w) {
+          const int64_t j = j0 + tx + 16 * w;
+          if (j >= m || j < i) continue;  // j < i only happens in diagonal tiles
+          const Acc v = acc[rr][u][w];
+          ob[i * m + j] += v;
+          if (j != i) ob[j * m + i] += v;
+        }
+      }
+    }
+  }
+}
+
+template <typename Tin, typename Acc, int TM, int R>
+void launch_blocks(const ConvSensitivityBlocksParams& P) {
+  const ConvGeometry& g = P.g;
+  const int64_t m = g.m();
+  const int64_t num_tiles = ceil_div(m, TM);
+  const int64_t num_pairs = num_tiles * (num_tiles + 1) / 2;
+  const int64_t num_rgroups = ceil_div(g.n, R);
+  const dim3 grid(grid_dim(num_pairs * num_rgroups, kMaxGridX), 1, 1);
+  launch("conv_sensitivity_blocks_cuda", conv_blocks_kernel<Tin, Acc, TM, R>, grid, dim3(kThreads),
+         cuda_detail::as_stream(P.stream), static_cast<const Tin*>(P.x), static_cast<const Tin*>(P.p),
+         PatchAddress(g, P.xs, P.ps), static_cast<Acc*>(P.out), g.rows(), g.n, m, num_tiles, num_pairs, num_rgroups);
+}
+
+template <typename Tin, typename Acc>
+void dispatch_blocks(const ConvSensitivityBlocksParams& P) {
+  const int64_t m = P.g.m();
+  if (m <= 16) {
+    launch_blocks<Tin, Acc, 16, 16>(P);
+  } else if (m <= 32) {
+    launch_blocks<Tin, Acc, 32, 8>(P);
+  } else {
+    launch_blocks<Tin, Acc, 64, 4>(P);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Matrix-free application.
+// ------------------------------------------------------------------------------------------------
+constexpr int kGT = 64;  // GEMM output tile (both dimensions)
+constexpr int kGK = 16;  // GEMM reduction chunk
+constexpr int64_t kMinSplitRows = 1024;  // second GEMM: fewest rows per split of the sum over rows
+
+// acc[u][w] += sum_k a[k][ty + 16 u] * b[k][tx + 16 w] over one staged chunk (4 x 4 per thread).
+template <typename Acc, int LD>
+__device__ __forceinline__ void tile_fma(const Acc (&a)[kGK][LD], const Acc (&b)[kGK][LD], int ty, int tx,
+                                         Acc (&acc)[4][4]) {
+#pragma unroll
+  for (int k = 0; k < kGK; ++k) {
+    Acc av[4], bv[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) av[u] = a[k][ty + 16 * u];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) bv[w] = b[k][tx + 16 * w];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) acc[u][w] += av[u] * bv[w];
+  }
+}
+
+template <typename Acc>
+__device__ __forceinline__ void tile_zero(Acc (&acc)[4][4]) {
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int w = 0; w < 4; ++w) acc[u][w] = Acc(0);
+}
+
+// Streaming multiprocessors of the current device (grid sizing only; 1 if unknown).
+int64_t num_sms() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms < 1) {
+    (void)cudaGetLastError();  // clear, this is only a sizing hint
+    return 1;
+  }
+  return sms;
+}
+
+// Y[s, r] = sum_i pt[s, i] * v[r, i].  Grid: x = row tiles, y = r tiles.
+template <typename Tin, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+conv_matvec_y_kernel(const Tin* __restrict__ x, PatchAddress A,
+                     const Acc* __restrict__ v,  // [n, m]
+                     Acc* __restrict__ y,        // [rows, n]
+                     int64_t rows, int64_t n, int64_t m) {
+  __shared__ Acc xs[kGK][kGT + 1];  // xs[k][sl] = pt[s0 + sl, k0 + k]
+  __shared__ Acc vs[kGK][kGT + 1];  // vs[k][rl] = v[r0 + rl, k0 + k]
+  __shared__ RowsS<kGT> rs;
+  __shared__ FeatsS<kGK> fs;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % 16, ty = tid / 16;
+  const int64_t s_tiles = ceil_div(rows, kGT), r_tiles = ceil_div(n, kGT);
+
+  for (int64_t st = blockIdx.x; st < s_tiles; st += gridDim.x) {
+    for (int64_t rt = blockIdx.y; rt < r_tiles; rt += gridDim.y) {
+      const int64_t s0 = st * kGT, r0 = rt * kGT;
+      __syncthreads();  // the previous tile no longer reads the row decodings
+      if (tid < kGT) decode_row(rs, tid, A, s0 + tid, rows);
+      Acc acc[4][4];
+      tile_zero(acc);
+      for (int64_t k0 = 0; k0 < m; k0 += kGK) {
+        __syncthreads();  // the previous chunk is no longer being read
+        if (tid < kGK) decode_feature(fs, tid, A, k0 + tid);
+        __syncthreads();
+        for (int e = tid; e < kGT * kGK; e += kThreads) {
+          const int rowl = e / kGK, k = e % kGK;
+          xs[k][rowl] = patch_value<Acc>(x, A, rs, rowl, fs, k);
+          const int64_t r = r0 + rowl, i = k0 + k;
+          vs[k][rowl] = (r < n && i < m) ? v[r * m + i] : Acc(0);
+        }
+        __syncthreads();
+        tile_fma(xs, vs, ty, tx, acc);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int64_t s = s0 + ty + 16 * u;
+        if (s >= rows) continue;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          const int64_t r = r0 + tx + 16 * w;
+          if (r < n) y[s * n + r] = acc[u][w];
+        }
+      }
+    }
+  }
+}
+
+// out[r, i] = sum_s p[s, r] * Y[s, r] * pt[s, i].  Grid: x = i tiles, y = r tiles, z = row splits.
+// splits == 1: each block owns its output tile and overwrites it (deterministic); splits > 1: split
+// q sums rows [q * split_rows, (q + 1) * split_rows) and adds atomically into out (zeroed first).
+template <typename Tin, typename Acc>
+__global__ void __launch_bounds__(kThreads)
+conv_matvec_out_kernel(const Tin* __restrict__ x, const Tin* __restrict__ p, PatchAddress A,
+                       const Acc* __restrict__ y,  // [rows, n]
+                       Acc* __restrict__ out,      // [n, m]
+                       int64_t rows, int64_t n, int64_t m, int64_t splits, int64_t split_rows) {
+  __shared__ Acc zs[kGK][kGT];  // zs[k][rl] = p[s0 + k, r0 + rl] * Y[s0 + k, r0 + rl]
+  __shared__ Acc xs[kGK][kGT];  // xs[k][il] = pt[s0 + k, i0 + il]
+  __shared__ RowsS<kGK> rs;
+  __shared__ FeatsS<kGT> fs;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % 16, ty = tid / 16;
+  const int64_t i_tiles = ceil_div(m, kGT), r_tiles = ceil_div(n, kGT);
+
+  for (int64_t q = blockIdx.z; q < splits; q += gridDim.z) {
+    const int64_t s_begin = q * split_rows;
+    const int64_t s_end = s_begin + split_rows < rows ? s_begin + split_rows : rows;
+    for (int64_t it = blockIdx.x; it < i_tiles; it += gridDim.x) {
+      for (int64_t rt = blockIdx.y; rt < r_tiles; rt += gridDim.y) {
+        const int64_t i0 = it * kGT, r0 = rt * kGT;
+        __syncthreads();  // the previous tile no longer reads the feature decodings
+        if (tid < kGT) decode_feature(fs, tid, A, i0 + tid);
+        Acc acc[4][4];
+        tile_zero(acc);
+        for (int64_t s0 = s_begin; s0 < s_end; s0 += kGK) {
+          __syncthreads();  // the previous chunk is no longer being read
+          if (tid < kGK) decode_row(rs, tid, A, s0 + tid, s_end);
+          __syncthreads();
+          for (int e = tid; e < kGK * kGT; e += kThreads) {
+            const int k = e / kGT, col = e % kGT;
+            const int64_t s = s0 + k, r = r0 + col;
+            zs[k][col] = (rs.valid[k] && r < n)
+                             ? static_cast<Acc>(to_acc_f(p[rs.prow[k] + r * A.ps.c])) * y[s * n + r]
+                             : Acc(0);
+            xs[k][col] = patch_value<Acc>(x, A, rs, k, fs, col);
+          }
+          __syncthreads();
+          tile_fma(zs, xs, ty, tx, acc);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int64_t r = r0 + ty + 16 * u;
+          if (r >= n) continue;
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            const int64_t i = i0 + tx + 16 * w;
+            if (i >= m) continue;
+            if (splits == 1) {
+              out[r * m + i] = acc[u][w];
+            } else {
+              atomicAdd(out + r * m + i, acc[u][w]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename Tin, typename Acc>
+void run_matvec(const ConvSensitivityMatvecParams& P) {
+  const ConvGeometry& g = P.g;
+  const int64_t m = g.m(), rows = g.rows(), n = g.n;
+  const cudaStream_t stream = cuda_detail::as_stream(P.stream);
+  const PatchAddress A(g, P.xs, P.ps);
+  Acc* y = static_cast<Acc*>(P.workspace);
+  const dim3 grid1(grid_dim(ceil_div(rows, kGT), kMaxGridX), grid_dim(ceil_div(n, kGT), kMaxGridYZ), 1);
+  launch("conv_sensitivity_matvec_cuda", conv_matvec_y_kernel<Tin, Acc>, grid1, dim3(kThreads), stream,
+         static_cast<const Tin*>(P.x), A, static_cast<const Acc*>(P.v), y, rows, n, m);
+  // The second GEMM's output [n, m] can be far too small to fill the GPU while the sum runs over
+  // all rows: then split the rows into ranges (>= kMinSplitRows each) added atomically.
+  const int64_t tiles2 = ceil_div(m, kGT) * ceil_div(n, kGT);
+  const int64_t target = 2 * num_sms();
+  int64_t splits = 1;
+  if (tiles2 < target) {
+    splits = ceil_div(target, tiles2);
+    const int64_t max_splits = rows / kMinSplitRows > 1 ? rows / kMinSplitRows : 1;
+    splits = splits < max_splits ? splits : max_splits;
+  }
+  int64_t split_rows = ceil_div(ceil_div(rows, splits), kGK) * kGK;
+  splits = ceil_div(rows, split_rows);  // no empty split
+  if (splits > 1) {
+    check_cuda(cudaMemsetAsync(P.out, 0, static_cast<size_t>(n * m) * sizeof(Acc), stream),
+               "conv_sensitivity_matvec_cuda");
+  } else {
+    split_rows = rows;
+  }
+  const dim3 grid2(grid_dim(ceil_div(m, kGT), kMaxGridX), grid_dim(ceil_div(n, kGT), kMaxGridYZ),
+                   grid_dim(splits, kMaxGridYZ));
+  launch("conv_sensitivity_matvec_cuda", conv_matvec_out_kernel<Tin, Acc>, grid2, dim3(kThreads), stream,
+         static_cast<const Tin*>(P.x), static_cast<const Tin*>(P.p), A, static_cast<const Acc*>(y),
+         static_cast<Acc*>(P.out), rows, n, m, splits, split_rows);
+}
+
+// Accumulation dtype the CUDA kernels use for an input dtype.
+DType cuda_acc_for(DType in) { return in == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
+
+void check_dtypes(const char* op, DType in, DType acc) {
+  if (in != DType::kFloat32 && in != DType::kFloat64 && in != DType::kBFloat16) {
+    fail(op, std::string("in_dtype must be float32, float64 or bfloat16, got ") + dtype_name(in));
+  }
+  if (acc != cuda_acc_for(in)) {
+    fail(op, std::string("on CUDA, in_dtype ") + dtype_name(in) + " needs acc_dtype " +
+                 dtype_name(cuda_acc_for(in)) + ", got " + dtype_name(acc));
+  }
+}
+
+void check_geometry(const char* op, const ConvGeometry& g) {
+  if (g.N < 0 || g.C < 0 || g.H < 0 || g.W < 0 || g.n < 0 || g.k < 1 || g.pad < 0) {
+    fail(op, "sizes must be non-negative and kernel_size >= 1, got N=" + std::to_string(g.N) + " C=" +
+                 std::to_string(g.C) + " H=" + std::to_string(g.H) + " W=" + std::to_string(g.W) + " n=" +
+                 std::to_string(g.n) + " k=" + std::to_string(g.k) + " pad=" + std::to_string(g.pad));
+  }
+  if (g.m() < 1) fail(op, "m = C k k + bias must be >= 1");
+}
+
+// A v for the CUDA Lanczos backend: every block, the workspace y [rows, n] from the Lanczos one.
+class ConvCudaOperator final : public LanczosOperator {
+ public:
+  explicit ConvCudaOperator(const ConvSensitivityMatvecParams& op) : op_(op) {}
+  int64_t workspace_elems(bool cuda) const override { return cuda ? conv_matvec_workspace_elems(op_.g) : 0; }
+  void apply(const void* v, void* out, const uint8_t* /*active*/, void* workspace) const override {
+    ConvSensitivityMatvecParams P = op_;
+    P.v = v;
+    P.out = out;
+    P.workspace = workspace;
+    conv_sensitivity_matvec_cuda(P);
+  }
+
+ private:
+  ConvSensitivityMatvecParams op_;
+};
+
+}  // namespace
+
+void conv_sensitivity_blocks_cuda(const ConvSensitivityBlocksParams& params) {
+  const char* op = "conv_sensitivity_blocks_cuda";
+  check_geometry(op, params.g);
+  check_dtypes(op, params.in_dtype, params.acc_dtype);
+  if (params.g.rows() == 0 || params.g.n == 0) return;  // nothing to add
+  if ((params.g.d() > 0 && params.x == nullptr) || params.p == nullptr || params.out == nullptr) {
+    fail(op, "x, p and out must be non-null");
+  }
+  const cuda_detail::DeviceGuard guard(params.out, op);
+  switch (params.in_dtype) {
+    case DType::kFloat32: dispatch_blocks<float, float>(params); break;
+    case DType::kFloat64: dispatch_blocks<double, double>(params); break;
+    case DType::kBFloat16: dispatch_blocks<bf16_raw, float>(params); break;
+  }
+}
+
+void conv_sensitivity_matvec_cuda(const ConvSensitivityMatvecParams& params) {
+  const char* op = "conv_sensitivity_matvec_cuda";
+  check_geometry(op, params.g);
+  check_dtypes(op, params.in_dtype, params.acc_dtype);
+  const int64_t m = params.g.m();
+  if (params.g.n == 0) return;  // out is empty
+  if (params.out == nullptr) fail(op, "out must be non-null");
+  const cuda_detail::DeviceGuard guard(params.out, op);
+  if (params.g.rows() == 0) {  // B == 0, so out = 0
+    const size_t bytes = static_cast<size_t>(params.g.n * m) *
+                         (params.acc_dtype == DType::kFloat64 ? sizeof(double) : sizeof(float));
+    check_cuda(cudaMemsetAsync(params.out, 0, bytes, cuda_detail::as_stream(params.stream)), op);
+    return;
+  }
+  if ((params.g.d() > 0 && params.x == nullptr) || params.p == nullptr || params.v == nullptr) {
+    fail(op, "x, p and v must be non-null");
+  }
+  if (params.workspace == nullptr) {
+    fail(op, "workspace must be non-null (conv_matvec_workspace_elems(params.g) elements of acc_dtype)");
+  }
+  switch (params.in_dtype) {
+    case DType::kFloat32: run_matvec<float, float>(params); break;
+    case DType::kFloat64: run_matvec<double, double>(params); break;
+    case DType::kBFloat16: run_matvec<bf16_raw, float>(params); break;
+  }
+}
+
+void conv_lanczos_topk_cuda(LanczosParams params, const ConvSensitivityMatvecParams& op) {
+  const char* name = "conv_sensitivity_lanczos_cuda";
+  check_geometry(name, op.g);
+  check_dtypes(name, op.in_dtype, op.acc_dtype);
+  if (op.g.n != params.num_problems || op.g.m() != params.m) {
+    fail(name, "the operator must have n = num_problems and m = the Lanczos m, got n = " + std::to_string(op.g.n) +
+                   " vs " + std::to_string(params.num_problems) + " and m = " + std::to_string(op.g.m()) + " vs " +
+                   std::to_string(params.m));
+  }
+  if (op.acc_dtype != params.dtype) fail(name, "op.acc_dtype must equal the Lanczos dtype");
+  const ConvCudaOperator A(op);
+  params.a = nullptr;
+  params.external = &A;
+  lanczos_topk_cuda(params);
+}
+
+}  // namespace topoderiv
