@@ -8,7 +8,9 @@
 # 2. builds and installs topoderiv with the CUDA kernels (offline: --no-build-isolation --no-deps);
 # 3. python -m topoderiv (build info);
 # 4. pytest -m cuda -v;
-# 5. every benchmarks/bench_*.py, with --device cuda where the script accepts it.
+# 5. every benchmarks/bench_*.py, with --device cuda where the script accepts it (bench_conv.py:
+#    conv_sensitivity_blocks against torch's chunked unfold + matmul, target >= 3x on the GPU; the
+#    matrix-free conv top-k against the dense route; the CNN scoring cost in epochs).
 # A failing build stops the script. Failing tests or benchmarks are recorded and the remaining
 # steps still run; the exit status is non-zero if anything failed.
 #

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import topoderiv
+from topoderiv import ops
 from topoderiv.growth import Grower, IdentityInsertion, RandomInsertion, TopologicalStrategy
 from topoderiv.growth.insertion import insert, insert_block, search_eps
 from topoderiv.growth.scoring import score
@@ -204,18 +205,29 @@ def test_sensitivity_blocks_match_unfold_reference(backend, k, bias):
         ref = _ref_blocks(cap.states[s.point], cap.costates[s.point], k, bias)
         c = s.options["channels"]
         assert ref.shape == (c, c * k * k + int(bias), c * k * k + int(bias))
-        # the statistic's accumulated blocks, fed the (already 1/S-scaled) capture
+        # the statistic's accumulated blocks (route dense: streamed), fed the (already 1/S-scaled) capture
         block = s.new_block()
+        st = s.statistic(block, s.check_block(block, "test"), backend=backend, route="dense", k=1, tol=None)
+        st.add(cap.states[s.point], cap.costates[s.point])
+        assert not st.us and st.held_bytes == 0
+        torch.testing.assert_close(st.blocks, ref, rtol=1e-10, atol=1e-13)
+        # route auto with the kernels: the images are kept (not their patches), then moved into blocks
         st = s.statistic(block, s.check_block(block, "test"), backend=backend, route="auto", k=1, tol=None)
         st.add(cap.states[s.point], cap.costates[s.point])
-        assert not st.us  # conv sites never keep rows
+        if backend == "kernels":
+            assert st.blocks is None and len(st.us) == 1 and st.us[0].shape == cap.states[s.point].shape
+            assert st.held_bytes == 2 * cap.states[s.point].numel() * 8  # features + costates (n = C), float64
+            st.flush()
+            assert not st.us and st.held_bytes == 0
         torch.testing.assert_close(st.blocks, ref, rtol=1e-10, atol=1e-13)
         # score: the top eigenvalue of every block and phi = the top eigenvector of block r*. (With
         # k = 5 the late stage has 5 x 12 rows < m = 101: rank-deficient blocks, a zero cluster.)
         w, v = torch.linalg.eigh(ref)
         torch.testing.assert_close(ps.block_mu, w[:, -1], rtol=1e-8, atol=1e-12)
         assert ps.mu == pytest.approx(float(w[:, -1].max()), rel=1e-10)
-        assert ps.block == int(w[:, -1].argmax()) and ps.route in ("dense", "eigh")
+        assert ps.block == int(w[:, -1].argmax())
+        assert ps.route == ("eigh" if backend == "torch" else ops.choose_conv_route(
+            *cap.states[s.point].shape, c, k, bias=bias, itemsize=8))
         assert abs(float(ps.phi[ps.block] @ v[ps.block, :, -1])) == pytest.approx(1.0, abs=1e-8)
 
 
@@ -236,8 +248,9 @@ def test_streamed_equals_concatenated(backend, rule):
 
 @pytest.mark.parametrize("k, bias", [(3, True), (5, False)])
 def test_im2col_chunks_are_bounded_and_exact(monkeypatch, k, bias):
-    """With the element budget monkeypatched small, every chunk of rows has rows * m <= budget
-    (or a single row), the rows cover every pixel once, and blocks and scores are unchanged."""
+    """The torch backend's im2col: with the element budget monkeypatched small, every chunk of rows
+    has rows * m <= budget (or a single row), the rows cover every pixel once, and blocks and
+    scores are unchanged."""
     model, x, y = _problem(8, kernel_size=k, bias=bias, n=5, H=5, W=7)
     cap = capture_all(model, (x, y), F.mse_loss)
     ref_score = score(model, (x, y), F.mse_loss, backend="torch")
@@ -245,20 +258,32 @@ def test_im2col_chunks_are_bounded_and_exact(monkeypatch, k, bias):
     m = 3 * k * k + int(bias)
     xs, ps_ = cap.states[s.point], cap.costates[s.point]
     ref = _ref_blocks(xs, ps_, k, bias)
+    chunks = []
+    real = topoderiv.reference.conv_rows
+
+    def recording(u, q, kernel_size, max_rows):
+        for cu, cq in real(u, q, kernel_size, max_rows):
+            chunks.append((cu.shape, cq.shape))
+            yield cu, cq
+
+    monkeypatch.setattr(topoderiv.reference, "conv_rows", recording)
     # budgets: everything at once, 2 whole images, 2 image rows, 3 pixels, under one row (m)
     for budget in (2**40, 2 * 35 * m, 14 * m, 3 * m, m - 1):
         monkeypatch.setattr(conv_mod, "ROW_CHUNK_ELEMENTS", budget)
-        block = s.new_block()
-        st = s.statistic(block, 1.0, backend="torch", route="dense", k=1, tol=None)
         sizes = []
-        for u, q in st.rows(xs, ps_):
+        for u, q in conv_mod.im2col_rows(xs, ps_, k, max(1, budget // m)):
             assert u.shape[1] == m - int(bias) and q.shape == (u.shape[0], 3)
             sizes.append(u.shape[0])
         assert sum(sizes) == 5 * 5 * 7
         assert all(r * m <= budget or r == 1 for r in sizes), (budget, sizes)
         if budget < 2**40:
             assert len(sizes) > 1
+        # the torch backend's statistic accumulates exactly those chunks (the budget read at call time)
+        chunks.clear()
+        block = s.new_block()
+        st = s.statistic(block, 1.0, backend="torch", route="dense", k=1, tol=None)
         st.add(xs, ps_)
+        assert [c[0][0] for c in chunks] == sizes
         torch.testing.assert_close(st.blocks, ref, rtol=1e-10, atol=1e-13)
     monkeypatch.setattr(conv_mod, "ROW_CHUNK_ELEMENTS", 3 * m)
     small = score(model, (x, y), F.mse_loss, backend="torch")
@@ -269,15 +294,117 @@ def test_im2col_chunks_are_bounded_and_exact(monkeypatch, k, bias):
 
 def test_default_chunk_budget_bounds_rows():
     """At the default budget a chunk holds several whole images but never all of a large batch."""
-    model = ResidualCNN(1, 2, (8,), (1,)).double()
-    s = sites(model)[0]
     m = 8 * 9 + 1
     x = torch.randn(200, 8, 32, 32, dtype=torch.float64)
     p = torch.randn(200, 8, 32, 32, dtype=torch.float64)
-    st = s.statistic(s.new_block(), 1.0, backend="torch", route="dense", k=1, tol=None)
-    sizes = [u.shape[0] for u, _ in st.rows(x, p)]
+    sizes = [u.shape[0] for u, _ in conv_mod.im2col_rows(x, p, 3, conv_mod.ROW_CHUNK_ELEMENTS // m)]
     assert sum(sizes) == 200 * 32 * 32 and len(sizes) > 1
     assert max(sizes) * m <= conv_mod.ROW_CHUNK_ELEMENTS == 2**22
+
+
+# ------------------------------------------------------------------------------------------------
+# the kernels: fused convolution ops, kept images and the memory budget
+
+KERNELS = pytest.mark.skipif(not kernels_available(), reason="no _C")
+
+
+@KERNELS
+def test_kernels_backend_never_forms_im2col_rows(monkeypatch):
+    """With the kernels the statistic calls the convolution ops: the Python im2col is never used."""
+    model, x, y = _problem(15, kernel_size=3, n=6)
+    torch_rep = score(model, (x, y), F.mse_loss, backend="torch")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("im2col rows formed in Python")
+
+    monkeypatch.setattr(topoderiv.reference, "conv_rows", forbidden)
+    calls = {"blocks": 0, "topk": 0}
+    for name in calls:
+        real = getattr(ops, f"conv_sensitivity_{name}")
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, f"conv_sensitivity_{name}", counting)
+    for route in ("auto", "dense", "matfree"):
+        rep = score(model, (x, y), F.mse_loss, backend="kernels", route=route)
+        for a, b in zip(torch_rep.points, rep.points):
+            assert b.mu == pytest.approx(a.mu, rel=1e-9)
+            torch.testing.assert_close(b.block_mu, a.block_mu, rtol=1e-8, atol=1e-12)
+            assert b.route == route if route != "auto" else b.route in ("dense", "matfree")
+    assert calls["blocks"] > 0 and calls["topk"] > 0
+
+
+@KERNELS
+def test_images_are_kept_within_the_memory_budget_then_streamed():
+    """Route auto keeps each batch's images while 2 x held <= memory_budget (the scorer's rule for
+    rows), solves them with the conv cost model's route, else moves them into dense blocks; every
+    way gives the torch backend's answer."""
+    model, x, y = _problem(16, kernel_size=5, n=12, H=6, W=6, channels=(3, 3), depths=(1, 0))
+    batches = [(x[i:i + 3], y[i:i + 3]) for i in range(0, 12, 3)]
+    ref_rep = score(model, batches, F.mse_loss, backend="torch")
+    per_batch = 2 * 3 * 3 * 6 * 6 * 8  # features + costates of one batch at one point, float64
+    n_points = len(ref_rep.points)
+    big = score(model, batches, F.mse_loss, backend="kernels", memory_budget=2**30)
+    assert all(p.route == "matfree" for p in big.points)  # m = 76, 432 rows: matrix-free is cheaper
+    # room for two batches of every point (2 x held <= budget): the third batch flushes
+    small = score(model, batches, F.mse_loss, backend="kernels", memory_budget=2 * 2 * n_points * per_batch)
+    assert all(p.route == "dense" for p in small.points)
+    none = score(model, batches, F.mse_loss, backend="kernels", memory_budget=0)
+    assert all(p.route == "dense" for p in none.points)
+    for rep in (big, small, none):
+        for a, b in zip(ref_rep.points, rep.points):
+            assert b.block == a.block and b.mu == pytest.approx(a.mu, rel=1e-9)
+            torch.testing.assert_close(b.block_mu, a.block_mu, rtol=1e-8, atol=1e-12)
+            assert abs(float((b.phi * a.phi).sum())) == pytest.approx(1.0, abs=1e-8)
+
+
+@KERNELS
+def test_feature_map_chunks_and_float32_matfree(monkeypatch):
+    """A non-identity feature map is applied in chunks of samples (the kept images are its outputs);
+    a float32 model's matrix-free solve (warm-started, tol 1e-3) agrees with float64 eigh."""
+    torch.manual_seed(0)
+
+    class Scale(nn.Module):
+        def forward(self, h):
+            return 2 * torch.tanh(h)
+
+    model = _Body([ResidualConvBlock(4), ResidualConvBlock(4)])
+    declare(model, "body", "conv", channels=4, feature=Scale())
+    x = torch.randn(10, 4, 6, 5)
+    y = torch.randn(10, 4)
+    monkeypatch.setattr(conv_mod, "ROW_CHUNK_ELEMENTS", 3 * 4 * 6 * 5)  # three samples per chunk
+    cap = capture_all(model, (x, y), F.mse_loss)
+    rep = score(model, (x, y), F.mse_loss, backend="kernels", route="matfree")
+    for s, ps in zip(sites(model), rep.points):
+        u = 2 * torch.tanh(cap.states[s.point]).double()
+        w = torch.linalg.eigvalsh(_ref_blocks(u, cap.costates[s.point].double(), 3, True))[:, -1]
+        assert ps.route == "matfree" and ps.converged
+        assert abs(ps.mu - float(w.max())) <= 2e-4 * float(w.abs().max())
+        torch.testing.assert_close(ps.block_mu.double(), w, rtol=0, atol=2e-3 * float(w.abs().max()))
+
+
+@KERNELS
+def test_conv_subspace_start_equals_the_rows_warm_start():
+    """conv_subspace_start (no patch-size tensor) is subspace_start on the explicit im2col rows."""
+    from topoderiv.method.statistic import subspace_start
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(4, 8, 6, 7, generator=g, dtype=torch.float64) / torch.arange(1, 9, dtype=torch.float64)[:, None, None]
+    q = torch.randn(4, 5, 6, 7, generator=g, dtype=torch.float64)
+    rows_u, rows_q = next(conv_mod.im2col_rows(u, q, 3, 10**9))
+    a = conv_mod.conv_subspace_start(u, q, 3, True)
+    b = subspace_start(rows_u, rows_q, True)
+    noise = torch.randn(a.shape, generator=torch.Generator().manual_seed(0), dtype=a.dtype)
+    noise = 0.01 * noise / noise.norm(dim=1, keepdim=True)
+    a, b = a - noise, b - noise  # the projected top eigenvectors (unit norm), up to sign
+    cos = (a * b).sum(1).abs() / (a.norm(dim=1) * b.norm(dim=1))
+    assert (cos > 1 - 1e-6).all(), cos
+    # and it is a good start: the matrix-free solve from it takes fewer steps than a cold one
+    cold = torch.ops.topoderiv.conv_sensitivity_lanczos(u, q, 3, True, 1, 73, 1e-8, 0)
+    warm = torch.ops.topoderiv.conv_sensitivity_lanczos(u, q, 3, True, 1, 73, 1e-8, 0, conv_mod.conv_subspace_start(u, q, 3, True))
+    assert torch.allclose(warm[0], cold[0], rtol=1e-7)
+    assert warm[3].double().mean() < cold[3].double().mean()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,13 +12,19 @@ patch is that of ``Conv2d.weight.reshape(C, -1)`` (channel, kernel row, kernel c
 of :func:`torch.nn.functional.unfold`), so ``phi [n, C k k + bias]`` maps onto the block as
 ``weight = phi[:, :Ckk].reshape(n, C, k, k)``, ``bias = phi[:, Ckk]``.
 
-Route: until fused convolution kernels exist (a later issue), the statistic is built here in
-Python by im2col: :func:`im2col_rows` unfolds the patches in BOUNDED chunks (at most
-:data:`ROW_CHUNK_ELEMENTS` elements ``rows x m`` per chunk: several whole images, or tiles of
-output pixels of one image when an image alone is larger) and each chunk is accumulated into the
-dense blocks by :func:`topoderiv.ops.sensitivity_blocks` (``out=``). The rows are never kept, so
-conv sites always take the dense route (``collect=False``): the memory of scoring a conv site is
-its ``n m^2`` blocks plus one chunk, whatever the data size.
+Statistic (:class:`ConvStatistic`): with the kernels backend the blocks come from the fused
+convolution ops, which address the patches inside the kernels (the im2col matrix is never formed):
+each batch's features ``u(x)`` and costates are either accumulated into dense blocks by
+:func:`topoderiv.ops.conv_sensitivity_blocks` (``out=``; memory ``n m^2``) or KEPT as images
+(``k^2`` times smaller than their patches) for a matrix-free solve by
+:func:`topoderiv.ops.conv_sensitivity_topk`, under the memory budget of :func:`topoderiv.score`:
+images are kept while they fit in ``memory_budget``, then moved into dense blocks and streamed from
+there on (route ``"auto"``); with every batch kept the route is picked by
+:func:`topoderiv.ops.choose_conv_route` with the real sample count. Matrix-free solves start from
+:func:`conv_subspace_start`. The torch backend builds the blocks with the plain-PyTorch twin
+(:func:`topoderiv.reference.conv_sensitivity_blocks`): im2col by unfold in BOUNDED chunks of at
+most :data:`ROW_CHUNK_ELEMENTS` elements ``rows x m`` (:func:`im2col_rows`: several whole images, or
+tiles of output pixels of one image when an image alone is larger).
 
 Options: ``channels`` (stream channels ``C``), ``kernel_size`` (odd, default 3), ``activation``
 (default ``"td"``; must be admissible), ``bias`` (default True), ``feature`` (``"identity"`` or an
@@ -27,19 +33,21 @@ Options: ``channels`` (stream channels ``C``), ``kernel_size`` (odd, default 3),
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops, reference
 from ..method.activations import activation_spec, check_admissible, get_activation
-from ..method.statistic import EigenStatistic
+from ..method.statistic import EIGH_FALLBACK_FLOPS, WARM_MIN_M, WARM_RANK, EigenStatistic
 from ..registry import register
 from .base import Site, register_kind
 from .linear import build_feature, check_matrix_phi, feature_spec
 
-__all__ = ["ResidualConvBlock", "ConvSite", "conv_parts", "im2col_rows", "ROW_CHUNK_ELEMENTS"]
+__all__ = ["ResidualConvBlock", "ConvSite", "ConvStatistic", "conv_parts", "conv_subspace_start", "im2col_rows",
+           "ROW_CHUNK_ELEMENTS"]
 
 ActSpec = Union[str, nn.Module, None]
 
@@ -148,7 +156,8 @@ def conv_parts(block: nn.Module, fn: str) -> Tuple[nn.Conv2d, nn.Module, nn.Modu
 
 
 def im2col_rows(u: Tensor, q: Tensor, kernel_size: int, max_rows: int) -> Iterator[Tuple[Tensor, Tensor]]:
-    """The im2col rows of ``(u, q)`` in chunks of at most ``max(max_rows, 1)`` rows.
+    """The im2col rows of ``(u, q)`` in chunks of at most ``max(max_rows, 1)`` rows
+    (:func:`topoderiv.reference.conv_rows`; the torch backend's statistic).
 
     Args:
         u: features ``[B, C, H, W]`` (the block's input, zero padded by ``kernel_size // 2``).
@@ -161,25 +170,116 @@ def im2col_rows(u: Tensor, q: Tensor, kernel_size: int, max_rows: int) -> Iterat
         feature order is ``Conv2d.weight.reshape(n, -1)``'s. Whole images when ``B H W`` rows fit,
         else tiles of pixels of one image (the padded input is sliced, no patch is duplicated).
     """
-    B, C, H, W = u.shape
-    n = q.shape[1]
-    k, pad = kernel_size, kernel_size // 2
-    ckk = C * k * k
-    max_rows = max(1, int(max_rows))
-    if B * H * W <= max_rows:
-        cols = F.unfold(u, k, padding=pad)  # [B, Ckk, HW]
-        yield cols.transpose(1, 2).reshape(-1, ckk), q.permute(0, 2, 3, 1).reshape(-1, n)
-        return
-    tw = min(W, max_rows)
-    th = max(1, min(H, max_rows // tw))
-    up = F.pad(u, (pad, pad, pad, pad))
-    for s in range(B):
-        for r0 in range(0, H, th):
-            r1 = min(H, r0 + th)
-            for c0 in range(0, W, tw):
-                c1 = min(W, c0 + tw)
-                cols = F.unfold(up[s : s + 1, :, r0 : r1 + k - 1, c0 : c1 + k - 1], k)  # [1, Ckk, rows]
-                yield cols[0].t().contiguous(), q[s, :, r0:r1, c0:c1].reshape(n, -1).t().contiguous()
+    return reference.conv_rows(u, q, kernel_size, max_rows)
+
+
+def conv_subspace_start(u: Tensor, q: Tensor, kernel_size: int, bias: bool, rank: int = WARM_RANK) -> Tensor:
+    """Warm-start vectors ``[n, m]`` for the top eigenvectors of the conv blocks of ``(u, q)``.
+
+    :func:`topoderiv.method.statistic.subspace_start` for patches, with nothing of patch size
+    formed: the Gram matrix of the patches is the one block of a constant costate
+    (:func:`topoderiv.ops.conv_sensitivity_blocks` with ``p = 1``); its ``rank`` leading
+    eigenvectors ``V`` project every patch by one convolution (``z = conv2d(u, V)``, ``[N, rank,
+    H, W]``); the projected blocks ``V^T B_r V`` are the ``1 x 1`` conv blocks of ``(z, q)``, and the
+    top eigenvector ``y_r`` of each (Lanczos to 1%) gives ``V y_r``, plus 1% of a seeded random
+    direction (so a top eigenvector outside the subspace is still reached).
+
+    Args:
+        u: features ``[N, C, H, W]``; q: costates ``[N, n, H, W]`` (same dtype).
+        kernel_size: odd ``k``; bias: whether ``m = C k k + 1``; rank: subspace dimension.
+    """
+    N, C, H, W = u.shape
+    k = kernel_size
+    d = C * k * k
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    gram = ops.conv_sensitivity_blocks(u, u.new_ones(N, 1, H, W), k, bias=bias)[0]  # [m, m]
+    m = gram.shape[0]
+    r = min(int(rank), m)
+    _, basis = torch.linalg.eigh(gram)
+    basis = basis[:, -r:]  # [m, r]
+    weight = basis[:d].mT.reshape(r, C, k, k)
+    z = F.conv2d(u.to(acc), weight, basis[d] if bias else None, padding=k // 2)  # [N, r, H, W]
+    c = ops.conv_sensitivity_blocks(z, q.to(acc), 1, bias=False)  # [n, r, r]
+    v0 = ops.lanczos_topk(c, 1, tol=1e-2).vectors[:, :, 0] @ basis.mT
+    g = torch.randn(v0.shape, generator=torch.Generator().manual_seed(0), dtype=v0.dtype).to(v0.device)
+    return v0 + 0.01 * g / g.norm(dim=1, keepdim=True)
+
+
+class ConvStatistic(EigenStatistic):
+    """The statistic of a conv site: :class:`topoderiv.method.statistic.EigenStatistic` on images.
+
+    ``rows(x, p)`` yields ``(u [b, C, H, W], q [b, n, H, W])`` (the feature map applied in chunks of
+    samples), kept as images or accumulated into dense blocks by the convolution ops (the torch
+    backend: the unfold twin, in chunks of :data:`ROW_CHUNK_ELEMENTS`); the kept images are solved
+    matrix-free or dense as :func:`topoderiv.ops.choose_conv_route` picks (see the module docstring).
+    ``held_bytes`` / ``flush()`` give :func:`topoderiv.score` its memory budget, as for rows.
+    Under a process group the statistic streams dense blocks (all-reduced once per point): the
+    matrix-free conv solve has no distributed form yet.
+    """
+
+    def __init__(self, rows: Any, n: int, channels: int, kernel_size: int, bias: bool, curvature: float, *,
+                 backend: str, route: str, k: int, tol: Optional[float]) -> None:
+        super().__init__(rows, n, channels * kernel_size * kernel_size, bias, curvature, backend=backend, route=route,
+                         collect=True, k=k, tol=tol)
+        self.kernel_size = kernel_size
+
+    def _accumulate(self, u: Tensor, q: Tensor) -> None:
+        ks = self.kernel_size
+        if self.backend == "kernels":
+            if self.blocks is None:
+                self.blocks = ops.conv_sensitivity_blocks(u, q, ks, bias=self.bias)
+            else:
+                ops.conv_sensitivity_blocks(u, q, ks, bias=self.bias, out=self.blocks)
+            return
+        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+        max_rows = max(1, ROW_CHUNK_ELEMENTS // self.m)  # read at call time
+        b = reference.conv_sensitivity_blocks(u.to(acc), q.to(acc), ks, bias=self.bias, max_rows=max_rows)
+        self.blocks = b if self.blocks is None else self.blocks.add_(b)
+
+    def summary(self) -> List[float]:
+        """For a process group: as the base class, but always "streaming dense blocks"."""
+        out = list(super().summary())  # type: ignore[misc]
+        out[1] = 1.0
+        return out
+
+    def eigenpairs(self, S: int, k: int) -> Tuple[Tensor, Tensor, bool, str, Callable[[Tensor], Tensor]]:
+        """Kept images: :func:`topoderiv.ops.conv_sensitivity_topk` on all of them (the route by
+        :func:`topoderiv.ops.choose_conv_route`, matrix-free solves warm-started by
+        :func:`conv_subspace_start`), blocks it did not converge on redone by ``eigh`` within the
+        base class's budget. Dense blocks: the base class."""
+        if self.blocks is not None or not self.us:
+            return super().eigenpairs(S, k)
+        u = self.us[0] if len(self.us) == 1 else torch.cat(self.us, dim=0)
+        q = self.qs[0] if len(self.qs) == 1 else torch.cat(self.qs, dim=0)
+        self.us, self.qs = [], []
+        ks, fp64 = self.kernel_size, u.dtype == torch.float64
+        route = self.route
+        if route == "auto":
+            N, C, H, W = u.shape
+            route = ops.choose_conv_route(N, C, H, W, self.n, ks, bias=self.bias, k=k, itemsize=8 if fp64 else 4)
+
+        # q carries B_b, not B_b / S: the values are divided by S afterwards (a solve is scale-invariant)
+        def blocks_of(idx: Tensor) -> Tensor:
+            return ops.conv_sensitivity_blocks(u, q[:, idx], ks, bias=self.bias) / S
+
+        v0 = None
+        if route == "matfree" and k == 1 and self.m >= WARM_MIN_M:
+            v0 = conv_subspace_start(u, q, ks, self.bias)
+        tol = self.tol
+        if tol is None:  # the defaults of topoderiv.score (EigenStatistic)
+            tol = 1e-10 if fp64 else (1e-3 if v0 is not None else 1e-4)
+        res = ops.conv_sensitivity_topk(u, q, ks, k=k, bias=self.bias, route=route, tol=tol, v0=v0)
+        values, vectors, converged = res.values / S, res.vectors, res.converged
+        bad = (~converged).nonzero().flatten()
+        if bad.numel() == 0:
+            return values, vectors, True, res.route, blocks_of
+        if bad.numel() * float(self.m) ** 3 > EIGH_FALLBACK_FLOPS:
+            return values, vectors, False, res.route, blocks_of
+        vals, vecs = reference.eigh_topk(blocks_of(bad), k)
+        values, vectors = values.clone(), vectors.clone()
+        values[bad] = vals.to(values.dtype)
+        vectors[bad] = vecs.to(vectors.dtype)
+        return values, vectors, True, res.route, blocks_of
 
 
 @register_kind("conv")
@@ -217,23 +317,23 @@ class ConvSite(Site):
                              f"[B, C, H, W] with C = {channels} channels, got shape {list(x.shape)}")
 
     def statistic(self, block: nn.Module, curvature: float, *, backend: str, route: str, k: int,
-                  tol: Optional[float]) -> EigenStatistic:
-        """An :class:`EigenStatistic` with ``n = C``, ``d = C k k``, streaming dense blocks.
+                  tol: Optional[float]) -> ConvStatistic:
+        """A :class:`ConvStatistic` with ``n = C``, ``d = C k k``.
 
-        Its ``rows(x, p)`` applies the feature map to chunks of samples and unfolds them with
-        :func:`im2col_rows`, at most :data:`ROW_CHUNK_ELEMENTS` // m rows per chunk (read at
-        call time).
+        Its ``rows(x, p)`` yields ``(feature(x), p)`` as images, the feature map applied to chunks
+        of at most :data:`ROW_CHUNK_ELEMENTS` elements of the stream (whole for the identity).
         """
         conv, _, feature = conv_parts(block, "score")
         n, ks = conv.out_channels, conv.kernel_size[0]
-        d = conv.in_channels * ks * ks
-        m = d + int(conv.bias is not None)
         name, kind = self.name, self.kind
+        identity = isinstance(feature, nn.Identity)
 
         def rows(x: Tensor, p: Tensor) -> Iterable[Tuple[Tensor, Tensor]]:
-            B, _, H, W = x.shape
-            max_rows = max(1, ROW_CHUNK_ELEMENTS // m)
-            per = max(1, max_rows // max(1, H * W))
+            if identity:
+                yield x.detach(), p.detach()
+                return
+            B = x.shape[0]
+            per = max(1, ROW_CHUNK_ELEMENTS // max(1, x[:1].numel()))
             for s0 in range(0, B, per):
                 with torch.no_grad():
                     u = feature(x[s0 : s0 + per])
@@ -241,10 +341,10 @@ class ConvSite(Site):
                     raise ValueError(f"score: the feature map of the new block at {kind} site {name!r} must keep the "
                                      f"stream's shape [B, C, H, W] = {list(x[s0 : s0 + per].shape)}, got "
                                      f"{list(u.shape)}")
-                yield from im2col_rows(u, p[s0 : s0 + per], ks, max_rows)
+                yield u.detach(), p[s0 : s0 + per].detach()
 
-        return EigenStatistic(rows, n, d, conv.bias is not None, curvature, backend=backend, route=route,
-                              collect=False, k=k, tol=tol)
+        return ConvStatistic(rows, n, conv.in_channels, ks, conv.bias is not None, curvature, backend=backend,
+                             route=route, k=k, tol=tol)
 
     def check_phi(self, block: nn.Module, phi: Any, fn: str) -> Tensor:
         conv, _, _ = conv_parts(block, fn)
