@@ -1,8 +1,8 @@
 """Convolution ops against the best plain-PyTorch composition, and the conv site's scoring cost.
 
-    python benchmarks/bench_conv.py [--device cpu|cuda] [--quick] [--repeats R] [--only blocks,topk,cnn]
+    python benchmarks/bench_conv.py [--device cpu|cuda] [--quick] [--repeats R] [--only blocks,topk,matvec,cnn]
 
-Three tables, every row of a table measured interleaved in one process (this CPU's speed swings
+Four tables, every row of a table measured interleaved in one process (this CPU's speed swings
 3-5x between runs; the ratios do not):
 
 1. ``conv_sensitivity_blocks`` (float32), N=256, C=n=64, 16x16, k=3 (m = 577, 65536 rows), against
@@ -15,7 +15,11 @@ Three tables, every row of a table measured interleaved in one process (this CPU
    N=256, C=n=128, 8x8, k=3 (m = 1153: 680 MB of blocks), on real-like data (decaying channel
    scales, costates quadratic in a convolution of the input: the spectral gaps of real sensitivity
    blocks). Target: >= 5x.
-3. Scoring a ResidualCNN with 64 channels at 16x16 (one stage of 2 blocks: 3 points, 256 samples,
+3. ``conv_sensitivity_matvec`` (one Lanczos step of the matrix-free route) against its plain-PyTorch
+   twin, ``conv2d`` then ``conv2d_weight`` (oneDNN / cuDNN convolutions), at N=256, C=64, 16x16, k=3
+   with all n=64 blocks and with 4 (the steps where most blocks have converged). No target: context
+   for the matrix-free route's cost.
+4. Scoring a ResidualCNN with 64 channels at 16x16 (one stage of 2 blocks: 3 points, 256 samples,
    trained one epoch), in training epochs (Adam, batches of 64), before (Python im2col chunks
    accumulated by ``sensitivity_blocks``, always dense: the site as it was) and after (the
    convolution ops; images kept for a matrix-free solve within ``score``'s memory budget).
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 
 import topoderiv as td
 from topoderiv import ops
+from topoderiv import reference as topoderiv_reference
 from topoderiv.growth.training import fit
 from topoderiv.method.statistic import EigenStatistic
 from topoderiv.models import ResidualCNN
@@ -140,6 +145,28 @@ def bench_topk(device: str, quick: bool, repeats: int):
     return title, rows, ["impl", "route", "s", "speed-up vs dense", "top eigenvalue rel diff vs dense", "all converged"]
 
 
+def bench_matvec(device: str, quick: bool, rate: float, repeats: int):
+    N, C, H, W, k = (8, 16, 8, 8, 3) if quick else (256, 64, 16, 16, 3)
+    m = C * k * k + 1
+    rows = []
+    for n in ((16, 4) if quick else (64, 4)):
+        x, p = conv_real_like(N, C, H, W, n, device)
+        v = torch.randn(n, m, generator=torch.Generator().manual_seed(1)).to(device)
+        err = rel_err(ops.conv_sensitivity_matvec(x, p, v, k),
+                      topoderiv_reference.conv_sensitivity_matvec(x.double(), p.double(), v.double(), k))
+        t = interleaved({"topoderiv conv_sensitivity_matvec": lambda: ops.conv_sensitivity_matvec(x, p, v, k),
+                         "torch conv2d + conv2d_weight": lambda: topoderiv_reference.conv_sensitivity_matvec(x, p, v, k)},
+                        repeats=max(repeats, 5), device=device)
+        flops = 4.0 * N * H * W * n * m
+        for name, sec in t.items():
+            rows.append({"n": n, "impl": name, "ms": sec * 1e3, "GFLOP/s": flops / sec / 1e9,
+                         "fraction of matmul": flops / sec / 1e9 / rate,
+                         "speed-up vs torch": t["torch conv2d + conv2d_weight"] / sec,
+                         "max rel err vs fp64": err if name.startswith("topo") else ""})
+    title = f"conv_sensitivity_matvec, float32, N={N}, C={C}, {H}x{W}, k={k} (m={m}) - no target (context)"
+    return title, rows, ["n", "impl", "ms", "GFLOP/s", "fraction of matmul", "speed-up vs torch", "max rel err vs fp64"]
+
+
 def before_statistic(self, block, curvature, *, backend, route, k, tol):
     """The conv site's statistic before the convolution ops: im2col rows in Python chunks, always
     accumulated into dense blocks by sensitivity_blocks (collect=False)."""
@@ -213,19 +240,20 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds per table (default 3, quick 1)")
-    ap.add_argument("--only", default="blocks,topk,cnn", help="comma-separated tables: blocks, topk, cnn")
+    ap.add_argument("--only", default="blocks,topk,matvec,cnn", help="comma-separated tables: blocks, topk, matvec, cnn")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available")
     only = {s.strip() for s in args.only.split(",") if s.strip()}
-    bad = only - {"blocks", "topk", "cnn"}
+    bad = only - {"blocks", "topk", "matvec", "cnn"}
     if bad:
-        ap.error(f"--only: unknown tables {sorted(bad)} (choose from blocks, topk, cnn)")
+        ap.error(f"--only: unknown tables {sorted(bad)} (choose from blocks, topk, matvec, cnn)")
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     rate = matmul_rate(args.device)
     print(f"# convolution ops on {machine(args.device)}; torch fp32 matmul {rate:.0f} GFLOP/s in this process\n")
     for name, run in (("blocks", lambda: bench_blocks(args.device, args.quick, rate, repeats)),
                       ("topk", lambda: bench_topk(args.device, args.quick, repeats)),
+                      ("matvec", lambda: bench_matvec(args.device, args.quick, rate, repeats)),
                       ("cnn", lambda: bench_cnn(args.device, args.quick, repeats))):
         if name not in only:
             continue

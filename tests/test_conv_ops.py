@@ -183,6 +183,17 @@ def test_blocks_empty_and_degenerate():
     # C = 0 with the bias: every block is the number of pixels times the summed costate
     p = torch.ones(2, 2, 3, 4)
     assert torch.equal(ops.conv_sensitivity_blocks(torch.zeros(2, 0, 3, 4), p, 3), torch.full((2, 1, 1), 24.0))
+    # no rows: zero operators, both routes converge at once to zero
+    for route in ("dense", "matfree"):
+        res = ops.conv_sensitivity_topk(torch.zeros(0, 3, 4, 4), torch.zeros(0, 2, 4, 4), 3, route=route)
+        assert torch.equal(res.values, torch.zeros(2, 1)) and res.converged.all()
+    res = ops.conv_sensitivity_topk(torch.zeros(2, 3, 4, 4), torch.zeros(2, 0, 4, 4), 3, route="matfree")
+    assert res.values.shape == (0, 1) and res.vectors.shape == (0, 28, 1)
+    # the reference's chunks with no costate channels (the warm start's Gram matrix uses them)
+    chunks = list(ref.conv_rows(torch.ones(3, 2, 4, 5), torch.zeros(3, 0, 4, 5), 3, 7))
+    assert sum(u.shape[0] for u, _ in chunks) == 60 and all(q.shape == (u.shape[0], 0) for u, q in chunks)
+    whole = list(ref.conv_rows(torch.ones(3, 2, 4, 5), torch.zeros(3, 0, 4, 5), 3, 1000))
+    assert len(whole) == 1 and whole[0][0].shape == (60, 18) and whole[0][1].shape == (60, 0)
 
 
 def test_blocks_memory_has_no_im2col_intermediate(gen):
@@ -792,4 +803,4 @@ def test_bench_conv_runs():
                          capture_output=True, text=True, timeout=600, cwd=bench)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("|")]
-    assert len(lines) >= 9, out.stdout[-3000:]  # three tables: header, separator, rows
+    assert len(lines) >= 14, out.stdout[-3000:]  # four tables: header, separator, rows

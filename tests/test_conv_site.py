@@ -386,8 +386,9 @@ def test_feature_map_chunks_and_float32_matfree(monkeypatch):
 
 
 @KERNELS
-def test_conv_subspace_start_equals_the_rows_warm_start():
-    """conv_subspace_start (no patch-size tensor) is subspace_start on the explicit im2col rows."""
+def test_conv_subspace_start_equals_the_rows_warm_start(monkeypatch):
+    """conv_subspace_start (no patch-size tensor) is subspace_start on the explicit im2col rows; with
+    the Gram matrix estimated from a subset of the samples it is still a good start."""
     from topoderiv.method.statistic import subspace_start
     g = torch.Generator().manual_seed(3)
     u = torch.randn(4, 8, 6, 7, generator=g, dtype=torch.float64) / torch.arange(1, 9, dtype=torch.float64)[:, None, None]
@@ -405,6 +406,12 @@ def test_conv_subspace_start_equals_the_rows_warm_start():
     warm = torch.ops.topoderiv.conv_sensitivity_lanczos(u, q, 3, True, 1, 73, 1e-8, 0, conv_mod.conv_subspace_start(u, q, 3, True))
     assert torch.allclose(warm[0], cold[0], rtol=1e-7)
     assert warm[3].double().mean() < cold[3].double().mean()
+    monkeypatch.setattr(conv_mod, "GRAM_ROWS", 50)  # 168 rows: every 4th sample, one image
+    sub = conv_mod.conv_subspace_start(u, q, 3, True)
+    assert not torch.allclose(sub, conv_mod.conv_subspace_start(u[:1], q[:1], 3, True))
+    part = torch.ops.topoderiv.conv_sensitivity_lanczos(u, q, 3, True, 1, 73, 1e-8, 0, sub)
+    assert torch.allclose(part[0], cold[0], rtol=1e-7)
+    assert part[3].double().mean() < cold[3].double().mean()
 
 
 # ------------------------------------------------------------------------------------------------

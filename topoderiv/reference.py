@@ -138,7 +138,7 @@ def conv_rows(x: torch.Tensor, p: torch.Tensor, kernel_size: int,
     max_rows = max(1, int(max_rows))
     if N * H * W <= max_rows:
         cols = F.unfold(x, k, padding=pad)  # [N, Ckk, HW]
-        yield cols.transpose(1, 2).reshape(-1, ckk), p.permute(0, 2, 3, 1).reshape(-1, n)
+        yield cols.transpose(1, 2).reshape(N * H * W, ckk), p.permute(0, 2, 3, 1).reshape(N * H * W, n)
         return
     tw = min(W, max_rows)
     th = max(1, min(H, max_rows // tw))
@@ -149,7 +149,8 @@ def conv_rows(x: torch.Tensor, p: torch.Tensor, kernel_size: int,
             for c0 in range(0, W, tw):
                 c1 = min(W, c0 + tw)
                 cols = F.unfold(xp[s : s + 1, :, r0 : r1 + k - 1, c0 : c1 + k - 1], k)  # [1, Ckk, rows]
-                yield cols[0].t().contiguous(), p[s, :, r0:r1, c0:c1].reshape(n, -1).t().contiguous()
+                pc = p[s, :, r0:r1, c0:c1].reshape(n, (r1 - r0) * (c1 - c0))
+                yield cols[0].t().contiguous(), pc.t().contiguous()
 
 
 def conv_sensitivity_blocks(

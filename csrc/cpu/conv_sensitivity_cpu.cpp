@@ -2,10 +2,13 @@
 // readable spec of the CUDA twins, and fast.
 //
 // Both kernels walk the rows (output pixels, row-major over [N, Ho, Wo]) in chunks of KC = 256. Each
-// thread gathers the patches of its current chunk through PatchAddress into a private [KC, m]
-// buffer (the bias column included; 590 KB at m = 577 in float32, it stays in L2), so the im2col
-// matrix never exists: the extra memory is the output plus fixed per-thread buffers. From that
-// buffer on, the kernels are the ones of sensitivity_cpu.cpp:
+// thread gathers the patches of its current chunk through PatchAddress (rows decoded once per chunk)
+// into private buffers (590 KB at m = 577 in float32; they stay in L2), so the im2col matrix never
+// exists: the extra memory is the output plus fixed per-thread buffers. The blocks gather a
+// row-major [KC, m] buffer; the matvec gathers feature-major panels [m, NR] directly (a panel's rows
+// are runs of consecutive output pixels, so each feature is a strided copy of consecutive input
+// pixels: no per-element addressing) and transposes them into the second GEMM's panels. From the
+// buffers on, the kernels are the ones of sensitivity_cpu.cpp:
 //
 // Blocks. One GEMM  C[r, (i,j)] = P^T Z  over the chunk, Z[s, (i,j)] = pt[s, i] pt[s, j] generated
 // in the packing of its panels (never stored); only the upper triangle's m(m+1)/2 pairs, cut into
@@ -14,7 +17,8 @@
 // process shares the cores) and gathers every chunk itself (m values per row, against its tiles'
 // n m^2 / (2 threads) multiply-adds per row). The lower triangle is mirrored at the end.
 //
-// Matvec. Split-K over chunks: each thread gathers its own chunks, then Y = Pt V^T ([KC, n]) and
+// Matvec. Split-K over chunks: each thread gathers its own chunks, then Y^T = V Pt^T ([n, KC]; the
+// channels along the micro-kernel's short side, so few channels waste little) and
 // acc += (P .* Y)^T Pt (the product with P fused into the second GEMM's A panels) into a private
 // [n, m] accumulator; the accumulators are summed in thread order at the end (deterministic for a
 // given thread count).
@@ -89,11 +93,28 @@ struct FeatureTable {
   }
 };
 
-// buf[q, i] = patch feature i of row s0 + q (q < rows, i < m, row stride ld): x elements through A,
-// zeros outside the image, the bias feature 1. Rows whose whole window is inside the image take
-// no bounds test.
+// PatchAddress::row (and p's row offset) for the rows of one chunk, decoded once per chunk.
+struct ChunkRows {
+  int64_t* base;  // [KC] x offset of the window corner
+  int64_t* ih;    // [KC]
+  int64_t* iw;    // [KC]
+  int64_t* prow;  // [KC] p offset
+  void decode(const PatchAddress& A, int64_t s0, int64_t rows) {
+    for (int64_t q = 0; q < rows; ++q) {
+      const PatchRow r = A.row(s0 + q);
+      base[q] = r.base;
+      ih[q] = r.ih;
+      iw[q] = r.iw;
+      prow[q] = A.p_row(s0 + q);
+    }
+  }
+};
+
+// buf[q, i] = patch feature i of the chunk's row q (q < rows, i < m, row stride ld): x elements
+// through A, zeros outside the image, the bias feature 1. Rows whose whole window is inside the
+// image take no bounds test.
 template <typename Tin, typename Tacc>
-TD_TARGET_CLONES void gather_rows(const Tin* x, const PatchAddress& A, const FeatureTable& F, int64_t s0,
+TD_TARGET_CLONES void gather_rows(const Tin* x, const PatchAddress& A, const FeatureTable& F, const ChunkRows& Rw,
                                   int64_t rows, Tacc* buf, int64_t ld) {
   const int64_t d = A.d, k = A.k;
   const int64_t* off = F.off.data();
@@ -103,15 +124,15 @@ TD_TARGET_CLONES void gather_rows(const Tin* x, const PatchAddress& A, const Fea
     Tacc* dst = buf + q * ld;
     if (A.bias) dst[d] = Tacc(1);
     if (d == 0) continue;
-    const PatchRow r = A.row(s0 + q);
-    if (r.ih >= 0 && r.ih + k <= A.H && r.iw >= 0 && r.iw + k <= A.W) {
-      const Tin* xb = x + r.base;  // x[img, 0, ih, iw], inside x
+    const int64_t base = Rw.base[q], ih = Rw.ih[q], iw = Rw.iw[q];
+    if (ih >= 0 && ih + k <= A.H && iw >= 0 && iw + k <= A.W) {
+      const Tin* xb = x + base;  // x[img, 0, ih, iw], inside x
       for (int64_t i = 0; i < d; ++i) dst[i] = convert<Tacc>(xb[off[i]]);
     } else {
       for (int64_t i = 0; i < d; ++i) {
-        const bool in = static_cast<uint64_t>(r.ih + ky[i]) < static_cast<uint64_t>(A.H) &&
-                        static_cast<uint64_t>(r.iw + kx[i]) < static_cast<uint64_t>(A.W);
-        dst[i] = in ? convert<Tacc>(x[r.base + off[i]]) : Tacc(0);
+        const bool in = static_cast<uint64_t>(ih + ky[i]) < static_cast<uint64_t>(A.H) &&
+                        static_cast<uint64_t>(iw + kx[i]) < static_cast<uint64_t>(A.W);
+        dst[i] = in ? convert<Tacc>(x[base + off[i]]) : Tacc(0);
       }
     }
   }
@@ -233,7 +254,7 @@ void blocks_impl(const ConvSensitivityBlocksParams& P) {
   const int nt = static_cast<int>(std::min<int64_t>(nthreads, ntiles));
   const int64_t per_thread = KC * m + nrb * KC * MR + KC * nr;
   Aligned<Tacc> work(static_cast<int64_t>(nt) * per_thread);
-  std::vector<int64_t> prows(static_cast<size_t>(nt * KC));
+  std::vector<int64_t> rowtab(static_cast<size_t>(nt * 4 * KC));
   const Tin* x = static_cast<const Tin*>(P.x);
   const Tin* p = static_cast<const Tin*>(P.p);
   Tacc* out = static_cast<Tacc*>(P.out);
@@ -244,12 +265,13 @@ void blocks_impl(const ConvSensitivityBlocksParams& P) {
     Tacc* Xc = work.get() + static_cast<int64_t>(tid) * per_thread;
     Tacc* Ap = Xc + KC * m;
     Tacc* Bp = Ap + nrb * KC * MR;
-    int64_t* prow = prows.data() + static_cast<int64_t>(tid) * KC;
+    int64_t* rt = rowtab.data() + static_cast<int64_t>(tid) * 4 * KC;
+    ChunkRows Rw{rt, rt + KC, rt + 2 * KC, rt + 3 * KC};
     for (int64_t s0 = 0; s0 < R && t0 < t1; s0 += KC) {
       const int64_t kc = std::min(KC, R - s0);
-      gather_rows<Tin, Tacc>(x, A, F, s0, kc, Xc, m);
-      for (int64_t q = 0; q < kc; ++q) prow[q] = A.p_row(s0 + q);
-      for (int64_t rb = 0; rb < nrb; ++rb) pack_p_panel<Tin, Tacc>(p, prow, P.ps.c, n, rb * MR, kc, Ap + rb * KC * MR);
+      Rw.decode(A, s0, kc);
+      gather_rows<Tin, Tacc>(x, A, F, Rw, kc, Xc, m);
+      for (int64_t rb = 0; rb < nrb; ++rb) pack_p_panel<Tin, Tacc>(p, Rw.prow, P.ps.c, n, rb * MR, kc, Ap + rb * KC * MR);
       for (int64_t t = t0; t < t1; ++t)
         blocks_tile<Tacc>(Xc, m, m, kc, tiles.runs.data() + tiles.first[t],
                           static_cast<int>(tiles.first[t + 1] - tiles.first[t]), Ap, n, out, Bp);
@@ -261,57 +283,101 @@ void blocks_impl(const ConvSensitivityBlocksParams& P) {
 // ---------------------------------------------------------------------------------------------
 // matvec
 
-// GEMM-1 A panel: Xp[i, ii] = xc[sb + ii, i] (K = m features, MR rows; zero past rows).
+// GEMM-1 is computed transposed, Y^T = V Pt^T ([n, KC]): the output channels run along the
+// micro-kernel's MR = 8 rows and the patch rows along its NR columns, so few channels (the Lanczos
+// steps where most blocks have converged) waste at most MR - 1 rows of work instead of NR - 1.
+
+// GEMM-1 A panel: Vp[i, ii] = v[r0 + ii, i] (K = m features, MR channels; zero past n).
 template <typename T>
-TD_TARGET_CLONES void pack_rows_t(const T* xc, int64_t ldx, int64_t m, int64_t rows, T* Xp) {
-  for (int ii = 0; ii < MR; ++ii) {
-    if (ii < rows) {
-      const T* row = xc + ii * ldx;
-      for (int64_t i = 0; i < m; ++i) Xp[i * MR + ii] = row[i];
-    } else {
-      for (int64_t i = 0; i < m; ++i) Xp[i * MR + ii] = T(0);
+TD_TARGET_CLONES void pack_v_rows(const T* v, int64_t n, int64_t m, int64_t r0, T* Vp) {
+  const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
+  for (int64_t i = 0; i < m; ++i) {
+    for (int ii = 0; ii < mr; ++ii) Vp[i * MR + ii] = v[(r0 + ii) * m + i];
+    for (int ii = mr; ii < MR; ++ii) Vp[i * MR + ii] = T(0);
+  }
+}
+
+// GEMM-1 B panel, gathered feature-major: Pb[i, c] = pt[q0 + c, i] for the panel's NR rows (zero past
+// `rows`). The rows of a panel are runs of consecutive output pixels of one image row; for each
+// feature and run the window reads consecutive input pixels x[img, c, ih + ky, iw0 + kx + j]: a
+// strided copy (contiguous for NCHW), zero where it leaves the image. No per-element addressing.
+template <typename Tin, typename Tacc>
+TD_TARGET_CLONES void gather_panel_t(const Tin* x, const PatchAddress& A, const FeatureTable& F, const ChunkRows& Rw,
+                                     int64_t q0, int64_t rows, int64_t m, Tacc* Pb) {
+  constexpr int nr = NR<Tacc>;
+  const int hi = static_cast<int>(std::min<int64_t>(nr, rows));
+  const int64_t d = A.d, sw = A.xs.w;
+  for (int c0 = 0; c0 < hi;) {
+    // a run: rows c0..c1 - 1 of one image row (consecutive ow, so consecutive iw)
+    int c1 = c0 + 1;
+    while (c1 < hi && Rw.ih[q0 + c1] == Rw.ih[q0 + c0] && Rw.iw[q0 + c1] == Rw.iw[q0 + c1 - 1] + 1 &&
+           Rw.base[q0 + c1] == Rw.base[q0 + c1 - 1] + sw)
+      ++c1;
+    const int64_t ih = Rw.ih[q0 + c0], iw0 = Rw.iw[q0 + c0], base = Rw.base[q0 + c0];
+    const int len = c1 - c0;
+    for (int64_t i = 0; i < d; ++i) {
+      Tacc* dst = Pb + i * nr + c0;
+      const int64_t h = ih + F.ky[i];
+      if (static_cast<uint64_t>(h) >= static_cast<uint64_t>(A.H)) {
+        for (int j = 0; j < len; ++j) dst[j] = Tacc(0);
+        continue;
+      }
+      // j valid when 0 <= iw0 + kx + j < W
+      const int64_t w0 = iw0 + F.kx[i];
+      const int jlo = static_cast<int>(std::min<int64_t>(len, std::max<int64_t>(0, -w0)));
+      const int jhi = static_cast<int>(std::max<int64_t>(jlo, std::min<int64_t>(len, A.W - w0)));
+      for (int j = 0; j < jlo; ++j) dst[j] = Tacc(0);
+      const Tin* src = x + (base + F.off[i] + jlo * sw);  // inside x for jlo <= j < jhi
+      if (sw == 1) {
+        for (int j = jlo; j < jhi; ++j) dst[j] = convert<Tacc>(src[j - jlo]);
+      } else {
+        for (int j = jlo; j < jhi; ++j) dst[j] = convert<Tacc>(src[(j - jlo) * sw]);
+      }
+      for (int j = jhi; j < len; ++j) dst[j] = Tacc(0);
+    }
+    if (A.bias)
+      for (int j = 0; j < len; ++j) Pb[d * nr + c0 + j] = Tacc(1);
+    c0 = c1;
+  }
+  if (hi < nr)
+    for (int64_t i = 0; i < m; ++i)
+      for (int c = hi; c < nr; ++c) Pb[i * nr + c] = Tacc(0);
+}
+
+// GEMM-2 B panels from the GEMM-1 ones: XB[t][q, c] = pt[q, t NR + c] = Pb[q / NR][t NR + c, q % NR]
+// (rows < kc; the columns past m stay zero), transposed in 8 x 8 blocks.
+template <typename T>
+TD_TARGET_CLONES void panels_to_tiles(const T* Pb, int64_t kc, int64_t m, T* XB) {
+  constexpr int nr = NR<T>;
+  constexpr int TB = 8;
+  for (int64_t q0 = 0; q0 < kc; q0 += TB) {
+    const int qb = static_cast<int>(std::min<int64_t>(TB, kc - q0));
+    const T* panel = Pb + (q0 / nr) * m * nr + (q0 % nr);
+    for (int64_t i0 = 0; i0 < m; i0 += TB) {
+      const int ib = static_cast<int>(std::min<int64_t>(TB, m - i0));
+      T* tile = XB + (i0 / nr) * KC * nr + (i0 % nr);
+      for (int qq = 0; qq < qb; ++qq) {
+        T* dst = tile + (q0 + qq) * nr;
+        for (int ii = 0; ii < ib; ++ii) dst[ii] = panel[(i0 + ii) * nr + qq];
+      }
     }
   }
 }
 
-// GEMM-2 B panel: XB[q, c] = xc[q, j0 + c] (K = kc rows, NR features; zero past m).
 template <typename T>
-TD_TARGET_CLONES void pack_cols(const T* xc, int64_t ldx, int64_t m, int64_t kc, int64_t j0, T* XB) {
-  constexpr int nr = NR<T>;
-  const int hi = static_cast<int>(std::min<int64_t>(nr, m - j0));
-  for (int64_t q = 0; q < kc; ++q) {
-    const T* row = xc + q * ldx + j0;
-    for (int c = 0; c < hi; ++c) XB[q * nr + c] = row[c];
-    for (int c = hi; c < nr; ++c) XB[q * nr + c] = T(0);
-  }
+TD_TARGET_CLONES void gemm1_task(int64_t m, const T* Vp, const T* Pb, T* YT, int64_t ldy, int mr, int hi) {
+  microkernel<T>(m, Vp, Pb, YT, ldy, mr, 0, hi);
 }
 
-// GEMM-1 B panel: Vp[i, c] = v[r0 + c, i].
-template <typename T>
-TD_TARGET_CLONES void pack_v_panel(const T* v, int64_t n, int64_t m, int64_t r0, T* Vp) {
-  constexpr int nr = NR<T>;
-  const int hi = static_cast<int>(std::min<int64_t>(nr, n - r0));
-  for (int64_t i = 0; i < m; ++i) {
-    for (int c = 0; c < hi; ++c) Vp[i * nr + c] = v[(r0 + c) * m + i];
-    for (int c = hi; c < nr; ++c) Vp[i * nr + c] = T(0);
-  }
-}
-
-template <typename T>
-TD_TARGET_CLONES void gemm1_task(int64_t m, const T* Xp, const T* Vp, T* Y, int64_t ldy, int mr, int hi) {
-  microkernel<T>(m, Xp, Vp, Y, ldy, mr, 0, hi);
-}
-
-// GEMM-2 for one row block of out: A2[q, ii] = p[row q, r0 + ii] * Y[q, r0 + ii]; acc += A2^T XB.
+// GEMM-2 for one row block of out: A2[q, ii] = p[row q, r0 + ii] * Y^T[r0 + ii, q]; acc += A2^T XB.
 template <typename Tin, typename Tacc>
-TD_TARGET_CLONES void gemm2_task(const Tin* p, const int64_t* prow, int64_t pc, const Tacc* Y, int64_t n, int64_t m,
-                                 int64_t kc, int64_t r0, const Tacc* XB, Tacc* A2, Tacc* acc) {
+TD_TARGET_CLONES void gemm2_task(const Tin* p, const int64_t* prow, int64_t pc, const Tacc* YT, int64_t ldy,
+                                 int64_t n, int64_t m, int64_t kc, int64_t r0, const Tacc* XB, Tacc* A2, Tacc* acc) {
   constexpr int nr = NR<Tacc>;
   const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
   for (int64_t q = 0; q < kc; ++q) {
     const Tin* row = p + prow[q] + r0 * pc;
-    const Tacc* y = Y + q * n + r0;
-    for (int ii = 0; ii < mr; ++ii) A2[q * MR + ii] = convert<Tacc>(row[ii * pc]) * y[ii];
+    for (int ii = 0; ii < mr; ++ii) A2[q * MR + ii] = convert<Tacc>(row[ii * pc]) * YT[(r0 + ii) * ldy + q];
     for (int ii = mr; ii < MR; ++ii) A2[q * MR + ii] = Tacc(0);
   }
   for (int64_t j0 = 0; j0 < m; j0 += nr) {
@@ -329,13 +395,12 @@ void matvec_impl(const ConvSensitivityMatvecParams& P) {
   const int64_t m = g.m(), n = g.n, R = g.rows();
   const int64_t nchunks = (R + KC - 1) / KC;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(1, P.num_threads), nchunks)));
-  const int64_t nvt = (n + nr - 1) / nr;   // column tiles of V^T (GEMM-1)
-  const int64_t nxt = (m + nr - 1) / nr;   // column tiles of the patches (GEMM-2)
-  const int64_t nsb = (KC + MR - 1) / MR;  // row blocks per chunk
-  const int64_t nrb = (n + MR - 1) / MR;   // row blocks of out
-  const int64_t per_thread = KC * m + nsb * m * MR + nxt * KC * nr + KC * n + KC * MR + n * m;
-  Aligned<Tacc> Vp(nvt * m * nr), work(static_cast<int64_t>(nt) * per_thread);
-  std::vector<int64_t> prows(static_cast<size_t>(nt * KC));
+  const int64_t nrb = (n + MR - 1) / MR;   // channel blocks (GEMM-1 rows, GEMM-2 rows)
+  const int64_t npb = (KC + nr - 1) / nr;  // patch-row panels per chunk (GEMM-1 columns)
+  const int64_t nxt = (m + nr - 1) / nr;   // feature tiles (GEMM-2 columns)
+  const int64_t per_thread = npb * m * nr + nxt * KC * nr + n * KC + KC * MR + n * m;
+  Aligned<Tacc> Vp(nrb * m * MR), work(static_cast<int64_t>(nt) * per_thread);
+  std::vector<int64_t> rowtab(static_cast<size_t>(nt * 4 * KC));
   const Tin* x = static_cast<const Tin*>(P.x);
   const Tin* p = static_cast<const Tin*>(P.p);
   const Tacc* v = static_cast<const Tacc*>(P.v);
@@ -343,31 +408,32 @@ void matvec_impl(const ConvSensitivityMatvecParams& P) {
 #pragma omp parallel num_threads(nt)
   {
     const int tid = thread_id(), T = team_size();
-    Tacc* Xc = work.get() + static_cast<int64_t>(tid) * per_thread;
-    Tacc* Xp = Xc + KC * m;
-    Tacc* XB = Xp + nsb * m * MR;
-    Tacc* Y = XB + nxt * KC * nr;
-    Tacc* A2 = Y + KC * n;
+    Tacc* Pb = work.get() + static_cast<int64_t>(tid) * per_thread;
+    Tacc* XB = Pb + npb * m * nr;   // [nxt][KC, NR]: the chunk's patches as GEMM-2's B panels
+    Tacc* YT = XB + nxt * KC * nr;  // [n, KC]
+    Tacc* A2 = YT + n * KC;
     Tacc* acc = A2 + KC * MR;
-    int64_t* prow = prows.data() + static_cast<int64_t>(tid) * KC;
+    int64_t* rt = rowtab.data() + static_cast<int64_t>(tid) * 4 * KC;
+    ChunkRows Rw{rt, rt + KC, rt + 2 * KC, rt + 3 * KC};
     std::fill(acc, acc + n * m, Tacc(0));
+    std::fill(XB, XB + nxt * KC * nr, Tacc(0));  // the last tile's columns past m stay zero
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < nvt; ++t) pack_v_panel<Tacc>(v, n, m, t * nr, Vp.get() + t * m * nr);
+    for (int64_t rb = 0; rb < nrb; ++rb) pack_v_rows<Tacc>(v, n, m, rb * MR, Vp.get() + rb * m * MR);
     for (int64_t c = nchunks * tid / T; c < nchunks * (tid + 1) / T; ++c) {
       const int64_t s0 = c * KC, kc = std::min(KC, R - s0);
-      const int64_t sbs = (kc + MR - 1) / MR;
-      gather_rows<Tin, Tacc>(x, A, F, s0, kc, Xc, m);
-      for (int64_t q = 0; q < kc; ++q) prow[q] = A.p_row(s0 + q);
-      for (int64_t sb = 0; sb < sbs; ++sb)
-        pack_rows_t<Tacc>(Xc + sb * MR * m, m, m, std::min<int64_t>(MR, kc - sb * MR), Xp + sb * m * MR);
-      for (int64_t t = 0; t < nxt; ++t) pack_cols<Tacc>(Xc, m, m, kc, t * nr, XB + t * KC * nr);
-      std::fill(Y, Y + kc * n, Tacc(0));
-      for (int64_t t = 0; t < nvt; ++t)
-        for (int64_t sb = 0; sb < sbs; ++sb)
-          gemm1_task<Tacc>(m, Xp + sb * m * MR, Vp.get() + t * m * nr, Y + sb * MR * n + t * nr, n,
-                           static_cast<int>(std::min<int64_t>(MR, kc - sb * MR)),
-                           static_cast<int>(std::min<int64_t>(nr, n - t * nr)));
-      for (int64_t rb = 0; rb < nrb; ++rb) gemm2_task<Tin, Tacc>(p, prow, P.ps.c, Y, n, m, kc, rb * MR, XB, A2, acc);
+      const int64_t pbs = (kc + nr - 1) / nr;
+      Rw.decode(A, s0, kc);
+      for (int64_t pb = 0; pb < pbs; ++pb)
+        gather_panel_t<Tin, Tacc>(x, A, F, Rw, pb * nr, kc - pb * nr, m, Pb + pb * m * nr);
+      panels_to_tiles<Tacc>(Pb, kc, m, XB);
+      for (int64_t r = 0; r < n; ++r) std::fill(YT + r * KC, YT + r * KC + kc, Tacc(0));
+      for (int64_t rb = 0; rb < nrb; ++rb)
+        for (int64_t pb = 0; pb < pbs; ++pb)
+          gemm1_task<Tacc>(m, Vp.get() + rb * m * MR, Pb + pb * m * nr, YT + rb * MR * KC + pb * nr, KC,
+                           static_cast<int>(std::min<int64_t>(MR, n - rb * MR)),
+                           static_cast<int>(std::min<int64_t>(nr, kc - pb * nr)));
+      for (int64_t rb = 0; rb < nrb; ++rb)
+        gemm2_task<Tin, Tacc>(p, Rw.prow, P.ps.c, YT, KC, n, m, kc, rb * MR, XB, A2, acc);
     }
 #pragma omp barrier
 #pragma omp for schedule(static)

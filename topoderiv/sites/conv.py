@@ -173,16 +173,21 @@ def im2col_rows(u: Tensor, q: Tensor, kernel_size: int, max_rows: int) -> Iterat
     return reference.conv_rows(u, q, kernel_size, max_rows)
 
 
+#: rows (output pixels) the warm start's Gram matrix is estimated from: an evenly spaced subset of the
+#: samples beyond this (the start needs the leading directions of the patches to about 1%)
+GRAM_ROWS = 2**14
+
+
 def conv_subspace_start(u: Tensor, q: Tensor, kernel_size: int, bias: bool, rank: int = WARM_RANK) -> Tensor:
     """Warm-start vectors ``[n, m]`` for the top eigenvectors of the conv blocks of ``(u, q)``.
 
-    :func:`topoderiv.method.statistic.subspace_start` for patches, with nothing of patch size
-    formed: the Gram matrix of the patches is the one block of a constant costate
-    (:func:`topoderiv.ops.conv_sensitivity_blocks` with ``p = 1``); its ``rank`` leading
-    eigenvectors ``V`` project every patch by one convolution (``z = conv2d(u, V)``, ``[N, rank,
-    H, W]``); the projected blocks ``V^T B_r V`` are the ``1 x 1`` conv blocks of ``(z, q)``, and the
-    top eigenvector ``y_r`` of each (Lanczos to 1%) gives ``V y_r``, plus 1% of a seeded random
-    direction (so a top eigenvector outside the subspace is still reached).
+    :func:`topoderiv.method.statistic.subspace_start` for patches: ``V`` = the ``rank`` leading
+    eigenvectors of the patches' Gram matrix (``Pt^T Pt``, from at most :data:`GRAM_ROWS` rows of
+    evenly spaced samples, unfolded in chunks of :data:`ROW_CHUNK_ELEMENTS`); every patch is
+    projected by one convolution (``z = conv2d(u, V)``, ``[N, rank, H, W]``); the projected blocks
+    ``V^T B_r V`` are the ``1 x 1`` conv blocks of ``(z, q)`` (:func:`topoderiv.ops.conv_sensitivity_blocks`),
+    and the top eigenvector ``y_r`` of each (Lanczos to 1%) gives ``V y_r``, plus 1% of a seeded
+    random direction (so a top eigenvector outside the subspace is still reached).
 
     Args:
         u: features ``[N, C, H, W]``; q: costates ``[N, n, H, W]`` (same dtype).
@@ -191,9 +196,19 @@ def conv_subspace_start(u: Tensor, q: Tensor, kernel_size: int, bias: bool, rank
     N, C, H, W = u.shape
     k = kernel_size
     d = C * k * k
+    m = d + int(bias)
     acc = torch.float64 if u.dtype == torch.float64 else torch.float32
-    gram = ops.conv_sensitivity_blocks(u, u.new_ones(N, 1, H, W), k, bias=bias)[0]  # [m, m]
-    m = gram.shape[0]
+    step = max(1, -(-N * H * W // GRAM_ROWS))
+    us = u[::step]
+    gram = torch.zeros(m, m, dtype=acc, device=u.device)
+    max_rows = max(1, ROW_CHUNK_ELEMENTS // m)
+    per = max(1, max_rows // max(1, H * W))  # whole samples per chunk (pixel tiles of one when it is larger)
+    for s0 in range(0, us.shape[0], per):
+        chunk = us[s0:s0 + per].to(acc)
+        for pt, _ in reference.conv_rows(chunk, chunk.new_zeros(chunk.shape[0], 0, H, W), k, max_rows):
+            if bias:
+                pt = torch.cat([pt, pt.new_ones(pt.shape[0], 1)], dim=1)
+            gram.addmm_(pt.mT, pt)
     r = min(int(rank), m)
     _, basis = torch.linalg.eigh(gram)
     basis = basis[:, -r:]  # [m, r]

@@ -601,6 +601,66 @@ static void test_conv() {
   test_conv_lanczos<float>(DType::kFloat32, {1, 1, 5, 5, 4, 3, 1, false}, 1);
   test_conv_lanczos<float>(DType::kBFloat16, {1, 2, 3, 4, 2, 1, 0, true}, 1);
   std::printf("conv lanczos done (%d failures)\n", failures);
+  // the kernels' own entry checks (behind the span checks of conv_sensitivity.h), by their text
+  auto expect = [](const char* want, auto f) {
+    std::string got = "(nothing thrown)";
+    try {
+      f();
+    } catch (const std::invalid_argument& e) {
+      got = e.what();
+    }
+    CHECK(got.find(want) != std::string::npos, "expected '%s', got '%s'", want, got.c_str());
+  };
+  float buf[64] = {};
+  ConvSensitivityBlocksParams B;
+  B.g.N = 1; B.g.C = 1; B.g.H = 2; B.g.W = 2; B.g.n = 1; B.g.k = 1;
+  B.x = buf; B.xs = {4, 4, 2, 1}; B.p = buf; B.ps = {4, 4, 2, 1}; B.out = buf + 32;
+  B.acc_dtype = DType::kFloat64;
+  expect("conv_sensitivity_blocks_cuda: on CUDA, in_dtype float32 needs acc_dtype float32, got float64",
+         [&] { conv_sensitivity_blocks_cuda(B); });
+  B.acc_dtype = DType::kFloat32;
+  B.g.k = 0;
+  expect("conv_sensitivity_blocks_cuda: sizes must be non-negative and kernel_size >= 1", [&] { conv_sensitivity_blocks_cuda(B); });
+  expect("conv_sensitivity_blocks: sizes must be >= 0 (kernel_size >= 1)", [&] { conv_sensitivity_blocks_cpu(B); });
+  B.g.k = 1;
+  B.out = nullptr;
+  expect("conv_sensitivity_blocks: out must not be null", [&] { conv_sensitivity_blocks_cpu(B); });
+  expect("conv_sensitivity_blocks_cuda: x, p and out must be non-null", [&] { conv_sensitivity_blocks_cuda(B); });
+  B.p = nullptr;
+  expect("conv_sensitivity_blocks: x and p must not be null", [&] { conv_sensitivity_blocks_cpu(B); });
+  B.g.C = 0;
+  B.g.bias = false;
+  expect("conv_sensitivity_blocks: m = C k k + bias must be >= 1", [&] { conv_sensitivity_blocks_cpu(B); });
+  expect("conv_sensitivity_blocks_cuda: m = C k k + bias must be >= 1", [&] { conv_sensitivity_blocks_cuda(B); });
+  ConvSensitivityMatvecParams M;
+  M.g = B.g;
+  M.g.C = 1; M.g.bias = true;
+  M.x = buf; M.xs = {4, 4, 2, 1}; M.p = buf; M.ps = {4, 4, 2, 1}; M.out = buf + 32;
+  expect("conv_sensitivity_matvec: v and out must not be null", [&] { conv_sensitivity_matvec_cpu(M); });
+  expect("conv_sensitivity_matvec_cuda: x, p and v must be non-null", [&] { conv_sensitivity_matvec_cuda(M); });
+  M.v = buf + 16;
+  expect("conv_sensitivity_matvec_cuda: workspace must be non-null", [&] { conv_sensitivity_matvec_cuda(M); });
+  M.out = nullptr;
+  expect("conv_sensitivity_matvec_cuda: out must be non-null", [&] { conv_sensitivity_matvec_cuda(M); });
+  M.out = buf + 32;
+  LanczosParams L;
+  L.num_problems = 2; L.m = 2; L.k = 1; L.max_steps = 2; L.dtype = DType::kFloat32;
+  expect("conv_sensitivity_lanczos: the operator must have n = num_problems and m = the Lanczos m",
+         [&] { conv_lanczos_topk_cpu(L, M); });
+  expect("conv_sensitivity_lanczos_cuda: the operator must have n = num_problems and m = the Lanczos m, got n = 1 vs 2",
+         [&] { conv_lanczos_topk_cuda(L, M); });
+  L.num_problems = 1;
+  L.dtype = DType::kFloat64;
+  expect("conv_sensitivity_lanczos: op.acc_dtype must equal the Lanczos dtype", [&] { conv_lanczos_topk_cpu(L, M); });
+  expect("conv_sensitivity_lanczos_cuda: op.acc_dtype must equal the Lanczos dtype", [&] { conv_lanczos_topk_cuda(L, M); });
+  L.dtype = DType::kBFloat16;
+  M.acc_dtype = DType::kBFloat16;
+  expect("conv_sensitivity_lanczos: dtype must be float32 or float64, got bfloat16", [&] { conv_lanczos_topk_cpu(L, M); });
+  M.acc_dtype = DType::kFloat32;
+  M.in_dtype = DType::kFloat64;
+  L.dtype = DType::kFloat32;
+  expect("conv_sensitivity_lanczos_cuda: on CUDA, in_dtype float64 needs acc_dtype float64", [&] { conv_lanczos_topk_cuda(L, M); });
+  std::printf("conv checks done (%d failures)\n", failures);
 }
 
 int main(int argc, char** argv) {
