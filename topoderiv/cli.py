@@ -2,6 +2,7 @@
 
     topoderiv grow     [--task heat] [--seed 0] [--rounds R] [--epochs E] [--out DIR] [--device cpu] ...
     topoderiv compare  [--task heat] [--seeds 0 1 2] [--methods ...] [--out DIR] ...
+    topoderiv transfer [--target split] [--seeds 0 1 2 3 4] [--methods ...] [--out DIR] ...
     topoderiv info
 
 ``grow`` runs topological-derivative growth on a built-in task, prints the growth table round by
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  topoderiv grow --task heat --seed 0 --out runs/heat-s0\n"
                "  topoderiv compare --task heat --seeds 0 1 2 --out runs/compare-heat\n  topoderiv info",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{grow,compare,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{grow,compare,transfer,info}")
     sub.required = True
     parser.commands = {}  # sub-command parsers, for usage errors found after parsing
 
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the compute to the target is then read per round)")
     parser.commands["compare"] = c
 
+    from .experiments.transfer import add_transfer_parser
+
+    parser.commands["transfer"] = add_transfer_parser(sub)
     sub.add_parser("info", help="print what was built (C++/CUDA kernels, torch)")
     return parser
 
@@ -641,7 +645,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "grow" and args.resume is not None:
         args = _resume_args(parser, args, argv)
-    handler = {"grow": cmd_grow, "compare": cmd_compare, "info": cmd_info}[args.command]
+    from .experiments.transfer import cmd_transfer
+
+    handler = {"grow": cmd_grow, "compare": cmd_compare, "transfer": cmd_transfer, "info": cmd_info}[args.command]
     try:
         return handler(args, argv)
     except UsageError as err:
