@@ -45,6 +45,7 @@ reached it, and the saving relative to ``fixed_final`` on the same seed.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -64,16 +65,23 @@ from ..growth import (
     IdentityInsertion,
     RandomInsertion,
     RoundRecord,
+    StackingInsertion,
     TopologicalAllRows,
     TopologicalStrategy,
+    ZeroBlockInsertion,
     count_parameters,
 )
 from ..growth.compute import Reach, best_val, compute_curve, compute_to_target
+from ..sites import depth as network_depth
+from ..sites import site_specs
 from .tasks import ModelConfig, Task
 
 __all__ = [
     "METHODS",
     "DEFAULT_METHODS",
+    "Network",
+    "default_methods",
+    "parse_model",
     "RunResult",
     "Comparison",
     "run_method",
@@ -114,11 +122,146 @@ METHODS: Dict[str, MethodSpec] = {
                            lambda: IdentityInsertion()),
     "forward_thinking": MethodSpec("forward_thinking", "layer-wise training, earlier layers frozen",
                                    lambda: ForwardThinking(), freeze_existing=True),
+    "stacking": MethodSpec("stacking", "copy of the neighbouring block at a random point",
+                           lambda: StackingInsertion()),
+    "zero_block": MethodSpec("zero_block", "standard transformer block, output projections zero, random point",
+                             lambda: ZeroBlockInsertion()),
     "initial": MethodSpec("initial", "initial network, no growth", grows=False),
     "fixed_final": MethodSpec("fixed_final", "fixed network of the final size, from scratch", grows=False),
 }
+#: the default methods of the ResidualMLP (``topoderiv compare`` without ``--model``)
 DEFAULT_METHODS = ("topological", "topological_all", "random", "identity", "forward_thinking", "initial",
                    "fixed_final")
+#: every rule of the topological derivative and every baseline that applies to any block
+_IMAGE_METHODS = ("topological", "topological_all", "topological_multi", "random", "identity", "forward_thinking",
+                  "stacking", "initial", "fixed_final")
+#: site kinds with a zero-initialised standard block (the ``zero_block`` method)
+TRANSFORMER_KINDS = ("transformer_block", "mlp_block", "attention_block")
+#: network families of :class:`Network` (and ``timm:<name>``)
+MODELS = ("mlp", "cnn", "vit")
+
+
+def parse_model(model: object, fn: str = "Network") -> str:
+    """Checks a network family: ``"mlp"``, ``"cnn"``, ``"vit"`` or ``"timm:<name>"``."""
+    if isinstance(model, str) and (model in MODELS or (model.startswith("timm:") and len(model) > 5)):
+        return model
+    raise ValueError(f"{fn}: model must be one of {MODELS} or 'timm:<model name>' (e.g. timm:vit_tiny_patch16_224), "
+                     f"got {model!r}")
+
+
+@dataclass(frozen=True)
+class Network:
+    """The network family every method of a comparison trains.
+
+    Attributes:
+        model: ``"mlp"`` (:class:`topoderiv.models.ResidualMLP`), ``"cnn"``
+            (:class:`topoderiv.models.ResidualCNN`), ``"vit"`` (:class:`topoderiv.models.ViT`), built by
+            ``task.build_model(..., model=, insert=)``; or ``"timm:<name>"``: ``timm.create_model(name,
+            pretrained=False, num_classes=task.d_out, in_chans=C, img_size=(H, W), depth=<depth>,
+            **timm_kwargs)`` made growable by :func:`topoderiv.models.from_timm` (needs timm).
+        insert: the site kind of the insertions (None: the family's default: linear, conv,
+            transformer_block).
+        timm_kwargs: further ``timm.create_model`` arguments (``timm:`` models only), e.g.
+            ``{"embed_dim": 64, "num_heads": 2, "patch_size": 2}``.
+    """
+
+    model: str = "mlp"
+    insert: Optional[str] = None
+    timm_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        parse_model(self.model)
+        if self.insert is not None and not isinstance(self.insert, str):
+            raise ValueError(f"Network: insert must be a site kind name or None, got {self.insert!r}")
+        if not isinstance(self.timm_kwargs, dict):
+            raise ValueError(f"Network: timm_kwargs must be a dict, got {type(self.timm_kwargs).__name__}")
+        if self.timm_kwargs and not self.is_timm:
+            raise ValueError(f"Network: timm_kwargs are for timm:<name> models only, got model {self.model!r} with "
+                             f"timm_kwargs {self.timm_kwargs}")
+        for key in ("pretrained", "depth"):
+            if key in self.timm_kwargs:
+                raise ValueError(f"Network: timm_kwargs must not set {key!r} (" + (
+                    "the model is always created with pretrained=False: no download" if key == "pretrained" else
+                    "the depth is the budget's (--depth), and fixed_final's the final depth") + ")")
+
+    @property
+    def is_timm(self) -> bool:
+        return self.model.startswith("timm:")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"model": self.model, "insert": self.insert, "timm_kwargs": dict(self.timm_kwargs)}
+
+    @classmethod
+    def from_dict(cls, d: Optional[Dict[str, Any]]) -> "Network":
+        d = d or {}
+        return cls(d.get("model", "mlp"), d.get("insert"), dict(d.get("timm_kwargs") or {}))
+
+    def build(self, task: Task, depth: int, *, width: Optional[int] = None, seed: Optional[int] = None) -> nn.Module:
+        """The network with ``depth`` blocks (the family's meaning of depth), initialised from
+        ``torch.manual_seed(seed)`` when a seed is given."""
+        if self.is_timm:
+            return self._build_timm(task, depth, seed)
+        if self.model == "mlp" and self.insert in (None, "linear"):
+            return task.build_model(depth, width=width, seed=seed)
+        return task.build_model(depth, width=width, seed=seed, model=self.model, insert=self.insert)
+
+    def _build_timm(self, task: Task, depth: int, seed: Optional[int]) -> nn.Module:
+        name = self.model[len("timm:"):]
+        x = task.train[0]
+        if x.dim() != 4:
+            raise ValueError(f"Network: a timm model needs an image task (inputs [N, C, H, W]), got task {task.name!r} "
+                             f"with inputs of shape {list(x.shape)}")
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"Network: model {self.model!r} needs timm, which is not installed (pip install timm); "
+                             "the built-in families mlp, cnn and vit do not") from None
+        from ..models import from_timm
+
+        kwargs = {"num_classes": task.d_out, "in_chans": int(x.shape[1]), "img_size": tuple(int(v) for v in x.shape[2:]),
+                  "depth": int(depth), **self.timm_kwargs}
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            net = timm.create_model(name, pretrained=False, **kwargs)
+        except (TypeError, ValueError, RuntimeError, AssertionError) as err:
+            raise ValueError(f"Network: timm.create_model({name!r}, pretrained=False, {kwargs}) failed: {err}") from None
+        return from_timm(net, **({} if self.insert is None else {"insert": self.insert}))
+
+    def describe(self, net: nn.Module) -> str:
+        """E.g. ``"ResidualCNN (conv sites: stages.0, stages.1), 5210 parameters"``."""
+        specs = site_specs(net, "Network.describe")
+        kinds = sorted({s.kind for s in specs})
+        return (f"{type(net).__name__}{' (' + self.model + ')' if self.is_timm else ''} "
+                f"({'/'.join(kinds)} sites: {', '.join(s.container for s in specs)}), "
+                f"{count_parameters(net)} parameters")
+
+
+def site_kinds(net: nn.Module) -> List[str]:
+    """The site kinds a network declares (in declaration order, without repeats)."""
+    return list(dict.fromkeys(s.kind for s in site_specs(net, "site_kinds")))
+
+
+def default_methods(network: Optional[Network] = None, kinds: Optional[Sequence[str]] = None) -> List[str]:
+    """The methods a comparison runs by default: :data:`DEFAULT_METHODS` for the MLP; for the CNN and
+    the ViT every rule of the topological derivative (top, all, multi) and every baseline that
+    applies (random, identity, Forward Thinking, stacking; ``zero_block`` when the sites are of a
+    transformer kind), initial and fixed_final."""
+    network = network or Network()
+    if network.model == "mlp" and network.insert in (None, "linear"):
+        return list(DEFAULT_METHODS)
+    out = list(_IMAGE_METHODS)
+    if kinds is not None and all(k in TRANSFORMER_KINDS for k in kinds):
+        out.insert(out.index("stacking") + 1, "zero_block")
+    return out
+
+
+def check_methods(methods: Sequence[str], kinds: Sequence[str], fn: str = "compare") -> None:
+    """Raises ValueError when a method does not apply to a network with site kinds ``kinds``."""
+    if "zero_block" in methods and not all(k in TRANSFORMER_KINDS for k in kinds):
+        raise ValueError(f"{fn}: method 'zero_block' needs transformer sites {TRANSFORMER_KINDS} (a standard block "
+                         f"with output projections), got a network with {list(kinds)} sites; for those the zero block "
+                         f"is the identity insertion (method 'identity')")
 
 
 def make_budget(task: Task, budget: Union[None, ModelConfig, Dict[str, Any]] = None) -> ModelConfig:
@@ -144,7 +287,9 @@ class RunResult:
         method, seed: what ran.
         metric: the task's test metric of the final network. metric_name: its name.
         test_loss, val_loss, train_loss: losses of the final network (train = last epoch mean).
-        depth, n_params: final architecture. epochs: epochs trained in total. wall_time: seconds.
+        depth, n_params: final architecture (depth: blocks in all site containers). epochs: epochs
+            trained in total. wall_time: seconds. depths: blocks per site container (for several
+            containers, e.g. the stages of a CNN; fixed_final copies the topological run's).
         history: the growth history (one round for the non-growing methods).
         model, optimizer: the trained model and its optimiser (``keep_model=True`` only).
     """
@@ -161,12 +306,13 @@ class RunResult:
     epochs: int
     wall_time: float
     history: GrowthHistory = field(default_factory=GrowthHistory)
+    depths: List[int] = field(default_factory=list)
     model: Optional[nn.Module] = field(default=None, repr=False, compare=False)
     optimizer: Optional[torch.optim.Optimizer] = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> Dict[str, Any]:
         d = {k: getattr(self, k) for k in ("method", "seed", "metric", "metric_name", "test_loss", "val_loss",
-                                           "train_loss", "depth", "n_params", "epochs", "wall_time")}
+                                           "train_loss", "depth", "n_params", "epochs", "wall_time", "depths")}
         d["history"] = self.history.to_dict()
         return d
 
@@ -188,7 +334,7 @@ def run_method(
     *,
     budget: Union[None, ModelConfig, Dict[str, Any]] = None,
     patience: int = 2,
-    final_depth: Optional[int] = None,
+    final_depth: Union[None, int, Sequence[int]] = None,
     strategy: Optional[InsertionStrategy] = None,
     score_batches: Optional[int] = None,
     device: Union[str, torch.device] = "cpu",
@@ -198,6 +344,7 @@ def run_method(
     callbacks: Sequence[Callable[[Grower, RoundRecord], None]] = (),
     resume: bool = False,
     val_every_epoch: bool = True,
+    network: Optional[Network] = None,
 ) -> RunResult:
     """Runs one method of :data:`METHODS` on ``task`` with seed ``seed``.
 
@@ -208,7 +355,8 @@ def run_method(
             grower's generator (random points / inits).
         budget: the network and budget (default ``task.config``; a dict overrides fields).
         patience: growth stops after this many rounds without validation improvement.
-        final_depth: depth of ``"fixed_final"`` (default ``budget.depth + budget.rounds``).
+        final_depth: depth of ``"fixed_final"`` (default ``budget.depth + budget.rounds``), or its
+            blocks per site container (a list, e.g. a topological run's ``depths``).
         strategy: replaces the method's strategy (growing methods only).
         score_batches: training batches used by the topological scorer / eps search (default all).
         device: where to train.
@@ -222,6 +370,7 @@ def run_method(
             the folder holds no checkpoint yet.
         val_every_epoch: record the validation loss after every epoch (the compute-to-target of
             :meth:`Comparison.compute_summary` reads it); False: at the end of every round only.
+        network: the network family (:class:`Network`; default the task's ResidualMLP).
 
     Every round records its compute (FLOPs of training, scoring and the eps search; wall time):
     :mod:`topoderiv.growth.compute`.
@@ -239,12 +388,10 @@ def run_method(
     if resume and checkpoint_dir is None:
         raise ValueError(f"{fn}: resume=True needs checkpoint_dir (the folder of the run to continue), got None")
     spec = METHODS[method]
+    network = Network() if network is None else network
     cfg = make_budget(task, budget)
     task = task.to(device)
     t0 = time.perf_counter()
-    depth = cfg.depth
-    if method == "fixed_final":
-        depth = cfg.depth + cfg.rounds if final_depth is None else int(final_depth)
     train = task.loader("train", cfg.batch_size, seed=seed)
     total = cfg.total_epochs
     grows = spec.grows and cfg.rounds > 0
@@ -276,7 +423,13 @@ def run_method(
                              f"{saved} in the checkpoint, {run_meta} asked for")
         model = grower.model
     else:
-        model = task.build_model(depth, width=cfg.width, seed=seed).to(device)
+        if method == "fixed_final":
+            final = cfg.depth + cfg.rounds if final_depth is None else final_depth
+            model = build_final(network, task, final, width=cfg.width, seed=seed).to(device)
+        else:
+            model = network.build(task, cfg.depth, width=cfg.width, seed=seed).to(device)
+        if method == "zero_block":
+            check_methods([method], site_kinds(model), fn)
         grower = Grower(model, cfg.make_optimizer, train, task.val, task.loss_fn, **settings)
     hist = grower.history
     hist.meta.update(run_meta)  # in every checkpoint: a resume checks it
@@ -295,14 +448,65 @@ def run_method(
         test_loss=res["loss"],
         val_loss=last.val_loss,
         train_loss=last.train_loss,
-        depth=len(model.blocks),
+        depth=network_depth(model),
         n_params=count_parameters(model),
         epochs=sum(r.epochs for r in hist.rounds),
         wall_time=time.perf_counter() - t0,
         history=hist,
+        depths=container_depths(model),
         model=model if keep_model else None,
         optimizer=grower.optimizer if keep_model else None,
     )
+
+
+def container_depths(net: nn.Module) -> List[int]:
+    """Blocks in each site container of ``net``, in declaration order."""
+    return [len(net.get_submodule(s.container)) for s in site_specs(net, "container_depths")]
+
+
+def build_final(network: Network, task: Task, final: Union[int, Sequence[int]], *, width: Optional[int] = None,
+                seed: Optional[int] = None) -> nn.Module:
+    """The fixed network of the final size, from scratch: ``network.build(task, final)`` for an int, or
+    a network with ``final[i]`` blocks in site container ``i``. With one container that is
+    ``network.build(task, final[0])``; with several (a CNN's stages) the network is built at the
+    smallest depth of ``final`` (at least 1), then every container grows to its count with FRESH
+    blocks (a copy of one of its blocks with every submodule's ``reset_parameters()``: PyTorch's
+    default initialisation, as in a from-scratch build of our models) or loses its last blocks.
+
+    Raises:
+        ValueError: ``final`` is not an int >= 0 or a list with one int >= 0 per container, or a
+            container that must grow is empty.
+    """
+    fn = "build_final"
+    if isinstance(final, (int,)) and not isinstance(final, bool):
+        if final < 0:
+            raise ValueError(f"{fn}: final depth must be >= 0, got {final}")
+        return network.build(task, int(final), width=width, seed=seed)
+    final = list(final)
+    if not final or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in final):
+        raise ValueError(f"{fn}: final must be an int >= 0 or a non-empty list of ints >= 0 (blocks per site "
+                         f"container), got {final!r}")
+    if len(final) == 1:
+        return network.build(task, final[0], width=width, seed=seed)
+    net = network.build(task, max(1, min(final)), width=width, seed=seed)
+    specs = site_specs(net, fn)
+    if len(specs) != len(final):
+        raise ValueError(f"{fn}: final must have one depth per site container of {type(net).__name__} "
+                         f"({[s.container for s in specs]}), got {final}")
+    for spec, want in zip(specs, final):
+        cont = net.get_submodule(spec.container)
+        while len(cont) > want:
+            del cont[len(cont) - 1]
+        while len(cont) < want:
+            if len(cont) == 0:
+                raise ValueError(f"{fn}: container {spec.container!r} of {type(net).__name__} is empty; cannot build "
+                                 f"fresh blocks for it")
+            blk = copy.deepcopy(cont[0])
+            for mod in blk.modules():
+                if callable(getattr(mod, "reset_parameters", None)):
+                    mod.reset_parameters()
+            cont.append(blk)
+    return net
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,13 +744,16 @@ def compare(
     log: Optional[Callable[[str], None]] = None,
     target: Optional[float] = None,
     val_every_epoch: bool = True,
+    network: Optional[Network] = None,
+    on_run: Optional[Callable[["Comparison", RunResult], None]] = None,
 ) -> Comparison:
     """Runs every method on every seed with the same budget; mean +- std of the test metric.
 
     Args:
         task: the task (its data are fixed; seeds vary initialisation, batch order and the
             baselines' random choices).
-        methods: keys of :data:`METHODS` (default :data:`DEFAULT_METHODS`).
+        methods: keys of :data:`METHODS` (default :func:`default_methods` of the network:
+            :data:`DEFAULT_METHODS` for the MLP).
         seeds: training seeds.
         budget: network and training budget (default ``task.config``; dict overrides fields).
         patience, score_batches, device: see :func:`run_method`.
@@ -556,11 +763,22 @@ def compare(
             on each seed, the best validation loss of ``fixed_final``).
         val_every_epoch: record the validation loss after every epoch (default; the compute to
             the target is then read per epoch, not per round).
+        network: the network family every method trains (:class:`Network`; default the task's
+            ResidualMLP). ``fixed_final`` copies the topological run's blocks per site container.
+        on_run: called as ``on_run(comparison, run)`` after every run (e.g. to save partial results).
 
     Returns:
         :class:`Comparison`; ``.table()`` is the markdown table.
+
+    Raises:
+        ValueError: unknown or repeated methods, no seeds, a bad target, a method that does not
+            apply to the network (``zero_block`` without transformer sites).
     """
-    methods = list(DEFAULT_METHODS if methods is None else methods)
+    network = Network() if network is None else network
+    cfg = make_budget(task, budget)
+    probe = network.build(task, cfg.depth, width=cfg.width, seed=0)
+    kinds = site_kinds(probe)
+    methods = list(default_methods(network, kinds) if methods is None else methods)
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"compare: unknown method {m!r}; available: {', '.join(METHODS)}")
@@ -572,12 +790,16 @@ def compare(
     if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
                                or not math.isfinite(float(target))):
         raise ValueError(f"compare: target must be None or a finite number (a validation loss), got {target!r}")
-    cfg = make_budget(task, budget)
+    check_methods(methods, kinds)
     # the topological run of a seed fixes the depth of "fixed_final" for that seed
     order = sorted(methods, key=lambda m: (m != "topological", methods.index(m)))
     comp = Comparison(task.name, task.metric.name, task.metric.higher_is_better, methods, seeds,
                       {k: getattr(cfg, k) for k in ModelConfig.__dataclass_fields__} | {"total_epochs": cfg.total_epochs,
                                                                                           "patience": patience})
+    comp.meta["network"] = network.to_dict()
+    comp.meta["network_description"] = network.describe(probe)
+    comp.meta["site_kinds"] = kinds
+    del probe
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -586,14 +808,17 @@ def compare(
     t0 = time.perf_counter()
     try:
         for seed in seeds:
-            td_depth: Optional[int] = None
+            td_depths: Optional[List[int]] = None
             for m in order:
-                final_depth = td_depth if m == "fixed_final" else None
+                final_depth = td_depths if m == "fixed_final" else None
                 r = run_method(task, m, seed, budget=cfg, patience=patience, final_depth=final_depth,
-                               score_batches=score_batches, device=device, val_every_epoch=val_every_epoch)
+                               score_batches=score_batches, device=device, val_every_epoch=val_every_epoch,
+                               network=network)
                 if m == "topological":
-                    td_depth = r.depth
+                    td_depths = r.depths
                 comp.runs.append(r)
+                if on_run is not None:
+                    on_run(comp, r)
                 if log is not None:
                     flops = compute_curve(r.history).total_flops
                     log(f"seed {seed} {m:<17} {task.metric.name} = {r.metric:.4f}  depth {r.depth}  "

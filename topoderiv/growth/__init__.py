@@ -11,8 +11,10 @@ from .strategies import (  # noqa: F401
     InsertionStrategy,
     Proposal,
     RandomInsertion,
+    StackingInsertion,
     TopologicalAllRows,
     TopologicalStrategy,
+    ZeroBlockInsertion,
     register_strategy,
 )
 from .training import evaluate, fit  # noqa: F401

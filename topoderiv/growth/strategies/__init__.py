@@ -11,7 +11,8 @@ from typing import Any, Dict, Type, Union
 from .base import InsertionStrategy, Proposal
 
 __all__ = ["STRATEGIES", "register_strategy", "make_strategy", "strategy_from_config", "InsertionStrategy", "Proposal",
-           "TopologicalStrategy", "TopologicalAllRows", "RandomInsertion", "IdentityInsertion", "ForwardThinking"]
+           "TopologicalStrategy", "TopologicalAllRows", "RandomInsertion", "IdentityInsertion", "ForwardThinking",
+           "StackingInsertion", "ZeroBlockInsertion"]
 
 STRATEGIES: Dict[str, Type[InsertionStrategy]] = {}
 
@@ -49,6 +50,8 @@ def strategy_from_config(config: Dict[str, Any], fn: str = "strategy_from_config
 
 from .topological import TopologicalStrategy  # noqa: E402
 from .baselines import ForwardThinking, IdentityInsertion, RandomInsertion, TopologicalAllRows  # noqa: E402
+from .growers import StackingInsertion, ZeroBlockInsertion  # noqa: E402
 
-for _cls in (TopologicalStrategy, TopologicalAllRows, RandomInsertion, IdentityInsertion, ForwardThinking):
+for _cls in (TopologicalStrategy, TopologicalAllRows, RandomInsertion, IdentityInsertion, ForwardThinking,
+             StackingInsertion, ZeroBlockInsertion):
     register_strategy(_cls)
