@@ -110,7 +110,9 @@ def test_parser_defaults():
     args = build_parser().parse_args(["grow"])
     assert args.task == "heat" and args.seed == 0 and args.device == "cpu" and args.patience == 2
     args = build_parser().parse_args(["compare"])
-    assert args.seeds == [0, 1, 2] and "topological" in args.methods
+    # methods: resolved per network family (DEFAULT_METHODS for the mlp)
+    assert args.seeds == [0, 1, 2] and args.methods is None
+    assert args.model == "mlp" and args.insert is None and args.timm_kwargs is None
 
 
 def test_depth_above_max_depth_is_refused(capsys, tmp_path):

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["main", "build_parser", "EXIT_INTERRUPTED"]
 
@@ -97,10 +97,68 @@ def _device(text: str) -> str:
     return str(dev)
 
 
+def _model_family(text: str) -> str:
+    """argparse type of --model: mlp, cnn, vit or timm:<name>."""
+    from .experiments.compare import parse_model
+
+    try:
+        return parse_model(text, "--model")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("--model: model must be", "expected")) from None
+
+
+def _timm_kwargs(text: str) -> Dict[str, Any]:
+    """argparse type of --timm-kwargs: ``key=value,key=value`` (values as Python literals: 64, 0.5,
+    True, (8, 8); anything else is a string)."""
+    import ast
+
+    out: Dict[str, Any] = {}
+    for item in filter(None, (t.strip() for t in _split_top(text))):
+        key, sep, val = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise argparse.ArgumentTypeError(f"expected key=value pairs separated by commas (e.g. "
+                                             f"embed_dim=64,num_heads=2,patch_size=2), got {item!r} in {text!r}")
+        try:
+            out[key] = ast.literal_eval(val.strip())
+        except (ValueError, SyntaxError):
+            out[key] = val.strip()
+    return out
+
+
+def _split_top(text: str) -> List[str]:
+    """Splits at commas outside brackets (``img_size=(8, 8),depth=2`` is two items)."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     from .experiments.tasks import OPTIMIZERS, available_tasks
+    from .sites import KINDS
 
     p.add_argument("--task", default="heat", choices=available_tasks(), help="built-in task (default: heat)")
+    p.add_argument("--model", type=_model_family, default="mlp", metavar="{mlp,cnn,vit,timm:NAME}",
+                   help="network family (default mlp: ResidualMLP; cnn: ResidualCNN and vit: ViT need an image task, "
+                        "e.g. digits-images; timm:NAME: timm.create_model(NAME, pretrained=False) sized to the task, "
+                        "made growable by topoderiv.models.from_timm; needs timm)")
+    p.add_argument("--insert", choices=sorted(KINDS), default=None,
+                   help="site kind of the inserted blocks (default: the family's: linear for mlp, conv for cnn, "
+                        "transformer_block for vit and timm)")
+    p.add_argument("--timm-kwargs", type=_timm_kwargs, default=None, metavar="K=V,...",
+                   help="further timm.create_model arguments for --model timm:NAME, e.g. "
+                        "embed_dim=64,num_heads=2,patch_size=2 (img_size, in_chans, num_classes come from the task, "
+                        "depth from --depth)")
     p.add_argument("--data-seed", type=_nonneg_int, default=0, help="seed of the task's data (default 0)")
     p.add_argument("--rounds", type=_nonneg_int, default=None, help="max insertions (default: the task's)")
     p.add_argument("--epochs", type=_positive_int, default=None,
@@ -162,9 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiments.compare import DEFAULT_METHODS, METHODS
 
     c.add_argument("--seeds", type=_nonneg_int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
-    c.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS), metavar="METHOD",
-                   help=f"methods (default: {' '.join(DEFAULT_METHODS)}; also: "
-                        f"{' '.join(m for m in METHODS if m not in DEFAULT_METHODS)})")
+    c.add_argument("--methods", nargs="+", choices=list(METHODS), default=None, metavar="METHOD",
+                   help=f"methods (default for the mlp: {' '.join(DEFAULT_METHODS)}; for cnn, vit and timm models "
+                        f"also topological_multi and stacking, and zero_block with transformer sites; all: "
+                        f"{' '.join(METHODS)})")
     c.add_argument("--out", type=Path, default=None, help="output folder (default runs/compare-<task>)")
     c.add_argument("--target", type=_positive_float, default=None, metavar="LOSS",
                    help="validation loss of the compute-to-target table (default: on each seed, the best validation "
@@ -193,6 +252,32 @@ def _task(args: argparse.Namespace):
     if args.n_train is not None:
         kwargs["n_train"] = args.n_train
     return get_task(args.task, seed=args.data_seed, **kwargs)
+
+
+def _network(args: argparse.Namespace) -> Any:
+    """The :class:`~topoderiv.experiments.compare.Network` of --model / --insert / --timm-kwargs."""
+    from .experiments.compare import Network
+
+    try:
+        return Network(getattr(args, "model", None) or "mlp", getattr(args, "insert", None),
+                       dict(getattr(args, "timm_kwargs", None) or {}))
+    except ValueError as err:
+        msg = str(err).replace("Network: timm_kwargs", "--timm-kwargs").replace("Network: ", "")
+        raise UsageError(msg) from None
+
+
+def _probe_network(network: Any, task: Any, cfg: Any) -> Tuple[str, List[str]]:
+    """Builds the initial network once (a usage error when the family, the insert kind or the timm
+    options do not fit the task); returns its description and its site kinds."""
+    from .experiments.compare import site_kinds
+
+    flags = f"--model {network.model}" + (f" --insert {network.insert}" if network.insert else "")
+    try:
+        net = network.build(task, cfg.depth, width=cfg.width, seed=0)
+        kinds = site_kinds(net)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"{flags} does not fit --task {task.name}: {err}") from None
+    return network.describe(net), kinds
 
 
 def _check_budget(cfg: Any) -> None:
@@ -273,7 +358,7 @@ class RoundPrinter:
 
 #: grow settings recorded in run.json; a resumed run uses them (flags given again must agree)
 _GROW_SETTINGS = ("task", "data_seed", "n_train", "rounds", "epochs", "width", "depth", "max_depth", "lr", "optimizer",
-                  "batch_size", "patience", "score_batches", "seed", "rule")
+                  "batch_size", "patience", "score_batches", "seed", "rule", "model", "insert", "timm_kwargs")
 #: settings a resumed run may change (they do not change what is computed, except in the last bits
 #: when the device or the thread count differs)
 _FREE_SETTINGS = ("device", "threads", "no_progress", "distributed")
@@ -469,6 +554,8 @@ def _grow(args: argparse.Namespace, argv: Sequence[str], ranks: Optional[Dict[st
     task = _task(args)
     cfg = make_budget(task, _budget(args))
     _check_budget(cfg)
+    network = _network(args)
+    described, _ = _probe_network(network, task, cfg)
     out = args.out or Path("runs") / f"grow-{args.task}-s{args.seed}"
     ck_dir = out / CHECKPOINT
     resuming = args.resume is not None
@@ -495,7 +582,7 @@ def _grow(args: argparse.Namespace, argv: Sequence[str], ranks: Optional[Dict[st
     progress = not args.no_progress and writer
     print(f"task {task.name}: d_in {task.d_in} -> d_out {task.d_out}, train/val/test "
           f"{task.train[0].shape[0]}/{task.val[0].shape[0]}/{task.test[0].shape[0]}, metric {task.metric.name}")
-    print(f"network: ResidualMLP width {cfg.width}, initial depth {cfg.depth}; budget {cfg.total_epochs} epochs = "
+    print(f"network: {described}; width {cfg.width}, initial depth {cfg.depth}; budget {cfg.total_epochs} epochs = "
           f"{cfg.epochs_per_round} x ({cfg.rounds} rounds + 1), {cfg.describe_optimizer()}, batch {cfg.batch_size}, "
           f"patience {args.patience}, device {args.device}"
           + (f"; data parallel: {ranks['world']} processes" if ranks is not None else ""))
@@ -519,7 +606,7 @@ def _grow(args: argparse.Namespace, argv: Sequence[str], ranks: Optional[Dict[st
         res = run_method(task, "topological", args.seed, budget=cfg, patience=args.patience,
                          strategy=TopologicalStrategy(rule=args.rule, k=4 if args.rule == "multi" else 1),
                          score_batches=args.score_batches, device=args.device, progress=progress, keep_model=True,
-                         checkpoint_dir=ck_dir, resume=resuming,
+                         checkpoint_dir=ck_dir, resume=resuming, network=network,
                          callbacks=[printer, write_history] if writer else [])
         wall = time.perf_counter() - t0
         if not writer:
@@ -530,7 +617,8 @@ def _grow(args: argparse.Namespace, argv: Sequence[str], ranks: Optional[Dict[st
         save(res.model, out / "model", history=hist, optimizer=res.optimizer, extra=extra)
         plot_growth(hist, out / "growth.png", metric_name=f"test {task.metric.name}")
         plot_mu(hist, out / "mu.png")
-        metrics = {"task": task.name, "seed": args.seed, "data_seed": args.data_seed, task.metric.name: res.metric,
+        metrics = {"task": task.name, "seed": args.seed, "data_seed": args.data_seed, **network.to_dict(),
+                   "network": described, task.metric.name: res.metric,
                    "test_loss": res.test_loss, "val_loss": res.val_loss, "train_loss": res.train_loss,
                    "initial_" + task.metric.name: hist.rounds[0].test_metric, "depth": res.depth,
                    "n_params": res.n_params, "epochs": res.epochs, "insertions": len(hist.insertions),
@@ -562,7 +650,8 @@ def results_markdown(comp: Any, command: str) -> str:
         "",
         comp.table(),
         "",
-        f"Seeds {comp.seeds}; every method: ResidualMLP width {b['width']}, initial depth {b['depth']}, "
+        f"Seeds {comp.seeds}; every method: {comp.meta.get('network_description', 'ResidualMLP')}, width "
+        f"{b['width']}, initial depth {b['depth']}, "
         f"{b['total_epochs']} epochs in total ({b['epochs_per_round']} per round, up to {b['rounds']} insertions, "
         f"patience {b['patience']}), {'SGD (momentum 0.9)' if b.get('optimizer') == 'sgd' else 'Adam'} lr {b['lr']}, "
         f"batch {b['batch_size']}. Test metric of the final network. "
@@ -600,18 +689,33 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     _setup(args)
     task = _task(args)
-    from .experiments.compare import make_budget
+    from .experiments.compare import check_methods, default_methods, make_budget
 
-    _check_budget(make_budget(task, _budget(args)))
-    out = args.out or Path("runs") / f"compare-{args.task}"
+    cfg = make_budget(task, _budget(args))
+    _check_budget(cfg)
+    network = _network(args)
+    described, kinds = _probe_network(network, task, cfg)
+    methods = list(dict.fromkeys(args.methods if args.methods else default_methods(network, kinds)))
+    try:
+        check_methods(methods, kinds, "--methods")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    family = "" if network.model == "mlp" else "-" + network.model.replace(":", "-")
+    out = args.out or Path("runs") / f"compare-{args.task}{family}"
     _make_out(out)
     seeds = list(dict.fromkeys(args.seeds))
-    methods = list(dict.fromkeys(args.methods))
     command = _command_line(argv)
-    print(f"task {task.name}: methods {' '.join(methods)}; seeds {seeds}")
+    print(f"task {task.name}: network {described}; methods {' '.join(methods)}; seeds {seeds}")
+
+    def save_partial(comp: Any, run: Any) -> None:  # a long comparison keeps what it has done
+        comp.meta["command"] = command
+        comp.meta["partial"] = True
+        _write_atomic(out / "results.json", json.dumps(comp.to_dict(), indent=1, default=str))
+
     comp = compare(task, methods, seeds, _budget(args), patience=args.patience, score_batches=args.score_batches,
                    device=args.device, progress=not args.no_progress, log=print, target=args.target,
-                   val_every_epoch=not args.no_epoch_val)
+                   val_every_epoch=not args.no_epoch_val, network=network, on_run=save_partial)
+    comp.meta.pop("partial", None)
     comp.meta["command"] = command
     comp.to_json(out / "results.json")
     md = results_markdown(comp, command)

@@ -30,7 +30,8 @@ from ..growth.history import GrowthHistory
 __all__ = ["plot_growth", "plot_mu", "plot_comparison", "plot_curves", "plot_compute", "as_history"]
 
 PathLike = Union[str, Path]
-_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf",
+           "#bcbd22", "#000000"]
 
 
 def as_history(h: Union[GrowthHistory, Dict[str, Any], PathLike]) -> GrowthHistory:
