@@ -119,10 +119,10 @@ def test_probe_trains_only_a_new_head(setup):
             assert torch.equal(sp[n], pp[n]), n
 
 
-@pytest.mark.parametrize("method", ["td", "random_phi", "random_blocks", "zero_blocks"])
+@pytest.mark.parametrize("method", ["td", "td_live", "random_phi", "random_blocks", "zero_blocks"])
 def test_inserting_methods_train_only_the_new_blocks_and_the_head(setup, method):
     cfg, data, source, probe = setup
-    td_points = None if method in ("td", "zero_blocks") else [0, 1]
+    td_points = None if method in ("td", "td_live", "zero_blocks") else [0, 1]
     before = _params(probe)
     model, rec = tr.adapt(probe, method, cfg, data, 3, td_points=td_points)
     assert _params(probe).keys() == before.keys() and all(torch.equal(before[n], p) for n, p in _params(probe).items())
@@ -213,6 +213,31 @@ def test_zero_blocks_keep_the_function_and_random_blocks_do_not(setup):
     m = copy.deepcopy(probe)
     tr.insert_blocks(m, "random_blocks", cfg, data, 3, td_points=[0, 0])
     assert not torch.allclose(_logits(m, x), _logits(probe, x))
+
+
+def test_td_leaves_dead_units_that_never_train_and_td_live_revives_them_keeping_the_function(setup):
+    cfg, data, source, probe = setup
+    hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+    x = data["target_test"][0][:64]
+    # td with rule "all": at most D live MLP units (the rank of M, D x (D + 1)); the rest stay at zero
+    model, rec = tr.adapt(probe, "td", cfg, data, 3)
+    new = [b for b in model.blocks if getattr(b, "topoderiv_inserted", False)]
+    for b in new:
+        dead = tr.dead_units(b)["mlp"]
+        assert len(dead) >= hidden - cfg.embed_dim
+        assert (b.mlp.fc1.weight[dead] == 0).all() and (b.mlp.fc2.weight[:, dead] == 0).all()  # after fine-tuning
+    # td_live: td's blocks (same points and eps), the dead units revived; the function is unchanged
+    m_td, m_live = copy.deepcopy(probe), copy.deepcopy(probe)
+    for m in (m_td, m_live):
+        tr.freeze_all_but(m, [])
+    new_td, info_td = tr.insert_blocks(m_td, "td", cfg, data, 3)
+    new_live, info_live = tr.insert_blocks(m_live, "td_live", cfg, data, 3)
+    assert info_live["points"] == info_td["points"] and info_live["eps"] == info_td["eps"]
+    assert [r["mlp"] for r in info_live["revived"]] == [len(tr.dead_units(b)["mlp"]) for b in new_td]
+    assert all(tr.dead_units(b) == {"mlp": [], "attn": []} for b in new_live)
+    assert torch.allclose(_logits(m_live, x), _logits(m_td, x), rtol=0, atol=1e-6)
+    _, rec_live = tr.adapt(probe, "td_live", cfg, data, 3)
+    assert rec_live["trainable"] == rec["trainable"]
 
 
 def test_td_records_lower_loss_per_insertion(setup):

@@ -15,6 +15,13 @@ more epochs with the same optimiser (Adam, the same learning rate) and the same 
     the parameters), insert a TD-initialised ``transformer_block`` at the best point with eps from
     :func:`topoderiv.search_eps`, rescore, ... ``blocks`` times; then only the new blocks and the
     head train.
+``td_live``
+    ``td``'s blocks (same points, phi and eps), then every hidden unit that TD leaves at zero on
+    both sides (an ``mlp.fc1`` row with a zero ``mlp.fc2`` column, a V row of ``attn.qkv`` with a
+    zero ``attn.proj`` column) gets random input weights (PyTorch's default bound): the function
+    is unchanged (its output column is still zero), but the unit now trains. With the ``"all"``
+    rule an MLP of hidden width ``h > D + 1`` keeps at most ``D + 1`` live units (the rank of
+    ``M``); the others get no gradient ever (both their input row and output column are zero).
 ``random_phi``
     the same points as ``td`` (one after the other, as ``td`` chose them), the same block family
     (W_Q, W_K fixed random, eps-scaled V / proj / MLP) but a random direction ``phi`` (unit
@@ -65,11 +72,11 @@ __all__ = ["TransferConfig", "TransferResult", "METHODS", "TARGETS", "transfer_d
            "linear_probe", "adapt", "run_transfer", "add_transfer_parser", "cmd_transfer"]
 
 #: the methods, in table order
-METHODS = ("head", "full", "td", "random_phi", "random_blocks", "zero_blocks")
+METHODS = ("head", "full", "td", "td_live", "random_phi", "random_blocks", "zero_blocks")
 #: target tasks derived from the source (digits 0-4)
 TARGETS = ("split", "rotated", "inverted")
 #: methods that insert blocks
-INSERTING = ("td", "random_phi", "random_blocks", "zero_blocks")
+INSERTING = ("td", "td_live", "random_phi", "random_blocks", "zero_blocks")
 
 
 @dataclass
@@ -256,6 +263,46 @@ def _insert_searched(model: ViT, point: int, phi: Any, scoring: Sequence[Tensor]
     info["loss_after"].append(losses[eps])
 
 
+def dead_units(block: nn.Module) -> Dict[str, List[int]]:
+    """Hidden units of a transformer block with a zero input row AND a zero output column (they
+    never get a gradient): ``{"mlp": [...], "attn": [...]}`` (attention: V rows of ``attn.qkv``)."""
+    out: Dict[str, List[int]] = {"mlp": [], "attn": []}
+    with torch.no_grad():
+        mlp = getattr(block, "mlp", None)
+        if mlp is not None:
+            w_in = mlp.fc1.weight if mlp.fc1.bias is None else torch.cat([mlp.fc1.weight, mlp.fc1.bias[:, None]], 1)
+            zero = (w_in == 0).all(1) & (mlp.fc2.weight == 0).all(0)
+            out["mlp"] = zero.nonzero().flatten().tolist()
+        attn = getattr(block, "attn", None)
+        if attn is not None:
+            D = attn.dim
+            v = attn.qkv.weight[2 * D :]
+            if attn.qkv.bias is not None:
+                v = torch.cat([v, attn.qkv.bias[2 * D :, None]], 1)
+            zero = (v == 0).all(1) & (attn.proj.weight == 0).all(0)
+            out["attn"] = zero.nonzero().flatten().tolist()
+    return out
+
+
+def revive(block: nn.Module, gen: torch.Generator) -> Dict[str, int]:
+    """Gives every dead unit of :func:`dead_units` random input weights ``U(-1/sqrt(D), 1/sqrt(D))``
+    (output columns stay zero: the block's function is unchanged); returns the counts revived."""
+    dead = dead_units(block)
+    with torch.no_grad():
+        for key, lin, off in (("mlp", getattr(getattr(block, "mlp", None), "fc1", None), 0),
+                              ("attn", getattr(getattr(block, "attn", None), "qkv", None), None)):
+            if lin is None or not dead[key]:
+                continue
+            if off is None:
+                off = 2 * block.attn.dim
+            bound = 1.0 / math.sqrt(lin.in_features)
+            for u in dead[key]:
+                lin.weight[off + u] = ((torch.rand(lin.in_features, generator=gen) * 2 - 1) * bound).to(lin.weight)
+                if lin.bias is not None:
+                    lin.bias[off + u] = float((torch.rand(1, generator=gen) * 2 - 1) * bound)
+    return {k: len(v) for k, v in dead.items()}
+
+
 def insert_blocks(model: ViT, method: str, cfg: TransferConfig, data: Dict[str, Split], seed: int,
                   td_points: Optional[Sequence[int]] = None) -> Tuple[List[nn.Module], Dict[str, Any]]:
     """Inserts ``cfg.blocks`` blocks into ``model`` (in place) the way ``method`` does; returns the
@@ -276,7 +323,7 @@ def insert_blocks(model: ViT, method: str, cfg: TransferConfig, data: Dict[str, 
                             "mu": []}
     before = set(map(id, model.blocks))
     for i in range(cfg.blocks):
-        if method == "td":
+        if method in ("td", "td_live"):
             rep = score(model, scoring, F.cross_entropy, rule=cfg.rule)
             best = rep.best
             if best is None:  # every mu <= 0: nothing lowers J at second order; take the largest mu
@@ -304,6 +351,8 @@ def insert_blocks(model: ViT, method: str, cfg: TransferConfig, data: Dict[str, 
             info["points"].append(point)
             insert_block(model, point, all_sites[point].identity_block(gen))
     new = [b for b in model.blocks if id(b) not in before]
+    if method == "td_live":  # after all insertions: the scoring and eps search are td's exactly
+        info["revived"] = [revive(b, gen) for b in new]
     return new, info
 
 
