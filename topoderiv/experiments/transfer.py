@@ -103,9 +103,9 @@ class TransferConfig:
     num_heads: int = 4
     mlp_ratio: float = 2.0
     patch_size: int = 2
-    source_epochs: int = 30
-    warmup_epochs: int = 5
-    epochs: int = 30
+    source_epochs: int = 50
+    warmup_epochs: int = 20
+    epochs: int = 60
     blocks: int = 2
     lr: float = 1e-3
     batch_size: int = 64
