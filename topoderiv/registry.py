@@ -115,7 +115,16 @@ def lookup(name: object, what: str = "class", where: str = "checkpoint", base: O
 
 
 def name_of(cls_or_obj: object) -> Optional[str]:
-    """The registered name of a class (or of an instance's class), or None."""
+    """The registered name of a class (or of an instance's class), or None.
+
+    An instance built by a registered BUILDER (a registered class whose constructor returns an
+    object of another class, e.g. ``"timm"``: :func:`topoderiv.models.from_timm`) names it in its
+    attribute ``topoderiv_builder``; that registered name is returned for the instance.
+    """
+    if not isinstance(cls_or_obj, type):
+        builder = getattr(cls_or_obj, "topoderiv_builder", None)
+        if isinstance(builder, str) and builder in _BY_NAME:
+            return builder
     cls = cls_or_obj if isinstance(cls_or_obj, type) else type(cls_or_obj)
     return _NAME_OF.get(cls)
 

@@ -12,5 +12,7 @@ from ..sites.linear import ResidualBlock  # noqa: F401
 from .mlp import ResidualMLP  # noqa: F401
 from .vit import ViT  # noqa: F401
 from .cnn import ResidualCNN  # noqa: F401
+from .timm import TimmModel, from_timm, timm_model  # noqa: F401  (timm itself is imported only when used)
 
-__all__ = ["ResidualMLP", "ResidualCNN", "ResidualBlock", "candidate_points", "check_growable"]
+__all__ = ["ResidualMLP", "ResidualCNN", "ResidualBlock", "candidate_points", "check_growable", "from_timm",
+           "timm_model", "TimmModel"]

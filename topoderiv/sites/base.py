@@ -14,7 +14,8 @@ dotted path, e.g. ``"blocks"`` or ``"stages.1"``), a *kind* (``"linear"``, ``"to
 
 A container of ``n`` blocks has ``n + 1`` sites: site ``i`` is the stream tensor entering
 ``container[i]`` (site ``n``: leaving the last block), and inserting there puts the new block at
-``container[i]``. Sites are numbered globally in declaration order (the ``point`` integers used
+``container[i]``; with the option ``start = s`` only sites ``s .. n`` exist (a stage whose first
+block changes the shape declares ``start = 1``). Sites are numbered globally in declaration order (the ``point`` integers used
 by :func:`topoderiv.score`, :func:`topoderiv.insert`, the history) and named
 ``"<container>.<i>"`` (e.g. ``"stages.1.3"``); both forms are accepted wherever a point is.
 
@@ -255,9 +256,20 @@ def _build_sites(model: nn.Module, fn: str) -> List[Site]:
     for spec in site_specs(model, fn):
         cls = _kind_cls(spec, fn)
         cont = _container(model, spec, fn)
-        for i in range(len(cont) + 1):
+        for i in range(_start(spec, cont, fn), len(cont) + 1):
             out.append(cls(model, spec, cont, i, len(out)))
     return out
+
+
+def _start(spec: SiteSpec, cont: nn.Module, fn: str) -> int:
+    """The option ``start`` (default 0): the container's first ``start`` blocks have no site in
+    front of them (e.g. a stage whose first block downsamples: its sites are then only those
+    between same-shape blocks)."""
+    start = spec.options.get("start", 0)
+    if isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 0 <= int(start) <= len(cont):
+        raise ValueError(f"{fn}: option start of site container {spec.container!r} must be an int in "
+                         f"[0, {len(cont)}] (its number of blocks), got {start!r}")
+    return int(start)
 
 
 def sites(model: nn.Module) -> List[Site]:

@@ -57,11 +57,23 @@ Options (:class:`topoderiv.sites.SiteSpec`): ``dim`` (stream width D), ``num_hea
 kinds), ``mlp_ratio`` (default 4.0; ``hidden = int(dim * mlp_ratio)``), ``qkv_bias`` (default
 True), ``act`` (hidden activation, default ``"gelu"``; needs ``act(0) = 0``, ``act'(0) != 0``),
 ``seed`` (default 0), ``norm_eps`` (default 1e-6).
+
+timm's own blocks (``transformer_block`` with the option ``impl = "timm"``, what
+:func:`topoderiv.models.from_timm` declares on a timm ``VisionTransformer``): the new block is
+``timm.models.vision_transformer.Block`` built from the options ``dim``, ``num_heads``,
+``mlp_ratio``, ``qkv_bias``, ``qk_norm`` (default False), ``proj_bias`` (default True),
+``init_values`` (LayerScale, default None), ``act`` (``"gelu"`` = ``nn.GELU``, timm's ViT default,
+``"gelu_tanh"``, or ``"timm:<name>"`` = timm's ``get_act_layer(name)``) and ``norm_eps`` (timm's
+``LayerNorm``). The statistic is the one above with the attention weights
+taken after ``q_norm``/``k_norm``, and with a LayerScale ``ls = diag(gamma)`` after a sub-block
+its output is ``gamma * g``, so its costate is read as ``gamma * p`` (``phi^T Q phi`` is linear in
+``p``). The block's output biases (``proj_bias``) are kept at zero.
 """
 from __future__ import annotations
 
 import math
 import numbers
+from functools import partial
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, Union
 
 import torch
@@ -74,7 +86,15 @@ from ..registry import register
 from .base import Site, register_kind
 
 __all__ = ["Attention", "Mlp", "Block", "MlpBlock", "AttentionBlock", "TransformerSite", "MlpBlockSite",
-           "AttentionBlockSite", "TransformerBlockSite", "build_activation"]
+           "AttentionBlockSite", "TransformerBlockSite", "build_activation", "attention_weights", "timm_block_class",
+           "IMPLS"]
+
+#: implementations of the transformer_block kind's new block: ours (:class:`Block`) or timm's
+IMPLS = ("topoderiv", "timm")
+
+#: activation names of timm blocks (impl "timm") that are torch modules, as timm's ViT builds them
+#: (its default is ``nn.GELU``); ``"timm:<name>"`` is timm's ``get_act_layer(name)``
+TORCH_ACTS: Dict[str, Any] = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh")}
 
 ActSpec = Union[str, nn.Module, Type[nn.Module], None]
 
@@ -108,6 +128,34 @@ def hidden_size(fn: str, dim: int, mlp_ratio: object) -> int:
         raise ValueError(f"{fn}: mlp_ratio must be a finite number with int(dim * mlp_ratio) >= 1 (dim = {dim}), got "
                          f"{mlp_ratio!r}")
     return int(dim * float(mlp_ratio))
+
+
+def attention_weights(attn: nn.Module, x: Tensor) -> Tensor:
+    """``softmax(q k^T * scale)`` of an attention module with timm's layout (our
+    :class:`Attention` or timm's): ``x [B, T, D] -> [B, H, T, T]`` (rows: queries)."""
+    B, T, _ = x.shape
+    H, hd = attn.num_heads, attn.head_dim
+    A = H * hd
+    w, b = attn.qkv.weight[: 2 * A], None if attn.qkv.bias is None else attn.qkv.bias[: 2 * A]
+    qk = F.linear(x, w, b).reshape(B, T, 2, H, hd).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qk[0]), attn.k_norm(qk[1])
+    return torch.softmax((q * attn.scale) @ k.transpose(-1, -2), dim=-1)
+
+
+def timm_block_class() -> Type[nn.Module]:
+    """``timm.models.vision_transformer.Block`` (ImportError naming the extra when timm is missing)."""
+    try:
+        from timm.models.vision_transformer import Block as TimmBlock
+    except ImportError as err:
+        raise ImportError(f"a transformer_block site with impl 'timm' builds timm's Block and needs timm: "
+                          f"pip install 'topoderiv[timm]' ({err})") from err
+    return TimmBlock
+
+
+def _layer_scale(block: nn.Module, name: str) -> Optional[Tensor]:
+    """The LayerScale vector ``gamma`` of ``block.<name>`` (timm's ``ls1``/``ls2``), or None."""
+    gamma = getattr(getattr(block, name, None), "gamma", None)
+    return gamma.detach() if isinstance(gamma, Tensor) else None
 
 
 @register
@@ -157,12 +205,7 @@ class Attention(nn.Module):
 
     def attention_weights(self, x: Tensor) -> Tensor:
         """``softmax(q k^T * scale)``: ``x [B, T, D] -> [B, H, T, T]`` (rows: queries; they sum to 1)."""
-        B, T, C = x.shape
-        D = self.dim
-        w, b = self.qkv.weight[: 2 * D], None if self.qkv.bias is None else self.qkv.bias[: 2 * D]
-        qk = F.linear(x, w, b).reshape(B, T, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(qk[0]), self.k_norm(qk[1])
-        return torch.softmax((q * self.scale) @ k.transpose(-1, -2), dim=-1)
+        return attention_weights(self, x)
 
     def config(self) -> Dict[str, Any]:
         """JSON-able constructor arguments."""
@@ -330,16 +373,60 @@ class TransformerSite(Site):
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not float(eps) > 0:
             raise ValueError(f"{fn}: option norm_eps must be a number > 0, got {eps!r}")
         out["norm_eps"] = float(eps)
+        impl = o.get("impl", "topoderiv")
+        if impl not in IMPLS or (impl == "timm" and self.block_cls is not Block):
+            raise ValueError(f"{fn}: option impl must be one of {IMPLS} ('timm' only for transformer_block), got "
+                             f"{impl!r}")
+        out["impl"] = impl
+        if impl == "timm":
+            for key in ("qk_norm", "proj_bias"):
+                val = o.get(key, key == "proj_bias")
+                if not isinstance(val, bool):
+                    raise ValueError(f"{fn}: option {key} must be a bool, got {val!r}")
+                out[key] = val
+            init = o.get("init_values")
+            if init is not None and (isinstance(init, bool) or not isinstance(init, numbers.Real)
+                                     or not math.isfinite(float(init)) or not float(init) > 0):
+                raise ValueError(f"{fn}: option init_values (LayerScale) must be None or a finite number > 0, got "
+                                 f"{init!r}")
+            out["init_values"] = None if init is None else float(init)
+            if not isinstance(out["act"], str):
+                raise ValueError(f"{fn}: option act must be a timm activation name (str) with impl 'timm', got "
+                                 f"{out['act']!r}")
         return out
+
+    def block_type(self) -> Type[nn.Module]:
+        """The class of this site's new block (timm's Block with the option ``impl = "timm"``)."""
+        return timm_block_class() if self.options.get("impl") == "timm" else self.block_cls
 
     def construct(self, o: Dict[str, Any]) -> nn.Module:
         """A block of this kind with PyTorch's default initialisation (global RNG left untouched)."""
         with torch.random.fork_rng(devices=[]):
+            if o["impl"] == "timm":
+                return self.construct_timm(o)
             if self.block_cls is Block:
                 return Block(o["dim"], o["num_heads"], o["mlp_ratio"], o["qkv_bias"], o["act"], o["norm_eps"])
             if self.block_cls is MlpBlock:
                 return MlpBlock(o["dim"], o["mlp_ratio"], o["act"], o["norm_eps"])
             return AttentionBlock(o["dim"], o["num_heads"], o["qkv_bias"], o["norm_eps"])
+
+    def construct_timm(self, o: Dict[str, Any]) -> nn.Module:
+        """timm's Block from the options (timm's LayerNorm with ``norm_eps``, timm's activation ``act``)."""
+        TimmBlock = timm_block_class()
+        from timm.layers import LayerNorm as TimmLayerNorm, get_act_layer
+        name = o["act"]
+        act: Any = TORCH_ACTS.get(name)
+        if act is None and name.startswith("timm:"):
+            try:
+                act = get_act_layer(name[len("timm:"):])
+            except Exception:
+                act = None
+        if act is None:
+            raise ValueError(f"{self.kind} site {self.name!r}: option act must be one of {sorted(TORCH_ACTS)} or "
+                             f"'timm:<timm activation name>' with impl 'timm', got {name!r}")
+        return TimmBlock(dim=o["dim"], num_heads=o["num_heads"], mlp_ratio=o["mlp_ratio"], qkv_bias=o["qkv_bias"],
+                         qk_norm=o["qk_norm"], proj_bias=o["proj_bias"], init_values=o["init_values"],
+                         act_layer=act, norm_layer=partial(TimmLayerNorm, eps=o["norm_eps"]))
 
     def build_block(self) -> nn.Module:
         """The new block: zero at ``eps = 0``; W_Q, W_K fixed random from the ``seed`` option."""
@@ -392,9 +479,19 @@ class TransformerSite(Site):
     # -- checks ---------------------------------------------------------------------------------
 
     def check_type(self, block: nn.Module, fn: str) -> None:
-        if not isinstance(block, self.block_cls):
+        cls = self.block_type()
+        if not isinstance(block, cls):
             raise TypeError(f"{fn}: the new block of a {self.kind} site ({self.name!r}) must be a "
-                            f"{self.block_cls.__name__}, got {type(block).__name__}")
+                            f"{cls.__module__}.{cls.__name__}, got {type(block).__name__}")
+        attn = getattr(block, "attn", None) if self.has_attn else None
+        if attn is not None and (not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity)
+                                 or getattr(attn, "gate", None) is not None
+                                 or attn.num_heads * attn.head_dim != attn.qkv.in_features):
+            raise TypeError(f"{fn}: the attention of the new block of a {self.kind} site ({self.name!r}) must be "
+                            f"plain multi-head attention (no scale_norm, no gate, head_dim * num_heads = dim)")
+        if self.has_mlp and not isinstance(getattr(block.mlp, "norm", nn.Identity()), nn.Identity):
+            raise TypeError(f"{fn}: the MLP of the new block of a {self.kind} site ({self.name!r}) must not have a "
+                            f"hidden norm (scale_mlp_norm)")
 
     def check_block(self, block: nn.Module, fn: str) -> float:
         """Function preservation and a second-order first effect; returns ``act'(0)`` (MLP kinds)
@@ -436,7 +533,7 @@ class TransformerSite(Site):
         out: List[Tuple[str, Tuple[int, ...], int]] = []
         if self.has_attn:
             attn = block.attn
-            D = attn.dim
+            D = attn.qkv.in_features
             out.append(("attn.v.weight", (D, D), D))
             if attn.qkv.bias is not None:
                 out.append(("attn.v.bias", (D,), D))
@@ -489,7 +586,7 @@ class TransformerSite(Site):
         out: Dict[str, Tensor] = {}
         if self.has_attn:
             qkv = block.attn.qkv
-            D = block.attn.dim
+            D = qkv.in_features
             w = qkv.weight
             out["attn.qkv.weight"] = torch.cat([w[: 2 * D].detach(), phi["attn.v.weight"].to(w) * eps], dim=0)
             if qkv.bias is not None:
@@ -507,7 +604,7 @@ class TransformerSite(Site):
 
     def norms(self, block: nn.Module) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
         """The LayerNorms in front of the attention and of the MLP."""
-        if isinstance(block, Block):
+        if hasattr(block, "norm1"):  # our Block or timm's
             return block.norm1, block.norm2
         return (block.norm, None) if self.has_attn else (None, block.norm)
 
@@ -519,8 +616,9 @@ class TransformerSite(Site):
         parts: List[SingularPart] = []
         norm_a, norm_m = self.norms(block)
         attn = block.attn if self.has_attn else None
+        gamma_a, gamma_m = _layer_scale(block, "ls1"), _layer_scale(block, "ls2")
         if attn is not None:
-            D, H, hd = attn.dim, attn.num_heads, attn.head_dim
+            D, H, hd = attn.qkv.in_features, attn.num_heads, attn.head_dim
             bias = attn.qkv.bias is not None
             parts.append(SingularPart("attn", H, hd, D, D, bias, 1.0, "attn.v.weight", "attn.v.bias" if bias else None,
                                       "attn.proj.weight"))
@@ -540,13 +638,15 @@ class TransformerSite(Site):
                     xc, pc = x[c0 : c0 + chunk], p[c0 : c0 + chunk]
                     if attn is not None:
                         u = norm_a(xc)
-                        a = attn.attention_weights(u)  # [b, H, T(query), T(key)]
+                        a = attention_weights(attn, u)  # [b, H, T(query), T(key)]
+                        pa = pc if gamma_a is None else pc * gamma_a.to(pc)  # LayerScale: g -> gamma * g
                         # costates pulled back through the attention weights: r^h_s = sum_t a^h_ts p_t
-                        r = a.transpose(-1, -2) @ pc[:, None]  # [b, H, T, D]
+                        r = a.transpose(-1, -2) @ pa[:, None]  # [b, H, T, D]
                         yield 0, r.permute(0, 2, 1, 3).reshape(-1, attn.num_heads, D), u.reshape(-1, D)
                     if self.has_mlp:
                         u2 = norm_m(xc)
-                        yield i_mlp, pc.reshape(-1, D), u2.reshape(-1, D)
+                        pm = pc if gamma_m is None else pc * gamma_m.to(pc)
+                        yield i_mlp, pm.reshape(-1, D), u2.reshape(-1, D)
 
         return SingularStatistic(parts, features, k=k, backend=backend)
 
