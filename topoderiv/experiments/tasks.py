@@ -34,6 +34,8 @@ from torch import Tensor
 __all__ = [
     "Task",
     "ModelConfig",
+    "MODEL_KINDS",
+    "INSERT_KINDS",
     "Metric",
     "Batches",
     "get_task",
@@ -41,6 +43,7 @@ __all__ = [
     "heat_solve",
     "heat_task",
     "digits_task",
+    "digits_images_task",
     "regression_task",
     "sample_log_kappa",
 ]
@@ -57,8 +60,9 @@ class ModelConfig:
     """Default network and training budget of a task.
 
     Attributes:
-        width: width of the residual stream.
-        depth: number of residual blocks of the initial network (2, as in the paper).
+        width: width of the residual stream of the MLP (``model="mlp"``).
+        depth: number of residual blocks of the initial network (2, as in the paper); for a CNN
+            the total over its stages (:meth:`Task.build_model`).
         lr: learning rate.
         batch_size: mini-batch size for training.
         epochs_per_round: epochs trained before the first insertion and after every insertion.
@@ -67,6 +71,14 @@ class ModelConfig:
         max_depth: depth cap for growth.
         optimizer: ``"adam"`` (``torch.optim.Adam``) or ``"sgd"`` (``torch.optim.SGD`` with
             momentum 0.9), see :data:`OPTIMIZERS`.
+        model: the task's default model kind, one of :data:`MODEL_KINDS`: ``"mlp"``
+            (:class:`~topoderiv.models.ResidualMLP`), ``"cnn"`` (:class:`~topoderiv.models.ResidualCNN`)
+            or ``"vit"`` (:class:`~topoderiv.models.ViT`); ``"cnn"``/``"vit"`` need an image task.
+        channels: CNN channels per stage (one stage per entry, halving the resolution between
+            stages; field-output tasks use one stage).
+        embed_dim: ViT token width. patch_size: ViT patch size (divides the image size).
+        num_heads: ViT attention heads (divides ``embed_dim``). mlp_ratio: ViT MLP hidden width /
+            ``embed_dim``.
     """
 
     width: int
@@ -77,10 +89,33 @@ class ModelConfig:
     rounds: int = 5
     max_depth: int = 12
     optimizer: str = "adam"
+    model: str = "mlp"
+    channels: Tuple[int, ...] = (16, 32)
+    embed_dim: int = 32
+    patch_size: int = 2
+    num_heads: int = 2
+    mlp_ratio: float = 2.0
 
     def __post_init__(self) -> None:
+        fn = "ModelConfig"
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"ModelConfig: optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise ValueError(f"{fn}: optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"{fn}: model must be one of {MODEL_KINDS}, got {self.model!r}")
+        ch = self.channels
+        if (isinstance(ch, (str, bytes)) or not isinstance(ch, (list, tuple)) or not ch
+                or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in ch)):
+            raise ValueError(f"{fn}: channels must be a non-empty tuple of ints >= 1, got {ch!r}")
+        object.__setattr__(self, "channels", tuple(int(c) for c in ch))  # a list (JSON budget) -> tuple
+        for name in ("width", "depth", "embed_dim", "patch_size", "num_heads"):
+            val, lo = getattr(self, name), 0 if name == "depth" else 1
+            if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+                raise ValueError(f"{fn}: {name} must be an int >= {lo}, got {val!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"{fn}: num_heads must divide embed_dim = {self.embed_dim}, got {self.num_heads}")
+        if not (isinstance(self.mlp_ratio, (int, float)) and not isinstance(self.mlp_ratio, bool)
+                and self.mlp_ratio > 0):
+            raise ValueError(f"{fn}: mlp_ratio must be a number > 0, got {self.mlp_ratio!r}")
 
     @property
     def total_epochs(self) -> int:
@@ -95,6 +130,16 @@ class ModelConfig:
         """E.g. ``"Adam lr 0.001"``."""
         return f"{'Adam' if self.optimizer == 'adam' else 'SGD (momentum 0.9)'} lr {self.lr:g}"
 
+
+#: model kinds :meth:`Task.build_model` builds
+MODEL_KINDS = ("mlp", "cnn", "vit")
+
+#: site kinds ``insert`` may name per model kind (the first is the default)
+INSERT_KINDS = {
+    "mlp": ("linear",),
+    "cnn": ("conv",),
+    "vit": ("transformer_block", "tokens", "mlp_block", "attention_block"),
+}
 
 #: optimisers a :class:`ModelConfig` can name: ``name -> f(params, lr)``
 OPTIMIZERS = {
@@ -209,14 +254,20 @@ class Task:
 
     Attributes:
         name: task name.
-        train, val, test: ``(x [N, d_in], y [N, ...])`` tensors (float32; ``y`` int64 for
-            classification).
-        loss_fn: ``loss_fn(output, y) -> scalar`` (mean over samples).
+        train, val, test: ``(x, y)`` tensors: ``x [N, d_in]`` (vector tasks) or ``x [N, C, H, W]``
+            (image tasks, ``in_shape = (C, H, W)``), float32; ``y [N, d_out]`` float32 (regression;
+            a field target is flattened channel-major, ``d_out = C' * H * W``) or ``[N]`` int64
+            (classification, ``d_out`` classes).
+        loss_fn: ``loss_fn(output [N, d_out], y) -> scalar`` (mean over samples).
         metric: the test metric (:class:`Metric`).
-        d_in, d_out: input and output sizes of the network.
-        config: default network and budget (:class:`ModelConfig`).
+        d_in, d_out: input and output sizes of the network (``d_in = C * H * W`` for an image
+            task: what an MLP reads after flattening).
+        config: default network and budget (:class:`ModelConfig`, with the default model kind).
         seed: the data seed.
         info: task-specific description (grid, sensors, noise level, ...), JSON-serialisable.
+        in_shape: ``(C, H, W)`` of an image task's inputs; None for vector inputs.
+        out_shape: ``(C', H, W)`` when the output is a field on the input grid (``y`` holds it
+            flattened); None for class scores / vector outputs.
     """
 
     name: str
@@ -230,6 +281,8 @@ class Task:
     config: ModelConfig
     seed: int = 0
     info: Dict[str, object] = field(default_factory=dict)
+    in_shape: Optional[Tuple[int, int, int]] = None
+    out_shape: Optional[Tuple[int, int, int]] = None
 
     def split(self, name: str) -> Split:
         """The ``(x, y)`` tensors of ``"train"``, ``"val"`` or ``"test"``."""
@@ -274,18 +327,99 @@ class Task:
         return {"loss": float(self.loss_fn(pred, y)), self.metric.name: self.metric(pred, y)}
 
     def build_model(
-        self, depth: Optional[int] = None, *, width: Optional[int] = None, seed: Optional[int] = None, **kwargs
+        self,
+        depth: Optional[int] = None,
+        *,
+        width: Optional[int] = None,
+        seed: Optional[int] = None,
+        model: Optional[str] = None,
+        insert: Optional[str] = None,
+        config: Optional[ModelConfig] = None,
+        **kwargs,
     ) -> torch.nn.Module:
-        """The task's :class:`topoderiv.models.ResidualMLP` with ``depth`` blocks and ``width``
-        (defaults: the config's), initialised from ``torch.manual_seed(seed)`` when a seed is given.
-        ``kwargs`` go to ``ResidualMLP`` (activations, bias, feature)."""
-        from ..models import ResidualMLP
+        """The task's network of kind ``model``, initialised from ``torch.manual_seed(seed)`` when a
+        seed is given.
 
+        Args:
+            depth: residual blocks of the initial network (default ``config.depth``). A CNN
+                spreads them over its stages, the first stages taking one more when they do not
+                divide evenly (depth 3 over 2 stages: ``depths = (2, 1)``).
+            width: the stream width of the chosen kind: the MLP's ``width``, the CNN's first-stage
+                channels (later stages keep their ratio to it), the ViT's ``embed_dim``. Default:
+                the config's field of that kind (``width`` / ``channels`` / ``embed_dim``).
+            seed: ``torch.manual_seed(seed)`` before building (None: the global RNG as it is).
+            model: one of :data:`MODEL_KINDS` (default ``config.model``, the task's own):
+
+                * ``"mlp"``: :class:`~topoderiv.models.ResidualMLP` ``(d_in, width, d_out, depth)``;
+                  on an image task it flattens ``x [N, C, H, W]`` first (``flatten=True``).
+                * ``"cnn"`` (image tasks): :class:`~topoderiv.models.ResidualCNN` with
+                  ``config.channels``; classes are read by global pooling + a linear head, a field
+                  output (``out_shape``) by a 1x1 convolution at every pixel (``head="pixel"``,
+                  one stage at full resolution; the output flattened like ``y``).
+                * ``"vit"`` (image tasks): :class:`~topoderiv.models.ViT` with ``config``'s
+                  ``patch_size``, ``embed_dim``, ``num_heads``, ``mlp_ratio``; classes from the
+                  class token, a field output from a per-patch linear head unpatchified
+                  (``output="field"``).
+            insert: the site kind growth inserts, one of ``INSERT_KINDS[model]``: ``"linear"``
+                (mlp), ``"conv"`` (cnn), ``"transformer_block"`` (vit default), ``"tokens"``,
+                ``"mlp_block"`` or ``"attention_block"`` (vit). Default: the first.
+            config: the :class:`ModelConfig` to read the sizes from (default ``self.config``); pass
+                a budget's config (e.g. :func:`topoderiv.experiments.compare.make_budget`'s) so its
+                overrides apply.
+            **kwargs: passed to the model's constructor (e.g. activations, ``kernel_size``,
+                ``global_pool``).
+
+        Returns:
+            the model; its ``forward(x)`` returns ``[N, d_out]`` (what ``loss_fn`` and ``metric`` take).
+
+        Raises:
+            ValueError: an unknown model or insert kind, a CNN/ViT on a task without images, a CNN
+                with several stages on a field-output task, sizes the model rejects.
+        """
+        from ..models import ResidualCNN, ResidualMLP, ViT
+
+        fn = "Task.build_model"
+        cfg = self.config if config is None else config
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"{fn}: config must be a ModelConfig or None, got {type(cfg).__name__}")
+        kind = cfg.model if model is None else model
+        if kind not in MODEL_KINDS:
+            raise ValueError(f"{fn}: model must be one of {MODEL_KINDS}, got {kind!r}")
+        if insert is not None and insert not in INSERT_KINDS[kind]:
+            raise ValueError(f"{fn}: insert must be one of {INSERT_KINDS[kind]} for model {kind!r}, got {insert!r}")
+        depth = cfg.depth if depth is None else depth
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"{fn}: depth must be an int >= 0, got {depth!r}")
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+            raise ValueError(f"{fn}: width must be None or an int >= 1, got {width!r}")
+        if kind != "mlp" and self.in_shape is None:
+            raise ValueError(f"{fn}: model {kind!r} needs an image task (x [N, C, H, W]); task {self.name!r} has "
+                             f"x [N, {self.d_in}]: use model 'mlp'")
         if seed is not None:
             torch.manual_seed(seed)
-        depth = self.config.depth if depth is None else depth
-        width = self.config.width if width is None else width
-        return ResidualMLP(self.d_in, width, self.d_out, depth, **kwargs)
+        if kind == "mlp":
+            if self.in_shape is not None:
+                kwargs.setdefault("flatten", True)
+            return ResidualMLP(self.d_in, cfg.width if width is None else width, self.d_out, depth, **kwargs)
+        c_in, h, w = self.in_shape
+        field_out = self.out_shape is not None
+        n_out = self.out_shape[0] if field_out else self.d_out
+        if kind == "cnn":
+            chans = cfg.channels
+            if width is not None:
+                chans = tuple(max(1, round(c * width / chans[0])) for c in chans)
+            if field_out and len(chans) != 1:
+                raise ValueError(f"{fn}: a field output needs a CNN with one stage (full resolution), got channels "
+                                 f"{chans}")
+            k = len(chans)
+            depths = [depth // k + (1 if i < depth % k else 0) for i in range(k)]
+            if field_out:
+                kwargs.setdefault("head", "pixel")
+            return ResidualCNN(c_in, n_out, chans, depths, **kwargs)
+        if field_out:
+            kwargs.setdefault("output", "field")
+        return ViT((h, w), cfg.patch_size, c_in, n_out, cfg.embed_dim if width is None else width, depth,
+                   cfg.num_heads, cfg.mlp_ratio, insert=insert or INSERT_KINDS["vit"][0], **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,6 +725,51 @@ def digits_task(
     )
 
 
+def digits_images_task(
+    *, seed: int = 0, n_train: int = 1000, n_val: int = 300, config: Optional[ModelConfig] = None
+) -> Task:
+    """scikit-learn's 8x8 digits as images ``x [N, 1, 8, 8]`` (the ``"digits"`` task's data and split).
+
+    The 1797 images are permuted with ``seed`` and split ``n_train / n_val / rest``; pixels are
+    standardised with ONE mean and standard deviation over all training pixels (so the image stays
+    an image: no per-pixel scaling). Cross-entropy; test metric: accuracy. Default model: the
+    residual CNN (channels 16 at 8x8, 32 at 4x4; :meth:`Task.build_model` ``model="cnn"``); a ViT
+    with 2x2 patches (16 patches, ``embed_dim`` 32, 2 heads) or the MLP on the flattened image
+    (width 32) on request.
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.images, dtype=torch.float64)[:, None]  # [1797, 1, 8, 8]
+    y = torch.as_tensor(d.target, dtype=torch.long)
+    if n_train < 1 or n_val < 1 or n_train + n_val >= x.shape[0]:
+        raise ValueError(f"digits_images_task: n_train, n_val must be >= 1 with n_train + n_val < {x.shape[0]}, got "
+                         f"{n_train} and {n_val}")
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(int(seed)))
+    x, y = x[perm], y[perm]
+    mean, std = x[:n_train].mean(), x[:n_train].std()
+    x = ((x - mean) / std).float()
+    splits = _split3(x, y, n_train, n_val)
+    cfg = config or ModelConfig(width=32, depth=2, lr=2e-3, batch_size=64, epochs_per_round=8, rounds=4, max_depth=8,
+                                model="cnn", channels=(16, 32), embed_dim=32, patch_size=2, num_heads=2,
+                                mlp_ratio=2.0)
+    return Task(
+        name="digits-images",
+        train=splits[0],
+        val=splits[1],
+        test=splits[2],
+        loss_fn=F.cross_entropy,
+        metric=Metric("accuracy", _accuracy, higher_is_better=True),
+        d_in=64,
+        d_out=10,
+        config=cfg,
+        seed=int(seed),
+        info={"source": "sklearn.datasets.load_digits (images)", "classes": 10, "image": [1, 8, 8],
+              "pixel_mean": float(mean), "pixel_std": float(std)},
+        in_shape=(1, 8, 8),
+    )
+
+
 def _regression_fn(x: Tensor) -> Tensor:
     x1, x2 = x[:, 0], x[:, 1]
     return (torch.sin(math.pi * x1) * torch.cos(math.pi * x2) + 0.5 * torch.sin(2 * math.pi * x1 * x2))[:, None]
@@ -634,7 +813,12 @@ def regression_task(
     )
 
 
-_TASKS: Dict[str, Callable[..., Task]] = {"heat": heat_task, "digits": digits_task, "regression": regression_task}
+_TASKS: Dict[str, Callable[..., Task]] = {
+    "heat": heat_task,
+    "digits": digits_task,
+    "regression": regression_task,
+    "digits-images": digits_images_task,
+}
 
 
 def available_tasks() -> List[str]:

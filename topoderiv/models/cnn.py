@@ -10,7 +10,10 @@ from ..registry import register
 from ..sites import SiteSpec, site_at, sites
 from ..sites.conv import ResidualConvBlock
 
-__all__ = ["ResidualCNN"]
+__all__ = ["ResidualCNN", "HEADS"]
+
+#: heads of a ResidualCNN: global pooling + linear, or a per-pixel 1x1 convolution
+HEADS = ("pool", "pixel")
 
 ActSpec = Union[str, nn.Module, None]
 
@@ -36,6 +39,10 @@ class ResidualCNN(nn.Module):
     channels[i + 1], 3, stride 2, padding 1))``) halves the resolution between stages and is kept
     OUTSIDE the stage containers. Any ``H, W >= 1`` work (the head pools globally).
 
+    With ``head="pixel"`` (dense prediction, e.g. a field-to-field regression) there is no pooling:
+    the head is a 1x1 ``Conv2d(channels[-1], d_out)`` applied at every pixel of the last stage and the
+    output is flattened channel-major to ``[B, d_out * H' * W']`` (``H' = H``, ``W' = W`` with one stage).
+
     The stem and downsampling activation defaults to tanh (never an inserted block, so it need not
     be admissible; it keeps the stream of order one); blocks default to :class:`TDActivation`.
 
@@ -49,14 +56,18 @@ class ResidualCNN(nn.Module):
         insert_activation: activation of blocks inserted by growth (default: ``block_activation``);
             it must be admissible (checked when scoring / inserting).
         bias: blocks' convolutions have a bias.
+        head: ``"pool"`` (default: global average pooling + ``Linear(channels[-1], d_out)``) or
+            ``"pixel"`` (1x1 convolution to ``d_out`` channels per pixel, flattened; see above).
 
     Raises:
-        ValueError: bad sizes, channels and depths of different lengths, an even kernel size.
+        ValueError: bad sizes, channels and depths of different lengths, an even kernel size, an
+            unknown head.
     """
 
     def __init__(self, in_channels: int, d_out: int, channels: Sequence[int] = (16, 32),
                  depths: Sequence[int] = (2, 2), *, kernel_size: int = 3, activation: ActSpec = None,
-                 block_activation: ActSpec = None, insert_activation: ActSpec = None, bias: bool = True) -> None:
+                 block_activation: ActSpec = None, insert_activation: ActSpec = None, bias: bool = True,
+                 head: str = "pool") -> None:
         super().__init__()
         for name, val in (("in_channels", in_channels), ("d_out", d_out)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -68,7 +79,9 @@ class ResidualCNN(nn.Module):
                              f"channels {chans} and {len(deps)} depths {deps}")
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"ResidualCNN: kernel_size must be an odd int >= 1 (same padding), got {kernel_size!r}")
-        self.in_channels, self.d_out, self.channels = in_channels, d_out, chans
+        if head not in HEADS:
+            raise ValueError(f"ResidualCNN: head must be one of {HEADS}, got {head!r}")
+        self.in_channels, self.d_out, self.channels, self.head_kind = in_channels, d_out, chans, head
         self.kernel_size, self.bias = kernel_size, bool(bias)
         # the modules build the network (an unregistered activation instance works); their names
         # (activation_spec) go into config() and are only needed to save and rebuild
@@ -88,7 +101,7 @@ class ResidualCNN(nn.Module):
             nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), get_activation(act))
             for a, b in zip(chans, chans[1:])
         )
-        self.head = nn.Linear(chans[-1], d_out)
+        self.head = nn.Linear(chans[-1], d_out) if head == "pool" else nn.Conv2d(chans[-1], d_out, 1)
 
     def _run(self, h: Tensor, stage: int, index: int) -> Tensor:
         """Runs ``stages[stage][index:]``, every later stage and the head on ``h``."""
@@ -96,10 +109,12 @@ class ResidualCNN(nn.Module):
             h = blk(h)
         for i in range(stage + 1, len(self.stages)):
             h = self.stages[i](self.downsample[i - 1](h))
+        if self.head_kind == "pixel":
+            return self.head(h).flatten(1)
         return self.head(h.mean(dim=(-2, -1)))
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x [B, in_channels, H, W] -> [B, d_out]``."""
+        """``x [B, in_channels, H, W] -> [B, d_out]`` (``[B, d_out * H' * W']`` with ``head="pixel"``)."""
         return self._run(self.stages[0](self.stem(x)), 0, len(self.stages[0]))
 
     def forward_from(self, point: Union[int, str], h: Tensor) -> Tensor:
@@ -134,7 +149,10 @@ class ResidualCNN(nn.Module):
 
     def config(self) -> Dict[str, Any]:
         """JSON-able constructor arguments of the current architecture (current depths)."""
-        return {"in_channels": self.in_channels, "d_out": self.d_out, "channels": list(self.channels),
-                "depths": [len(s) for s in self.stages], "kernel_size": self.kernel_size,
-                "activation": self._act, "block_activation": self._block_act,
-                "insert_activation": self._insert_act, "bias": self.bias}
+        cfg = {"in_channels": self.in_channels, "d_out": self.d_out, "channels": list(self.channels),
+               "depths": [len(s) for s in self.stages], "kernel_size": self.kernel_size,
+               "activation": self._act, "block_activation": self._block_act,
+               "insert_activation": self._insert_act, "bias": self.bias}
+        if self.head_kind != "pool":  # only when set: configs of pooled models are unchanged
+            cfg["head"] = self.head_kind
+        return cfg

@@ -36,16 +36,22 @@ class ResidualMLP(nn.Module):
         insert_activation: activation of blocks created by :meth:`new_block` (default: the same
             as ``block_activation``); it must be admissible (checked at insertion).
         feature: input feature map of blocks (``None``/``"identity"`` or ``"layernorm"``).
+        flatten: flatten the input from dim 1 before the stem (``x [B, *shape]`` with
+            ``prod(shape) = d_in``, e.g. images ``[B, C, H, W]``); default False (``x [..., d_in]``).
     """
 
     def __init__(self, d_in: int, width: int, d_out: int, depth: int, *, activation: ActSpec = None,
                  block_activation: ActSpec = None, bias: bool = True,
-                 insert_activation: ActSpec = None, feature: Optional[str] = None) -> None:
+                 insert_activation: ActSpec = None, feature: Optional[str] = None,
+                 flatten: bool = False) -> None:
         super().__init__()
         for name, val, lo in (("d_in", d_in, 1), ("width", width, 1), ("d_out", d_out, 1), ("depth", depth, 0)):
             if isinstance(val, bool) or not isinstance(val, int) or val < lo:
                 raise ValueError(f"ResidualMLP: {name} must be an int >= {lo}, got {val!r}")
+        if not isinstance(flatten, bool):
+            raise ValueError(f"ResidualMLP: flatten must be a bool, got {flatten!r}")
         self.d_in, self.width, self.d_out, self.bias = d_in, width, d_out, bool(bias)
+        self.flatten = flatten
         # the modules build the network (an unregistered activation instance works); their names
         # (activation_spec) go into config() and are only needed to save and rebuild
         stem_act = get_activation(activation, default="tanh")
@@ -62,7 +68,7 @@ class ResidualMLP(nn.Module):
         self.head = nn.Linear(width, d_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.blocks(self.stem(x)))
+        return self.head(self.blocks(self.stem(x.flatten(1) if self.flatten else x)))
 
     def forward_from(self, point: int, h: Tensor) -> Tensor:
         """Runs ``blocks[point:]`` and the head on the stream tensor ``h [..., width]``."""
@@ -84,6 +90,9 @@ class ResidualMLP(nn.Module):
 
     def config(self) -> Dict[str, Any]:
         """JSON-able constructor arguments of the current architecture (current depth)."""
-        return {"d_in": self.d_in, "width": self.width, "d_out": self.d_out, "depth": len(self.blocks),
-                "activation": self._act, "block_activation": self._block_act, "bias": self.bias,
-                "insert_activation": self._insert_act, "feature": self._feature}
+        cfg = {"d_in": self.d_in, "width": self.width, "d_out": self.d_out, "depth": len(self.blocks),
+               "activation": self._act, "block_activation": self._block_act, "bias": self.bias,
+               "insert_activation": self._insert_act, "feature": self._feature}
+        if self.flatten:  # only when set: configs of unflattened models are unchanged
+            cfg["flatten"] = True
+        return cfg

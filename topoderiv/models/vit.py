@@ -18,11 +18,13 @@ from ..registry import register
 from ..sites import SiteSpec
 from ..sites.transformer import Block
 
-__all__ = ["ViT", "PatchEmbed", "INSERT_KINDS"]
+__all__ = ["ViT", "PatchEmbed", "INSERT_KINDS", "OUTPUTS"]
 
 #: site kinds a ViT can insert
 INSERT_KINDS = ("tokens", "mlp_block", "attention_block", "transformer_block")
 POOLS = ("token", "avg")
+#: outputs of a ViT: one vector per image, or a field (per-patch linear head, unpatchified)
+OUTPUTS = ("pooled", "field")
 
 
 def _pair(fn: str, name: str, value: object) -> Tuple[int, int]:
@@ -75,6 +77,10 @@ class ViT(nn.Module):
         global_pool: ``"token"`` (the class token; ``norm`` before pooling) or ``"avg"`` (mean of
             the patch tokens; ``fc_norm`` after pooling, timm's choice).
         qkv_bias: bias of every ``attn.qkv``.
+        output: ``"pooled"`` (default: ``[B, num_classes]`` from the pooled token) or ``"field"``
+            (dense prediction: ``head = Linear(D, num_classes * p_h * p_w)`` on every patch token
+            after ``norm``/``fc_norm``, unpatchified to ``[B, num_classes, H, W]`` and flattened
+            channel-major to ``[B, num_classes * H * W]``; the class token is not read).
 
     Init: PyTorch's default for the layers, ``pos_embed ~ N(0, 0.02^2)`` and
     ``cls_token ~ N(0, 1e-6^2)`` (timm's).
@@ -82,7 +88,8 @@ class ViT(nn.Module):
 
     def __init__(self, img_size: Union[int, Sequence[int]], patch_size: Union[int, Sequence[int]], in_chans: int,
                  num_classes: int, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, *,
-                 insert: str = "transformer_block", global_pool: str = "token", qkv_bias: bool = True) -> None:
+                 insert: str = "transformer_block", global_pool: str = "token", qkv_bias: bool = True,
+                 output: str = "pooled") -> None:
         super().__init__()
         fn = "ViT"
         img = _pair(fn, "img_size", img_size)
@@ -100,12 +107,14 @@ class ViT(nn.Module):
             raise ValueError(f"{fn}: insert must be one of {INSERT_KINDS}, got {insert!r}")
         if global_pool not in POOLS:
             raise ValueError(f"{fn}: global_pool must be one of {POOLS}, got {global_pool!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"{fn}: output must be one of {OUTPUTS}, got {output!r}")
         if not isinstance(qkv_bias, bool):
             raise ValueError(f"{fn}: qkv_bias must be a bool, got {qkv_bias!r}")
         self.img_size, self.patch_size = img_size, patch_size
         self.in_chans, self.num_classes = int(in_chans), int(num_classes)
         self.embed_dim, self.num_heads, self.mlp_ratio = int(embed_dim), int(num_heads), float(mlp_ratio)
-        self.insert, self.global_pool, self.qkv_bias = insert, global_pool, qkv_bias
+        self.insert, self.global_pool, self.qkv_bias, self.output = insert, global_pool, qkv_bias, output
         self.num_prefix_tokens = 1
         self.patch_embed = PatchEmbed(img, patch, self.in_chans, self.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
@@ -121,7 +130,7 @@ class ViT(nn.Module):
         self.norm = nn.Identity() if avg else nn.LayerNorm(self.embed_dim, eps=1e-6)
         self.fc_norm = nn.LayerNorm(self.embed_dim, eps=1e-6) if avg else nn.Identity()
         self.head_drop = nn.Identity()
-        self.head = nn.Linear(self.embed_dim, self.num_classes)
+        self.head = nn.Linear(self.embed_dim, self.num_classes * (patch[0] * patch[1] if output == "field" else 1))
 
     @property
     def num_tokens(self) -> int:
@@ -136,7 +145,13 @@ class ViT(nn.Module):
         return self.norm(self.blocks(x))
 
     def forward_head(self, x: Tensor) -> Tensor:
-        """``[B, T, D] -> [B, num_classes]``: pool, fc_norm, head."""
+        """``[B, T, D] -> [B, num_classes]``: pool, fc_norm, head (``output="field"``: fc_norm and head
+        per patch token, unpatchified to ``[B, num_classes * H * W]``)."""
+        if self.output == "field":
+            (gh, gw), (ph, pw) = self.patch_embed.grid_size, self.patch_embed.patch_size
+            y = self.head(self.head_drop(self.fc_norm(x[:, self.num_prefix_tokens :])))  # [B, gh*gw, C*ph*pw]
+            y = y.reshape(x.shape[0], gh, gw, self.num_classes, ph, pw).permute(0, 3, 1, 4, 2, 5)
+            return y.reshape(x.shape[0], -1)
         x = x[:, self.num_prefix_tokens :].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
         return self.head(self.head_drop(self.fc_norm(x)))
 
@@ -166,7 +181,10 @@ class ViT(nn.Module):
 
     def config(self) -> Dict[str, Any]:
         """JSON-able constructor arguments of the current architecture (current depth)."""
-        return {"img_size": self.img_size, "patch_size": self.patch_size, "in_chans": self.in_chans,
-                "num_classes": self.num_classes, "embed_dim": self.embed_dim, "depth": len(self.blocks),
-                "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio, "insert": self.insert,
-                "global_pool": self.global_pool, "qkv_bias": self.qkv_bias}
+        cfg = {"img_size": self.img_size, "patch_size": self.patch_size, "in_chans": self.in_chans,
+               "num_classes": self.num_classes, "embed_dim": self.embed_dim, "depth": len(self.blocks),
+               "num_heads": self.num_heads, "mlp_ratio": self.mlp_ratio, "insert": self.insert,
+               "global_pool": self.global_pool, "qkv_bias": self.qkv_bias}
+        if self.output != "pooled":  # only when set: configs of pooled models are unchanged
+            cfg["output"] = self.output
+        return cfg
