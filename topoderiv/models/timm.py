@@ -207,11 +207,11 @@ def _attach(model: nn.Module, family: str, name: Optional[str], kwargs: Optional
 # the ViT
 
 
-def _structure(module: nn.Module) -> List[Tuple[str, str, str]]:
-    """(name, class, extra_repr) of every submodule that computes something (dropouts and
-    identities, which hold no parameters and are no-ops in eval, left out), plus parameter shapes."""
+def _structure(module: nn.Module, dropout: bool = False) -> List[Tuple[str, str, str]]:
+    """(name, class, extra_repr) of every submodule, plus parameter shapes; without ``dropout``,
+    dropouts, drop-paths and identities (no parameters, no-ops in eval) are left out."""
     from timm.layers import DropPath
-    skip = (nn.Dropout, nn.Identity, DropPath)
+    skip = () if dropout else (nn.Dropout, nn.Identity, DropPath)
     out = [(n, f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr())
            for n, m in module.named_modules() if not isinstance(m, skip)]
     out += [(n, "param", str(tuple(p.shape))) for n, p in module.named_parameters()]
@@ -315,7 +315,7 @@ def _verify(fn: str, model: nn.Module, name: str, kwargs: Dict[str, Any]) -> Opt
             ref = _create(fn, name, kwargs)
     except ValueError as err:
         return str(err)
-    a, b = _structure(ref), _structure(model)
+    a, b = _structure(ref, True), _structure(model, True)
     if a != b:
         diff = next(((x, y) for x, y in zip(a, b) if x != y), (a[len(b):len(b) + 1], b[len(a):len(a) + 1]))
         return (f"timm.create_model({name!r}, pretrained=False, **{kwargs}) builds a different model (first "
