@@ -279,3 +279,144 @@ def test_sigint_during_grow_saves_the_round_and_resume_completes_it(tmp_path, re
     assert (out / "model" / "model.safetensors").is_file()
     assert main(["grow", "--resume", str(out)]) == 0
     assert_same_outputs(reference, out)
+
+
+# --- --model / --insert on an image task (CNN, ViT, timm) ----------------------------------------
+
+#: digits-images on a tiny budget: 64 training images, one insertion, one epoch per round
+IMG = ["--task", "digits-images", "--n-train", "64", "--rounds", "1", "--epochs", "1", "--depth", "2",
+       "--no-progress", "--threads", "1"]
+VIT_TINY = ["--embed-dim", "8", "--num-heads", "2", "--patch-size", "4"]
+
+
+@pytest.mark.parametrize("model, insert, extra, cls, kind", [
+    ("cnn", None, ["--channels", "4", "6"], "ResidualCNN", "conv"),
+    ("vit", "mlp_block", VIT_TINY, "ViT", "mlp_block"),
+    ("vit", "transformer_block", VIT_TINY, "ViT", "transformer_block"),
+])
+def test_grow_model_and_insert_write_every_output(tmp_path, capsys, model, insert, extra, cls, kind):
+    out = tmp_path / "g"
+    argv = ["grow", *IMG, "--model", model, *extra, "--out", str(out)] + (["--insert", insert] if insert else [])
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert f"network: {cls} ({kind} sites" in text and "final: test accuracy" in text
+    for name in ("history.json", "metrics.json", "growth.png", "mu.png", "model/model.json", "run.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == model and metrics["insert"] == insert and metrics["epochs"] == 2
+    hist = json.loads((out / "history.json").read_text())
+    assert [r["point"] for r in hist["rounds"]][0] is None and len(hist["rounds"]) >= 2
+    from topoderiv.experiments.tasks import get_task
+    from topoderiv.growth.checkpoint import load
+    from topoderiv.sites import depth, site_specs
+
+    grown = load(out / "model")
+    assert type(grown).__name__ == cls and depth(grown) == metrics["depth"]
+    assert {s.kind for s in site_specs(grown)} == {kind}
+    task = get_task("digits-images", seed=0, n_train=64)
+    assert task.evaluate(grown)["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-9)
+    # the recorded model and insert kind are part of the run: resume refuses others
+    with pytest.raises(SystemExit) as exc:
+        main(["grow", "--resume", str(out), "--model", "mlp"])
+    assert exc.value.code == 2 and "--model mlp disagrees with the run in" in capsys.readouterr().err
+
+
+def test_compare_vit_with_the_transformer_growers_baselines(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["compare", *IMG, "--model", "vit", *VIT_TINY, "--seeds", "0", "1", "--methods", "topological",
+                 "stacking", "zero_block", "identity", "fixed_final", "--out", str(out)]) == 0
+    md = (out / "results.md").read_text()
+    for m in ("topological", "stacking", "zero_block", "identity", "fixed_final"):
+        assert f"| {m} |" in md
+    assert "every method: ViT (transformer_block sites: blocks)" in md and "embed_dim 8, patch 4, heads 2" in md
+    assert "Command: `topoderiv compare --task digits-images" in md and "--model vit" in md
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["network"] == {"model": "vit", "insert": None, "timm_kwargs": {}, "family": "vit"}
+    assert "partial" not in res["meta"] and len(res["runs"]) == 10
+    runs = {(r["method"], r["seed"]): r for r in res["runs"]}
+    for seed in (0, 1):  # the fixed network has the topological run's final depth
+        assert runs["fixed_final", seed]["depths"] == runs["topological", seed]["depths"]
+        stack = runs["stacking", seed]["history"]["rounds"]
+        assert stack[1]["info"]["copied"].startswith("blocks.")
+    for name in ("comparison.png", "curves.png", "compute.png", "growth_topological_s0.png"):
+        assert (out / name).is_file(), name
+
+
+def test_compare_cnn_fixed_final_has_the_topological_stages(tmp_path):
+    out = tmp_path / "c"
+    assert main(["compare", *IMG, "--model", "cnn", "--channels", "3", "4", "--rounds", "2", "--seeds", "0",
+                 "--methods", "topological", "stacking", "fixed_final", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    runs = {r["method"]: r for r in res["runs"]}
+    assert len(runs["topological"]["depths"]) == 2 and sum(runs["topological"]["depths"]) == runs["topological"]["depth"]
+    assert runs["fixed_final"]["depths"] == runs["topological"]["depths"]
+
+
+def test_default_methods_per_family():
+    from topoderiv.experiments.compare import DEFAULT_METHODS, default_methods
+
+    assert default_methods("mlp") == list(DEFAULT_METHODS)
+    cnn = default_methods("cnn", ["conv"])
+    assert {"topological", "topological_all", "topological_multi", "random", "identity", "forward_thinking",
+            "stacking", "initial", "fixed_final"} == set(cnn)
+    assert set(default_methods("vit", ["transformer_block"])) == set(cnn) | {"zero_block"}
+    assert "zero_block" not in default_methods("vit", ["tokens"])
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["compare", "--model", "resnet"], "expected one of ('mlp', 'cnn', 'vit') or 'timm:<model name>'"),
+    (["compare", "--model", "timm:"], "got 'timm:'"),
+    (["grow", "--insert", "dense"], "invalid choice: 'dense'"),
+    (["grow", "--timm-kwargs", "embed_dim"], "expected key=value pairs separated by commas"),
+    (["compare", *IMG, "--model", "cnn", "--methods", "zero_block"], "method 'zero_block' needs transformer sites"),
+    (["grow", *IMG, "--model", "cnn", "--insert", "mlp_block"], "insert must be one of ('conv',) for model 'cnn'"),
+    (["grow", "--task", "heat", "--model", "vit"], "--model vit does not fit --task heat"),
+    (["grow", *IMG, "--model", "vit", "--timm-kwargs", "embed_dim=8"], "--timm-kwargs are for timm:<name> models only"),
+    (["grow", *IMG, "--model", "timm:vit_tiny_patch16_224", "--timm-kwargs", "depth=3"],
+     "must not set 'depth' (the depth is the budget's (--depth)"),
+])
+def test_model_flag_usage_errors(capsys, tmp_path, argv, msg):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_timm_model_without_timm_is_a_clear_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(SystemExit) as exc:
+        main(["grow", *IMG, "--model", "timm:vit_tiny_patch16_224", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert "needs timm, which is not installed (pip install timm)" in capsys.readouterr().err
+
+
+def test_timm_kwargs_parsing():
+    assert cli._timm_kwargs("embed_dim=16,num_heads=2,img_size=(8, 8),act=gelu,qkv_bias=False") == {
+        "embed_dim": 16, "num_heads": 2, "img_size": (8, 8), "act": "gelu", "qkv_bias": False}
+
+
+def test_grow_and_compare_a_timm_vit(tmp_path, capsys):
+    """--model timm:NAME: created with pretrained=False, sized to the task, grown, saved and reloaded."""
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    out = tmp_path / "t"
+    tk = ["--model", "timm:vit_tiny_patch16_224", "--timm-kwargs", "embed_dim=8,num_heads=2,patch_size=4"]
+    assert main(["grow", *IMG, *tk, "--out", str(out)]) == 0
+    assert "network: VisionTransformer (timm:vit_tiny_patch16_224) (transformer_block sites" in capsys.readouterr().out
+    from topoderiv.experiments.tasks import get_task
+    from topoderiv.growth.checkpoint import load
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    grown = load(out / "model")
+    assert isinstance(grown, VisionTransformer) and len(grown.blocks) == metrics["depth"] == 3
+    assert grown.patch_embed.proj.in_channels == 1 and grown.head.out_features == 10 and grown.embed_dim == 8
+    task = get_task("digits-images", seed=0, n_train=64)
+    assert task.evaluate(grown)["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-9)
+    cmp = tmp_path / "c"
+    assert main(["compare", *IMG, *tk, "--seeds", "0", "--methods", "topological", "zero_block", "stacking",
+                 "fixed_final", "--out", str(cmp)]) == 0
+    md = (cmp / "results.md").read_text()
+    assert "VisionTransformer (timm:vit_tiny_patch16_224)" in md and "| zero_block |" in md

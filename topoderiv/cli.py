@@ -1,6 +1,7 @@
 """The ``topoderiv`` command line.
 
-    topoderiv grow     [--task heat] [--seed 0] [--rounds R] [--epochs E] [--out DIR] [--device cpu] ...
+    topoderiv grow     [--task heat] [--model mlp|cnn|vit|timm:NAME] [--insert KIND] [--seed 0] [--rounds R]
+                       [--epochs E] [--out DIR] [--device cpu] ...
     topoderiv compare  [--task heat] [--seeds 0 1 2] [--methods ...] [--out DIR] ...
     topoderiv transfer [--target split] [--seeds 0 1 2 3 4] [--methods ...] [--out DIR] ...
     topoderiv info
@@ -19,6 +20,11 @@ Data parallel: ``torchrun --nproc-per-node N -m topoderiv.cli grow ...`` (or ``t
 NCCL with ``--device cuda``: rank r on ``cuda:LOCAL_RANK``): every global batch of ``--batch-size``
 rows is cut into N slices, one per rank (the same run as one process, up to rounding); rank 0
 prints and writes every file.
+
+``--model`` picks the network family (mlp: ResidualMLP, the default; cnn: ResidualCNN and vit: ViT on
+an image task such as digits-images; ``timm:NAME``: a timm model created with pretrained=False and
+sized to the task, ``--timm-kwargs`` for further arguments) and ``--insert`` the site kind of the
+inserted blocks (default: the family's).
 
 ``compare`` runs every method of :mod:`topoderiv.baselines` on every seed with the same budget
 and writes ``results.md`` (markdown tables: the test metric, mean +- std over seeds, and the
@@ -148,10 +154,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     from .sites import KINDS
 
     p.add_argument("--task", default="heat", choices=available_tasks(), help="built-in task (default: heat)")
-    p.add_argument("--model", type=_model_family, default="mlp", metavar="{mlp,cnn,vit,timm:NAME}",
-                   help="network family (default mlp: ResidualMLP; cnn: ResidualCNN and vit: ViT need an image task, "
-                        "e.g. digits-images; timm:NAME: timm.create_model(NAME, pretrained=False) sized to the task, "
-                        "made growable by topoderiv.models.from_timm; needs timm)")
+    p.add_argument("--model", type=_model_family, default=None, metavar="{mlp,cnn,vit,timm:NAME}",
+                   help="network family (default: the task's, mlp for heat/digits/regression, cnn for digits-images; "
+                        "mlp: ResidualMLP; cnn: ResidualCNN and vit: ViT need an image task; timm:NAME: "
+                        "timm.create_model(NAME, pretrained=False) sized to the task, made growable by "
+                        "topoderiv.models.timm_model; needs timm and a model taking depth=, e.g. "
+                        "timm:vit_tiny_patch16_224)")
     p.add_argument("--insert", choices=sorted(KINDS), default=None,
                    help="site kind of the inserted blocks (default: the family's: linear for mlp, conv for cnn, "
                         "transformer_block for vit and timm)")
@@ -163,8 +171,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=_nonneg_int, default=None, help="max insertions (default: the task's)")
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="epochs per round; total budget = epochs * (rounds + 1) (default: the task's)")
-    p.add_argument("--width", type=_positive_int, default=None, help="network width (default: the task's)")
-    p.add_argument("--depth", type=_nonneg_int, default=None, help="initial depth (default: the task's, 2)")
+    p.add_argument("--width", type=_positive_int, default=None, help="MLP width (default: the task's)")
+    p.add_argument("--channels", type=_positive_int, nargs="+", default=None, metavar="C",
+                   help="CNN channels per stage (default: the task's)")
+    p.add_argument("--embed-dim", type=_positive_int, default=None, help="ViT token width (default: the task's)")
+    p.add_argument("--patch-size", type=_positive_int, default=None, help="ViT patch size (default: the task's)")
+    p.add_argument("--num-heads", type=_positive_int, default=None, help="ViT attention heads (default: the task's)")
+    p.add_argument("--depth", type=_nonneg_int, default=None,
+                   help="initial depth (blocks; a CNN spreads them over its stages) (default: the task's, 2)")
     p.add_argument("--max-depth", type=_positive_int, default=None, help="depth cap (default: the task's)")
     p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: the task's)")
     p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=None,
@@ -241,8 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _budget(args: argparse.Namespace) -> Dict[str, Any]:
+    chans = getattr(args, "channels", None)
     return {"epochs_per_round": args.epochs, "rounds": args.rounds, "width": args.width, "depth": args.depth,
-            "max_depth": args.max_depth, "lr": args.lr, "batch_size": args.batch_size, "optimizer": args.optimizer}
+            "max_depth": args.max_depth, "lr": args.lr, "batch_size": args.batch_size, "optimizer": args.optimizer,
+            "channels": None if chans is None else tuple(chans), "embed_dim": getattr(args, "embed_dim", None),
+            "patch_size": getattr(args, "patch_size", None), "num_heads": getattr(args, "num_heads", None)}
 
 
 def _task(args: argparse.Namespace):
@@ -259,7 +276,7 @@ def _network(args: argparse.Namespace) -> Any:
     from .experiments.compare import Network
 
     try:
-        return Network(getattr(args, "model", None) or "mlp", getattr(args, "insert", None),
+        return Network(getattr(args, "model", None), getattr(args, "insert", None),
                        dict(getattr(args, "timm_kwargs", None) or {}))
     except ValueError as err:
         msg = str(err).replace("Network: timm_kwargs", "--timm-kwargs").replace("Network: ", "")
@@ -271,9 +288,9 @@ def _probe_network(network: Any, task: Any, cfg: Any) -> Tuple[str, List[str]]:
     options do not fit the task); returns its description and its site kinds."""
     from .experiments.compare import site_kinds
 
-    flags = f"--model {network.model}" + (f" --insert {network.insert}" if network.insert else "")
+    flags = f"--model {network.family(task)}" + (f" --insert {network.insert}" if network.insert else "")
     try:
-        net = network.build(task, cfg.depth, width=cfg.width, seed=0)
+        net = network.build(task, cfg.depth, config=cfg, seed=0)
         kinds = site_kinds(net)
     except (ValueError, TypeError) as err:
         raise UsageError(f"{flags} does not fit --task {task.name}: {err}") from None
@@ -358,13 +375,16 @@ class RoundPrinter:
 
 #: grow settings recorded in run.json; a resumed run uses them (flags given again must agree)
 _GROW_SETTINGS = ("task", "data_seed", "n_train", "rounds", "epochs", "width", "depth", "max_depth", "lr", "optimizer",
-                  "batch_size", "patience", "score_batches", "seed", "rule", "model", "insert", "timm_kwargs")
+                  "batch_size", "patience", "score_batches", "seed", "rule", "model", "insert", "timm_kwargs",
+                  "channels", "embed_dim", "patch_size", "num_heads")
 #: settings a resumed run may change (they do not change what is computed, except in the last bits
 #: when the device or the thread count differs)
 _FREE_SETTINGS = ("device", "threads", "no_progress", "distributed")
 #: flag -> the resolved budget field it sets
 _BUDGET_FIELDS = {"epochs": "epochs_per_round", "rounds": "rounds", "width": "width", "depth": "depth",
-                  "max_depth": "max_depth", "lr": "lr", "optimizer": "optimizer", "batch_size": "batch_size"}
+                  "max_depth": "max_depth", "lr": "lr", "optimizer": "optimizer", "batch_size": "batch_size",
+                  "channels": "channels", "embed_dim": "embed_dim", "patch_size": "patch_size",
+                  "num_heads": "num_heads"}
 _UNSET = object()
 
 
@@ -582,7 +602,8 @@ def _grow(args: argparse.Namespace, argv: Sequence[str], ranks: Optional[Dict[st
     progress = not args.no_progress and writer
     print(f"task {task.name}: d_in {task.d_in} -> d_out {task.d_out}, train/val/test "
           f"{task.train[0].shape[0]}/{task.val[0].shape[0]}/{task.test[0].shape[0]}, metric {task.metric.name}")
-    print(f"network: {described}; width {cfg.width}, initial depth {cfg.depth}; budget {cfg.total_epochs} epochs = "
+    width = sizes_text(network.family(task), asdict(cfg))
+    print(f"network: {described}; {width}initial depth {cfg.depth}; budget {cfg.total_epochs} epochs = "
           f"{cfg.epochs_per_round} x ({cfg.rounds} rounds + 1), {cfg.describe_optimizer()}, batch {cfg.batch_size}, "
           f"patience {args.patience}, device {args.device}"
           + (f"; data parallel: {ranks['world']} processes" if ranks is not None else ""))
@@ -642,16 +663,28 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
     """``print`` on the ranks other than 0."""
 
 
+def sizes_text(family: str, b: Dict[str, Any]) -> str:
+    """The budget's sizes of a network family, e.g. ``"channels [16, 32], "`` (nothing for timm: its
+    sizes are its own, from --timm-kwargs)."""
+    if family == "cnn":
+        return f"channels {list(b.get('channels') or [])}, "
+    if family == "vit":
+        return f"embed_dim {b.get('embed_dim')}, patch {b.get('patch_size')}, heads {b.get('num_heads')}, "
+    return f"width {b['width']}, " if family == "mlp" else ""
+
+
 def results_markdown(comp: Any, command: str) -> str:
     """``results.md``: the table, the budget and the command."""
     b = comp.budget
+    fam = (comp.meta.get("network") or {}).get("family") or "mlp"
+    width = sizes_text(fam, b)
     lines = [
         f"# {comp.task}: topological-derivative growth vs baselines",
         "",
         comp.table(),
         "",
-        f"Seeds {comp.seeds}; every method: {comp.meta.get('network_description', 'ResidualMLP')}, width "
-        f"{b['width']}, initial depth {b['depth']}, "
+        f"Seeds {comp.seeds}; every method: {comp.meta.get('network_description', 'ResidualMLP')}, {width}"
+        f"initial depth {b['depth']}, "
         f"{b['total_epochs']} epochs in total ({b['epochs_per_round']} per round, up to {b['rounds']} insertions, "
         f"patience {b['patience']}), {'SGD (momentum 0.9)' if b.get('optimizer') == 'sgd' else 'Adam'} lr {b['lr']}, "
         f"batch {b['batch_size']}. Test metric of the final network. "
@@ -695,12 +728,12 @@ def cmd_compare(args: argparse.Namespace, argv: Sequence[str]) -> int:
     _check_budget(cfg)
     network = _network(args)
     described, kinds = _probe_network(network, task, cfg)
-    methods = list(dict.fromkeys(args.methods if args.methods else default_methods(network, kinds)))
+    methods = list(dict.fromkeys(args.methods if args.methods else default_methods(network.family(task), kinds)))
     try:
         check_methods(methods, kinds, "--methods")
     except ValueError as err:
         raise UsageError(str(err)) from None
-    family = "" if network.model == "mlp" else "-" + network.model.replace(":", "-")
+    family = "" if network.model is None else "-" + network.model.replace(":", "-")
     out = args.out or Path("runs") / f"compare-{args.task}{family}"
     _make_out(out)
     seeds = list(dict.fromkeys(args.seeds))

@@ -1,9 +1,10 @@
 """Baselines of METHOD.md section 8 in the growth API, and :func:`compare`.
 
-Every method trains the same :class:`topoderiv.models.ResidualMLP` family with the same optimiser
-(the budget's: Adam by default, or SGD with momentum) and learning rate, the same mini-batches (a
-loader seeded with the run's seed) and the same TOTAL number of epochs,
-``budget.epochs_per_round * (budget.rounds + 1)``:
+Every method trains the same network family (:class:`Network`: the task's
+:class:`topoderiv.models.ResidualMLP` by default, or ``ResidualCNN`` / ``ViT`` / a timm model on an
+image task, with the insert kind of its sites) with the same optimiser (the budget's: Adam by
+default, or SGD with momentum) and learning rate, the same mini-batches (a loader seeded with the
+run's seed) and the same TOTAL number of epochs, ``budget.epochs_per_round * (budget.rounds + 1)``:
 
 ``topological``
     Topological-derivative growth (:class:`topoderiv.growth.TopologicalStrategy`): insert where
@@ -23,12 +24,18 @@ loader seeded with the run's seed) and the same TOTAL number of epochs,
     :class:`ForwardThinking`: layer-wise training (Hettinger et al., 2017): a new, randomly
     initialised block on top of the stack (before the head), then only that block and the head
     train; everything below is frozen.
+``stacking``
+    :class:`StackingInsertion`: the new block is a copy of the block before a random point
+    (transformer growers' stacking, one block at a time). Any block type.
+``zero_block``
+    :class:`ZeroBlockInsertion`: a standard transformer block (timm's init, ``N(0, 0.02^2)``)
+    with its output projections zero, at a random point (transformer site kinds only).
 ``initial``
     The initial network (``budget.depth`` blocks), no growth, trained for the whole budget.
 ``fixed_final``
-    A fixed network with the final depth of the topological run of the same seed (or
-    ``depth + rounds`` when that run is not part of the comparison), trained from scratch for
-    the whole budget.
+    A fixed network with the final depth of the topological run of the same seed (its blocks per
+    site container, e.g. per CNN stage; or ``depth + rounds`` when that run is not part of the
+    comparison), trained from scratch for the whole budget.
 
 Growing methods stop inserting when the validation loss has not improved for ``patience`` rounds,
 when ``rounds`` insertions were made or when the strategy proposes nothing; the epochs left of the
@@ -154,23 +161,27 @@ class Network:
     """The network family every method of a comparison trains.
 
     Attributes:
-        model: ``"mlp"`` (:class:`topoderiv.models.ResidualMLP`), ``"cnn"``
-            (:class:`topoderiv.models.ResidualCNN`), ``"vit"`` (:class:`topoderiv.models.ViT`), built by
-            ``task.build_model(..., model=, insert=)``; or ``"timm:<name>"``: ``timm.create_model(name,
-            pretrained=False, num_classes=task.d_out, in_chans=C, img_size=(H, W), depth=<depth>,
-            **timm_kwargs)`` made growable by :func:`topoderiv.models.from_timm` (needs timm).
+        model: None (the task's own kind, ``task.config.model``), ``"mlp"``
+            (:class:`topoderiv.models.ResidualMLP`), ``"cnn"`` (:class:`topoderiv.models.ResidualCNN`)
+            or ``"vit"`` (:class:`topoderiv.models.ViT`), built by :meth:`Task.build_model` with the
+            budget's sizes (``width`` of the MLP; ``channels`` of the CNN; ``embed_dim``,
+            ``patch_size``, ``num_heads``, ``mlp_ratio`` of the ViT); or ``"timm:<name>"``:
+            :func:`topoderiv.models.timm_model` (``timm.create_model(name, pretrained=False,
+            num_classes=task.d_out, in_chans=C, img_size=H, depth=<depth>, **timm_kwargs)`` with
+            its sites declared; needs timm, and a model that takes ``depth=``: the ViT family).
         insert: the site kind of the insertions (None: the family's default: linear, conv,
             transformer_block).
         timm_kwargs: further ``timm.create_model`` arguments (``timm:`` models only), e.g.
             ``{"embed_dim": 64, "num_heads": 2, "patch_size": 2}``.
     """
 
-    model: str = "mlp"
+    model: Optional[str] = None
     insert: Optional[str] = None
     timm_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        parse_model(self.model)
+        if self.model is not None:
+            parse_model(self.model)
         if self.insert is not None and not isinstance(self.insert, str):
             raise ValueError(f"Network: insert must be a site kind name or None, got {self.insert!r}")
         if not isinstance(self.timm_kwargs, dict):
@@ -186,7 +197,11 @@ class Network:
 
     @property
     def is_timm(self) -> bool:
-        return self.model.startswith("timm:")
+        return self.model is not None and self.model.startswith("timm:")
+
+    def family(self, task: Task) -> str:
+        """The model kind this network builds on ``task`` (``model``, or the task's default)."""
+        return self.model if self.model is not None else task.config.model
 
     def to_dict(self) -> Dict[str, Any]:
         return {"model": self.model, "insert": self.insert, "timm_kwargs": dict(self.timm_kwargs)}
@@ -194,16 +209,17 @@ class Network:
     @classmethod
     def from_dict(cls, d: Optional[Dict[str, Any]]) -> "Network":
         d = d or {}
-        return cls(d.get("model", "mlp"), d.get("insert"), dict(d.get("timm_kwargs") or {}))
+        return cls(d.get("model"), d.get("insert"), dict(d.get("timm_kwargs") or {}))
 
-    def build(self, task: Task, depth: int, *, width: Optional[int] = None, seed: Optional[int] = None) -> nn.Module:
-        """The network with ``depth`` blocks (the family's meaning of depth), initialised from
-        ``torch.manual_seed(seed)`` when a seed is given."""
+    def build(self, task: Task, depth: int, *, config: Optional[ModelConfig] = None,
+              seed: Optional[int] = None) -> nn.Module:
+        """The network with ``depth`` blocks (a CNN spreads them over its stages), sized by ``config``
+        (a budget, default ``task.config``), initialised from ``torch.manual_seed(seed)`` when a seed
+        is given."""
+        cfg = task.config if config is None else config
         if self.is_timm:
             return self._build_timm(task, depth, seed)
-        if self.model == "mlp" and self.insert in (None, "linear"):
-            return task.build_model(depth, width=width, seed=seed)
-        return task.build_model(depth, width=width, seed=seed, model=self.model, insert=self.insert)
+        return task.build_model(depth, seed=seed, model=self.model, insert=self.insert, config=cfg)
 
     def _build_timm(self, task: Task, depth: int, seed: Optional[int]) -> nn.Module:
         name = self.model[len("timm:"):]
@@ -212,29 +228,30 @@ class Network:
             raise ValueError(f"Network: a timm model needs an image task (inputs [N, C, H, W]), got task {task.name!r} "
                              f"with inputs of shape {list(x.shape)}")
         try:
-            import timm
+            import timm  # noqa: F401
         except ImportError:
             raise ValueError(f"Network: model {self.model!r} needs timm, which is not installed (pip install timm); "
                              "the built-in families mlp, cnn and vit do not") from None
-        from ..models import from_timm
+        from ..models import timm_model
 
-        kwargs = {"num_classes": task.d_out, "in_chans": int(x.shape[1]), "img_size": tuple(int(v) for v in x.shape[2:]),
+        h, w = (int(v) for v in x.shape[2:])
+        kwargs = {"num_classes": task.d_out, "in_chans": int(x.shape[1]), "img_size": h if h == w else [h, w],
                   "depth": int(depth), **self.timm_kwargs}
         if seed is not None:
             torch.manual_seed(seed)
         try:
-            net = timm.create_model(name, pretrained=False, **kwargs)
-        except (TypeError, ValueError, RuntimeError, AssertionError) as err:
-            raise ValueError(f"Network: timm.create_model({name!r}, pretrained=False, {kwargs}) failed: {err}") from None
-        return from_timm(net, **({} if self.insert is None else {"insert": self.insert}))
+            return timm_model(name, insert=self.insert, **kwargs)
+        except (TypeError, ValueError) as err:
+            hint = (" (the depth of a timm model is set by --depth: only timm models whose constructor takes depth=, "
+                    "the ViT family, can be grown and compared from the command line)" if "depth" in str(err) else "")
+            raise ValueError(f"Network: timm model {name!r} with {kwargs}: {err}{hint}") from None
 
     def describe(self, net: nn.Module) -> str:
         """E.g. ``"ResidualCNN (conv sites: stages.0, stages.1), 5210 parameters"``."""
         specs = site_specs(net, "Network.describe")
-        kinds = sorted({s.kind for s in specs})
-        return (f"{type(net).__name__}{' (' + self.model + ')' if self.is_timm else ''} "
-                f"({'/'.join(kinds)} sites: {', '.join(s.container for s in specs)}), "
-                f"{count_parameters(net)} parameters")
+        kinds = "/".join(dict.fromkeys(s.kind for s in specs))
+        return (f"{type(net).__name__}{' (' + str(self.model) + ')' if self.is_timm else ''} "
+                f"({kinds} sites: {', '.join(s.container for s in specs)}), {count_parameters(net)} parameters")
 
 
 def site_kinds(net: nn.Module) -> List[str]:
@@ -242,16 +259,15 @@ def site_kinds(net: nn.Module) -> List[str]:
     return list(dict.fromkeys(s.kind for s in site_specs(net, "site_kinds")))
 
 
-def default_methods(network: Optional[Network] = None, kinds: Optional[Sequence[str]] = None) -> List[str]:
-    """The methods a comparison runs by default: :data:`DEFAULT_METHODS` for the MLP; for the CNN and
-    the ViT every rule of the topological derivative (top, all, multi) and every baseline that
-    applies (random, identity, Forward Thinking, stacking; ``zero_block`` when the sites are of a
-    transformer kind), initial and fixed_final."""
-    network = network or Network()
-    if network.model == "mlp" and network.insert in (None, "linear"):
+def default_methods(family: str = "mlp", kinds: Optional[Sequence[str]] = None) -> List[str]:
+    """The methods a comparison runs by default: :data:`DEFAULT_METHODS` for the MLP; for the other
+    families (cnn, vit, timm) every rule of the topological derivative (top, all, multi) and every
+    baseline that applies (random, identity, Forward Thinking, stacking; ``zero_block`` when the
+    sites ``kinds`` are all of a transformer kind), initial and fixed_final."""
+    if family == "mlp":
         return list(DEFAULT_METHODS)
     out = list(_IMAGE_METHODS)
-    if kinds is not None and all(k in TRANSFORMER_KINDS for k in kinds):
+    if kinds and all(k in TRANSFORMER_KINDS for k in kinds):
         out.insert(out.index("stacking") + 1, "zero_block")
     return out
 
@@ -425,9 +441,9 @@ def run_method(
     else:
         if method == "fixed_final":
             final = cfg.depth + cfg.rounds if final_depth is None else final_depth
-            model = build_final(network, task, final, width=cfg.width, seed=seed).to(device)
+            model = build_final(network, task, final, config=cfg, seed=seed).to(device)
         else:
-            model = network.build(task, cfg.depth, width=cfg.width, seed=seed).to(device)
+            model = network.build(task, cfg.depth, config=cfg, seed=seed).to(device)
         if method == "zero_block":
             check_methods([method], site_kinds(model), fn)
         grower = Grower(model, cfg.make_optimizer, train, task.val, task.loss_fn, **settings)
@@ -464,31 +480,32 @@ def container_depths(net: nn.Module) -> List[int]:
     return [len(net.get_submodule(s.container)) for s in site_specs(net, "container_depths")]
 
 
-def build_final(network: Network, task: Task, final: Union[int, Sequence[int]], *, width: Optional[int] = None,
-                seed: Optional[int] = None) -> nn.Module:
+def build_final(network: Network, task: Task, final: Union[int, Sequence[int]], *,
+                config: Optional[ModelConfig] = None, seed: Optional[int] = None) -> nn.Module:
     """The fixed network of the final size, from scratch: ``network.build(task, final)`` for an int, or
     a network with ``final[i]`` blocks in site container ``i``. With one container that is
-    ``network.build(task, final[0])``; with several (a CNN's stages) the network is built at the
-    smallest depth of ``final`` (at least 1), then every container grows to its count with FRESH
-    blocks (a copy of one of its blocks with every submodule's ``reset_parameters()``: PyTorch's
-    default initialisation, as in a from-scratch build of our models) or loses its last blocks.
+    ``network.build(task, final[0])``; with several (a CNN's stages) the network is built with
+    ``sum(final)`` blocks (spread over the stages by the task), then every container grows to its
+    count with FRESH blocks (a copy of one of its blocks with every submodule's
+    ``reset_parameters()``: PyTorch's default initialisation, as in a from-scratch build of our
+    models) or loses its last blocks.
 
     Raises:
         ValueError: ``final`` is not an int >= 0 or a list with one int >= 0 per container, or a
             container that must grow is empty.
     """
     fn = "build_final"
-    if isinstance(final, (int,)) and not isinstance(final, bool):
+    if isinstance(final, int) and not isinstance(final, bool):
         if final < 0:
             raise ValueError(f"{fn}: final depth must be >= 0, got {final}")
-        return network.build(task, int(final), width=width, seed=seed)
+        return network.build(task, int(final), config=config, seed=seed)
     final = list(final)
     if not final or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in final):
         raise ValueError(f"{fn}: final must be an int >= 0 or a non-empty list of ints >= 0 (blocks per site "
                          f"container), got {final!r}")
     if len(final) == 1:
-        return network.build(task, final[0], width=width, seed=seed)
-    net = network.build(task, max(1, min(final)), width=width, seed=seed)
+        return network.build(task, final[0], config=config, seed=seed)
+    net = network.build(task, sum(final), config=config, seed=seed)
     specs = site_specs(net, fn)
     if len(specs) != len(final):
         raise ValueError(f"{fn}: final must have one depth per site container of {type(net).__name__} "
@@ -776,9 +793,9 @@ def compare(
     """
     network = Network() if network is None else network
     cfg = make_budget(task, budget)
-    probe = network.build(task, cfg.depth, width=cfg.width, seed=0)
+    probe = network.build(task, cfg.depth, config=cfg, seed=0)
     kinds = site_kinds(probe)
-    methods = list(default_methods(network, kinds) if methods is None else methods)
+    methods = list(default_methods(network.family(task), kinds) if methods is None else methods)
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"compare: unknown method {m!r}; available: {', '.join(METHODS)}")
@@ -796,7 +813,7 @@ def compare(
     comp = Comparison(task.name, task.metric.name, task.metric.higher_is_better, methods, seeds,
                       {k: getattr(cfg, k) for k in ModelConfig.__dataclass_fields__} | {"total_epochs": cfg.total_epochs,
                                                                                           "patience": patience})
-    comp.meta["network"] = network.to_dict()
+    comp.meta["network"] = {**network.to_dict(), "family": network.family(task)}
     comp.meta["network_description"] = network.describe(probe)
     comp.meta["site_kinds"] = kinds
     del probe
