@@ -155,6 +155,25 @@ def test_inserting_methods_train_only_the_new_blocks_and_the_head(setup, method)
     assert len(rec["points"]) == cfg.blocks
 
 
+@pytest.mark.parametrize("kind", ["mlp_block", "attention_block"])
+def test_sub_block_insertion_counts_and_freezing(kind):
+    from topoderiv.sites.transformer import AttentionBlock, MlpBlock
+
+    cfg = tr.TransferConfig(**dict(TINY, insert=kind, blocks=1))
+    data = tr.transfer_data("split", seed=4, n_target_train=cfg.n_target_train)
+    probe = tr.linear_probe(tr.train_source(cfg, data, 4), cfg, data, 4)
+    ref = MlpBlock(cfg.embed_dim, cfg.mlp_ratio) if kind == "mlp_block" else AttentionBlock(cfg.embed_dim, cfg.num_heads)
+    for method in ("td", "zero_blocks"):
+        model, rec = tr.adapt(probe, method, cfg, data, 4)
+        new = [b for b in model.blocks if getattr(b, "topoderiv_inserted", False)]
+        assert len(new) == 1 and type(new[0]) is type(ref)
+        assert rec["trainable"] == sum(p.numel() for p in ref.parameters()) + _head_numel(cfg)
+        for b_old, b_probe in zip([b for b in model.blocks if b is not new[0]], probe.blocks):
+            assert all(torch.equal(p, q) for p, q in zip(b_old.parameters(), b_probe.parameters()))
+    with pytest.raises(ValueError, match="insert"):
+        tr.TransferConfig(insert="tokens")
+
+
 def test_head_and_full_trainable_sets(setup):
     cfg, data, source, probe = setup
     m_head, r_head = tr.adapt(probe, "head", cfg, data, 3)

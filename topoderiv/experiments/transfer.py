@@ -77,6 +77,8 @@ METHODS = ("head", "full", "td", "td_live", "random_phi", "random_blocks", "zero
 TARGETS = ("split", "rotated", "inverted")
 #: methods that insert blocks
 INSERTING = ("td", "td_live", "random_phi", "random_blocks", "zero_blocks")
+#: kinds of inserted blocks
+INSERT_KINDS = ("transformer_block", "mlp_block", "attention_block")
 
 
 @dataclass
@@ -94,6 +96,8 @@ class TransferConfig:
         lr: Adam learning rate (source, probe and every method). batch_size: mini-batch size.
         rule: TD rule (``"all"``: every unit of a sub-block starts on a singular pair; with
             ``"top"`` one unit of the new block is alive).
+        insert: the kind of the inserted blocks (the ViT's ``insert``): ``"transformer_block"``
+            (timm's Block), ``"mlp_block"`` or ``"attention_block"``.
     """
 
     target: str = "split"
@@ -110,6 +114,7 @@ class TransferConfig:
     lr: float = 1e-3
     batch_size: int = 64
     rule: str = "all"
+    insert: str = "transformer_block"
 
     def __post_init__(self) -> None:
         fn = "TransferConfig"
@@ -129,6 +134,8 @@ class TransferConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{fn}: {name} must be a finite number > 0, got {v!r}")
+        if self.insert not in INSERT_KINDS:
+            raise ValueError(f"{fn}: insert must be one of {INSERT_KINDS}, got {self.insert!r}")
         if self.rule not in ("top", "all", "multi", "reference"):
             raise ValueError(f"{fn}: rule must be one of ('top', 'all', 'multi', 'reference'), got {self.rule!r}")
 
@@ -212,7 +219,7 @@ def freeze_all_but(model: nn.Module, keep: Sequence[nn.Module]) -> None:
 def train_source(cfg: TransferConfig, data: Dict[str, Split], seed: int, *, progress: bool = False) -> ViT:
     """The source ViT (``torch.manual_seed(seed)`` init), every parameter trained ``source_epochs``."""
     torch.manual_seed(seed)
-    model = ViT(8, cfg.patch_size, 1, 5, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio)
+    model = ViT(8, cfg.patch_size, 1, 5, cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, insert=cfg.insert)
     x, y = data["source_train"]
     fit(model, _adam(model.parameters(), cfg.lr), Batches(x, y, cfg.batch_size, shuffle=True, seed=seed),
         F.cross_entropy, cfg.source_epochs, progress=progress, desc="source")
@@ -457,8 +464,8 @@ class TransferResult:
                  f"heads, mlp_ratio {c['mlp_ratio']}, patch {c['patch_size']}, {c['source_epochs']} epochs on digits "
                  f"0-4. Target: {c['n_target_train']} training images; every method starts from the same linear "
                  f"probe ({c['warmup_epochs']} head-only epochs), then trains its parameters {c['epochs']} epochs "
-                 f"(Adam lr {c['lr']}, batch {c['batch_size']}); inserting methods add {c['blocks']} transformer "
-                 f"blocks (TD rule {c['rule']!r}).", "", self.source_line(), ""]
+                 f"(Adam lr {c['lr']}, batch {c['batch_size']}); inserting methods add {c['blocks']} "
+                 f"{c.get('insert', 'transformer_block')} blocks (TD rule {c['rule']!r}).", "", self.source_line(), ""]
         if self.meta.get("wall_time") is not None:
             lines += [f"Wall time {self.meta['wall_time']:.0f} s ({self.meta.get('torch_threads')} torch threads).", ""]
         if command:
@@ -590,6 +597,8 @@ def add_transfer_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=pos, default=d.batch_size, help=f"default {d.batch_size}")
     p.add_argument("--rule", choices=("top", "all", "multi", "reference"), default=d.rule,
                    help=f"TD rule (default {d.rule})")
+    p.add_argument("--insert", choices=INSERT_KINDS, default=d.insert,
+                   help=f"kind of the inserted blocks (default {d.insert}; the source ViT keeps timm blocks)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/transfer-<target>)")
     p.add_argument("--threads", type=pos, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -608,7 +617,8 @@ def cmd_transfer(args: argparse.Namespace, argv: Sequence[str]) -> int:
     cfg = TransferConfig(target=args.target, n_target_train=args.n_target_train, embed_dim=args.embed_dim,
                          depth=args.depth, num_heads=args.heads, mlp_ratio=args.mlp_ratio, patch_size=args.patch,
                          source_epochs=args.source_epochs, warmup_epochs=args.warmup_epochs, epochs=args.epochs,
-                         blocks=args.blocks, lr=args.lr, batch_size=args.batch_size, rule=args.rule)
+                         blocks=args.blocks, lr=args.lr, batch_size=args.batch_size, rule=args.rule,
+                         insert=args.insert)
     out = args.out or Path("runs") / f"transfer-{args.target}"
     out.mkdir(parents=True, exist_ok=True)
     command = "topoderiv " + " ".join(shlex.quote(a) for a in argv)
