@@ -419,8 +419,10 @@ def _resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
             if Path(val).resolve() != folder.resolve():
                 g.error(f"--out must be left out or be the --resume folder, got --out {val} and --resume {folder}")
             continue
-        want = (resolved[_BUDGET_FIELDS[dest]] if dest in _BUDGET_FIELDS else
+        want = (resolved.get(_BUDGET_FIELDS[dest]) if dest in _BUDGET_FIELDS else
                 resolved["n_train"] if dest == "n_train" else recorded.get(dest))
+        if dest == "channels" and want is not None:
+            want = list(want)
         if val != want:
             g.error(f"{flag} {val} disagrees with the run in {folder} (recorded: {want}); leave {flag} out to resume "
                     f"that run, or start a new run with another --out")
