@@ -15,6 +15,7 @@ from topoderiv.models import ResidualCNN, ResidualMLP, ViT
 
 SMALL = {
     "digits-images": dict(n_train=120, n_val=40),
+    "navier-stokes": dict(n_train=12, n_val=4, n_test=4, size=16, t_final=1.0, dt=0.1),
 }
 
 
@@ -63,9 +64,9 @@ def test_models_forward_backward(name, kind):
     t = _small(name)
     m = t.build_model(seed=0, model=kind)
     assert isinstance(m, {"mlp": ResidualMLP, "cnn": ResidualCNN, "vit": ViT}[kind])
-    x, y = t.train[0][:16], t.train[1][:16]
+    x, y = t.train[0][:10], t.train[1][:10]
     out = m(x)
-    assert out.shape == (16, t.d_out) and out.dtype == torch.float32
+    assert out.shape == (10, t.d_out) and out.dtype == torch.float32
     loss = t.loss_fn(out, y)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters() if p.requires_grad)
@@ -139,3 +140,61 @@ def test_growth_smoke_digits_images(kind, insert, tmp_path):
     loaded = load(tmp_path / "ck")
     with torch.no_grad():
         assert torch.equal(loaded(t.test[0][:5]), model(t.test[0][:5]))
+
+
+def test_navier_stokes_task_content():
+    """The data is the solver's: x is w(T) (noise, mean field and scale undone), y is w0 (scale undone)."""
+    from topoderiv.experiments.navier_stokes import ns_solve, sample_vorticity
+
+    kw = dict(n_train=12, n_val=4, n_test=4, size=16, t_final=1.0, dt=0.1)
+    t = get_task("navier-stokes", seed=5, noise=0.0, **kw)
+    assert t.in_shape == (1, 16, 16) and t.out_shape == (1, 16, 16) and t.d_in == t.d_out == 256
+    assert t.config.model == "vit" and t.info["steps"] == 10 and t.info["nu"] == 1e-3
+    w0 = sample_vorticity(20, 16, generator=torch.Generator().manual_seed(5))
+    wt = ns_solve(w0, t_final=1.0, steps=10)[:, -1]
+    x = torch.cat([t.train[0], t.val[0], t.test[0]])[:, 0].double()
+    y = torch.cat([t.train[1], t.val[1], t.test[1]]).double()
+    assert torch.allclose(y * t.info["y_scale"], w0.reshape(20, -1), atol=1e-6)
+    recon = x * t.info["x_scale"] + wt[:12].mean(0)
+    assert torch.allclose(recon, wt, atol=1e-5)  # the task's float32 solve agrees with float64
+    # metric: relative L2, 0 for the truth, 1 for zero
+    assert t.metric(t.test[1], t.test[1]) == 0.0 and abs(t.metric(torch.zeros_like(t.test[1]), t.test[1]) - 1) < 1e-6
+    noisy = get_task("navier-stokes", seed=5, noise=0.05, **kw)
+    assert torch.equal(noisy.train[1], t.train[1]) and not torch.equal(noisy.train[0], t.train[0])
+    with pytest.raises(ValueError, match="t_final / dt must be a positive integer"):
+        get_task("navier-stokes", t_final=1.0, dt=0.3, n_train=2, n_val=1, n_test=1, size=8)
+    with pytest.raises(ValueError, match="a field output needs a CNN with one stage"):
+        t.build_model(model="cnn", config=ModelConfig(width=4, channels=(4, 8)))
+
+
+def test_field_models_unpatchify_like_the_target():
+    """The ViT's field head and the CNN's pixel head put output ``[c, i, j]`` at flat index
+    ``c*H*W + i*W + j``, the layout of ``y``: a model fitted to reproduce its input must map pixel
+    to pixel. Checked exactly: with the blocks removed and the head set to copy a patch's pixel."""
+    t = get_task("navier-stokes", seed=0, **SMALL["navier-stokes"])
+    vit = t.build_model(0, model="vit")
+    p = vit.patch_embed.patch_size[0]
+    with torch.no_grad():
+        # patch embedding: channel q = pixel q of the patch (row-major); norm off; head copies back
+        vit.patch_embed.proj.weight.zero_()
+        vit.patch_embed.proj.bias.zero_()
+        for q in range(p * p):
+            vit.patch_embed.proj.weight[q, 0, q // p, q % p] = 1.0
+        vit.pos_embed.zero_()
+        vit.norm = torch.nn.Identity()
+        vit.head.weight.zero_()
+        vit.head.bias.zero_()
+        for q in range(p * p):
+            vit.head.weight[q, q] = 1.0
+    x = t.test[0][:3]
+    assert torch.allclose(vit(x), x.reshape(3, -1), atol=1e-6)
+    cnn = t.build_model(0, model="cnn")
+    with torch.no_grad():
+        cnn.stem[0].weight.zero_()
+        cnn.stem[0].bias.zero_()
+        cnn.stem[0].weight[0, 0, 1, 1] = 1.0  # centre tap: channel 0 = the pixel
+        cnn.stem[1] = torch.nn.Identity()
+        cnn.head.weight.zero_()
+        cnn.head.bias.zero_()
+        cnn.head.weight[0, 0] = 1.0
+    assert torch.allclose(cnn(x), x.reshape(3, -1), atol=1e-6)
