@@ -22,7 +22,7 @@ SAN=(-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-fram
 if [[ "${SANITIZE:-0}" == 1 ]]; then FL+=("${SAN[@]}"); fi
 # the kernels (CUDA through the emulator), the CPU twins and the shared host driver (the Lanczos
 # tests compare against the CPU backend); again with the sanitizers for the fuzz unless they are on
-KERNELS=(cuda/sensitivity_cuda.cu cuda/lanczos_cuda.cu cuda/conv_sensitivity_cuda.cu common/lanczos_driver.cpp
+KERNELS=(cuda/sensitivity_cuda.cu cuda/sensitivity_tc_cuda.cu cuda/lanczos_cuda.cu cuda/conv_sensitivity_cuda.cu common/lanczos_driver.cpp
          common/tridiag.cpp cpu/lanczos_cpu.cpp cpu/sensitivity_cpu.cpp cpu/conv_sensitivity_cpu.cpp)
 mkdir -p "$BUILD/main" "$BUILD/asan"
 build() {  # build DIR FLAGS...: the kernels' objects

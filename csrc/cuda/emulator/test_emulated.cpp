@@ -10,6 +10,7 @@
 #include "topoderiv/conv_sensitivity.h"
 #include "topoderiv/lanczos.h"
 #include "topoderiv/sensitivity.h"
+#include "topoderiv/sensitivity_tc.h"
 
 #include "cuda_emulator.h"
 
@@ -663,8 +664,137 @@ static void test_conv() {
   std::printf("conv checks done (%d failures)\n", failures);
 }
 
+// ---- tensor-core routes (sensitivity_tc_cuda.cu) ---------------------------------------------------
+// Design 1 (fused WMMA kernel): bfloat16 in, float32 out accumulated into. Integer data: every
+// product p x x is a small integer (exact in bf16) and every sum exact in float32, so the result must
+// equal the reference exactly. Random data: per element |got - ref| <= (2^-8 + (N + 32) 2^-24) *
+// sum_s |p x_i x_j| + 2^-24 |out0| (one bf16 rounding of p x_i per term, then float32 sums).
+static void test_blocks_mma(int64_t batch, int64_t N, int64_t d, int64_t n, bool bias, bool integer) {
+  const int64_t m = d + (bias ? 1 : 0);
+  Data D = make_data(DType::kBFloat16, batch, N, d, n, integer);
+  const int64_t oe = batch * n * m * m;
+  std::vector<double> out0(oe);
+  std::uniform_int_distribution<int> I(-5, 5);
+  for (int64_t br = 0; br < batch * n; ++br)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = i; j < m; ++j) out0[br * m * m + i * m + j] = out0[br * m * m + j * m + i] = I(rng);
+  std::vector<float> of(oe + 64, NAN);  // + a poisoned tail: no write past the end
+  for (int64_t e = 0; e < oe; ++e) of[e] = static_cast<float>(out0[e]);
+  SensitivityBlocksParams P;
+  set_data(P, D, DType::kBFloat16, DType::kFloat32, batch, N, d, n, bias);
+  P.out = of.data();
+  sensitivity_blocks_mma_cuda(P);
+  double worst = 0;  // max of err / bound
+  bool sym = true, exact = true;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < m; ++j) {
+          double ref = 0, absref = 0;
+          for (int64_t s = 0; s < N; ++s) {
+            const double xi = i < d ? D.xv[(b * N + s) * d + i] : 1.0;
+            const double xj = j < d ? D.xv[(b * N + s) * d + j] : 1.0;
+            const double t = D.pv[(b * N + s) * n + r] * xi * xj;
+            ref += t;
+            absref += std::fabs(t);
+          }
+          const int64_t e = ((b * n + r) * m + i) * m + j, et = ((b * n + r) * m + j) * m + i;
+          ref += out0[e];
+          const double got = of[e];
+          if (of[e] != of[et]) sym = false;
+          if (got != ref) exact = false;
+          const double bound = (std::ldexp(1.0, -8) + (N + 32) * std::ldexp(1.0, -24)) * absref +
+                               std::ldexp(1.0, -24) * std::fabs(out0[e]) + 1e-30;
+          const double err = std::isnan(got) ? INFINITY : std::fabs(got - ref);
+          worst = std::max(worst, err / bound);
+        }
+  bool tail = true;
+  for (int64_t e = oe; e < oe + 64; ++e) tail = tail && std::isnan(of[e]);
+  if (integer) {
+    CHECK(exact, "blocks_mma batch=%ld N=%ld d=%ld n=%ld bias=%d int: not exact", batch, N, d, n, bias);
+  } else {
+    CHECK(worst <= 1.0, "blocks_mma batch=%ld N=%ld d=%ld n=%ld bias=%d: err/bound %g", batch, N, d, n, bias, worst);
+  }
+  CHECK(sym, "blocks_mma batch=%ld N=%ld d=%ld n=%ld bias=%d: not exactly symmetric", batch, N, d, n, bias);
+  CHECK(tail, "blocks_mma batch=%ld N=%ld d=%ld n=%ld: wrote past out", batch, N, d, n);
+}
+
+// Design 2 (pair products): z[s, q] = bf16(xt_i xt_j) bit for bit (the product of two bf16 values is
+// exact in float32; f2bf above rounds it independently of the kernel's rounding), nothing else written.
+static void test_pair_products(int64_t N, int64_t d, bool bias, int64_t i0, int64_t i1) {
+  const int64_t m = d + (bias ? 1 : 0);
+  Data D = make_data(DType::kBFloat16, 1, N, d, 1, false);
+  PairProductsParams P;
+  P.N = N; P.d = d; P.bias = bias; P.x = D.x.data(); P.x_rstride = D.x_rstride; P.i0 = i0; P.i1 = i1;
+  const int64_t W = P.width();
+  std::vector<uint16_t> z(N * W + 64, 0xFFFF);  // NaN pattern, + a guard tail
+  P.z = z.data();
+  sensitivity_pair_products_cuda(P);
+  int64_t bad = 0;
+  for (int64_t s = 0; s < N; ++s)
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = i; j < m; ++j) {
+        const double xi = i < d ? D.xv[s * d + i] : 1.0, xj = j < d ? D.xv[s * d + j] : 1.0;
+        const uint16_t want = f2bf(static_cast<float>(xi * xj));
+        const int64_t q = tri_offset(m, i) - tri_offset(m, i0) + (j - i);
+        if (z[s * W + q] != want) ++bad;
+      }
+  for (int64_t e = N * W; e < N * W + 64; ++e) bad += z[e] != 0xFFFF;
+  CHECK(bad == 0, "pair_products N=%ld d=%ld bias=%d rows [%ld, %ld): %ld wrong elements", N, d, bias, i0, i1, bad);
+}
+
+static void test_tensor_core_routes() {
+  struct Shape { int64_t batch, N, d, n; bool bias; };
+  const Shape shapes[] = {
+      {1, 1, 0, 1, true},   {2, 37, 4, 3, true},   {1, 33, 20, 9, false}, {1, 70, 63, 5, true},
+      {2, 45, 70, 6, false}, {1, 20, 130, 2, true}, {1, 0, 10, 3, true},   {1, 4, 5, 0, true},
+  };
+  for (const Shape& s : shapes)
+    for (int integer = 0; integer < 2; ++integer) test_blocks_mma(s.batch, s.N, s.d, s.n, s.bias, integer);
+  std::printf("blocks mma done (%d failures)\n", failures);
+  test_pair_products(1, 0, true, 0, 1);
+  test_pair_products(37, 5, true, 0, 6);
+  test_pair_products(70, 9, false, 2, 7);
+  test_pair_products(33, 40, true, 40, 41);  // the bias row alone
+  test_pair_products(65, 70, true, 0, 71);
+  test_pair_products(5, 4, true, 3, 3);      // no rows: nothing written
+  std::printf("pair products done (%d failures)\n", failures);
+  auto expect = [&](const char* what, auto&& fn) {
+    std::string msg;
+    try { fn(); } catch (const std::exception& e) { msg = e.what(); }
+    CHECK(msg.find(what) != std::string::npos, "expected an error containing '%s', got '%s'", what, msg.c_str());
+  };
+  std::vector<float> buf(4096);
+  SensitivityBlocksParams B;
+  B.N = 3; B.d = 2; B.n = 2; B.x = buf.data(); B.p = buf.data(); B.out = buf.data() + 1024;
+  B.in_dtype = DType::kFloat32; B.acc_dtype = DType::kFloat32;
+  expect("sensitivity_blocks_mma_cuda: in_dtype must be bfloat16 and acc_dtype float32, got float32 and float32",
+         [&] { sensitivity_blocks_mma_cuda(B); });
+  B.in_dtype = DType::kBFloat16;
+  emu::cc_major = 7;
+  expect("needs a GPU of compute capability >= 8.0 (sm_80+), got sm_7x", [&] { sensitivity_blocks_mma_cuda(B); });
+  emu::cc_major = 9;
+  B.out = nullptr;
+  expect("sensitivity_blocks_mma_cuda: x, p and out must be non-null", [&] { sensitivity_blocks_mma_cuda(B); });
+  PairProductsParams Z;
+  Z.N = 3; Z.d = 2; Z.x = buf.data(); Z.z = buf.data() + 1024; Z.i0 = 1; Z.i1 = 4;
+  expect("sensitivity_pair_products_cuda: triangle rows must satisfy 0 <= i0 <= i1 <= m = 3, got i0 = 1, i1 = 4",
+         [&] { sensitivity_pair_products_cuda(Z); });
+  Z.i1 = 2; Z.in_dtype = DType::kFloat32;
+  expect("sensitivity_pair_products_cuda: in_dtype must be bfloat16, got float32", [&] { sensitivity_pair_products_cuda(Z); });
+  Z.in_dtype = DType::kBFloat16;
+  expect("pairs: z must span at least 12 bytes", [&] { check_pair_products_params("pairs", Z, 1 << 20, 10); });
+  expect("pairs: in_dtype must be bfloat16 and acc_dtype float32 (tensor-core route), got float32 and float32",
+         [&] { SensitivityBlocksParams Q; Q.N = 1; check_blocks_mma_params("pairs", Q, 0, 0, 0); });
+}
+
 int main(int argc, char** argv) {
   emu::order_mode = argc > 1 ? std::atoi(argv[1]) : 0;
+  if (argc > 2 && std::string(argv[2]) == "tc") {  // only the tensor-core routes (quick iteration)
+    test_tensor_core_routes();
+    std::printf("%s: %d failures\n", failures ? "FAILED" : "OK", failures);
+    return failures ? 1 : 0;
+  }
   const DType dts[3] = {DType::kFloat32, DType::kFloat64, DType::kBFloat16};
   struct Shape { int64_t batch, N, d, n; bool bias; };
   const Shape shapes[] = {
@@ -688,6 +818,7 @@ int main(int argc, char** argv) {
     for (DType t : dts)
       for (int integer = 0; integer < 2; ++integer) test_matvec(t, s.batch, s.N, s.d, s.n, s.bias, integer);
   std::printf("matvec done (%d failures)\n", failures);
+  test_tensor_core_routes();
   test_lanczos_dense<double>(3, 12, 3, 12, 0);
   test_lanczos_dense<float>(2, 12, 2, 12, 0);
   test_lanczos_dense<double>(2, 20, 3, 20, 1);
