@@ -12,6 +12,7 @@
 #include "topoderiv/conv_sensitivity.h"
 #include "topoderiv/lanczos.h"
 #include "topoderiv/sensitivity.h"
+#include "topoderiv/sensitivity_tc.h"
 #include "topoderiv/validate.h"
 
 #ifdef TOPODERIV_WITH_CUDA
@@ -172,6 +173,47 @@ PYBIND11_MODULE(_C, m) {
         sensitivity_blocks_cpu(P);
       },
       "out[b, r] += sum_s p[b, s, r] xt[b, s] xt[b, s]^T (pointers with spans (ptr, bytes); see sensitivity.h)");
+
+  // Tensor-core routes of the bfloat16 dense blocks (sensitivity_tc.h); CUDA only, chosen by ops.py.
+  m.def(
+      "sensitivity_blocks_mma",
+      [](const std::string& device, Buf x, int64_t x_rs, Buf p, int64_t p_rs, Buf out, int64_t batch, int64_t N,
+         int64_t d, int64_t n, int64_t x_bs, int64_t p_bs, bool bias, int in_dt, int acc_dt, uintptr_t stream) {
+        const char* fn = "sensitivity_blocks_mma";
+        if (!is_cuda(fn, device)) fail(fn, "device must be 'cuda' (a tensor-core route), got 'cpu'");
+        SensitivityBlocksParams P;
+        P.batch = batch; P.N = N; P.d = d; P.n = n; P.bias = bias;
+        P.x = ptr<const void>(x.first); P.x_rstride = x_rs; P.x_bstride = x_bs;
+        P.p = ptr<const void>(p.first); P.p_rstride = p_rs; P.p_bstride = p_bs;
+        P.out = ptr<void>(out.first);
+        P.in_dtype = to_dtype(fn, "in_dtype", in_dt); P.acc_dtype = to_dtype(fn, "acc_dtype", acc_dt);
+        P.stream = ptr<void>(stream);
+        check_memory(fn, check_blocks_mma_params(fn, P, x.second, p.second, out.second), true);
+#ifdef TOPODERIV_WITH_CUDA
+        py::gil_scoped_release nogil;
+        sensitivity_blocks_mma_cuda(P);
+#endif
+      },
+      "bfloat16 out[b, r] += blocks with the fused WMMA kernel (design 1; CUDA sm_80+; see sensitivity_tc.h)");
+
+  m.def(
+      "sensitivity_pair_products",
+      [](const std::string& device, Buf x, int64_t x_rs, Buf z, int64_t N, int64_t d, bool bias, int64_t i0, int64_t i1,
+         int in_dt, uintptr_t stream) {
+        const char* fn = "sensitivity_pair_products";
+        if (!is_cuda(fn, device)) fail(fn, "device must be 'cuda', got 'cpu'");
+        PairProductsParams P;
+        P.N = N; P.d = d; P.bias = bias; P.x = ptr<const void>(x.first); P.x_rstride = x_rs;
+        P.i0 = i0; P.i1 = i1; P.z = ptr<void>(z.first);
+        P.in_dtype = to_dtype(fn, "in_dtype", in_dt); P.stream = ptr<void>(stream);
+        check_memory(fn, check_pair_products_params(fn, P, x.second, z.second), true);
+#ifdef TOPODERIV_WITH_CUDA
+        py::gil_scoped_release nogil;
+        sensitivity_pair_products_cuda(P);
+#endif
+      },
+      "z[s, q] = bf16(xt[s, i] xt[s, j]) for the pairs of triangle rows [i0, i1) (design 2; CUDA; see "
+      "sensitivity_tc.h)");
 
   m.def(
       "sensitivity_matvec",

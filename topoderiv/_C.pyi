@@ -18,6 +18,14 @@ def sensitivity_matvec(
     N: int, d: int, n: int, x_bstride: int, p_bstride: int, bias: bool, in_dtype: int, acc_dtype: int,
     threads: int, stream: int,
 ) -> None: ...
+def sensitivity_blocks_mma(
+    device: str, x: Buf, x_rstride: int, p: Buf, p_rstride: int, out: Buf, batch: int, N: int, d: int, n: int,
+    x_bstride: int, p_bstride: int, bias: bool, in_dtype: int, acc_dtype: int, stream: int,
+) -> None: ...
+def sensitivity_pair_products(
+    device: str, x: Buf, x_rstride: int, z: Buf, N: int, d: int, bias: bool, i0: int, i1: int, in_dtype: int,
+    stream: int,
+) -> None: ...
 def lanczos_workspace_elems(
     B: int, m: int, k: int, steps: int, matfree: bool, cuda: bool, N: int, n: int, batch: int
 ) -> int: ...

@@ -31,6 +31,7 @@ autograd formula.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -47,6 +48,7 @@ __all__ = [
     "LanczosResult",
     "SensitivityTopK",
     "choose_route",
+    "dense_kernel",
     "has_cuda_kernels",
     "conv_sensitivity_blocks",
     "conv_sensitivity_matvec",
@@ -393,11 +395,130 @@ def _rstride(t: Tensor) -> int:
 # input only when its columns are not unit-stride. The _impl functions run validated arguments.
 
 
+# bfloat16 dense blocks on CUDA (issue 9): besides the SIMT kernel (float32 FMAs, exact products),
+# two tensor-core routes, both with one extra bf16 rounding per term (|error| <= 2^-8 sum_s |p x_i x_j|
+# + float32 sums; csrc/include/topoderiv/sensitivity_tc.h):
+#   "mma":   the fused kernel with bf16 WMMA (mma.sync) tiles (design 1, sensitivity_tc_cuda.cu);
+#   "pairs": z[s, (i, j)] = xt_i xt_j for the upper-triangle pairs (a CUDA kernel), then
+#            C[r, (i, j)] = P^T z as a torch matmul (cuBLAS), chunked, unpacked and mirrored (design 2).
+# Until a GPU has measured them (benchmarks/bench_gpu.py), dense_kernel picks "pairs" when n is large
+# enough for the z traffic (2 bytes per n multiply-adds) to stay below the GEMM's time, "mma" for
+# smaller n, and "simt" when m < 64 (the 64-wide tensor-core tiles would be mostly padding).
+# Override: TOPODERIV_DENSE_KERNEL=simt|mma|pairs (bf16 CUDA inputs only; "auto" = the rule).
+_DENSE_KERNELS = ("auto", "simt", "mma", "pairs")
+_DENSE_KERNEL_ENV = "TOPODERIV_DENSE_KERNEL"
+_PAIRS_MIN_N = 256           # "pairs" from this many blocks on (the GEMM's M dimension)
+_TC_MIN_M = 64               # tensor-core routes from this block size on
+_PAIR_BUDGET_BYTES = 512 * 2**20  # largest z chunk of the "pairs" route ([rows, pairs] bf16)
+_PAIR_MAX_ROWS = 65536       # rows per z chunk (the GEMM's reduction length)
+_MM_OUT_DTYPE = [True]       # torch.mm(..., out_dtype=float32) works here (cleared on first failure)
+
+
+def dense_kernel(dtype: torch.dtype, device: object, N: int, d: int, n: int, *, bias: bool = True) -> str:
+    """The kernel :func:`sensitivity_blocks` runs for these inputs.
+
+    ``"cpu"`` on the CPU; on CUDA ``"simt"`` for float32/float64 and, for bfloat16, the dispatch rule
+    (``"simt"``, ``"mma"`` or ``"pairs"``, see the comment above) unless the environment variable
+    ``TOPODERIV_DENSE_KERNEL`` forces one (``auto``, ``simt``, ``mma``, ``pairs``).
+    """
+    fn = "dense_kernel"
+    force = os.environ.get(_DENSE_KERNEL_ENV, "auto").strip().lower() or "auto"
+    if force not in _DENSE_KERNELS:
+        raise ValueError(f"{fn}: environment variable {_DENSE_KERNEL_ENV} must be one of {_DENSE_KERNELS}, "
+                         f"got {force!r}")
+    if torch.device(device).type != "cuda":
+        return "cpu"
+    if dtype != torch.bfloat16:
+        return "simt"
+    if force != "auto":
+        return force
+    m = d + int(bias)
+    if m < _TC_MIN_M or N == 0:
+        return "simt"
+    return "pairs" if n >= _PAIRS_MIN_N else "mma"
+
+
+def _tri_offset(m: int, i: int) -> int:
+    """Index of pair (i, i) in the row-major upper triangle (with diagonal) of an m x m matrix."""
+    return i * m - i * (i - 1) // 2
+
+
+def _cuda_pair_products(x: Tensor, bias: bool, i0: int, i1: int) -> Tensor:
+    """z [N, pairs of triangle rows i0..i1-1] bf16 = xt_i xt_j rounded once (the CUDA kernel)."""
+    N, d = x.shape
+    m = d + int(bias)
+    z = torch.empty(N, _tri_offset(m, i1) - _tri_offset(m, i0), dtype=torch.bfloat16, device=x.device)
+    _lib().sensitivity_pair_products("cuda", _buf(x), _rstride(x), _buf(z), N, d, bool(bias), i0, i1,
+                                     _DTYPE_CODE[x.dtype], _stream(x))
+    return z
+
+
+def _gemm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a [n, K] @ b [K, W] of bf16 operands with float32 products, sums and result."""
+    if a.device.type != "cuda":
+        return torch.mm(a.float(), b.float())  # the CPU stand-in: products of bf16 values are exact in float32
+    if _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS, float32 accumulation and output
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, NotImplementedError, RuntimeError):  # this torch has no mm(out_dtype=...)
+            _MM_OUT_DTYPE[0] = False
+    return torch.mm(a, b).float()  # older torch: one more bf16 rounding, of each chunk's sum
+
+
+def _pair_blocks(x: Tensor, p: Tensor, bias: bool, out: Tensor, pair_products=_cuda_pair_products,
+                 budget_bytes: int = _PAIR_BUDGET_BYTES, max_rows: int = _PAIR_MAX_ROWS) -> None:
+    """out [n, m, m] float32 += blocks by the "pairs" route (design 2).
+
+    The triangle rows are taken in groups whose pairs fit ``budget_bytes`` of z for ``max_rows`` rows
+    (at least one triangle row per group); per group, z chunks of at most ``max_rows`` rows give
+    C [n, pairs] = sum over chunks of P_chunk^T z_chunk, added into out's upper triangle and mirrored
+    into its lower one. ``pair_products(x_rows, bias, i0, i1)`` makes z (tests pass a CPU stand-in).
+    """
+    S, d = x.shape
+    n = p.shape[1]
+    m = d + int(bias)
+    rows = max(1, min(S, max_rows))
+    width = max(budget_bytes // (2 * rows), m)
+    iu = torch.triu_indices(m, m, device=out.device)  # row-major over the triangle, as _tri_offset
+    up, lo = iu[0] * m + iu[1], iu[1] * m + iu[0]
+    offdiag = iu[0] != iu[1]
+    flat = out.view(n, m * m)
+    i0 = 0
+    while i0 < m:
+        i1 = i0 + 1
+        while i1 < m and _tri_offset(m, i1 + 1) - _tri_offset(m, i0) <= width:
+            i1 += 1
+        q0, q1 = _tri_offset(m, i0), _tri_offset(m, i1)
+        c: Optional[Tensor] = None
+        for s0 in range(0, S, rows):
+            z = pair_products(x[s0:s0 + rows], bias, i0, i1)
+            part = _gemm_f32(p[s0:s0 + rows].mT, z)
+            c = part if c is None else c.add_(part)
+        assert c is not None
+        od = offdiag[q0:q1]
+        flat.index_add_(1, up[q0:q1], c)
+        flat.index_add_(1, lo[q0:q1][od], c[:, od])
+        i0 = i1
+
+
 def _blocks_impl(x: Tensor, p: Tensor, bias: bool, out: Tensor) -> None:
     S, d = x.shape
     n = p.shape[1]
     if S == 0 or n == 0 or out.numel() == 0:
         return
+    if x.device.type == "cuda" and x.dtype == torch.bfloat16 and out.dtype == torch.float32:
+        kernel = dense_kernel(x.dtype, x.device, S, d, n, bias=bias)
+        if kernel == "pairs":
+            _pair_blocks(x, p, bias, out)
+            return
+        if kernel == "mma":
+            _lib().sensitivity_blocks_mma(
+                "cuda", _buf(x), _rstride(x), _buf(p), _rstride(p), _buf(out), 1, S, d, n, 0, 0, bool(bias),
+                _DTYPE_CODE[x.dtype], _DTYPE_CODE[out.dtype], _stream(x),
+            )
+            return
     _lib().sensitivity_blocks(
         x.device.type, _buf(x), _rstride(x), _buf(p), _rstride(p), _buf(out),
         1, S, d, n, 0, 0, bool(bias), _DTYPE_CODE[x.dtype], _DTYPE_CODE[out.dtype],
@@ -627,6 +748,10 @@ def sensitivity_blocks(x: Tensor, p: Tensor, *, bias: bool = True, out: Optional
     Returns:
         ``[n, m, m]``, symmetric, float32 for float32/bfloat16 inputs and float64 for float64 inputs
         (or ``out``'s dtype). Empty inputs give zeros. Extra memory is O(output + a fixed chunk).
+
+    bfloat16 on CUDA may run on tensor cores (:func:`dense_kernel` says which kernel): then each term
+    ``p x_i x_j`` is rounded once to bfloat16 (error <= 2^-8 of the sum of the terms' magnitudes, on top
+    of float32 sums); float32/float64 inputs, the CPU and small blocks keep exact products.
     """
     fn = "sensitivity_blocks"
     x2, p2 = _flatten_pair(fn, x, p)

@@ -131,7 +131,7 @@ blocks_mma_kernel(const bf16_raw* __restrict__ x, int64_t x_rstride, int64_t x_b
           for (int rr = 0; rr < R; ++rr) a_s[rr][i * kLdA + k] = __float2bfloat16_rn(p_s[k][rr] * xv);
         }
         __syncthreads();  // a_s, b_s ready
-#pragma unroll
+#pragma unroll 1  // keeps the fragments of one k-step live at a time (registers: accumulators first)
         for (int kk = 0; kk < kTcK; kk += 16) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> bf[2];
 #pragma unroll
@@ -203,9 +203,10 @@ pair_products_kernel(const bf16_raw* __restrict__ x, int64_t x_rstride, __nv_bfl
     const int64_t col0 = i * m - i * (i - 1) / 2 - base0;  // first column of row i in z
     for (int64_t s0 = static_cast<int64_t>(blockIdx.x) * kPairRows; s0 < N;
          s0 += static_cast<int64_t>(gridDim.x) * kPairRows) {
-      const int64_t rows = N - s0 < kPairRows ? N - s0 : kPairRows;
-      for (int64_t e = tid; e < rows * len; e += kPairThreads) {
-        const int64_t s = s0 + e / len, j = i + e % len;
+      const int rows = static_cast<int>(N - s0 < kPairRows ? N - s0 : kPairRows);
+      const int L = static_cast<int>(len);  // m < 2^24 (host check): rows * L fits in int
+      for (int e = tid; e < rows * L; e += kPairThreads) {
+        const int64_t s = s0 + e / L, j = i + e % L;
         const float v = xt_at(x, x_rstride, s, i, N, d, m) * xt_at(x, x_rstride, s, j, N, d, m);  // exact
         z[s * width + col0 + (j - i)] = __float2bfloat16_rn(v);
       }
@@ -251,6 +252,7 @@ void sensitivity_pair_products_cuda(const PairProductsParams& P) {
     fail(op, "triangle rows must satisfy 0 <= i0 <= i1 <= m = " + std::to_string(m) + ", got i0 = " +
                  std::to_string(P.i0) + ", i1 = " + std::to_string(P.i1));
   }
+  if (m >= (int64_t{1} << 24)) fail(op, "m = d + bias must be < 2^24, got " + std::to_string(m));
   if (P.N == 0 || P.i1 == P.i0) return;
   if ((P.d > 0 && P.x == nullptr) || P.z == nullptr) fail(op, "x and z must be non-null");
   const cuda_detail::DeviceGuard guard(P.z, op);
