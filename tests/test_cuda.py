@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import topoderiv as td
+from topoderiv import ops
 from topoderiv import reference as ref
 
 pytestmark = pytest.mark.cuda
@@ -16,6 +17,18 @@ pytestmark = pytest.mark.cuda
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double().cpu() - b.double().cpu()).abs().max() / b.double().abs().max().cpu().clamp_min(1e-300))
+
+
+def within_tc_bound(got: torch.Tensor, exact: torch.Tensor, x: torch.Tensor, p: torch.Tensor, bias: bool,
+                    start: torch.Tensor | None = None) -> bool:
+    """The bf16 tensor-core routes' rule, per element: |got - exact| <= (2^-8 + (N + 32) 2^-24) *
+    sum_s |p x_i x_j| (+ 2^-24 |start| when accumulated into a start value): one bf16 rounding per term
+    (tests/test_tensor_core_route.py)."""
+    absb = ref.sensitivity_blocks(x.double().cpu().abs(), p.double().cpu().abs(), bias=bias)
+    bound = (2.0 ** -8 + (x.shape[0] + 32) * 2.0 ** -24) * absb + 1e-300
+    if start is not None:
+        bound = bound + 2.0 ** -24 * start.double().cpu().abs()
+    return bool(((got.double().cpu() - exact.double().cpu()).abs() <= bound).all())
 
 
 SHAPES = [(1, 1, 1), (7, 3, 2), (129, 65, 17), (1000, 257, 33), (300, 64, 64)]
@@ -32,10 +45,127 @@ def test_blocks_cuda(shape, dtype, bias):
     exact = ref.sensitivity_blocks(x.double(), p.double(), bias=bias)
     got = td.sensitivity_blocks(x.cuda(), p.cuda(), bias=bias)
     cpu = td.sensitivity_blocks(x, p, bias=bias)
-    tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert got.is_cuda and got.dtype == cpu.dtype
-    assert rel(got, exact) < tol and rel(got, cpu) < tol
     assert torch.equal(got, got.mT)
+    if ops.dense_kernel(dtype, "cuda", N, d, n, bias=bias) in ("mma", "pairs"):  # bf16 tensor cores
+        assert within_tc_bound(got, exact, x, p, bias)
+        return
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel(got, exact) < tol and rel(got, cpu) < tol
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16 tensor-core routes (issue 9): every kernel forced through TOPODERIV_DENSE_KERNEL, against the
+# float64 reference (tensor-core rule), the CPU kernel, and integers (exact for every kernel)
+
+TC_SHAPES = [(1, 1, 1), (33, 63, 5), (200, 64, 7), (129, 100, 3), (300, 130, 40), (70, 200, 9)]
+
+
+@pytest.mark.parametrize("kernel", ["simt", "mma", "pairs"])
+@pytest.mark.parametrize("shape", TC_SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_blocks_cuda_bf16_kernels(monkeypatch, kernel, shape, bias):
+    monkeypatch.setenv("TOPODERIV_DENSE_KERNEL", kernel)
+    N, d, n = shape
+    g = torch.Generator().manual_seed(N + 3 * d + 7 * n)
+    x = torch.randn(N, d, generator=g).to(torch.bfloat16)
+    p = torch.randn(N, n, generator=g).to(torch.bfloat16)
+    m = d + int(bias)
+    assert ops.dense_kernel(torch.bfloat16, "cuda", N, d, n, bias=bias) == kernel
+    exact = ref.sensitivity_blocks(x.double(), p.double(), bias=bias)
+    got = td.sensitivity_blocks(x.cuda(), p.cuda(), bias=bias)
+    cpu = td.sensitivity_blocks(x, p, bias=bias)
+    assert got.is_cuda and got.dtype == torch.float32 and torch.equal(got, got.mT)
+    assert within_tc_bound(got, exact, x, p, bias) and within_tc_bound(cpu, exact, x, p, bias)
+    if kernel != "simt" and m >= 32 and N > 1:  # the forced route ran: its rounding shows, unlike simt's
+        assert not torch.equal(got.cpu(), cpu)
+    if kernel == "simt":
+        assert rel(got, exact) < 1e-5
+    # accumulation into a start value, float32 and float64 outs
+    start = torch.randint(-4, 5, (n, m, m), generator=g).float()
+    start = start + start.mT
+    acc = start.cuda()
+    td.sensitivity_blocks(x.cuda(), p.cuda(), bias=bias, out=acc)
+    assert torch.equal(acc, acc.mT) and within_tc_bound(acc, exact + start.double(), x, p, bias, start)
+    acc64 = start.double().cuda()
+    td.sensitivity_blocks(x.cuda(), p.cuda(), bias=bias, out=acc64)
+    assert within_tc_bound(acc64, exact + start.double(), x, p, bias, start)
+    # integers: products exact in bf16, sums exact in float32 -> every kernel exact
+    xi = torch.randint(-3, 4, (N, d), generator=g).to(torch.bfloat16)
+    pi = torch.randint(-3, 4, (N, n), generator=g).to(torch.bfloat16)
+    assert torch.equal(td.sensitivity_blocks(xi.cuda(), pi.cuda(), bias=bias).double().cpu(),
+                       ref.sensitivity_blocks(xi.double(), pi.double(), bias=bias))
+
+
+def test_blocks_cuda_bf16_auto_rule_tokens_strides(monkeypatch):
+    monkeypatch.delenv("TOPODERIV_DENSE_KERNEL", raising=False)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 50, 96, generator=g).to(torch.bfloat16)
+    p = torch.randn(3, 50, 300, generator=g).to(torch.bfloat16)
+    assert ops.dense_kernel(torch.bfloat16, "cuda", 150, 96, 300) == "pairs"
+    exact = ref.sensitivity_blocks(x.double(), p.double())
+    for xv, pv in ((x.cuda(), p.cuda()), (x.cuda().transpose(0, 1), p.cuda().transpose(0, 1)),
+                   (x.cuda()[:, :, :], p.cuda().transpose(1, 2).contiguous().transpose(1, 2))):
+        ex = ref.sensitivity_blocks(xv.double().cpu(), pv.double().cpu())
+        got = td.sensitivity_blocks(xv, pv)
+        assert torch.equal(got, got.mT) and within_tc_bound(got, ex, xv.reshape(-1, 96), pv.reshape(-1, 300), True)
+    assert rel(td.sensitivity_blocks(x.cuda(), p.cuda()), exact) < 1e-2
+    assert ops.dense_kernel(torch.bfloat16, "cuda", 150, 96, 20) == "mma"
+    got = td.sensitivity_blocks(x.cuda(), p[..., :20].cuda())
+    assert within_tc_bound(got, ref.sensitivity_blocks(x.double(), p[..., :20].double()), x.reshape(-1, 96),
+                           p[..., :20].reshape(-1, 20), True)
+
+
+def test_pair_route_cuda_chunking_and_kernel_bits():
+    # the CUDA pair-product kernel bit for bit against the rounding of the exact float32 products, and
+    # the route with tiny budgets (many triangle-row groups and row chunks) against the reference
+    g = torch.Generator().manual_seed(4)
+    N, d, n = 301, 77, 40
+    x = torch.randn(N, d, generator=g).to(torch.bfloat16)
+    p = torch.randn(N, n, generator=g).to(torch.bfloat16)
+    m = d + 1
+    xt = torch.cat([x.float(), torch.ones(N, 1)], 1)
+    for i0, i1 in ((0, m), (5, 9), (m - 1, m), (3, 3)):
+        q0, q1 = ops._tri_offset(m, i0), ops._tri_offset(m, i1)
+        iu = torch.triu_indices(m, m)[:, q0:q1]
+        want = (xt[:, iu[0]] * xt[:, iu[1]]).to(torch.bfloat16)
+        z = ops._cuda_pair_products(x.cuda()[1:], True, i0, i1)
+        assert z.shape == (N - 1, q1 - q0) and torch.equal(z.cpu().view(torch.int16), want[1:].view(torch.int16))
+    out = torch.zeros(n, m, m, device="cuda")
+    ops._pair_blocks(x.cuda(), p.cuda(), True, out, budget_bytes=3000, max_rows=64)
+    assert torch.equal(out, out.mT)
+    assert within_tc_bound(out, ref.sensitivity_blocks(x.double(), p.double()), x, p, True)
+
+
+def test_tensor_core_raw_entry_points_validate():
+    from topoderiv._lib import lib
+    b = ops._buf
+    x = torch.randn(6, 3, device="cuda").to(torch.bfloat16)
+    p = torch.randn(6, 2, device="cuda").to(torch.bfloat16)
+    out = torch.zeros(2, 4, 4, device="cuda")
+    with pytest.raises(ValueError, match="sensitivity_blocks_mma: in_dtype must be bfloat16 and acc_dtype float32"):
+        lib().sensitivity_blocks_mma("cuda", b(x.float()), 3, b(p.float()), 2, b(out), 1, 6, 3, 2, 0, 0, True, 0, 0, 0)
+    with pytest.raises(ValueError, match="sensitivity_blocks_mma: out must span at least 128 bytes"):
+        lib().sensitivity_blocks_mma("cuda", b(x), 3, b(p), 2, b(out[:1]), 1, 6, 3, 2, 0, 0, True, 2, 0, 0)
+    with pytest.raises(ValueError, match="sensitivity_blocks_mma: x must be CUDA device memory, got host memory"):
+        lib().sensitivity_blocks_mma("cuda", b(x.cpu()), 3, b(p), 2, b(out), 1, 6, 3, 2, 0, 0, True, 2, 0, 0)
+    z = torch.empty(6, 9, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match=r"sensitivity_pair_products: triangle rows must satisfy 0 <= i0 <= i1 <= "
+                                         r"m = 4, got i0 = 0, i1 = 5"):
+        lib().sensitivity_pair_products("cuda", b(x), 3, b(z), 6, 3, True, 0, 5, 2, 0)
+    with pytest.raises(ValueError, match="sensitivity_pair_products: z must span at least 120 bytes"):
+        lib().sensitivity_pair_products("cuda", b(x), 3, b(z), 6, 3, True, 0, 4, 2, 0)
+
+
+def test_tensor_core_routes_opcheck(monkeypatch):
+    from torch.library import opcheck
+    x = torch.randn(40, 70, device="cuda").to(torch.bfloat16)
+    p = torch.randn(40, 5, device="cuda").to(torch.bfloat16)
+    for kernel in ("mma", "pairs"):
+        monkeypatch.setenv("TOPODERIV_DENSE_KERNEL", kernel)
+        opcheck(torch.ops.topoderiv.sensitivity_blocks.default, (x, p, True))
+        opcheck(torch.ops.topoderiv.sensitivity_blocks_accumulate_.default,
+                (x, p, True, torch.zeros(5, 71, 71, device="cuda")))
 
 
 def test_blocks_cuda_exact_integers_tokens_noncontiguous_streaming():

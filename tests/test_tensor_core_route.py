@@ -155,3 +155,15 @@ def test_raw_tensor_core_entry_points_refuse_cpu():
     z = torch.empty(6, 10, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="sensitivity_pair_products: device must be 'cuda'"):
         lib().sensitivity_pair_products("cpu", b(x), 3, b(z), 6, 3, True, 0, 4, 2, 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_bench_gpu_fails_cleanly_without_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    out = subprocess.run([sys.executable, str(bench / "bench_gpu.py")], capture_output=True, text=True, timeout=300,
+                         cwd=bench)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "bench_gpu.py: needs a CUDA GPU" in out.stderr and "nothing was measured" in out.stderr
