@@ -346,3 +346,7 @@ def test_cli_transfer_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["transfer", "--methods", "bogus"])
     assert e.value.code == 2
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["transfer", "--out", str(tmp_path / "file" / "sub")])
+    assert e.value.code == 2 and "--out must be a folder" in capsys.readouterr().err

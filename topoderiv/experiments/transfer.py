@@ -620,7 +620,11 @@ def cmd_transfer(args: argparse.Namespace, argv: Sequence[str]) -> int:
                          blocks=args.blocks, lr=args.lr, batch_size=args.batch_size, rule=args.rule,
                          insert=args.insert)
     out = args.out or Path("runs") / f"transfer-{args.target}"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # an existing file on the path, no permission
+        args.transfer_parser.error(f"--out must be a folder that can be created, got {str(out)!r}: "
+                                   f"{err.strerror or err}")
     command = "topoderiv " + " ".join(shlex.quote(a) for a in argv)
     print(f"transfer ({cfg.target}): methods {' '.join(args.methods)}; seeds {args.seeds}")
     res = run_transfer(cfg, args.seeds, args.methods, log=print, progress=not args.no_progress)
