@@ -68,8 +68,9 @@ from ..models import ViT
 from ..sites import sites
 from .tasks import Batches
 
-__all__ = ["TransferConfig", "TransferResult", "METHODS", "TARGETS", "transfer_data", "train_source",
-           "linear_probe", "adapt", "run_transfer", "add_transfer_parser", "cmd_transfer"]
+__all__ = ["TransferConfig", "TransferResult", "METHODS", "TARGETS", "INSERT_KINDS", "transfer_data", "accuracy",
+           "train_source", "new_head", "linear_probe", "freeze_all_but", "trainable", "count_trainable",
+           "insert_blocks", "dead_units", "revive", "adapt", "run_transfer", "add_transfer_parser", "cmd_transfer"]
 
 #: the methods, in table order
 METHODS = ("head", "full", "td", "td_live", "random_phi", "random_blocks", "zero_blocks")
