@@ -345,10 +345,17 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& device, Buf a, Buf x, int64_t x_rs, Buf p, int64_t p_rs, int64_t op_batch, int64_t N,
          int64_t d, int64_t n, bool bias, int in_dt, int64_t B, int64_t mdim, int64_t k, int64_t steps, double tol,
          uint64_t seed, int64_t norm_group, Buf v0, int dt, Buf values, Buf vectors, Buf ritz, Buf nsteps, Buf anorm,
-         Buf true_res, Buf ws, int threads, uintptr_t stream) {
+         Buf true_res, Buf ws, int threads, uintptr_t stream, int64_t seed_period, int need, Buf early) {
         const char* fn = "lanczos_topk";
         LanczosParams P;
         P.num_problems = B; P.m = mdim; P.k = k; P.max_steps = steps; P.tol = tol; P.seed = seed; P.norm_group = norm_group;
+        if (seed_period < 0) fail(fn, "seed_period must be >= 0, got " + std::to_string(seed_period));
+        if (need != kNeedAll && need != kNeedTop) fail(fn, "need must be 0 (all) or 1 (top), got " + std::to_string(need));
+        P.seed_period = seed_period; P.need = need;
+        P.early_host = ptr<uint8_t>(early.first);
+        if (B > 0 && early.first != 0 && early.second < B)
+          fail(fn, "early must span at least num_problems = " + std::to_string(B) + " bytes, got " +
+                       std::to_string(early.second));
         P.v0 = ptr<const void>(v0.first);
         P.dtype = to_dtype(fn, "dtype", dt);
         P.a = ptr<const void>(a.first);
@@ -373,7 +380,13 @@ PYBIND11_MODULE(_C, m) {
         spans.values = values.second; spans.vectors = vectors.second; spans.ritz = ritz.second;
         spans.steps = nsteps.second; spans.anorm = anorm.second; spans.true_residuals = true_res.second;
         spans.workspace = ws.second;
-        check_memory(fn, check_lanczos_params(fn, P, cuda, spans), cuda);
+        std::vector<Region> regions = check_lanczos_params(fn, P, cuda, spans);
+        if (B > 0 && early.first != 0) {
+          Region r;
+          r.name = "early"; r.ptr = early.first; r.have = early.second; r.need = B; r.written = true; r.host = true;
+          regions.push_back(r);
+        }
+        check_memory(fn, regions, cuda);
         py::gil_scoped_release nogil;
 #ifdef TOPODERIV_WITH_CUDA
         if (cuda) return lanczos_topk_cuda(P);
@@ -382,5 +395,12 @@ PYBIND11_MODULE(_C, m) {
         lanczos_topk_cpu(P);
       },
       "Batched Lanczos top-k eigenpairs of dense [B, m, m] (a != 0) or matrix-free sensitivity operators "
-      "(pointers with spans (ptr, bytes); see lanczos.h).");
+      "(op_batch operators of n problems each; pointers with spans (ptr, bytes); see lanczos.h). seed_period, need "
+      "and early (a host [B] uint8 output, (0, 0) for none) as LanczosParams.",
+      py::arg("device"), py::arg("a"), py::arg("x"), py::arg("x_rstride"), py::arg("p"), py::arg("p_rstride"),
+      py::arg("op_batch"), py::arg("N"), py::arg("d"), py::arg("n"), py::arg("bias"), py::arg("in_dtype"), py::arg("B"),
+      py::arg("m"), py::arg("k"), py::arg("steps"), py::arg("tol"), py::arg("seed"), py::arg("norm_group"), py::arg("v0"),
+      py::arg("dtype"), py::arg("values"), py::arg("vectors"), py::arg("ritz"), py::arg("steps_out"), py::arg("anorm"),
+      py::arg("true_residuals"), py::arg("workspace"), py::arg("threads"), py::arg("stream"),
+      py::arg("seed_period") = 0, py::arg("need") = 0, py::arg("early") = Buf(0, 0));
 }

@@ -392,7 +392,8 @@ def test_unconverged_lanczos_blocks_are_redone_with_eigh(monkeypatch, batches):
 
     def fake_topk(*a, **kw):
         res = real_topk(*a, **kw)
-        res.values, res.vectors, res.converged = spoil(res)
+        for r in (res if isinstance(res, list) else [res]):  # the scorer solves all points in one call
+            r.values, r.vectors, r.converged = spoil(r)
         return res
 
     def fake_lanczos(*a, **kw):

@@ -33,7 +33,7 @@ def lanczos_topk(
     device: str, a: Buf, x: Buf, x_rstride: int, p: Buf, p_rstride: int, op_batch: int, N: int, d: int, n: int,
     bias: bool, in_dtype: int, B: int, m: int, k: int, steps: int, tol: float, seed: int, norm_group: int, v0: Buf,
     dtype: int, values: Buf, vectors: Buf, ritz: Buf, steps_out: Buf, anorm: Buf, true_residuals: Buf, workspace: Buf,
-    threads: int, stream: int,
+    threads: int, stream: int, seed_period: int = 0, need: int = 0, early: Buf = (0, 0),
 ) -> None: ...
 
 Quad = Tuple[int, int, int, int]  # x's shape [N, C, H, W], or the element strides of a 4-D tensor

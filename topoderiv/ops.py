@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -624,17 +624,26 @@ def _run_lanczos(
     device: torch.device,
     norm_group: int = 1,
     v0: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    seed_period: int = 0,
+    need: int = 0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Runs the kernel on validated arguments (v0 normalised, contiguous, in ``dtype``); returns
-    (values, vectors, ritz estimates, steps, ||A|| estimate, explicit residuals)."""
+    (values, vectors, ritz estimates, steps, ||A|| estimate, explicit residuals, stopped early).
+
+    ``mf``: ``(x [L, N, d], p [L, N, n], bias)`` for L operators of n blocks (``B = L n``), each
+    ``x[l]`` / ``p[l]`` with unit column stride and batch stride ``N`` times its row stride.
+    ``need``: 0 every problem to tolerance, 1 only the top problem of each norm group (lanczos.h).
+    """
     values = torch.zeros(B, k, dtype=dtype, device=device)
     vectors = torch.zeros(B, m, k, dtype=dtype, device=device)
     ritz = torch.zeros(B, k, dtype=dtype, device=device)
     nsteps = torch.zeros(B, dtype=torch.int32, device=device)
     anorm = torch.zeros(B, dtype=torch.float64)
     resid = torch.zeros(B, k, dtype=dtype, device=device)
+    early = torch.zeros(B, dtype=torch.uint8)
     if B == 0:
-        return values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid
+        return (values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid,
+                early.to(device=device, dtype=torch.bool))
     cuda = device.type == "cuda"
     # the CPU backend computes the explicit residuals itself: dense in cache, matrix-free from the
     # A v_t it applied (no extra pass over the data, but as much memory again as the Krylov basis:
@@ -646,8 +655,8 @@ def _run_lanczos(
         buf_a = _buf(a)
     else:
         x, p, bias = mf
-        op = (_buf(x), _rstride(x), _buf(p), _rstride(p), 1, x.shape[0], x.shape[1],
-              p.shape[1], bool(bias), _DTYPE_CODE[x.dtype])
+        op = (_buf(x), _rstride(x[0]), _buf(p), _rstride(p[0]), x.shape[0], x.shape[1], x.shape[2],
+              p.shape[2], bool(bias), _DTYPE_CODE[x.dtype])
         buf_a = (0, 0)
     n_ws = _lib().lanczos_workspace_elems(B, m, k, steps, mf is not None, cuda, op[5], op[7], op[4])
     # CUDA matrix-free steps apply the operator to every block, converged ones included, whose
@@ -659,15 +668,21 @@ def _run_lanczos(
         _buf(v0), _DTYPE_CODE[dtype],
         _buf(values), _buf(vectors), _buf(ritz), _buf(nsteps), _buf(anorm),
         _buf(resid) if in_kernel_residual else (0, 0), _buf(ws), torch.get_num_threads(), _stream(ws),
+        int(seed_period), int(need), _buf(early),
     )
     if not in_kernel_residual:
         if mf is None:
             av = a @ vectors
         else:
             x, p, bias = mf
-            av = torch.stack([_matvec_impl(x, p, vectors[:, :, c].contiguous(), bias) for c in range(k)], dim=2)
+            n = p.shape[2]
+            av = torch.cat([
+                torch.stack([_matvec_impl(x[l], p[l], vectors[l * n:(l + 1) * n, :, c].contiguous(), bias)
+                             for c in range(k)], dim=2)
+                for l in range(x.shape[0])])
         resid = (av - vectors * values[:, None, :]).norm(dim=1)
-    return values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid
+    return (values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid,
+            early.to(device=device, dtype=torch.bool))
 
 
 def _check_lanczos_op(fn: str, a: Tensor, k: int, steps: int, tol: float, seed: int, norm_group: int,
@@ -687,7 +702,8 @@ def _lanczos_op(a: Tensor, k: int, steps: int, tol: float, seed: int, norm_group
                 v0: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     a, v0 = _check_lanczos_op("lanczos_topk", a, k, steps, tol, seed, norm_group, v0, True)
     B, m, _ = a.shape
-    return _run_lanczos(a, None, B, m, k, steps, tol, seed, a.dtype, a.device, norm_group, _normalise_v0(v0, a.dtype))
+    return _run_lanczos(a, None, B, m, k, steps, tol, seed, a.dtype, a.device, norm_group,
+                        _normalise_v0(v0, a.dtype))[:6]
 
 
 @_lanczos_op.register_fake
@@ -715,8 +731,8 @@ def _sens_lanczos_op(
     m = x.shape[1] + int(bias)
     acc = _acc_dtype(x.dtype)
     # the blocks of one point share ||Q|| = max_r ||B_r|| in the stop test
-    return _run_lanczos(None, (x, p, bias), p.shape[1], m, k, steps, tol, seed, acc, x.device,
-                        max(1, p.shape[1]), _normalise_v0(v0, acc))
+    return _run_lanczos(None, (x[None], p[None], bias), p.shape[1], m, k, steps, tol, seed, acc, x.device,
+                        max(1, p.shape[1]), _normalise_v0(v0, acc))[:6]
 
 
 @_sens_lanczos_op.register_fake
@@ -727,6 +743,166 @@ def _(x: Tensor, p: Tensor, bias: bool, k: int, steps: int, tol: float, seed: in
     dt = _acc_dtype(x.dtype)
     return (x.new_empty(n, k, dtype=dt), x.new_empty(n, m, k, dtype=dt), x.new_empty(n, k, dtype=dt),
             x.new_empty(n, dtype=torch.int32), x.new_empty(n, dtype=dt), x.new_empty(n, k, dtype=dt))
+
+
+# batched forms: L insertion points of identical shape in one launch (the multi-point
+# sensitivity_topk). Problem l * n + r is block r of point l; the points' blocks share their point's
+# norm (norm_group = n) and draw the start vectors of a single-point call (seed_period = n).
+
+_NEEDS = {"all": 0, "top": 1}
+
+
+def _batched_layout(t: Tensor) -> Tensor:
+    """``t [L, N, c]`` as the batched kernels read it: unit column stride, batch stride ``N`` times
+    the row stride (a copy only when it is not)."""
+    L, N, c = t.shape
+    if c > 1 and t.stride(2) != 1:
+        t = t.contiguous()
+    rs = t.stride(1) if N > 1 else c
+    if L > 1 and N > 0 and c > 0 and t.stride(0) != N * rs:
+        t = t.contiguous()
+    return t
+
+
+def _check_batched_pair(fn: str, x: object, p: object, bias: object, real: bool = True) -> Tuple[Tensor, Tensor]:
+    """The batched ops' ``x [L, N, d]``, ``p [L, N, n]`` (same L, N, dtype, device), bias; finite."""
+    x = _check_tensor(fn, "x", x)
+    p = _check_tensor(fn, "p", p)
+    _check_dtype(fn, "x", x, _INPUT_DTYPES)
+    if p.dtype != x.dtype:
+        raise TypeError(f"{fn}: p must have the same dtype as x ({x.dtype}), got {p.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"{fn}: x must be 3-D [L, N, d] (L points), got shape {list(x.shape)}")
+    if p.dim() != 3:
+        raise ValueError(f"{fn}: p must be 3-D [L, N, n], got shape {list(p.shape)}")
+    if p.shape[:2] != x.shape[:2]:
+        raise ValueError(f"{fn}: p [L, N, n] must have x's L and N ({list(x.shape[:2])}), got {list(p.shape[:2])}")
+    _check_bias(fn, bias)
+    if x.shape[2] + int(bias) == 0:
+        raise ValueError(f"{fn}: x must have d >= 1 features when bias=False, got d = 0")
+    _check_device(fn, "x", x, x.device, real)
+    _check_device(fn, "p", p, x.device, real)
+    if not real:
+        return x, p
+    _check_finite(fn, "x", x)
+    _check_finite(fn, "p", p)
+    return _batched_layout(x.detach()), _batched_layout(p.detach())
+
+
+def _batched_outputs(t: Tuple[Tensor, ...], L: int, n: int) -> Tuple[Tensor, ...]:
+    """The flat [L n, ...] outputs of _run_lanczos as [L, n, ...]."""
+    return tuple(o.reshape((L, n) + tuple(o.shape[1:])) for o in t)
+
+
+def _check_need(fn: str, need: object) -> int:
+    return _check_int(fn, "need", need, 0, 1)
+
+
+@torch.library.custom_op("topoderiv::sensitivity_blocks_batched", mutates_args=(), device_types=("cpu", "cuda"))
+def _blocks_batched_op(x: Tensor, p: Tensor, bias: bool) -> Tensor:
+    fn = "sensitivity_blocks_batched"
+    x, p = _check_batched_pair(fn, x, p, bias)
+    L, N, d = x.shape
+    n, m = p.shape[2], d + int(bias)
+    out = torch.zeros(L, n, m, m, dtype=_acc_dtype(x.dtype), device=x.device)
+    if L == 0 or N == 0 or n == 0:
+        return out
+    xrs, prs = _rstride(x[0]), _rstride(p[0])
+    _lib().sensitivity_blocks(
+        x.device.type, _buf(x), xrs, _buf(p), prs, _buf(out),
+        L, N, d, n, N * xrs, N * prs, bool(bias), _DTYPE_CODE[x.dtype], _DTYPE_CODE[out.dtype],
+        torch.get_num_threads(), _stream(x),
+    )
+    return out
+
+
+@_blocks_batched_op.register_fake
+def _(x: Tensor, p: Tensor, bias: bool) -> Tensor:
+    x, p = _check_batched_pair("sensitivity_blocks_batched", x, p, bias, real=False)
+    m = x.shape[2] + int(bias)
+    return x.new_empty(x.shape[0], p.shape[2], m, m, dtype=_acc_dtype(x.dtype))
+
+
+def _check_sens_lanczos_batched(fn: str, x: Tensor, p: Tensor, bias: bool, k: int, steps: int, tol: float,
+                                seed: int, v0: Optional[Tensor], need: int,
+                                real: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    x, p = _check_batched_pair(fn, x, p, bias, real)
+    m = x.shape[2] + int(bias)
+    _check_lanczos_args(fn, m, k, steps, tol, seed, clamp=False)
+    _check_need(fn, need)
+    v0 = _check_v0(fn, v0, (x.shape[0], p.shape[2], m), x.device, real)
+    return x, p, v0
+
+
+@torch.library.custom_op("topoderiv::sensitivity_lanczos_batched", mutates_args=(), device_types=("cpu", "cuda"))
+def _sens_lanczos_batched_op(
+    x: Tensor, p: Tensor, bias: bool, k: int, steps: int, tol: float, seed: int, v0: Optional[Tensor] = None,
+    need: int = 0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Matrix-free Lanczos on the blocks of L points ``x [L, N, d]``, ``p [L, N, n]`` in one launch;
+    returns ``[L, n, ...]`` outputs plus ``early [L, n]`` (see _run_lanczos)."""
+    fn = "sensitivity_lanczos_batched"
+    x, p, v0 = _check_sens_lanczos_batched(fn, x, p, bias, k, steps, tol, seed, v0, need, True)
+    L, n, m = x.shape[0], p.shape[2], x.shape[2] + int(bias)
+    acc = _acc_dtype(x.dtype)
+    v0n = None if v0 is None else _normalise_v0(v0.reshape(L * n, m), acc)
+    out = _run_lanczos(None, (x, p, bias), L * n, m, k, steps, tol, seed, acc, x.device, max(1, n), v0n,
+                       seed_period=n, need=need)
+    return _batched_outputs(out, L, n)  # type: ignore[return-value]
+
+
+def _fake_batched(t: Tensor, L: int, n: int, m: int, k: int, dt: torch.dtype):
+    return (t.new_empty(L, n, k, dtype=dt), t.new_empty(L, n, m, k, dtype=dt), t.new_empty(L, n, k, dtype=dt),
+            t.new_empty(L, n, dtype=torch.int32), t.new_empty(L, n, dtype=dt), t.new_empty(L, n, k, dtype=dt),
+            t.new_empty(L, n, dtype=torch.bool))
+
+
+@_sens_lanczos_batched_op.register_fake
+def _(x: Tensor, p: Tensor, bias: bool, k: int, steps: int, tol: float, seed: int, v0: Optional[Tensor] = None,
+      need: int = 0):
+    x, p, v0 = _check_sens_lanczos_batched("sensitivity_lanczos_batched", x, p, bias, k, steps, tol, seed, v0, need,
+                                           False)
+    return _fake_batched(x, x.shape[0], p.shape[2], x.shape[2] + int(bias), k, _acc_dtype(x.dtype))
+
+
+def _check_lanczos_batched(fn: str, a: Tensor, k: int, steps: int, tol: float, seed: int, v0: Optional[Tensor],
+                           need: int, real: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    a = _check_tensor(fn, "a", a)
+    _check_dtype(fn, "a", a, _ACC_DTYPES)
+    if a.dim() != 4 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"{fn}: a must have shape [L, n, m, m], got {list(a.shape)}")
+    _check_device(fn, "a", a, a.device, real)
+    L, n, m = a.shape[0], a.shape[1], a.shape[-1]
+    if m == 0:
+        raise ValueError(f"{fn}: a must have m >= 1, got m = 0")
+    _check_lanczos_args(fn, m, k, steps, tol, seed, clamp=False)
+    _check_need(fn, need)
+    v0 = _check_v0(fn, v0, (L, n, m), a.device, real)
+    a3 = a.detach().reshape(L * n, m, m)
+    if real:
+        a3 = a3.contiguous()
+        _check_symmetric(fn, a3, max(1, n))
+    return a3, v0
+
+
+@torch.library.custom_op("topoderiv::lanczos_topk_batched", mutates_args=(), device_types=("cpu", "cuda"))
+def _lanczos_batched_op(
+    a: Tensor, k: int, steps: int, tol: float, seed: int, v0: Optional[Tensor] = None, need: int = 0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Dense Lanczos on ``a [L, n, m, m]`` (L points of n blocks) in one launch; ``[L, n, ...]`` outputs."""
+    fn = "lanczos_topk_batched"
+    a3, v0 = _check_lanczos_batched(fn, a, k, steps, tol, seed, v0, need, True)
+    L, n, m = a.shape[0], a.shape[1], a.shape[-1]
+    v0n = None if v0 is None else _normalise_v0(v0.reshape(L * n, m), a.dtype)
+    out = _run_lanczos(a3, None, L * n, m, k, steps, tol, seed, a.dtype, a.device, max(1, n), v0n,
+                       seed_period=n, need=need)
+    return _batched_outputs(out, L, n)  # type: ignore[return-value]
+
+
+@_lanczos_batched_op.register_fake
+def _(a: Tensor, k: int, steps: int, tol: float, seed: int, v0: Optional[Tensor] = None, need: int = 0):
+    _check_lanczos_batched("lanczos_topk_batched", a, k, steps, tol, seed, v0, need, False)
+    return _fake_batched(a, a.shape[0], a.shape[1], a.shape[-1], k, a.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -797,6 +973,9 @@ class LanczosResult(tuple):
             explicitly, not the Lanczos estimate).
         steps: ``[B]`` int32 Krylov dimension used.
         norm: ``[B]`` the ``||A||_2`` estimate the residuals are relative to.
+        early: ``[B]`` bool: stopped early by ``need="top"`` (the problem cannot hold its group's
+            largest eigenvalue): its values are lower bounds (Ritz values), not converged
+            eigenvalues, and ``converged`` is False. All False with ``need="all"``.
     """
 
     values: Tensor
@@ -805,12 +984,14 @@ class LanczosResult(tuple):
     residuals: Tensor
     steps: Tensor
     norm: Tensor
+    early: Tensor
 
     def __new__(cls, values: Tensor, vectors: Tensor, converged: Tensor, residuals: Tensor,
-                steps: Tensor, norm: Tensor) -> "LanczosResult":
+                steps: Tensor, norm: Tensor, early: Optional[Tensor] = None) -> "LanczosResult":
         self = super().__new__(cls, (values, vectors))
         self.values, self.vectors = values, vectors
         self.converged, self.residuals, self.steps, self.norm = converged, residuals, steps, norm
+        self.early = torch.zeros_like(converged) if early is None else early
         return self
 
     def __repr__(self) -> str:
@@ -824,8 +1005,9 @@ def _residual_floor(m: int, dtype: torch.dtype) -> float:
 
 
 def _finish(values: Tensor, vectors: Tensor, ritz: Tensor, nsteps: Tensor, anorm: Tensor,
-            resid: Tensor, tol: float) -> LanczosResult:
-    """Relative explicit residuals ``||A y - theta y|| / ||A||`` (``resid`` absolute) and the flags."""
+            resid: Tensor, tol: float, early: Optional[Tensor] = None) -> LanczosResult:
+    """Relative explicit residuals ``||A y - theta y|| / ||A||`` (``resid`` absolute) and the flags
+    (a problem stopped early counts as converged only if it met the tolerance anyway)."""
     m = vectors.shape[1]
     scale = anorm.clamp_min(torch.finfo(anorm.dtype).tiny)
     true_res = resid / scale[:, None]  # [B, k]
@@ -834,12 +1016,21 @@ def _finish(values: Tensor, vectors: Tensor, ritz: Tensor, nsteps: Tensor, anorm
     zero = anorm == 0
     converged = ((est <= tol) & (true_res <= limit)).all(dim=1) | zero
     residuals = torch.where(zero, torch.zeros_like(anorm), true_res.amax(dim=1) if true_res.numel() else anorm)
-    return LanczosResult(values, vectors, converged, residuals, nsteps, anorm)
+    if early is not None:
+        early = early & ~converged
+    return LanczosResult(values, vectors, converged, residuals, nsteps, anorm, early)
+
+
+def _finish_batched(out: Tuple[Tensor, ...], tol: float) -> LanczosResult:
+    """_finish on the ``[L, n, ...]`` outputs of a batched op (flat ``[L n, ...]`` result)."""
+    values, vectors, ritz, nsteps, anorm, resid, early = (t.reshape((-1,) + tuple(t.shape[2:])) for t in out)
+    return _finish(values, vectors, ritz, nsteps, anorm, resid, tol, early)
 
 
 def lanczos_topk(
     a: Tensor, k: int = 1, *, steps: Optional[int] = None, tol: float = 1e-6, seed: int = 0,
-    shared_norm: bool = False, v0: Optional[Tensor] = None,
+    shared_norm: bool = False, v0: Optional[Tensor] = None, norm_group: Optional[int] = None,
+    need: str = "all",
 ) -> LanczosResult:
     """The ``k`` algebraically largest eigenpairs of each symmetric matrix of a batch.
 
@@ -872,10 +1063,19 @@ def lanczos_topk(
             eigenvectors: one that is (within tol) another eigenvector stops there, reported as
             converged, as in every Krylov method. Mix in a little of a random vector when unsure
             (:func:`topoderiv.scoring.subspace_start` mixes in 1%).
+        norm_group: ``g`` dividing ``B``: the batch is ``B / g`` block-diagonal operators of ``g``
+            blocks each (several insertion points' blocks in one launch): matrices
+            ``[i g, (i + 1) g)`` share their largest norm (``shared_norm`` within each group) and
+            each group draws the start vectors of a call with that group alone. Overrides
+            ``shared_norm`` (``shared_norm=True`` is ``norm_group=B``).
+        need: ``"all"`` (default): every matrix to tolerance. ``"top"``: only the matrix holding
+            the largest eigenvalue of each norm group (the rule ``"top"``); a matrix whose upper
+            estimate ``theta_1 + |beta_j|`` falls below another's Ritz value stops early, its
+            values then lower bounds: ``result.early`` marks them (``converged`` False).
 
     Returns:
         :class:`LanczosResult`, which unpacks as ``values [B, k], vectors [B, m, k]`` (no batch dim
-        for a 2-D input) and carries ``converged [B]``, ``residuals [B]``, ``steps [B]``.
+        for a 2-D input) and carries ``converged [B]``, ``residuals [B]``, ``steps [B]``, ``early [B]``.
     """
     fn = "lanczos_topk"
     a = _check_tensor(fn, "a", a)
@@ -894,11 +1094,32 @@ def lanczos_topk(
     v0 = _check_v0(fn, v0, (m,) if squeeze else (B, m), a3.device, data=False)
     if v0 is not None:
         v0 = v0.reshape(B, m)
-    # the op checks that a is finite and symmetric, and v0 finite (then normalises it)
-    res = _finish(*_lanczos_op(a3, k, steps, tol, seed, max(1, B) if shared_norm else 1, v0), tol)
+    need_code = _need_code(fn, need)
+    if norm_group is not None:
+        g = _check_int(fn, "norm_group", norm_group, 1)
+        if B % g:
+            raise ValueError(f"{fn}: norm_group must divide the batch size B = {B}, got {g}")
+    else:
+        g = None
+    # the ops check that a is finite and symmetric, and v0 finite (then normalise it)
+    if g is None and need_code == 0:
+        res = _finish(*_lanczos_op(a3, k, steps, tol, seed, max(1, B) if shared_norm else 1, v0), tol)
+    else:
+        g = g if g is not None else (max(1, B) if shared_norm else 1)
+        L = B // g if B else 0
+        a4 = a3.reshape(L, g, m, m)
+        res = _finish_batched(_lanczos_batched_op(a4, k, steps, tol, seed, None if v0 is None else v0.reshape(L, g, m),
+                                                  need_code), tol)
     if squeeze:
-        return LanczosResult(*(t[0] for t in (res.values, res.vectors, res.converged, res.residuals, res.steps, res.norm)))
+        return LanczosResult(*(t[0] for t in (res.values, res.vectors, res.converged, res.residuals, res.steps, res.norm,
+                                              res.early)))
     return res
+
+
+def _need_code(fn: str, need: object) -> int:
+    if not isinstance(need, str) or need not in _NEEDS:
+        raise ValueError(f"{fn}: need must be one of {tuple(_NEEDS)}, got {need!r}")
+    return _NEEDS[need]
 
 
 @dataclass
@@ -910,6 +1131,10 @@ class SensitivityTopK:
         vectors: ``[n, m, k]`` unit eigenvectors.
         converged: ``[n]`` bool; residuals: ``[n]`` relative residuals (see :func:`lanczos_topk`).
         route: ``"dense"`` or ``"matfree"``, the route that ran.
+        early: ``[n]`` bool: blocks stopped early by ``need="top"`` because they cannot hold the
+            largest eigenvalue: their ``values`` are lower bounds (Ritz values), their vectors
+            unconverged (``converged`` False). All False with ``need="all"`` (the default).
+        steps: ``[n]`` int32 Lanczos steps per block.
     """
 
     values: Tensor
@@ -917,6 +1142,12 @@ class SensitivityTopK:
     converged: Tensor
     residuals: Tensor
     route: str
+    early: Optional[Tensor] = None
+    steps: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.early is None:
+            self.early = torch.zeros(self.values.shape[0], dtype=torch.bool, device=self.values.device)
 
     @property
     def best_block(self) -> int:
@@ -954,9 +1185,10 @@ def choose_route(N: int, d: int, n: int, *, bias: bool = True, k: int = 1,
 
 
 def sensitivity_topk(
-    x: Tensor, p: Tensor, *, k: int = 1, bias: bool = True, route: str = "auto",
-    steps: Optional[int] = None, tol: float = 1e-6, seed: int = 0, v0: Optional[Tensor] = None,
-) -> SensitivityTopK:
+    x: Union[Tensor, Sequence[Tensor]], p: Union[Tensor, Sequence[Tensor]], *, k: int = 1, bias: bool = True,
+    route: str = "auto", steps: Optional[int] = None, tol: float = 1e-6, seed: int = 0,
+    v0: Union[None, Tensor, Sequence[Optional[Tensor]]] = None, need: str = "all",
+) -> Union[SensitivityTopK, List[SensitivityTopK]]:
     """Top-``k`` eigenpairs of every sensitivity block ``B[r]`` of ``(x, p)``.
 
     ``route="dense"`` forms the blocks (:func:`sensitivity_blocks`) and runs batched Lanczos on them;
@@ -965,8 +1197,19 @@ def sensitivity_topk(
     ``sigma''(0) * result.best_value`` (for sigma''(0) > 0), its block ``result.best_block`` and its
     initialisation ``result.best_vector``.
 
+    Several insertion points: pass sequences ``x = [x_1, ..., x_L]``, ``p = [p_1, ..., p_L]`` (and
+    optionally ``v0 = [v0_1 or None, ...]``) and get a list of L results, each what the
+    single-point call on ``(x_l, p_l)`` returns (the same start vectors and stop tests: values
+    equal to rounding, vectors up to sign). Points of identical shape ``(rows, d, n)`` are solved in
+    ONE batched launch per route (one Lanczos over all (point, block) problems: a 12-block ViT is
+    one pass of kernel launches, not twelve; such points are stacked into one copy); points of
+    other shapes form their own groups. Every point must share x's dtype and device; ``bias``,
+    ``k``, ``route``, ``steps``, ``tol``, ``seed`` and ``need`` apply to all of them (``"auto"``
+    picks per shape).
+
     Args:
-        x: activations ``[..., d]``; p: costates ``[..., n]`` (same leading dims, dtype, device).
+        x: activations ``[..., d]``; p: costates ``[..., n]`` (same leading dims, dtype, device);
+            or sequences of them (one pair per point).
         k: eigenpairs per block. bias: as in :func:`sensitivity_blocks`.
         route: ``"auto"``, ``"dense"`` or ``"matfree"``.
         steps, tol, seed: as in :func:`lanczos_topk`; residuals are measured against
@@ -974,24 +1217,110 @@ def sensitivity_topk(
             the top one stop sooner.
         v0: optional start vectors ``[n, m]``, one per block (see :func:`lanczos_topk`); the
             scorer passes a warm start from a low-dimensional subspace of the activations.
+        need: ``"all"`` (default): every block to tolerance (the rules ``"all"``, ``"reference"``,
+            ``"multi"``). ``"top"``: only the block holding the point's largest eigenvalue (the
+            rule ``"top"``); a block whose upper estimate falls below another block's Ritz value
+            stops early and ``result.early`` marks it (its values are lower bounds).
     """
     fn = "sensitivity_topk"
+    if isinstance(x, (list, tuple)) or isinstance(p, (list, tuple)):
+        return _sensitivity_topk_multi(fn, x, p, k, bias, route, steps, tol, seed, v0, need)
     x2, p2 = _flatten_pair(fn, x, p)
     x2, p2 = _check_pair(fn, x2, p2, bias)  # finite values too: the errors name this function
     if route not in _ROUTES:
         raise ValueError(f"{fn}: route must be one of {_ROUTES}, got {route!r}")
+    need_code = _need_code(fn, need)
     S, d = x2.shape
     n, m = p2.shape[1], d + int(bias)
     k, steps, tol, seed = _check_lanczos_args(fn, m, k, steps, tol, seed)
-    acc = _acc_dtype(x2.dtype)
     v0 = _check_v0(fn, v0, (n, m), x2.device)
+    return _solve_group([x2], [p2], [v0], k, bias, route, steps, tol, seed, need_code)[0]
+
+
+def _solve_group(xs: List[Tensor], ps: List[Tensor], v0s: List[Optional[Tensor]], k: int, bias: bool, route: str,
+                 steps: int, tol: float, seed: int, need: int) -> List[SensitivityTopK]:
+    """Validated points of ONE shape (``x [S, d]``, ``p [S, n]``, unit column stride): one launch."""
+    L = len(xs)
+    S, d = xs[0].shape
+    n, m = ps[0].shape[1], d + int(bias)
+    acc = _acc_dtype(xs[0].dtype)
     if route == "auto":
         route = choose_route(S, d, n, bias=bias, k=k, itemsize=torch.finfo(acc).bits // 8)
-    if route == "dense":
-        res = _finish(*_lanczos_op(_blocks_op(x2, p2, bias), k, steps, tol, seed, max(1, n), v0), tol)
+    X = xs[0][None] if L == 1 else torch.stack(xs)
+    P = ps[0][None] if L == 1 else torch.stack(ps)
+    if all(v is None for v in v0s):
+        V0 = None
     else:
-        res = _finish(*_sens_lanczos_op(x2, p2, bias, k, steps, tol, seed, v0), tol)
-    return SensitivityTopK(res.values, res.vectors, res.converged, res.residuals, route)
+        # any scale: normalised by the op in float64, so keep a float64 start float64
+        vdt = torch.float64 if any(v is not None and v.dtype == torch.float64 for v in v0s) else acc
+        V0 = torch.stack([torch.zeros(n, m, dtype=vdt, device=X.device) if v is None else v.to(vdt) for v in v0s])
+    if route == "dense":
+        out = _lanczos_batched_op(_blocks_batched_op(X, P, bias), k, steps, tol, seed, V0, need)
+    else:
+        out = _sens_lanczos_batched_op(X, P, bias, k, steps, tol, seed, V0, need)
+    res = _finish_batched(out, tol)
+    parts = [t.reshape((L, n) + tuple(t.shape[1:])) for t in
+             (res.values, res.vectors, res.converged, res.residuals, res.early, res.steps)]
+    return [SensitivityTopK(parts[0][l], parts[1][l], parts[2][l], parts[3][l], route, parts[4][l], parts[5][l])
+            for l in range(L)]
+
+
+def _sensitivity_topk_multi(fn: str, xs: object, ps: object, k: object, bias: object, route: object,
+                            steps: object, tol: object, seed: object, v0s: object,
+                            need: object) -> List[SensitivityTopK]:
+    """The multi-point form of :func:`sensitivity_topk`: validation, grouping by shape, one launch per group."""
+    for name, seq in (("x", xs), ("p", ps)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{fn}: with several points x and p must both be sequences (lists or tuples) of "
+                            f"tensors, got {name} of type {type(seq).__name__}")
+    assert isinstance(xs, (list, tuple)) and isinstance(ps, (list, tuple))
+    if len(xs) != len(ps):
+        raise ValueError(f"{fn}: x and p must hold the same number of points, got {len(xs)} and {len(ps)}")
+    L = len(xs)
+    if v0s is not None and (not isinstance(v0s, (list, tuple)) or len(v0s) != L):
+        got = f"a sequence of {len(v0s)}" if isinstance(v0s, (list, tuple)) else type(v0s).__name__
+        raise ValueError(f"{fn}: v0 must be None or a sequence of {L} start vectors (None or [n, m]) for {L} "
+                         f"points, got {got}")
+    if route not in _ROUTES:
+        raise ValueError(f"{fn}: route must be one of {_ROUTES}, got {route!r}")
+    need_code = _need_code(fn, need)
+    _check_bias(fn, bias)
+    if L == 0:
+        return []
+    pairs: List[Tuple[Tensor, Tensor]] = []
+    for i, (x, p) in enumerate(zip(xs, ps)):
+        try:
+            x2, p2 = _flatten_pair(fn, x, p)
+            x2, p2 = _check_pair(fn, x2, p2, bias)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (point {i} of {L})") from None
+        if i and x2.dtype != pairs[0][0].dtype:
+            raise TypeError(f"{fn}: every point must have the dtype of point 0 ({pairs[0][0].dtype}), got "
+                            f"{x2.dtype} at point {i}")
+        if i and x2.device != pairs[0][0].device:
+            raise ValueError(f"{fn}: every point must be on the device of point 0 ({pairs[0][0].device}), got "
+                             f"{x2.device} at point {i}")
+        pairs.append((x2, p2))
+    checked = []
+    for i, (x2, p2) in enumerate(pairs):
+        m = x2.shape[1] + int(bias)
+        try:
+            kk, st, tl, sd = _check_lanczos_args(fn, m, k, steps, tol, seed)
+            v = None if v0s is None else _check_v0(fn, v0s[i], (p2.shape[1], m), x2.device)  # type: ignore[index]
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (point {i} of {L})") from None
+        checked.append((kk, st, tl, sd, v))
+    groups: Dict[Tuple[int, int, int], List[int]] = {}
+    for i, (x2, p2) in enumerate(pairs):
+        groups.setdefault((x2.shape[0], x2.shape[1], p2.shape[1]), []).append(i)
+    results: List[Optional[SensitivityTopK]] = [None] * L
+    for idx in groups.values():
+        kk, st, tl, sd, _ = checked[idx[0]]
+        out = _solve_group([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], [checked[i][4] for i in idx],
+                           kk, bool(bias), str(route), st, tl, sd, need_code)
+        for i, r in zip(idx, out):
+            results[i] = r
+    return results  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
   if (!(P.tol > 0.0) || !std::isfinite(P.tol)) fail(fn, "tol must be a finite number > 0");
   if (P.dtype != DType::kFloat32 && P.dtype != DType::kFloat64) fail(fn, "dtype must be float32 or float64");
   if (P.norm_group < 1) fail(fn, "norm_group must be >= 1, got " + std::to_string(P.norm_group));
+  if (P.need != kNeedAll && P.need != kNeedTop) fail(fn, "need must be 0 (all) or 1 (top), got " + std::to_string(P.need));
+  if (P.seed_period < 0) fail(fn, "seed_period must be >= 0, got " + std::to_string(P.seed_period));
   if (B == 0) return;
   const int64_t G = P.norm_group;
 
@@ -66,6 +68,11 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
   std::vector<int32_t> tag(B, 0), nsteps(B, 0);
   std::vector<double> values(static_cast<size_t>(B * k), 0.0), resid(static_cast<size_t>(B * k), 0.0);
   std::vector<double> Sfin(static_cast<size_t>(B * S * k), 0.0);
+  // need == top: each problem's best lower bound of lambda_max (its largest Ritz value, final for
+  // the stopped ones), its upper estimate, and the best lower bound of its group
+  const bool top_only = P.need == kNeedTop;
+  std::vector<double> lower(B, -std::numeric_limits<double>::infinity()), upper(B, 0.0), best(B, 0.0);
+  std::vector<uint8_t> early(B, 0);
 
   backend.set_active(active.data());
   backend.restart(-1, mask.data(), tag.data(), norms.data());
@@ -94,12 +101,21 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
       for (int64_t i = 0; i <= j; ++i) an = std::max(an, std::fabs(te.d[i]));
       anorm[b] = an;
       for (int64_t c = 0; c < k && c <= j; ++c) lastrow[b * k + c] = std::fabs(be[j] * te.last(c, j + 1, false));
+      if (top_only) {
+        lower[b] = te.value(0);
+        upper[b] = te.value(0) + std::fabs(be[j]);
+      }
     }
     // the norm each problem's stop test is relative to: the max over its group
     for (int64_t g0 = 0; g0 < B; g0 += G) {
       double mx = 0.0;
       for (int64_t b = g0; b < std::min(B, g0 + G); ++b) mx = std::max(mx, anorm[b]);
       for (int64_t b = g0; b < std::min(B, g0 + G); ++b) scale[b] = mx;
+      if (top_only) {
+        double lo = -std::numeric_limits<double>::infinity();
+        for (int64_t b = g0; b < std::min(B, g0 + G); ++b) lo = std::max(lo, lower[b]);
+        for (int64_t b = g0; b < std::min(B, g0 + G); ++b) best[b] = lo;
+      }
     }
     // pass 2: stop, restart or continue
     for (int64_t b = 0; b < B; ++b) {
@@ -115,7 +131,12 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
         conv = true;
         for (int64_t c = 0; c < k && conv; ++c) conv = lastrow[b * k + c] <= P.tol * an;
       }
-      if (conv || j == S - 1) {
+      // need == top: a problem that cannot hold its group's largest eigenvalue stops here (its
+      // upper estimate is below another problem's Ritz value, which only grows); not in an
+      // invariant subspace, where beta says nothing about the rest of the spectrum
+      const bool dominated = top_only && !conv && dim >= 2 && be[j] > breakdown * anorm[b] && upper[b] < best[b];
+      if (dominated) early[b] = 1;
+      if (conv || dominated || j == S - 1) {
         te.solve(dim, al, be, /*full=*/true);
         for (int64_t c = 0; c < k; ++c) {
           values[b * k + c] = c < dim ? te.value(c) : 0.0;
@@ -140,6 +161,7 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
   }
   backend.finish(nsteps.data(), Sfin.data(), values.data(), resid.data());
   if (P.anorm_host != nullptr) std::copy(final_scale.begin(), final_scale.end(), P.anorm_host);
+  if (P.early_host != nullptr) std::copy(early.begin(), early.end(), P.early_host);
 }
 
 }  // namespace topoderiv

@@ -62,6 +62,8 @@ class CpuBackend final : public LanczosBackend {
   T* V(int64_t j, int64_t b) const { return basis_ + (j * B_ + b) * m_; }
   T* AV(int64_t j, int64_t b) const { return av_.get() + (j * B_ + b) * m_; }
 
+  int64_t seed_index(int64_t b) const { return P_.seed_period > 0 ? b % P_.seed_period : b; }
+
   void set_active(const uint8_t* active) override { std::copy(active, active + B_, active_.begin()); }
 
   void apply(int64_t j) override {
@@ -75,49 +77,77 @@ class CpuBackend final : public LanczosBackend {
       return;
     }
     if (P_.matrix_free()) {
-      SensitivityMatvecParams op = P_.op;
-      op.num_threads = nt_;
-      std::vector<int64_t> act;
-      for (int64_t b = 0; b < B_; ++b)
-        if (active_[b]) act.push_back(b);
-      const int64_t na = static_cast<int64_t>(act.size());
-      if (op.batch != 1 || na * 5 >= B_ * 4) {
-        // every block is applied: the slots of converged blocks were never written (the workspace
-        // is not initialised), zero them so their discarded products read defined values
-        if (na < B_)
-          for (int64_t b = 0; b < B_; ++b)
-            if (!active_[b]) std::fill(V(j, b), V(j, b) + m_, T(0));
-        op.v = V(j, 0);
-        op.out = w_;
-        sensitivity_matvec_cpu(op);
-        if (av_) std::copy(w_, w_ + B_ * m_, AV(j, 0));
-        return;
-      }
-      // Blocks converge at different speeds: once a fifth of them are done, apply the operator
-      // to the active blocks only (gather their costate columns; the GEMMs shrink with them).
-      const int64_t N = op.N;
-      const size_t es = op.in_dtype == DType::kFloat64 ? 8 : op.in_dtype == DType::kFloat32 ? 4 : 2;
-      pbuf_.resize(static_cast<size_t>(N * na) * es);
-      vbuf_.resize(static_cast<size_t>(na * m_));
-      wbuf_.resize(static_cast<size_t>(na * m_));
-      const unsigned char* psrc = static_cast<const unsigned char*>(op.p);
+      // One operator (insertion point) after another: op.batch points of op.n blocks each,
+      // problem b = point * n + block. A point with no active block is skipped; one with most
+      // blocks active is applied whole (the slots of its finished blocks were never written: the
+      // workspace is not initialised, so they are zeroed and their products discarded); one with
+      // fewer active blocks gets the operator of its active blocks only (their costate columns
+      // gathered, chunk of rows by chunk of rows: the copy stays bounded whatever N is).
+      const int64_t n = P_.op.n, N = P_.op.N;
+      const size_t es = P_.op.in_dtype == DType::kFloat64 ? 8 : P_.op.in_dtype == DType::kFloat32 ? 4 : 2;
+      for (int64_t pt = 0; pt < P_.op.batch; ++pt) {
+        SensitivityMatvecParams op = P_.op;
+        op.num_threads = nt_;
+        op.batch = 1;
+        op.x = static_cast<const unsigned char*>(P_.op.x) + static_cast<size_t>(pt * P_.op.x_bstride) * es;
+        op.p = static_cast<const unsigned char*>(P_.op.p) + static_cast<size_t>(pt * P_.op.p_bstride) * es;
+        const int64_t b0 = pt * n;
+        act_.clear();
+        for (int64_t r = 0; r < n; ++r)
+          if (active_[b0 + r]) act_.push_back(r);
+        const int64_t na = static_cast<int64_t>(act_.size());
+        if (na == 0) continue;
+        if (na * 5 >= n * 4) {
+          if (na < n)
+            for (int64_t r = 0; r < n; ++r)
+              if (!active_[b0 + r]) std::fill(V(j, b0 + r), V(j, b0 + r) + m_, T(0));
+          op.v = V(j, b0);
+          op.out = w_ + b0 * m_;
+          sensitivity_matvec_cpu(op);
+          if (av_) std::copy(w_ + b0 * m_, w_ + (b0 + n) * m_, AV(j, b0));
+          continue;
+        }
+        // rows per chunk: the gathered columns stay within kGatherBytes (at least 256 rows)
+        const int64_t rows = std::max<int64_t>(256, static_cast<int64_t>(kGatherBytes / (static_cast<size_t>(na) * es)));
+        const int64_t R = std::min(N, rows);
+        pbuf_.resize(static_cast<size_t>(R * na) * es);
+        vbuf_.resize(static_cast<size_t>(na * m_));
+        wbuf_.resize(static_cast<size_t>(na * m_));
+        wsum_.assign(static_cast<size_t>(na * m_), T(0));
+        for (int64_t c = 0; c < na; ++c) std::copy(V(j, b0 + act_[c]), V(j, b0 + act_[c]) + m_, vbuf_.data() + c * m_);
+        const unsigned char* psrc = static_cast<const unsigned char*>(op.p);
+        const unsigned char* xsrc = static_cast<const unsigned char*>(op.x);
+        const int64_t* act = act_.data();
+        for (int64_t s0 = 0; s0 < N; s0 += R) {
+          const int64_t rc = std::min(R, N - s0);
 #pragma omp parallel for num_threads(nt_) schedule(static)
-      for (int64_t s = 0; s < N; ++s) {
-        const unsigned char* row = psrc + static_cast<size_t>(s * op.p_rstride) * es;
-        unsigned char* dst = pbuf_.data() + static_cast<size_t>(s * na) * es;
-        for (int64_t c = 0; c < na; ++c) std::memcpy(dst + c * es, row + act[c] * es, es);
-      }
-      for (int64_t c = 0; c < na; ++c) std::copy(V(j, act[c]), V(j, act[c]) + m_, vbuf_.data() + c * m_);
-      op.p = pbuf_.data();
-      op.p_rstride = na;
-      op.p_bstride = N * na;
-      op.n = na;
-      op.v = vbuf_.data();
-      op.out = wbuf_.data();
-      sensitivity_matvec_cpu(op);
-      for (int64_t c = 0; c < na; ++c) {
-        std::copy(wbuf_.data() + c * m_, wbuf_.data() + (c + 1) * m_, w_ + act[c] * m_);
-        if (av_) std::copy(wbuf_.data() + c * m_, wbuf_.data() + (c + 1) * m_, AV(j, act[c]));
+          for (int64_t s = 0; s < rc; ++s) {
+            const unsigned char* row = psrc + static_cast<size_t>((s0 + s) * P_.op.p_rstride) * es;
+            unsigned char* dst = pbuf_.data() + static_cast<size_t>(s * na) * es;
+            for (int64_t c = 0; c < na; ++c) std::memcpy(dst + c * es, row + act[c] * es, es);
+          }
+          SensitivityMatvecParams sub = op;
+          sub.N = rc;
+          sub.x = xsrc + static_cast<size_t>(s0 * P_.op.x_rstride) * es;
+          sub.p = pbuf_.data();
+          sub.p_rstride = na;
+          sub.p_bstride = rc * na;
+          sub.x_bstride = rc * P_.op.x_rstride;
+          sub.n = na;
+          sub.v = vbuf_.data();
+          sub.out = wbuf_.data();
+          sensitivity_matvec_cpu(sub);
+          if (s0 == 0 && rc == N) {
+            wsum_.swap(wbuf_);
+          } else {
+            for (int64_t i = 0; i < na * m_; ++i) wsum_[i] += wbuf_[i];
+          }
+        }
+        for (int64_t c = 0; c < na; ++c) {
+          const int64_t b = b0 + act_[c];
+          std::copy(wsum_.data() + c * m_, wsum_.data() + (c + 1) * m_, w_ + b * m_);
+          if (av_) std::copy(wsum_.data() + c * m_, wsum_.data() + (c + 1) * m_, AV(j, b));
+        }
       }
       return;
     }
@@ -149,7 +179,7 @@ class CpuBackend final : public LanczosBackend {
         seeded = dot<T>(w, w, m_) > 0.0;
       }
       if (!seeded)
-        for (int64_t i = 0; i < m_; ++i) w[i] = static_cast<T>(start_value(P_.seed, off_ + b, tag[b], i));
+        for (int64_t i = 0; i < m_; ++i) w[i] = static_cast<T>(start_value(P_.seed, seed_index(off_ + b), tag[b], i));
       double* coef = coef_.data() + omp_tid() * (P_.max_steps + 1);
       double dummy = 0.0;
       if (j >= 0) {
@@ -232,8 +262,10 @@ class CpuBackend final : public LanczosBackend {
   LanczosWorkspaceLayout layout_;
   std::vector<uint8_t> active_;
   std::vector<double> coef_;
-  std::vector<unsigned char> pbuf_;  // compacted costate columns of the active blocks
-  std::vector<T> vbuf_, wbuf_;
+  std::vector<unsigned char> pbuf_;  // gathered costate columns of the active blocks (one chunk of rows)
+  std::vector<T> vbuf_, wbuf_, wsum_;
+  std::vector<int64_t> act_;  // active blocks of the point being applied
+  static constexpr size_t kGatherBytes = size_t(4) << 20;
   std::unique_ptr<T[]> av_;  // [max_steps, B, m] A v_t (matrix-free with true_residuals only)
   T* basis_ = nullptr;
   T* w_ = nullptr;

@@ -138,12 +138,13 @@ orthonormalize_kernel(T* __restrict__ basis, T* __restrict__ w, T* __restrict__ 
 
 // For problems with tagp1[b] != 0: V_{j+1}[b] = start vector (restart tag tagp1[b] - 1),
 // orthogonalised twice against V_0..V_j (j >= 0), normalised; norms[b] = norm before normalising.
-// The first start (j = -1) takes v0[b] when v0 != nullptr and that row is not all zero.
+// The first start (j = -1) takes v0[b] when v0 != nullptr and that row is not all zero. Problem b
+// draws the start of problem b % seed_period (seed_period > 0), as the CPU backend.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 restart_kernel(T* __restrict__ basis, T* __restrict__ coef, const T* __restrict__ tagp1,
                T* __restrict__ norms, const T* __restrict__ v0, int64_t B, int64_t m, int64_t j,
-               int64_t max_steps, uint64_t seed) {
+               int64_t max_steps, uint64_t seed, int64_t seed_period) {
   __shared__ T red[kThreads];
   const int tid = static_cast<int>(threadIdx.x);
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
@@ -161,7 +162,7 @@ restart_kernel(T* __restrict__ basis, T* __restrict__ coef, const T* __restrict_
       seeded = block_sum<kThreads>(part, red) > T(0);  // uniform over the block
     }
     if (!seeded)
-      for (int64_t i = tid; i < m; i += kThreads) x[i] = static_cast<T>(start_value(seed, b, tag, i));
+      for (int64_t i = tid; i < m; i += kThreads) x[i] = static_cast<T>(start_value(seed, seed_period > 0 ? b % seed_period : b, tag, i));
     if (j >= 0) cgs2(x, basis, coef + b * (max_steps + 1), red, j, b, B, m);
     T part = T(0);
     for (int64_t i = tid; i < m; i += kThreads) part += x[i] * x[i];
@@ -289,7 +290,7 @@ class CudaLanczosBackend final : public LanczosBackend {
     upload(scratch_, stage_.data(), B_);
     launch(kOp, restart_kernel<T>, dim3(grid_dim(B_, kMaxGridX)), dim3(kThreads), stream_, basis_,
            coef_, static_cast<const T*>(scratch_), alpha_, static_cast<const T*>(p_.v0), B_, m_, j,
-           p_.max_steps, p_.seed);
+           p_.max_steps, p_.seed, p_.seed_period);
     // Download into a different buffer than the one the tag upload reads from: the upload may
     // still be pending when this copy is issued (pinned or HMM-accessible host memory).
     stage2_.resize(static_cast<size_t>(B_));

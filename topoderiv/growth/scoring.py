@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..data import batch_size, device_of, is_batch, iter_batches, train_mode
 from ..method.distributed import communicator
 from ..method.rules import RULES
-from ..method.statistic import ROUTES, resolve_backend
+from ..method.statistic import ROUTES, resolve_backend, solve_points
 from ..sites import check_growable, check_points
 from ..sites.capture import capture
 
@@ -69,6 +69,9 @@ class PointScore:
         converged: every block's eigen-solve met its tolerance (Lanczos blocks that did not are
             redone with a full eigh when affordable; False only when that was skipped).
         route: ``"dense"``, ``"matfree"`` or ``"eigh"`` (torch backend).
+        bounds: ``[n]`` bool or None: with ``score(..., need="top")`` the blocks whose solve stopped
+            early because they cannot hold ``mu``: their ``block_mu`` / ``values`` are lower bounds,
+            not eigenvalues (None: every value is a converged eigenvalue).
     """
 
     point: int
@@ -86,6 +89,7 @@ class PointScore:
     kind: str = "linear"
     score: float = math.nan
     n_pairs: int = 1
+    bounds: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         if math.isnan(self.score):
@@ -177,7 +181,7 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
           points: Optional[Sequence[Any]] = None, k: int = 1, rule: str = "top", route: str = "auto",
           backend: str = "auto", progress: bool = False, training: Optional[bool] = False,
           max_batches: Optional[int] = None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
-          tol: Optional[float] = None, group: Any = None) -> ScoreReport:
+          tol: Optional[float] = None, group: Any = None, need: str = "all") -> ScoreReport:
     """Topological derivative ``mu`` and initialisation ``phi`` at every candidate point.
 
     Args:
@@ -230,6 +234,16 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
             makes every rank raise. The solves run on every rank on identical data; if ranks end
             with different bits (e.g. different thread counts) rank 0's report is broadcast,
             with a warning.
+        need: ``"all"`` (default): every block's values are converged eigenvalues. ``"top"``
+            (rule ``"top"`` only; ignored by the other rules, which need every block): only what the
+            rule needs is solved to tolerance: blocks that cannot hold a point's ``mu`` stop early
+            (kernels backend, one process), faster; ``PointScore.bounds`` marks them (their
+            ``block_mu`` are lower bounds). ``mu``, ``block`` and ``phi`` are the same.
+
+    The eigen-solves of all points are batched: every point of the paper's blocks whose rows were
+    kept goes through one multi-point :func:`topoderiv.ops.sensitivity_topk` (points of one shape
+    in one launch), dense blocks through one grouped :func:`topoderiv.ops.lanczos_topk`
+    (:func:`topoderiv.method.statistic.solve_points`).
 
     Returns:
         :class:`ScoreReport`; ``report.best`` is the point to insert at (None if every mu <= 0).
@@ -250,6 +264,8 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
         raise ValueError(f"{fn}: route must be one of {ROUTES}, got {route!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"{fn}: k must be an int >= 1, got {k!r}")
+    if need not in ("all", "top"):
+        raise ValueError(f"{fn}: need must be 'all' or 'top', got {need!r}")
     if not callable(loss_fn):
         raise TypeError(f"{fn}: loss_fn must be callable, got {type(loss_fn).__name__}")
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget >= 0:
@@ -309,14 +325,16 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
         raise ValueError(f"{fn}: data must hold at least one non-empty (x, y) batch, got none")
 
     results: List[PointScore] = []
-    for s in chosen:
-        st = stats.pop(s.point)
-        sol = st.solve(S, rule)
+    ordered = [stats.pop(s.point) for s in chosen]
+    sols = solve_points(ordered, S, rule, need)
+    for s, st, sol in zip(chosen, ordered, sols):
         results.append(PointScore(
             point=s.point, mu=sol.mu, block=sol.block, phi=sol.phi, block_mu=sol.block_mu, values=sol.values,
             quotient=sol.quotient, sigma2=curvature[s.point], bias=bool(getattr(st, "bias", True)),
             converged=sol.converged, route=sol.route, name=s.name, kind=s.kind, score=sol.score, n_pairs=sol.n_pairs,
+            bounds=getattr(sol, "bounds", None),
         ))
+    del ordered
     if comm is not None and not comm.same([(p.mu, p.block, p.phi, p.values, p.quotient) for p in results]):
         warnings.warn(f"{fn}: the ranks solved the same statistics to different bits (different thread counts or "
                       "hardware?): every rank takes rank 0's report", stacklevel=2)

@@ -41,6 +41,8 @@ __all__ = [
     "kernels_available",
     "resolve_backend",
     "subspace_start",
+    "solve_points",
+    "EigenPlan",
     "canonical_sign",
     "accumulation_dtype",
     "dtype_code",
@@ -119,6 +121,8 @@ class Solution:
         score: what the rule ranks points by (``mu``; the summed eigenvalues for ``"reference"``).
         n_pairs: eigenpairs (or singular pairs) combined into ``phi``.
         converged: every eigen-solve met its tolerance. route: how it was solved.
+        bounds: ``[n_blocks]`` bool or None: blocks stopped early by ``need="top"`` (they cannot
+            hold ``mu``), whose ``block_mu`` / ``values`` are lower bounds, not eigenvalues.
     """
 
     mu: float
@@ -131,6 +135,7 @@ class Solution:
     n_pairs: int
     converged: bool
     route: str
+    bounds: Optional[Tensor] = None
 
 
 def canonical_sign(vectors: Tensor) -> Tensor:
@@ -252,6 +257,8 @@ class EigenStatistic:
         self.global_rows: Optional[int] = None
         self.planned: Optional[str] = None
         self.device: Optional[torch.device] = None
+        # blocks the last solve stopped early (need="top"): their values are lower bounds
+        self.early: Optional[Tensor] = None
 
     @property
     def m(self) -> int:
@@ -346,7 +353,7 @@ class EigenStatistic:
         self.us, self.qs = [], []
         return u, q
 
-    def eigenpairs(self, S: int, k: int) -> Tuple[Tensor, Tensor, bool, str, Callable[[Tensor], Tensor]]:
+    def eigenpairs(self, S: int, k: int, need: str = "all") -> Tuple[Tensor, Tensor, bool, str, Callable[[Tensor], Tensor]]:
         """Top-``k`` eigenpairs of the blocks of ``sign * B / S``: ``(values [n, k], vectors [n, m, k],
         converged, route, blocks_of)``; ``blocks_of(idx)`` gives dense blocks ``[len(idx), m, m]``.
 
@@ -354,7 +361,21 @@ class EigenStatistic:
         blocks it did not converge on are redone with a full eigh when that is affordable. Torch
         backend: dense blocks + eigh. Under a process group the matrix-free Lanczos is the
         step-wise one of :mod:`topoderiv.method.lanczos`, each step's product all-reduced.
+        ``need="top"``: only the block holding the largest eigenvalue is solved to tolerance (the
+        others may stop early: see :attr:`early`, set here).
         """
+        plan = self.plan(S, k, need)
+        if plan.kind == "rows":
+            res = ops.sensitivity_topk(plan.u, plan.q, k=k, bias=self.bias, route=plan.route, tol=plan.tol,
+                                       v0=plan.v0, need=need)
+            return self.finish(plan, res.values, res.vectors, res.converged, res.early, k)
+        if plan.kind == "blocks":
+            res = ops.lanczos_topk(plan.blocks, k, tol=plan.tol, shared_norm=True, need=need)
+            return self.finish(plan, res.values, res.vectors, res.converged, res.early, k)
+        return self.finish_other(plan, k, need)
+
+    def plan(self, S: int, k: int, need: str = "all") -> "EigenPlan":
+        """What the solve of this statistic needs (rows to solve, dense blocks, or another path)."""
         tol = self.tol
         comm = self.comm
         if self.blocks is None and (self.us or comm is not None):
@@ -382,18 +403,7 @@ class EigenStatistic:
                 tol = 1e-10 if fp64 else (1e-3 if v0 is not None else 1e-4)
             # the rows carry B_b, not B_b / S: the values are divided by S afterwards (a solve is
             # scale-invariant, and bfloat16 costates are not rounded once more)
-            if comm is None:
-                res = ops.sensitivity_topk(u, q, k=k, bias=self.bias, route=route, tol=tol, v0=v0)
-            elif route == "dense":
-                blocks = reduced(ops.sensitivity_blocks(u, q, bias=self.bias), "blocks")
-                res = ops.lanczos_topk(blocks, k, tol=tol, shared_norm=True)
-
-                def blocks_of(idx: Tensor) -> Tensor:
-                    return blocks[idx] / S
-            else:
-                res = sensitivity_lanczos(u, q, comm, k=k, bias=self.bias, tol=tol, v0=v0)
-            vals, vecs, conv = _fallback(res.values / S, res.vectors, res.converged, k, blocks_of)
-            return vals, vecs, conv, route, blocks_of
+            return EigenPlan("rows" if comm is None else "distributed", S, route, tol, blocks_of, u=u, q=q, v0=v0)
         if self.blocks is None:
             raise ValueError("EigenStatistic: no rows were added")
         blocks = self.blocks / S
@@ -403,28 +413,133 @@ class EigenStatistic:
             return blocks[idx]
 
         if self.backend == "kernels":
-            res = ops.lanczos_topk(blocks, k, tol=(1e-10 if fp64 else 1e-4) if tol is None else tol, shared_norm=True)
-            vals, vecs, conv = _fallback(res.values, res.vectors, res.converged, k, dense_of)
-            return vals, vecs, conv, "dense", dense_of
-        vals, vecs = reference.eigh_topk(blocks, k)
-        return vals, vecs, True, "eigh", dense_of
+            return EigenPlan("blocks", 1, "dense", (1e-10 if fp64 else 1e-4) if tol is None else tol, dense_of,
+                             blocks=blocks)
+        return EigenPlan("eigh", 1, "eigh", 0.0, dense_of, blocks=blocks)
+
+    def finish_other(self, plan: "EigenPlan", k: int, need: str) -> Tuple[Tensor, Tensor, bool, str, Callable[[Tensor], Tensor]]:
+        """The plans :func:`solve_points` does not batch: torch eigh, or a process group's solve."""
+        if plan.kind == "eigh":
+            vals, vecs = reference.eigh_topk(plan.blocks, k)
+            self.early = None
+            return vals, vecs, True, "eigh", plan.blocks_of
+        comm = self.comm
+        assert comm is not None and plan.u is not None and plan.q is not None
+        u, q, S = plan.u, plan.q, plan.scale
+        if plan.route == "dense":
+            blocks = comm.all_reduce_(ops.sensitivity_blocks(u, q, bias=self.bias), "blocks")
+            res = ops.lanczos_topk(blocks, k, tol=plan.tol, shared_norm=True)
+            plan.blocks_of = lambda idx: blocks[idx] / S
+        else:
+            res = sensitivity_lanczos(u, q, comm, k=k, bias=self.bias, tol=plan.tol, v0=plan.v0)
+        return self.finish(plan, res.values, res.vectors, res.converged, None, k)
+
+    def finish(self, plan: "EigenPlan", values: Tensor, vectors: Tensor, converged: Tensor, early: Optional[Tensor],
+               k: int) -> Tuple[Tensor, Tensor, bool, str, Callable[[Tensor], Tensor]]:
+        """Values divided by the plan's scale; blocks not converged (and not stopped early by
+        ``need="top"``) redone by eigh within budget."""
+        ok = converged if early is None else converged | early
+        vals, vecs, conv = _fallback(values / plan.scale, vectors, ok, k, plan.blocks_of)
+        self.early = None if early is None or not bool(early.any()) else early.clone()
+        return vals, vecs, conv, plan.route, plan.blocks_of
 
     def solve_k(self, rule: str) -> int:
         """Eigenpairs per block the rule needs."""
         k = max(self.k, 4) if rule in ("multi", "reference") else self.k
         return min(k, self.m)
 
-    def solve(self, S: int, rule: str) -> Solution:
-        """Eigenpairs, then ``phi`` by ``rule`` (:func:`topoderiv.method.rules.eigen_rule`)."""
+    def solve(self, S: int, rule: str, need: str = "all") -> Solution:
+        """Eigenpairs, then ``phi`` by ``rule`` (:func:`topoderiv.method.rules.eigen_rule`).
+
+        ``need="top"`` (rule ``"top"`` only): blocks that cannot win may stop early; their
+        ``block_mu`` are then lower bounds, marked in ``Solution.bounds``.
+        """
         k = self.solve_k(rule)
-        vals, vecs, conv, route, blocks_of = self.eigenpairs(S, k)
+        need = need if rule == "top" else "all"
+        if need == "all" or type(self).eigenpairs is not EigenStatistic.eigenpairs:
+            return self.solution(rule, k, *self.eigenpairs(S, k))  # a subclass's eigenpairs(S, k)
+        return self.solution(rule, k, *self.eigenpairs(S, k, need))
+
+    def solution(self, rule: str, k: int, vals: Tensor, vecs: Tensor, conv: bool, route: str,
+                 blocks_of: Callable[[Tensor], Tensor]) -> Solution:
+        """``phi`` by ``rule`` from solved eigenpairs (values of ``sign * B / S``)."""
         vecs = canonical_sign(vecs)
         scale = abs(self.curvature)
         sel = eigen_rule(vals, vecs, rule, blocks_of=lambda idx: blocks_of(idx))
         block_vals = vals * scale
         return Solution(mu=float(block_vals[sel.block, 0]), block=sel.block, phi=sel.phi,
                         block_mu=block_vals[:, 0].clone(), values=block_vals, quotient=sel.quotient * scale,
-                        score=sel.score * scale, n_pairs=sel.n_pairs, converged=conv, route=route)
+                        score=sel.score * scale, n_pairs=sel.n_pairs, converged=conv, route=route,
+                        bounds=self.early)
+
+
+@dataclass
+class EigenPlan:
+    """How one :class:`EigenStatistic` is solved (:meth:`EigenStatistic.plan`).
+
+    kind: ``"rows"`` (kept rows, one process: :func:`topoderiv.ops.sensitivity_topk`), ``"blocks"``
+    (dense blocks, kernels: :func:`topoderiv.ops.lanczos_topk`), ``"eigh"`` (torch backend) or
+    ``"distributed"`` (kept rows under a process group). scale: what the values are divided by.
+    """
+
+    kind: str
+    scale: float
+    route: str
+    tol: float
+    blocks_of: Callable[[Tensor], Tensor]
+    u: Optional[Tensor] = None
+    q: Optional[Tensor] = None
+    v0: Optional[Tensor] = None
+    blocks: Optional[Tensor] = None
+
+
+def solve_points(stats: Sequence[Any], S: int, rule: str, need: str = "all") -> List[Solution]:
+    """Solves the statistics of several points at once: one :class:`Solution` per statistic, in order.
+
+    :class:`EigenStatistic` points (exactly that class, kernels backend, one process) are batched:
+    those that kept their rows go through ONE multi-point :func:`topoderiv.ops.sensitivity_topk`
+    call per (route, k, tolerance, warm start or not) (points of one shape in one launch), those
+    with dense blocks through one grouped :func:`topoderiv.ops.lanczos_topk` per (shape, dtype,
+    k, tolerance); the same results as solving them one by one. Every other statistic is solved by
+    its own ``solve``. ``need="top"``: as :meth:`EigenStatistic.solve`.
+    """
+    out: List[Optional[Solution]] = [None] * len(stats)
+    rows: Dict[Tuple[Any, ...], List[Tuple[int, EigenPlan, int]]] = {}
+    dense: Dict[Tuple[Any, ...], List[Tuple[int, EigenPlan, int]]] = {}
+    for i, st in enumerate(stats):
+        if type(st) is not EigenStatistic or st.backend != "kernels" or st.comm is not None:
+            out[i] = st.solve(S, rule, need) if isinstance(st, EigenStatistic) else st.solve(S, rule)
+            continue
+        k = st.solve_k(rule)
+        nd = need if rule == "top" else "all"
+        plan = st.plan(S, k, nd)
+        if plan.kind == "rows":
+            assert plan.u is not None
+            rows.setdefault((plan.route, k, plan.tol, plan.v0 is None, st.bias, plan.u.dtype, nd), []).append((i, plan, k))
+        elif plan.kind == "blocks":
+            assert plan.blocks is not None
+            dense.setdefault((tuple(plan.blocks.shape), plan.blocks.dtype, plan.blocks.device, k, plan.tol, nd),
+                             []).append((i, plan, k))
+        else:
+            out[i] = st.solution(rule, k, *st.finish_other(plan, k, nd))
+    for key, items in rows.items():
+        route, k, tol, _, bias, _, nd = key
+        res = ops.sensitivity_topk([pl.u for _, pl, _ in items], [pl.q for _, pl, _ in items], k=k, bias=bias,
+                                   route=route, tol=tol, v0=[pl.v0 for _, pl, _ in items], need=nd)
+        for (i, pl, kk), r in zip(items, res):
+            st = stats[i]
+            out[i] = st.solution(rule, kk, *st.finish(pl, r.values, r.vectors, r.converged, r.early, kk))
+    for key, items in dense.items():
+        k, tol, nd = key[3], key[4], key[5]
+        n = items[0][1].blocks.shape[0]  # type: ignore[union-attr]
+        a = torch.cat([pl.blocks for _, pl, _ in items]) if len(items) > 1 else items[0][1].blocks
+        res = ops.lanczos_topk(a, k, tol=tol, norm_group=max(1, n), need=nd)
+        for j, (i, pl, kk) in enumerate(items):
+            st = stats[i]
+            sl = slice(j * n, (j + 1) * n)
+            out[i] = st.solution(rule, kk, *st.finish(pl, res.values[sl], res.vectors[sl], res.converged[sl],
+                                                       res.early[sl], kk))
+    return out  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -39,6 +39,18 @@ struct LanczosParams {
   // 1 = every problem relative to its own norm.
   int64_t norm_group = 1;
   uint64_t seed = 0;
+  // Problem b draws its seeded start vectors as problem b % seed_period (0: as problem b): a batch
+  // of several operators of n problems each (several insertion points, seed_period = n) then starts
+  // every point exactly as a call with that point alone would.
+  int64_t seed_period = 0;
+  // What the caller needs. 0 (kNeedAll): every problem to tolerance. 1 (kNeedTop): per norm group,
+  // only the problem holding the largest eigenvalue: a problem stops early as soon as its upper
+  // estimate theta_1 + |beta_j| (largest Ritz value plus the residual norm of the Lanczos relation,
+  // after >= 2 steps and outside an invariant subspace) is below the best lower bound of its group
+  // (the largest Ritz value of any of its problems); its values are then lower bounds (Ritz values)
+  // and its vectors unconverged. early_host[b] (HOST memory, optional) is set to 1 for those.
+  int need = 0;
+  uint8_t* early_host = nullptr;  // [B] host, written by the driver; may be nullptr
   // Optional start vectors [B, m] (dtype, contiguous): problem b starts from v0[b] (normalised
   // here in dtype: pass rows of order-1 scale; topoderiv/ops.py normalises them in double)
   // instead of its seeded random vector; an all-zero row falls back to the random one. Only the
@@ -125,6 +137,9 @@ void lanczos_topk_cpu(const LanczosParams& params);
 #ifdef TOPODERIV_WITH_CUDA
 void lanczos_topk_cuda(const LanczosParams& params);
 #endif
+
+constexpr int kNeedAll = 0;
+constexpr int kNeedTop = 1;
 
 // Symmetric tridiagonal eigensolver (implicit QL, Wilkinson shifts), in double.
 // d[0..n) diagonal (overwritten by eigenvalues, unsorted), e[0..n-1) off-diagonal (destroyed).
