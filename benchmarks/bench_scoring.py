@@ -7,7 +7,10 @@ briefly trained first so costates are realistic. One epoch = one pass of Adam ov
 samples in batches of 64. Scoring implementations, timed interleaved in one process:
 
 - capture only: the forward + backward pass that gives states and costates (a floor for scoring),
-- topoderiv: ``topoderiv.score`` (kernels; auto route; matrix-free solves warm-started),
+- topoderiv: ``topoderiv.score`` (kernels; auto route; matrix-free solves warm-started; all
+  points' solves batched in one multi-point call),
+- topoderiv, need=top: the same, only the block holding each point's mu solved to tolerance (the
+  others stop as soon as they cannot win; mu, block and phi unchanged),
 - topoderiv, cold start: the same without the subspace warm start (random starts, tol 1e-4),
 - torch einsum + eigh: ``topoderiv.score(backend="torch")`` (plain-PyTorch blocks, batched eigh),
 - reference code: one dense eigh of the whole (n m) x (n m) matrix Q per point (where it fits).
@@ -93,6 +96,7 @@ def main(argv=None):
             "one training epoch": lambda: fit(model, opt, train, loss_fn, 1),
             "capture only (forward + backward)": lambda: capture_all(model, score_data, loss_fn),
             "topoderiv.score": lambda: td.score(model, score_data, loss_fn),
+            "topoderiv.score, need=top": lambda: td.score(model, score_data, loss_fn, need="top"),
             "topoderiv.score, cold start (tol 1e-4)": lambda: cold_score(model, score_data, loss_fn),
             "torch einsum + eigh": lambda: td.score(model, score_data, loss_fn, backend="torch"),
         }
@@ -102,6 +106,7 @@ def main(argv=None):
             fns.pop("torch einsum + eigh")  # 4 GB of blocks per point and 1024 eighs of 1025^2: minutes
         t = interleaved(fns, repeats=args.repeats if w < 1024 else 1, warmup=1 if w < 1024 else 0, device=kind)
         reps = {"topoderiv.score": td.score(model, score_data, loss_fn),
+                "topoderiv.score, need=top": td.score(model, score_data, loss_fn, need="top"),
                 "topoderiv.score, cold start (tol 1e-4)": cold_score(model, score_data, loss_fn)}
         ref = td.score(model, score_data, loss_fn, backend="torch") if w < 1024 else None
         for k, v in t.items():

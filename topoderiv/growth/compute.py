@@ -118,6 +118,22 @@ def _sens_lanczos_flops(x: Tensor, p: Tensor, bias: bool, *rest: Any, out_val: A
     return 4 * N * m * total
 
 
+def _blocks_batched_flops(x: Tensor, p: Tensor, bias: bool, *rest: Any, out_val: Any = None, **kwargs: Any) -> int:
+    """``sensitivity_blocks_batched(x [L, N, d], p [L, N, n])``: L times :func:`_blocks_flops`."""
+    return int(x.shape[0]) * _blocks_flops(x[0], p[0], bias) if x.shape[0] else 0
+
+
+def _sens_lanczos_batched_flops(x: Tensor, p: Tensor, bias: bool, *rest: Any, out_val: Any = None,
+                                **kwargs: Any) -> int:
+    """Batched matrix-free Lanczos (``x [L, N, d]``, steps ``[L, n]``): :func:`_sens_lanczos_flops` per point."""
+    if out_val is None or not x.shape[0]:
+        return 0
+    N, m, n = int(x.shape[1]), int(x.shape[2]) + int(bool(bias)), int(p.shape[2])
+    steps = out_val[3].to(torch.int64)
+    total = int(steps.amax(dim=1).sum()) * n if x.device.type == "cuda" else int(steps.sum())
+    return 4 * N * m * total
+
+
 def _matvec_flops(x: Tensor, p: Tensor, v: Tensor, bias: bool, *rest: Any, out_val: Any = None, **kwargs: Any) -> int:
     """``sensitivity_matvec``: ``2 N n m`` multiply-adds."""
     N, d = _shape2(x)
@@ -164,6 +180,9 @@ def _formulas() -> Dict[Any, Callable[..., int]]:
             t.lanczos_topk: _raw(_lanczos_flops),
             t.sensitivity_lanczos: _raw(_sens_lanczos_flops),
             t.sensitivity_matvec: _raw(_matvec_flops),
+            t.sensitivity_blocks_batched: _raw(_blocks_batched_flops),
+            t.lanczos_topk_batched: _raw(_lanczos_flops),
+            t.sensitivity_lanczos_batched: _raw(_sens_lanczos_batched_flops),
             torch.ops.aten._linalg_eigh: _eigh_flops,
             torch.ops.aten._linalg_svd: _svd_flops,
         }
@@ -174,7 +193,8 @@ def _formulas() -> Dict[Any, Callable[..., int]]:
 # the package's ops, by what their FLOPs are reported as
 _OPS_GROUPS = {"sensitivity_blocks": "blocks", "sensitivity_blocks_accumulate_": "blocks",
                "lanczos_topk": "dense_lanczos", "sensitivity_lanczos": "matfree_lanczos",
-               "sensitivity_matvec": "matvec"}
+               "sensitivity_matvec": "matvec", "sensitivity_blocks_batched": "blocks",
+               "lanczos_topk_batched": "dense_lanczos", "sensitivity_lanczos_batched": "matfree_lanczos"}
 
 
 class _CountingMode(TorchDispatchMode):
@@ -252,7 +272,9 @@ class FlopCounter:
             self.ops_flops += flops
             group = _OPS_GROUPS.get(name)
             if group in ("dense_lanczos", "matfree_lanczos"):
-                self.solves["dense" if group == "dense_lanczos" else "matfree"] += 1
+                # a batched call ([L, n] steps) solves L points
+                self.solves["dense" if group == "dense_lanczos" else "matfree"] += \
+                    int(out[3].shape[0]) if out[3].dim() == 2 else 1
                 self.lanczos_steps += int(out[3].to(torch.int64).sum())
         else:
             self.torch_flops += flops
