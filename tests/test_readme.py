@@ -1,6 +1,7 @@
 """Every ```python block of README.md runs as it stands.
 
-Each block is one test (id ``README.md:L<line of its fence>``), run on its own in a fresh namespace
+Each block is one test (id ``README.md:L<line of its fence>``, ``-timm`` appended when it imports
+timm), run on its own in a fresh namespace
 in a temporary working directory (files it writes, e.g. ``runs/...``, land there):
 
 1. names check (instant): every name the block reads must be bound in the block (assigned,
@@ -12,11 +13,15 @@ in a temporary working directory (files it writes, e.g. ``runs/...``, land there
 Convention: a block that is not meant to run (pseudo-code, an excerpt, a long job) is marked with
 the HTML comment ``<!-- not-run -->`` on the last non-blank line before its opening fence; it is
 then skipped (reported as skipped, with its line). Blocks of other languages (```bash) are never run.
+A block that imports ``timm`` (an optional dependency) is skipped where timm is not installed,
+except under ``TOPODERIV_REQUIRE_TIMM=1`` (CI's timm environment), where it must run.
 """
 from __future__ import annotations
 
 import ast
 import builtins
+import importlib.util
+import os
 import re
 from pathlib import Path
 from typing import List, NamedTuple, Set
@@ -78,6 +83,16 @@ def unbound_names(code: str) -> Set[str]:
     return read - bound - set(dir(builtins))
 
 
+def imports_timm(code: str) -> bool:
+    """Whether a block imports the optional dependency timm."""
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "timm" for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "timm":
+            return True
+    return False
+
+
 BLOCKS = python_blocks(README.read_text()) if README.is_file() else []
 
 
@@ -95,12 +110,18 @@ def test_the_checks_can_fail():
     assert unbound_names(b[0].code) == {"x2"} and unbound_names(b[1].code) == {"foo"}
     assert unbound_names(b[2].code) == set()
     assert unbound_names("def f(a, *b, **c):\n    return a, b, c, d\n[z for z in range(3)]\n") == {"d"}
+    assert imports_timm("import torch, timm\n") and imports_timm("from timm.layers import Mlp\n")
+    assert not imports_timm("import timmy\nfrom topoderiv.models import timm_model\n")
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[f"README.md:L{b.line}" for b in BLOCKS])
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"README.md:L{b.line}" + ("-timm" if imports_timm(b.code) else "")
+                                                for b in BLOCKS])
 def test_readme_python_block_runs(block, tmp_path, monkeypatch):
     if block.not_run:
         pytest.skip(f"README.md line {block.line}: marked {NOT_RUN}")
+    if imports_timm(block.code) and importlib.util.find_spec("timm") is None \
+            and os.environ.get("TOPODERIV_REQUIRE_TIMM") != "1":
+        pytest.skip(f"README.md line {block.line}: needs timm (pip install '.[timm]')")
     missing = unbound_names(block.code)
     assert not missing, (f"README.md block at line {block.line} uses names it never defines: "
                          f"{', '.join(sorted(missing))}")

@@ -210,7 +210,10 @@ def conv_subspace_start(u: Tensor, q: Tensor, kernel_size: int, bias: bool, rank
                 pt = torch.cat([pt, pt.new_ones(pt.shape[0], 1)], dim=1)
             gram.addmm_(pt.mT, pt)
     r = min(int(rank), m)
-    _, basis = torch.linalg.eigh(gram)
+    try:
+        _, basis = torch.linalg.eigh(gram)
+    except torch.linalg.LinAlgError:  # float32 syevd fails on Grams with many exact zeros (e.g. 1x1 images: padding)
+        basis = torch.linalg.eigh(gram.double())[1].to(acc)
     basis = basis[:, -r:]  # [m, r]
     weight = basis[:d].mT.reshape(r, C, k, k)
     z = F.conv2d(u.to(acc), weight, basis[d] if bias else None, padding=k // 2)  # [N, r, H, W]
