@@ -136,6 +136,7 @@ fi
 # ---- 5. the issue-9 GPU benchmarks -----------------------------------------------------------------
 # shellcheck disable=SC2086
 run_step "bench_gpu.py" bench_gpu.log 150 "$PYTHON" benchmarks/bench_gpu.py --repeats 3 ${BENCH_ARGS:-}
+run_step "bench_vit.py --device cuda" bench_vit.log 150 "$PYTHON" benchmarks/bench_vit.py --device cuda  # issue-10 ViT-S/B targets
 
 # ---- 6. compute-sanitizer on a small run of every CUDA op --------------------------------------------
 SANITIZER="$(command -v compute-sanitizer || true)"

@@ -16,6 +16,7 @@ CASES = {
     "bench_ops": ["--quick", "--only", "blocks,lanczos"],
     "bench_scoring": ["--widths", "16", "--samples", "128", "--repeats", "1"],
     "bench_sites": ["--quick", "--repeats", "1"],
+    "bench_vit": ["--quick", "--repeats", "1", "--models", "S"],
 }
 
 
