@@ -16,6 +16,7 @@ from topoderiv.models import ResidualCNN, ResidualMLP, ViT
 SMALL = {
     "digits-images": dict(n_train=120, n_val=40),
     "navier-stokes": dict(n_train=12, n_val=4, n_test=4, size=16, t_final=1.0, dt=0.1),
+    "textures": dict(n_train=64, n_val=16, n_test=16),
 }
 
 
@@ -121,12 +122,14 @@ def test_build_model_errors():
         t.build_model(model="vit", width=9)
 
 
-@pytest.mark.parametrize("kind,insert", [("cnn", "conv"), ("vit", "transformer_block"), ("vit", "tokens")])
-def test_growth_smoke_digits_images(kind, insert, tmp_path):
+@pytest.mark.parametrize("task,kind,insert", [("digits-images", "cnn", "conv"),
+                                              ("digits-images", "vit", "transformer_block"),
+                                              ("digits-images", "vit", "tokens"), ("textures", "cnn", "conv")])
+def test_growth_smoke(task, kind, insert, tmp_path):
     """One topological insertion through the Grower on a tiny config; the grown model saves and loads."""
-    t = get_task("digits-images", seed=0, n_train=96, n_val=32)
+    t = get_task(task, seed=0, n_train=96, n_val=32, **({"n_test": 16} if task == "textures" else {}))
     cfg = ModelConfig(width=8, depth=1, lr=3e-3, batch_size=32, model=kind, channels=(4, 8), embed_dim=8,
-                      num_heads=2, patch_size=4, mlp_ratio=2.0)
+                      num_heads=2, patch_size=4, mlp_ratio=2.0, block_activation=t.config.block_activation)
     model = t.build_model(config=cfg, insert=insert, seed=0)
     n_sites = len(topoderiv.candidate_points(model))
     g = Grower(model, cfg.make_optimizer, t.loader("train", seed=0), t.loader("val"), t.loss_fn,
@@ -135,7 +138,7 @@ def test_growth_smoke_digits_images(kind, insert, tmp_path):
     assert len(hist.insertions) == 1, hist.meta.get("stop_reason")
     assert len(topoderiv.candidate_points(model)) == n_sites + 1
     out = model(t.test[0][:5])
-    assert out.shape == (5, 10) and torch.isfinite(out).all()
+    assert out.shape == (5, t.d_out) and torch.isfinite(out).all()
     save(model, tmp_path / "ck")
     loaded = load(tmp_path / "ck")
     with torch.no_grad():
@@ -198,3 +201,51 @@ def test_field_models_unpatchify_like_the_target():
         cnn.head.bias.zero_()
         cnn.head.weight[0, 0] = 1.0
     assert torch.allclose(cnn(x), x.reshape(3, -1), atol=1e-6)
+
+
+def test_textures_task_content():
+    """Without noise the bands are exact stripes of the drawn orientation; the label is 'same orientation'."""
+    t = get_task("textures", seed=1, n_train=200, n_val=20, n_test=20, noise=0.0)
+    assert t.config.model == "cnn" and t.config.channels == (16,) and t.config.block_activation == "relu"
+    x = torch.cat([t.train[0], t.val[0], t.test[0]])[:, 0].double()
+    y = torch.cat([t.train[1], t.val[1], t.test[1]])
+    band, size = t.info["band_columns"], t.info["size"]
+    assert band == 5 and size == 16 and t.info["gap"] == 6
+    orient = []
+    for cols in (slice(0, band), slice(size - band, size)):
+        b = x[:, :, cols]
+        along_rows = (b[:, 1:, :] - b[:, :-1, :]).abs().mean(dim=(1, 2))  # large for horizontal stripes
+        along_cols = (b[:, :, 1:] - b[:, :, :-1]).abs().mean(dim=(1, 2))
+        assert bool(((along_rows < 1e-6) ^ (along_cols < 1e-6)).all())  # exactly one direction is constant
+        orient.append(along_cols < 1e-6)  # horizontal stripes: constant along each row
+    assert torch.equal(y, (orient[0] == orient[1]).long())
+    gap = x[:, :, band : size - band]
+    assert float((gap - gap[0, 0, 0]).abs().max()) < 1e-6  # background only (standardised zero)
+    assert 0.4 < float(y.float().mean()) < 0.6
+    m = t.build_model(seed=0)
+    assert [type(b.activation).__name__ for b in m.stages[0]] == ["ReLU", "ReLU"]
+    assert type(m.new_block(0).activation).__name__ == "TDActivation"
+    with pytest.raises(ValueError, match=r"gap must be an int in \[0, size - 4\]"):
+        get_task("textures", gap=14)
+    with pytest.raises(ValueError, match="block_activation must be None or one of"):
+        ModelConfig(width=4, block_activation="swish2")
+
+
+def test_textures_shallow_cnn_cannot_see_both_bands():
+    """The initial CNN's receptive field (3 + 2 * 2 = 7 pixels) never covers both bands: the output's
+    gradient at any one pre-pooling position reaches one band at most. Checked by autograd on the
+    stream before pooling."""
+    t = get_task("textures", seed=0, **SMALL["textures"])
+    m = t.build_model(seed=0)
+    x = t.test[0][:1].clone().requires_grad_(True)
+    h = m.stages[0](m.stem(x))  # [1, C, 16, 16]
+    band, size = t.info["band_columns"], t.info["size"]
+    for j in range(size):
+        (g,) = torch.autograd.grad(h[0, :, 8, j].sum(), x, retain_graph=True)
+        cols = g[0, 0].abs().sum(0) > 0
+        assert not (cols[:band].any() and cols[size - band :].any()), j
+    deep = t.build_model(3, seed=0)
+    h = deep.stages[0](deep.stem(x))
+    (g,) = torch.autograd.grad(h[0, :, 8, 7].sum(), x)
+    cols = g[0, 0].abs().sum(0) > 0
+    assert cols[:band].any() and cols[size - band :].any()  # depth 3: receptive field 9 spans the gap

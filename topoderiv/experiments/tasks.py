@@ -45,6 +45,7 @@ __all__ = [
     "digits_task",
     "digits_images_task",
     "navier_stokes_task",
+    "textures_task",
     "regression_task",
     "sample_log_kappa",
 ]
@@ -80,6 +81,9 @@ class ModelConfig:
         embed_dim: ViT token width. patch_size: ViT patch size (divides the image size).
         num_heads: ViT attention heads (divides ``embed_dim``). mlp_ratio: ViT MLP hidden width /
             ``embed_dim``.
+        block_activation: activation of the initial MLP/CNN blocks (a registered name, e.g.
+            ``"relu"``); None = the model's default (:class:`~topoderiv.method.activations.TDActivation`).
+            Blocks inserted by growth keep the admissible ``"td"`` either way.
     """
 
     width: int
@@ -96,6 +100,7 @@ class ModelConfig:
     patch_size: int = 2
     num_heads: int = 2
     mlp_ratio: float = 2.0
+    block_activation: Optional[str] = None
 
     def __post_init__(self) -> None:
         fn = "ModelConfig"
@@ -117,6 +122,12 @@ class ModelConfig:
         if not (isinstance(self.mlp_ratio, (int, float)) and not isinstance(self.mlp_ratio, bool)
                 and self.mlp_ratio > 0):
             raise ValueError(f"{fn}: mlp_ratio must be a number > 0, got {self.mlp_ratio!r}")
+        if self.block_activation is not None:
+            from ..method.activations import ACTIVATIONS
+
+            if self.block_activation not in ACTIVATIONS:
+                raise ValueError(f"{fn}: block_activation must be None or one of {sorted(ACTIVATIONS)}, got "
+                                 f"{self.block_activation!r}")
 
     @property
     def total_epochs(self) -> int:
@@ -368,7 +379,8 @@ class Task:
                 a budget's config (e.g. :func:`topoderiv.experiments.compare.make_budget`'s) so its
                 overrides apply.
             **kwargs: passed to the model's constructor (e.g. activations, ``kernel_size``,
-                ``global_pool``).
+                ``global_pool``). ``config.block_activation``, when set, is passed to an MLP or CNN as
+                ``block_activation`` with ``insert_activation="td"`` (unless given here).
 
         Returns:
             the model; its ``forward(x)`` returns ``[N, d_out]`` (what ``loss_fn`` and ``metric`` take).
@@ -398,6 +410,9 @@ class Task:
                              f"x [N, {self.d_in}]: use model 'mlp'")
         if seed is not None:
             torch.manual_seed(seed)
+        if kind != "vit" and cfg.block_activation is not None and "block_activation" not in kwargs:
+            kwargs["block_activation"] = cfg.block_activation
+            kwargs.setdefault("insert_activation", "td")
         if kind == "mlp":
             if self.in_shape is not None:
                 kwargs.setdefault("flatten", True)
@@ -879,6 +894,96 @@ def navier_stokes_task(
     )
 
 
+def textures_task(
+    *,
+    seed: int = 0,
+    n_train: int = 2000,
+    n_val: int = 500,
+    n_test: int = 1000,
+    size: int = 16,
+    gap: int = 6,
+    noise: float = 0.3,
+    config: Optional[ModelConfig] = None,
+) -> Task:
+    """A synthetic image task whose label composes two features far apart: depth matters.
+
+    Every ``size x size`` image has a textured band on the left and one on the right, each
+    ``(size - gap) // 2`` columns wide, separated by ``gap`` columns of background; each band is
+    striped horizontally or vertically (period 2, contrast 0.75 to 1.25), and Gaussian noise of
+    standard deviation ``noise`` covers the image. Label: 1 when the two bands have the same
+    orientation, 0 otherwise (balanced: the four orientation pairs are equally likely).
+
+    Why depth matters: a feature whose receptive field sees only one band contributes, after global
+    average pooling, an additive ``a(left) + b(right)``, and no function of such a sum (let alone the
+    linear head) is the XOR of the two orientations. The network must see both bands at once, across
+    the gap, and a one-stage residual CNN's receptive field is ``3 + 2 * depth`` pixels: with the
+    default gap 6 it must reach 8 columns, so the initial CNN (2 blocks, receptive field 7) is at
+    chance and depth >= 3 can solve the task. The default CNN has ReLU blocks
+    (``block_activation="relu"``): blocks of the TD activation start in its quadratic regime and
+    did not leave the task's saddle (XOR has no first-order signal) within the budget even at depth
+    6; blocks inserted by growth are TD as always. A ViT (global attention) or the MLP (fixed band
+    positions) solve the task at any depth. Inputs ``x [N, 1, size, size]`` float32 (standardised
+    by one scalar), ``y [N]`` int64; cross-entropy; test metric: accuracy.
+
+    Args:
+        seed: data seed. n_train, n_val, n_test: split sizes. size: image side.
+        gap: background columns between the bands (``size - gap >= 4``).
+        noise: noise level. config: network/budget override.
+    """
+    fn = "textures_task"
+    for name, val in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{fn}: {name} must be an int >= 1, got {val!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 6:
+        raise ValueError(f"{fn}: size must be an int >= 6, got {size!r}")
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0 or size - gap < 4:
+        raise ValueError(f"{fn}: gap must be an int in [0, size - 4] = [0, {size - 4}], got {gap!r}")
+    if not noise >= 0:
+        raise ValueError(f"{fn}: noise must be >= 0, got {noise}")
+    gen = torch.Generator().manual_seed(int(seed))
+    n = n_train + n_val + n_test
+    band = (size - gap) // 2
+    orient = torch.randint(0, 2, (n, 2), generator=gen)  # 0 horizontal, 1 vertical; left, right
+    contrast = 0.75 + 0.5 * torch.rand(n, 2, generator=gen, dtype=torch.float64)
+    r = torch.arange(size)[:, None].expand(size, size)
+    c = torch.arange(size)[None, :].expand(size, size)
+    img = noise * torch.randn(n, size, size, generator=gen, dtype=torch.float64)
+    for k, cols in enumerate((c < band, c >= size - band)):
+        coord = torch.where(orient[:, k, None, None] == 0, r, c)  # horizontal stripes vary along rows
+        stripes = ((coord % 2) * 2 - 1).double()
+        img = img + stripes * contrast[:, k, None, None] * cols
+    labels = (orient[:, 0] == orient[:, 1]).long()
+    mean, std = img[:n_train].mean(), img[:n_train].std()
+    x = ((img - mean) / std).float()[:, None]
+    splits = _split3(x, labels, n_train, n_val)
+    cfg = config or ModelConfig(width=64, depth=2, lr=2e-3, batch_size=64, epochs_per_round=5, rounds=4, max_depth=10,
+                                model="cnn", channels=(16,), embed_dim=32, patch_size=4, num_heads=2, mlp_ratio=2.0,
+                                block_activation="relu")
+    info = {
+        "bands": "left and right, horizontal or vertical stripes (period 2), random phase and contrast [0.5, 1.5]",
+        "label": "1 if both bands have the same orientation",
+        "size": size,
+        "band_columns": band,
+        "gap": gap,
+        "noise": noise,
+        "samples": {"train": n_train, "val": n_val, "test": n_test},
+    }
+    return Task(
+        name="textures",
+        train=splits[0],
+        val=splits[1],
+        test=splits[2],
+        loss_fn=F.cross_entropy,
+        metric=Metric("accuracy", _accuracy, higher_is_better=True),
+        d_in=size * size,
+        d_out=2,
+        config=cfg,
+        seed=int(seed),
+        info=info,
+        in_shape=(1, size, size),
+    )
+
+
 def _regression_fn(x: Tensor) -> Tensor:
     x1, x2 = x[:, 0], x[:, 1]
     return (torch.sin(math.pi * x1) * torch.cos(math.pi * x2) + 0.5 * torch.sin(2 * math.pi * x1 * x2))[:, None]
@@ -928,6 +1033,7 @@ _TASKS: Dict[str, Callable[..., Task]] = {
     "regression": regression_task,
     "digits-images": digits_images_task,
     "navier-stokes": navier_stokes_task,
+    "textures": textures_task,
 }
 
 
