@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -123,6 +124,21 @@ TD_TARGET_CLONES void blocks_tile(const Tin* x, int64_t ldx, int64_t d, int64_t 
   alignas(64) Tacc acc[MR * nr];
   for (int64_t r0 = 0; r0 < n; r0 += MR) {
     const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
+    // The outputs of the next row block: MR rows m^2 elements apart, so the hardware prefetcher
+    // does not see them coming; requested now, they arrive during this block's K loop.
+    if (r0 + MR < n) {
+      const int64_t rp = r0 + MR;
+      const int mp = static_cast<int>(std::min<int64_t>(MR, n - rp));
+      for (int ii = 0; ii < mp; ++ii) {
+        const Tacc* o = out + (rp + ii) * mm;
+        for (int q = 0; q < nruns; ++q) {
+          const Run& ru = runs[q];
+          const Tacc* a = o + ru.i * m + ru.j0;
+          for (int c = 0; c < ru.c1 - ru.c0; c += kLanes<Tacc>) __builtin_prefetch(a + c, 1, 3);
+          __builtin_prefetch(a + (ru.c1 - ru.c0) - 1, 1, 3);
+        }
+      }
+    }
     if (nruns == 1) {  // one run: the outputs are contiguous, add in place
       const Run& ru = runs[0];
       microkernel<Tacc>(kc, Apack + (r0 / MR) * KC * MR, Bp, out + r0 * mm + ru.i * m + ru.j0, mm, mr, 0, used);
@@ -206,63 +222,162 @@ void blocks_impl(const SensitivityBlocksParams& P) {
 
 // ---------------------------------------------------------------------------------------------
 // matvec
+//
+// Per chunk of KC samples, with Xt the chunk's augmented rows:
+//   GEMM-1  Y = Xt V^T  [kc, n]: A is read straight from the rows of x (MR row pointers, one
+//           broadcast per row and feature: no transposed copy), B = V^T in panels packed once per
+//           call, whose width follows n (32, 16 or 8 columns: few active blocks waste no lanes);
+//           the bias feature initialises the accumulators with V^T's last row.
+//   GEMM-2  out += (P .* Y)^T Xt: A panels A2[k, ii] = p[k, r0+ii] Y[k, r0+ii] (MR blocks), B read
+//           straight from x's rows in tiles of 32 features (the last d % 32 features from a small
+//           zero-padded copy); the bias column of out is the column sum of A2, summed while packing.
+// Inputs of another type than the accumulation (bf16, or fp32 accumulated in fp64) are converted
+// chunk by chunk into a row-major buffer first.
 
-// GEMM-1 A panel: Xp[i, ii] = xt[s0 + ii, i]  (K = m features, MR samples).
-template <typename Tin, typename Tacc>
-TD_TARGET_CLONES void pack_x_rows(const Tin* x, int64_t ldx, int64_t d, int64_t m, int64_t rows, Tacc* Xp) {
-  for (int ii = 0; ii < MR; ++ii) {
-    if (ii < rows) {
-      const Tin* row = x + ii * ldx;
-      for (int64_t i = 0; i < m; ++i) Xp[i * MR + ii] = feat<Tacc>(row, i, d);
-    } else {
-      for (int64_t i = 0; i < m; ++i) Xp[i * MR + ii] = Tacc(0);
+template <typename T> struct HalfVecOf;
+template <> struct HalfVecOf<float> { typedef float type __attribute__((vector_size(32))); };
+template <> struct HalfVecOf<double> { typedef double type __attribute__((vector_size(32))); };
+
+template <typename V, typename T> TD_INLINE V vld(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T> TD_INLINE void vst(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+
+// C[i, c] (+)= init[c] + sum_k a_i[k * sa] * B[k * ldb + c] for i < mr, c < hi (NV vectors V wide).
+// a_i = A + i * ra; rows i >= mr are never read (their pointer is row 0's).
+template <typename T, typename V, int NV, bool kAdd>
+TD_INLINE void mk_strided(int64_t K, const T* A, int64_t sa, int64_t ra, const T* __restrict B, int64_t ldb,
+                          const T* __restrict init, T* __restrict C, int64_t ldc, int mr, int hi) {
+  constexpr int W = sizeof(V) / sizeof(T);
+  const T* a[MR];
+  for (int i = 0; i < MR; ++i) a[i] = A + (i < mr ? i : 0) * ra;
+  V acc[MR][NV];
+  for (int v = 0; v < NV; ++v) {
+    const V z = init ? vld<V>(init + v * W) : V{};
+    for (int i = 0; i < MR; ++i) acc[i][v] = z;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = vld<V>(B + k * ldb + v * W);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const T ai = a[i][k * sa];
+      for (int v = 0; v < NV; ++v) acc[i][v] += b[v] * ai;
+    }
+  }
+  if (mr == MR && hi == NV * W) {
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) {
+        T* c = C + i * ldc + v * W;
+        vst<V>(c, kAdd ? vld<V>(c) + acc[i][v] : acc[i][v]);
+      }
+  } else {
+    alignas(64) T tmp[NV * W];
+    for (int i = 0; i < mr; ++i) {
+      for (int v = 0; v < NV; ++v) vst<V>(tmp + v * W, acc[i][v]);
+      T* c = C + i * ldc;
+      for (int j = 0; j < hi; ++j) c[j] = kAdd ? c[j] + tmp[j] : tmp[j];
     }
   }
 }
 
-// GEMM-2 B panel: XB[k, c] = xt[s0 + k, j0 + c]  (K = kc samples, NR features).
-template <typename Tin, typename Tacc>
-TD_TARGET_CLONES void pack_x_cols(const Tin* x, int64_t ldx, int64_t d, int64_t m, int64_t kc, int64_t j0, Tacc* XB) {
-  constexpr int nr = NR<Tacc>;
-  const int hi = static_cast<int>(std::min<int64_t>(nr, m - j0));
-  for (int64_t k = 0; k < kc; ++k) {
-    const Tin* row = x + k * ldx;
-    for (int c = 0; c < hi; ++c) XB[k * nr + c] = feat<Tacc>(row, j0 + c, d);
-    for (int c = hi; c < nr; ++c) XB[k * nr + c] = Tacc(0);
+// Column tiles of V^T (GEMM-1's B): width 32 while more than 16 columns remain, then 16 or 8.
+struct VTile { int64_t c0; int w; int64_t off; };
+template <typename T>
+inline std::vector<VTile> v_tiles(int64_t n, int64_t m) {
+  constexpr int L = kLanes<T>;
+  std::vector<VTile> t;
+  int64_t off = 0;
+  for (int64_t c0 = 0; c0 < n;) {
+    const int64_t rem = n - c0;
+    const int w = rem > L ? 2 * L : (rem > L / 2 ? L : L / 2);
+    t.push_back(VTile{c0, w, off});
+    off += m * w;
+    c0 += std::min<int64_t>(w, rem);
   }
+  return t;
 }
 
-// GEMM-1 B panel: Vp[i, c] = v[r0 + c, i].
-template <typename Tacc>
-TD_TARGET_CLONES void pack_v_panel(const Tacc* v, int64_t n, int64_t m, int64_t r0, Tacc* Vp) {
-  constexpr int nr = NR<Tacc>;
-  const int hi = static_cast<int>(std::min<int64_t>(nr, n - r0));
+template <typename T>
+TD_TARGET_CLONES void pack_v_tile(const T* v, int64_t n, int64_t m, VTile t, T* Vp) {
+  const int hi = static_cast<int>(std::min<int64_t>(t.w, n - t.c0));
   for (int64_t i = 0; i < m; ++i) {
-    for (int c = 0; c < hi; ++c) Vp[i * nr + c] = v[(r0 + c) * m + i];
-    for (int c = hi; c < nr; ++c) Vp[i * nr + c] = Tacc(0);
+    T* dst = Vp + t.off + i * t.w;
+    for (int c = 0; c < hi; ++c) dst[c] = v[(t.c0 + c) * m + i];
+    for (int c = hi; c < t.w; ++c) dst[c] = T(0);
   }
 }
 
-template <typename Tacc>
-TD_TARGET_CLONES void gemm1_task(int64_t m, const Tacc* Xp, const Tacc* Vp, Tacc* Y, int64_t ldy, int mr, int hi) {
-  microkernel<Tacc>(m, Xp, Vp, Y, ldy, mr, 0, hi);
+// GEMM-1 for one tile of V^T over the chunk's samples: Y[s, c0 + c] for s < kc.
+template <typename T>
+TD_TARGET_CLONES void gemm1_tile(const T* x, int64_t ldx, int64_t d, bool bias, int64_t kc, const T* Vp, VTile t,
+                                 int64_t n, T* Y) {
+  using V = typename VecOf<T>::type;
+  using H = typename HalfVecOf<T>::type;
+  const int hi = static_cast<int>(std::min<int64_t>(t.w, n - t.c0));
+  const T* B = Vp + t.off;
+  const T* init = bias ? B + d * t.w : nullptr;
+  for (int64_t s0 = 0; s0 < kc; s0 += MR) {
+    const int mr = static_cast<int>(std::min<int64_t>(MR, kc - s0));
+    const T* A = d > 0 ? x + s0 * ldx : B;  // never read when d == 0
+    T* C = Y + s0 * n + t.c0;
+    if (t.w == 2 * kLanes<T>) mk_strided<T, V, 2, false>(d, A, 1, ldx, B, t.w, init, C, n, mr, hi);
+    else if (t.w == kLanes<T>) mk_strided<T, V, 1, false>(d, A, 1, ldx, B, t.w, init, C, n, mr, hi);
+    else mk_strided<T, H, 1, false>(d, A, 1, ldx, B, t.w, init, C, n, mr, hi);
+  }
 }
 
-// GEMM-2 for one row block of out: A2[k, ii] = p[k, r0+ii] * Y[k, r0+ii], then out += A2^T XB.
-template <typename Tin, typename Tacc>
-TD_TARGET_CLONES void gemm2_task(const Tin* p, int64_t ldp, const Tacc* Y, int64_t n, int64_t m, int64_t kc,
-                                 int64_t r0, const Tacc* XB, Tacc* A2, Tacc* out) {
-  constexpr int nr = NR<Tacc>;
+// GEMM-2 for one row block r0 of out over the chunk (see above). XT: the tail features
+// [d - d % NR, d) as a zero-padded [kc, NR] copy (unused when d % NR == 0).
+template <typename T, typename Tp>
+TD_TARGET_CLONES void gemm2_block(const Tp* p, int64_t ldp, const T* Y, const T* x, int64_t ldx, int64_t d, bool bias,
+                                  int64_t n, int64_t m, int64_t kc, int64_t r0, const T* XT, T* A2, T* out) {
+  using V = typename VecOf<T>::type;
+  constexpr int nr = NR<T>;
   const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
+  T colsum[MR] = {};
   for (int64_t k = 0; k < kc; ++k) {
-    const Tin* prow = p + k * ldp + r0;
-    const Tacc* yrow = Y + k * n + r0;
-    for (int ii = 0; ii < mr; ++ii) A2[k * MR + ii] = convert<Tacc>(prow[ii]) * yrow[ii];
-    for (int ii = mr; ii < MR; ++ii) A2[k * MR + ii] = Tacc(0);
+    const Tp* prow = p + k * ldp + r0;
+    const T* yrow = Y + k * n + r0;
+    T* a = A2 + k * MR;
+    if (mr == MR) {
+#pragma GCC unroll 8
+      for (int ii = 0; ii < MR; ++ii) a[ii] = convert<T>(prow[ii]) * yrow[ii];
+    } else {
+      for (int ii = 0; ii < mr; ++ii) a[ii] = convert<T>(prow[ii]) * yrow[ii];
+      for (int ii = mr; ii < MR; ++ii) a[ii] = T(0);
+    }
+#pragma GCC unroll 8
+    for (int ii = 0; ii < MR; ++ii) colsum[ii] += a[ii];
   }
-  for (int64_t j0 = 0; j0 < m; j0 += nr) {
-    const int hi = static_cast<int>(std::min<int64_t>(nr, m - j0));
-    microkernel<Tacc>(kc, A2, XB + (j0 / nr) * KC * nr, out + r0 * m + j0, m, mr, 0, hi);
+  T* o = out + r0 * m;
+  const int64_t dfull = d / nr * nr;
+  for (int64_t j0 = 0; j0 < dfull; j0 += nr) mk_strided<T, V, 2, true>(kc, A2, MR, 1, x + j0, ldx, nullptr, o + j0, m, mr, nr);
+  const int rem = static_cast<int>(d - dfull);
+  if (rem > kLanes<T>) mk_strided<T, V, 2, true>(kc, A2, MR, 1, XT, nr, nullptr, o + dfull, m, mr, rem);
+  else if (rem > 0) mk_strided<T, V, 1, true>(kc, A2, MR, 1, XT, nr, nullptr, o + dfull, m, mr, rem);
+  if (bias)
+    for (int ii = 0; ii < mr; ++ii) o[ii * m + d] += colsum[ii];
+}
+
+// The chunk's rows as Tacc, row-major [kc, ldc] (only when Tin != Tacc).
+template <typename Tin, typename Tacc>
+TD_TARGET_CLONES void convert_rows(const Tin* x, int64_t ldx, int64_t d, int64_t kc, Tacc* dst, int64_t ldc) {
+  for (int64_t k = 0; k < kc; ++k)
+    for (int64_t i = 0; i < d; ++i) dst[k * ldc + i] = convert<Tacc>(x[k * ldx + i]);
+}
+
+// The tail features [dfull, d) of the chunk, zero-padded to NR columns.
+template <typename T>
+TD_TARGET_CLONES void pack_tail(const T* x, int64_t ldx, int64_t dfull, int64_t d, int64_t kc, T* XT) {
+  constexpr int nr = NR<T>;
+  const int rem = static_cast<int>(d - dfull);
+  for (int64_t k = 0; k < kc; ++k) {
+    T* dst = XT + k * nr;
+    std::memcpy(dst, x + k * ldx + dfull, sizeof(T) * rem);
+    for (int c = rem; c < nr; ++c) dst[c] = T(0);
   }
 }
 
@@ -272,15 +387,18 @@ TD_TARGET_CLONES void gemm2_task(const Tin* p, int64_t ldp, const Tacc* Y, int64
 template <typename Tin, typename Tacc>
 void matvec_impl(const SensitivityMatvecParams& P) {
   constexpr int nr = NR<Tacc>;
+  constexpr bool kDirect = std::is_same<Tin, Tacc>::value;
   const int64_t m = P.m(), n = P.n, d = P.d, N = P.N;
+  const bool bias = P.bias;
   const int64_t nchunks = (N + KC - 1) / KC;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(1, P.num_threads), nchunks)));
-  const int64_t nvt = (n + nr - 1) / nr;      // column tiles of V^T (GEMM-1)
-  const int64_t nxt = (m + nr - 1) / nr;      // column tiles of Xt (GEMM-2)
-  const int64_t nsb = (KC + MR - 1) / MR;     // sample row blocks per chunk
+  const std::vector<VTile> vt = v_tiles<Tacc>(n, m);
+  const int64_t vp_size = vt.back().off + m * vt.back().w;
   const int64_t nrb = (n + MR - 1) / MR;      // row blocks of out
-  const int64_t per_thread = nsb * m * MR + nxt * KC * nr + KC * n + KC * MR + n * m;
-  AlignedBuffer<Tacc> Vp(nvt * m * nr), work(static_cast<int64_t>(nt) * per_thread);
+  const int64_t ldc = (d + 15) / 16 * 16;     // converted rows (Tin != Tacc)
+  const int64_t conv_size = kDirect ? 0 : KC * ldc;
+  const int64_t per_thread = conv_size + KC * nr + KC * n + KC * MR + n * m;
+  AlignedBuffer<Tacc> Vp(vp_size), work(static_cast<int64_t>(nt) * per_thread);
   for (int64_t b = 0; b < P.batch; ++b) {
     const Tin* x = static_cast<const Tin*>(P.x) + b * P.x_bstride;
     const Tin* p = static_cast<const Tin*>(P.p) + b * P.p_bstride;
@@ -289,30 +407,32 @@ void matvec_impl(const SensitivityMatvecParams& P) {
 #pragma omp parallel num_threads(nt)
     {
       const int tid = thread_id(), T = num_threads_here();
-      Tacc* Xp = work.get() + static_cast<int64_t>(tid) * per_thread;
-      Tacc* XB = Xp + nsb * m * MR;
-      Tacc* Y = XB + nxt * KC * nr;
+      Tacc* Xc = work.get() + static_cast<int64_t>(tid) * per_thread;
+      Tacc* XT = Xc + conv_size;
+      Tacc* Y = XT + KC * nr;
       Tacc* A2 = Y + KC * n;
       Tacc* acc = A2 + KC * MR;
       std::fill(acc, acc + n * m, Tacc(0));
 #pragma omp for schedule(static)
-      for (int64_t t = 0; t < nvt; ++t) pack_v_panel<Tacc>(v, n, m, t * nr, Vp.get() + t * m * nr);
+      for (size_t t = 0; t < vt.size(); ++t) pack_v_tile<Tacc>(v, n, m, vt[t], Vp.get());
+      const int64_t dfull = d / nr * nr;
       for (int64_t c = nchunks * tid / T; c < nchunks * (tid + 1) / T; ++c) {
         const int64_t s0 = c * KC, kc = std::min(KC, N - s0);
-        const int64_t sbs = (kc + MR - 1) / MR;
-        const Tin* xs = x + s0 * P.x_rstride;
         const Tin* ps = p + s0 * P.p_rstride;
-        for (int64_t sb = 0; sb < sbs; ++sb)
-          pack_x_rows<Tin, Tacc>(xs + sb * MR * P.x_rstride, P.x_rstride, d, m, std::min<int64_t>(MR, kc - sb * MR),
-                                 Xp + sb * m * MR);
-        for (int64_t t = 0; t < nxt; ++t) pack_x_cols<Tin, Tacc>(xs, P.x_rstride, d, m, kc, t * nr, XB + t * KC * nr);
-        std::fill(Y, Y + kc * n, Tacc(0));
-        for (int64_t t = 0; t < nvt; ++t)
-          for (int64_t sb = 0; sb < sbs; ++sb)
-            gemm1_task<Tacc>(m, Xp + sb * m * MR, Vp.get() + t * m * nr, Y + sb * MR * n + t * nr, n,
-                             static_cast<int>(std::min<int64_t>(MR, kc - sb * MR)),
-                             static_cast<int>(std::min<int64_t>(nr, n - t * nr)));
-        for (int64_t rb = 0; rb < nrb; ++rb) gemm2_task<Tin, Tacc>(ps, P.p_rstride, Y, n, m, kc, rb * MR, XB, A2, acc);
+        const Tacc* xs;
+        int64_t ldx;
+        if constexpr (kDirect) {
+          xs = d > 0 ? x + s0 * P.x_rstride : nullptr;
+          ldx = P.x_rstride;
+        } else {
+          if (d > 0) convert_rows<Tin, Tacc>(x + s0 * P.x_rstride, P.x_rstride, d, kc, Xc, ldc);
+          xs = Xc;
+          ldx = ldc;
+        }
+        if (d > dfull) pack_tail<Tacc>(xs, ldx, dfull, d, kc, XT);
+        for (const VTile& t : vt) gemm1_tile<Tacc>(xs, ldx, d, bias, kc, Vp.get(), t, n, Y);
+        for (int64_t rb = 0; rb < nrb; ++rb)
+          gemm2_block<Tacc, Tin>(ps, P.p_rstride, Y, xs, ldx, d, bias, n, m, kc, rb * MR, XT, A2, acc);
       }
 #pragma omp barrier
 #pragma omp for schedule(static)
