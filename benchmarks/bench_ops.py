@@ -198,14 +198,16 @@ def _raw_matvec(mod: ModuleType, x: torch.Tensor, p: torch.Tensor, v: torch.Tens
 
 
 def _rounds(fns: Dict[str, Callable[[], object]], repeats: int, device: str) -> Dict[str, List[float]]:
-    """Seconds of each callable per round (round-robin after one warm-up round)."""
+    """Seconds of each callable per round (round-robin, order rotated each round, after one warm-up round)."""
     from _harness import sync
     for f in fns.values():
         f()
     sync(device)
     times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    keys = list(fns)
+    for i in range(repeats):
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:  # rotated: no place in the round is favoured
+            f = fns[k]
             sync(device)
             t = time.perf_counter()
             f()

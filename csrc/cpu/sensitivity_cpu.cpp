@@ -116,7 +116,13 @@ TD_TARGET_CLONES void blocks_tile(const Tin* x, int64_t ldx, int64_t d, int64_t 
     for (int q = 0; q < nruns; ++q) {
       const Run& ru = runs[q];
       const Tacc xi = feat<Tacc>(row, ru.i, d);
-      for (int c = ru.c0; c < ru.c1; ++c) dst[c] = xi * feat<Tacc>(row, ru.j0 + c - ru.c0, d);
+      const int64_t shift = ru.j0 - ru.c0;  // feature of tile column c: c + shift
+      if (shift + ru.c1 <= d) {            // features only: a contiguous, vectorisable product
+        const Tin* src = row + shift;
+        for (int c = ru.c0; c < ru.c1; ++c) dst[c] = xi * convert<Tacc>(src[c]);
+      } else {
+        for (int c = ru.c0; c < ru.c1; ++c) dst[c] = xi * feat<Tacc>(row, c + shift, d);
+      }
     }
     for (int c = used; c < nr; ++c) dst[c] = Tacc(0);
   }
