@@ -129,6 +129,8 @@ def bench_blocks(quick: bool, repeats: int) -> List[str]:
                      "TFLOP/s": rate / 1e12, "fraction of bf16 matmul": rate / mm_rate,
                      "max rel err (4 blocks)": errors[k]})
     best = max(kernels, key=lambda k: flops / t[k])
+    gemm = ("torch.mm(bf16, bf16, out_dtype=float32)" if ops._MM_OUT_DTYPE[0]
+            else "float32 torch.mm fallback (this torch has no mm(out_dtype=...))")
     lines = [
         f"### bf16 sensitivity_blocks, N={N}, d=n={d} (m={m}): {flops / 1e12:.2f} TFLOP (upper triangle)",
         "",
@@ -138,7 +140,7 @@ def bench_blocks(quick: bool, repeats: int) -> List[str]:
         "",
         f"best: {best} at {flops / t[best] / mm_rate:.1%} of the matmul rate (target >= 50%: "
         f"{'MET' if flops / t[best] >= 0.5 * mm_rate else 'NOT met'}); the dispatch rule picks {auto} "
-        f"({flops / t[auto] / mm_rate:.1%}).",
+        f"({flops / t[auto] / mm_rate:.1%}). The pairs kernel's GEMM ran as {gemm}.",
     ]
     return lines
 

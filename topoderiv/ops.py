@@ -464,7 +464,9 @@ def _gemm_f32(a: Tensor, b: Tensor) -> Tensor:
             raise
         except (TypeError, NotImplementedError, RuntimeError):  # this torch has no mm(out_dtype=...)
             _MM_OUT_DTYPE[0] = False
-    return torch.mm(a, b).float()  # older torch: one more bf16 rounding, of each chunk's sum
+    # older torch: a float32 GEMM of the bf16 values (exact products, float32 sums; TF32 tensor cores
+    # when torch allows them: bf16 values are exact in TF32), never a bf16 result
+    return torch.mm(a.float(), b.float())
 
 
 def _pair_blocks(x: Tensor, p: Tensor, bias: bool, out: Tensor, pair_products=_cuda_pair_products,
