@@ -77,6 +77,7 @@ def test_blocks_cuda_bf16_kernels(monkeypatch, kernel, shape, bias):
     cpu = td.sensitivity_blocks(x, p, bias=bias)
     assert got.is_cuda and got.dtype == torch.float32 and torch.equal(got, got.mT)
     assert within_tc_bound(got, exact, x, p, bias) and within_tc_bound(cpu, exact, x, p, bias)
+    assert within_tc_bound(got, cpu, x, p, bias)  # against the CPU kernel, same rule
     if kernel != "simt" and m >= 32 and N > 1:  # the forced route ran: its rounding shows, unlike simt's
         assert not torch.equal(got.cpu(), cpu)
     if kernel == "simt":
