@@ -1,6 +1,8 @@
 """Built-in tasks: data generated in the package (no downloads), deterministic per seed.
 
-Three tasks, all returned by :func:`get_task` as a :class:`Task`:
+Six tasks, all returned by :func:`get_task` as a :class:`Task` with a metric and a default model
+(:attr:`ModelConfig.model`; :meth:`Task.build_model` builds any of ``"mlp"``, ``"cnn"``, ``"vit"``
+for the data's shape):
 
 ``"heat"``
     The paper's parameter-field inversion for the heat equation (METHOD.md section 8), in 1-D:
@@ -16,6 +18,17 @@ Three tasks, all returned by :func:`get_task` as a :class:`Task`:
     download). Cross-entropy; test metric: accuracy (higher is better).
 ``"regression"``
     A smooth function of two variables with a little noise. MSE; test metric: test MSE.
+``"digits-images"`` (image task, default CNN)
+    The digits as ``[N, 1, 8, 8]`` images (:func:`digits_images_task`); accuracy.
+``"navier-stokes"`` (image task, field output, default ViT)
+    The 2-D Navier-Stokes initial-vorticity inversion (:func:`navier_stokes_task`; solver in
+    :mod:`topoderiv.experiments.navier_stokes`): noisy vorticity at time T -> initial vorticity on a
+    32x32 grid; test metric: mean relative L2 error.
+``"textures"`` (image task, default CNN)
+    Synthetic: are two striped bands, a gap apart, of the same orientation? (:func:`textures_task`);
+    accuracy. The CNN must be deep enough to see both bands: depth matters.
+
+The first three tasks have vector inputs (the MLP only).
 
 Every split is an ``(x, y)`` pair of tensors; :meth:`Task.loader` turns a split into a re-iterable
 sequence of ``(x, y)`` mini-batches (reshuffled, deterministically, at every pass), the form the
@@ -1046,10 +1059,12 @@ def get_task(name: str, *, seed: int = 0, **kwargs) -> Task:
     """Builds a built-in task, deterministic per ``seed``.
 
     Args:
-        name: ``"heat"`` (default task of the CLI), ``"digits"`` or ``"regression"``.
+        name: ``"heat"`` (default task of the CLI), ``"digits"``, ``"regression"``,
+            ``"digits-images"``, ``"navier-stokes"`` or ``"textures"`` (:func:`available_tasks`).
         seed: data seed.
         **kwargs: task options (split sizes, ``config=ModelConfig(...)``, ...): see
-            :func:`heat_task`, :func:`digits_task`, :func:`regression_task`.
+            :func:`heat_task`, :func:`digits_task`, :func:`regression_task`,
+            :func:`digits_images_task`, :func:`navier_stokes_task`, :func:`textures_task`.
     """
     if name not in _TASKS:
         raise ValueError(f"get_task: unknown task {name!r}; available: {', '.join(available_tasks())}")
