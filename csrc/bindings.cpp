@@ -4,6 +4,7 @@
 // and dispatches to the CPU or CUDA kernels.
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -58,14 +59,31 @@ template <typename T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 // 4-D sizes / element strides as Python tuples.
-using Quad = std::tuple<int64_t, int64_t, int64_t, int64_t>;
+// The conv ops' shapes and strides: 4 ints ([N, C, H, W]) or 5 (a batch of problems: [batch, N, C, H, W],
+// the batch stride first).
+using Quad = py::tuple;
 
-Strides4 strides4(const Quad& q) { return Strides4{std::get<0>(q), std::get<1>(q), std::get<2>(q), std::get<3>(q)}; }
+std::vector<int64_t> four_or_five(const char* fn, const char* name, const Quad& t) {
+  if (t.size() != 4 && t.size() != 5)
+    throw std::invalid_argument(std::string(fn) + ": " + name + " must have 4 entries [N, C, H, W] or 5 [batch, N, C, "
+                                "H, W], got " + std::to_string(t.size()));
+  std::vector<int64_t> v;
+  for (const auto& e : t) v.push_back(e.cast<int64_t>());
+  if (v.size() == 4) v.insert(v.begin(), -1);  // no batch entry
+  return v;
+}
 
-// x [N, C, H, W] (shape), n output channels, kernel size, padding, bias.
-ConvGeometry geometry(const Quad& shape, int64_t n, int64_t k, int64_t pad, bool bias) {
+Strides4 strides4(const char* fn, const char* name, const Quad& q) {
+  const std::vector<int64_t> v = four_or_five(fn, name, q);
+  return Strides4{v[1], v[2], v[3], v[4], v[0] < 0 ? 0 : v[0]};
+}
+
+// x [N, C, H, W] or [batch, N, C, H, W] (shape), n output channels, kernel size, padding, bias.
+ConvGeometry geometry(const char* fn, const Quad& shape, int64_t n, int64_t k, int64_t pad, bool bias) {
+  const std::vector<int64_t> v = four_or_five(fn, "shape", shape);
   ConvGeometry g;
-  g.N = std::get<0>(shape); g.C = std::get<1>(shape); g.H = std::get<2>(shape); g.W = std::get<3>(shape);
+  g.batch = v[0] < 0 && shape.size() == 4 ? 1 : v[0];
+  g.N = v[1]; g.C = v[2]; g.H = v[3]; g.W = v[4];
   g.n = n; g.k = k; g.pad = pad; g.bias = bias;
   return g;
 }
@@ -245,9 +263,9 @@ PYBIND11_MODULE(_C, m) {
          int64_t k, int64_t pad, bool bias, int in_dt, int acc_dt, int threads, uintptr_t stream) {
         const char* fn = "conv_sensitivity_blocks";
         ConvSensitivityBlocksParams P;
-        P.g = geometry(shape, n, k, pad, bias);
-        P.x = ptr<const void>(x.first); P.xs = strides4(xs);
-        P.p = ptr<const void>(p.first); P.ps = strides4(ps);
+        P.g = geometry(fn, shape, n, k, pad, bias);
+        P.x = ptr<const void>(x.first); P.xs = strides4(fn, "x strides", xs);
+        P.p = ptr<const void>(p.first); P.ps = strides4(fn, "p strides", ps);
         P.out = ptr<void>(out.first);
         P.in_dtype = to_dtype(fn, "in_dtype", in_dt); P.acc_dtype = to_dtype(fn, "acc_dtype", acc_dt);
         P.num_threads = check_threads(fn, threads); P.stream = ptr<void>(stream);
@@ -269,9 +287,9 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t stream) {
         const char* fn = "conv_sensitivity_matvec";
         ConvSensitivityMatvecParams P;
-        P.g = geometry(shape, n, k, pad, bias);
-        P.x = ptr<const void>(x.first); P.xs = strides4(xs);
-        P.p = ptr<const void>(p.first); P.ps = strides4(ps);
+        P.g = geometry(fn, shape, n, k, pad, bias);
+        P.x = ptr<const void>(x.first); P.xs = strides4(fn, "x strides", xs);
+        P.p = ptr<const void>(p.first); P.ps = strides4(fn, "p strides", ps);
         P.v = ptr<const void>(v.first); P.out = ptr<void>(out.first); P.workspace = ptr<void>(ws.first);
         P.in_dtype = to_dtype(fn, "in_dtype", in_dt); P.acc_dtype = to_dtype(fn, "acc_dtype", acc_dt);
         P.num_threads = check_threads(fn, threads); P.stream = ptr<void>(stream);
@@ -295,12 +313,14 @@ PYBIND11_MODULE(_C, m) {
          Buf true_res, Buf ws, int threads, uintptr_t stream) {
         const char* fn = "conv_sensitivity_lanczos";
         ConvSensitivityMatvecParams op;
-        op.g = geometry(shape, n, kernel, pad, bias);
-        op.x = ptr<const void>(x.first); op.xs = strides4(xs);
-        op.p = ptr<const void>(p.first); op.ps = strides4(ps);
+        op.g = geometry(fn, shape, n, kernel, pad, bias);
+        op.x = ptr<const void>(x.first); op.xs = strides4(fn, "x strides", xs);
+        op.p = ptr<const void>(p.first); op.ps = strides4(fn, "p strides", ps);
         op.in_dtype = to_dtype(fn, "in_dtype", in_dt);
         LanczosParams P;
-        P.num_problems = n; P.m = mdim; P.k = k; P.max_steps = steps; P.tol = tol; P.seed = seed;
+        // the blocks of every problem of the batch (problem b * n + r)
+        P.num_problems = (op.g.batch >= 0 && n >= 0) ? validate_detail::mul(fn, op.g.batch, n) : n;
+        P.m = mdim; P.k = k; P.max_steps = steps; P.tol = tol; P.seed = seed;
         P.norm_group = norm_group;
         P.v0 = ptr<const void>(v0.first);
         P.dtype = to_dtype(fn, "dtype", dt);

@@ -354,6 +354,161 @@ def test_topk_start_vectors_and_seeds(gen):
     assert rel_err(other[0], raw_cold[0]) < 1e-9
 
 
+# ------------------------------------------------------------------------------------------------
+# many points in one call: the batch of problems the params structs carry
+
+
+def test_batched_raw_ops_equal_the_points_one_by_one(gen):
+    # 5-D x [L, N, C, H, W], p [L, N, n, H, W]: one kernel call; exact on small integers, channels-last
+    # points and a non-contiguous batch stride (every other point of a larger stack)
+    L, N, C, H, W, n, k = 3, 2, 3, 5, 7, 4, 3
+    xs = ints((2 * L, N, C, H, W), gen)[::2]
+    ps = ints((2 * L, N, n, H, W), gen)[::2]
+    got = T.conv_sensitivity_blocks(xs, ps, k, True)
+    assert got.shape == (L, n, C * k * k + 1, C * k * k + 1)
+    for i in range(L):
+        assert torch.equal(got[i].double(), unfold_blocks(xs[i].double(), ps[i].double(), k)), i
+    xl = torch.stack([t.contiguous(memory_format=torch.channels_last) for t in xs])
+    assert torch.equal(T.conv_sensitivity_blocks(xl, ps, k, True), got)
+    m = C * k * k + 1
+    v = torch.randn(L * n, m, generator=gen)
+    mv = ops._conv_matvec_impl(xs, ps, v, k, True)
+    for i in range(L):
+        exact = unfold_matvec(xs[i].double(), ps[i].double(), v[i * n:(i + 1) * n].double(), k)
+        assert rel_err(mv[i * n:(i + 1) * n], exact) < 1e-5, i
+    # the matrix-free Lanczos over the L n blocks, norms per point (norm_group = n)
+    vals, vecs, _, steps, norm, resid = T.conv_sensitivity_lanczos(xs.double(), ps.double(), k, True, 1, m, 1e-12, 0)
+    assert vals.shape == (L * n, 1) and vecs.shape == (L * n, m, 1)
+    for i in range(L):
+        w = torch.linalg.eigvalsh(unfold_blocks(xs[i].double(), ps[i].double(), k))
+        sl = slice(i * n, (i + 1) * n)
+        assert float((vals[sl, 0] - w[:, -1]).abs().max()) <= 1e-10 * float(w.abs().max()), i
+        assert torch.allclose(norm[sl], norm[sl][:1].expand(n)), "one norm per point"
+    opcheck(torch.ops.topoderiv.conv_sensitivity_blocks.default, (xs, ps, k, True))
+    opcheck(torch.ops.topoderiv.conv_sensitivity_lanczos.default, (xs, ps, k, True, 1, 6, 1e-6, 0))
+
+
+@pytest.mark.parametrize("route", ["dense", "matfree", "auto"])
+def test_topk_many_points_in_one_call(route, gen, monkeypatch):
+    # points of two shapes (one of them three times, one channels-last), results in input order
+    # equal to the single-point calls within the Lanczos tolerance, and one solve per shape group
+    shapes = [(5, 3, 6, 7, 4), (4, 2, 5, 5, 6), (5, 3, 6, 7, 4), (5, 3, 6, 7, 4)]
+    pts = [conv_real_like(*sh, gen) for sh in shapes]
+    pts[2] = (pts[2][0].contiguous(memory_format=torch.channels_last), pts[2][1])
+    calls = []
+    for name in ("_lanczos_op", "_conv_lanczos_op"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    res = ops.conv_sensitivity_topk([x for x, _ in pts], [p for _, p in pts], 3, k=2, route=route, tol=1e-9)
+    assert isinstance(res, list) and len(res) == len(pts)
+    assert len(calls) == 2, calls  # one batched solve for the three equal shapes, one for the other
+    monkeypatch.undo()
+    for (x, p), r in zip(pts, res):
+        single = ops.conv_sensitivity_topk(x, p, 3, k=2, route=route, tol=1e-9)
+        assert r.route == single.route and (route == "auto" or r.route == route)
+        w, v = ref.eigh_topk(unfold_blocks(x.double(), p.double(), 3), 2)
+        assert r.converged.all()
+        assert r.values.shape == single.values.shape == (p.shape[1], 2)
+        assert rel_err(r.values, w) < 2e-5 and rel_err(r.values, single.values) < 2e-5
+        assert r.best_block == single.best_block
+        assert float((r.best_vector.double() @ v[r.best_block, :, 0]).abs()) > 1 - 1e-4
+    # the first point of a group is problem 0..n-1 of the batch: the same start vectors, bit for bit
+    first = ops.conv_sensitivity_topk(*pts[0], 3, k=2, route=route, tol=1e-9)
+    assert torch.equal(res[0].values, first.values)
+
+
+def test_topk_many_points_start_vectors_and_edge_cases(gen):
+    pts = [conv_real_like(4, 3, 6, 6, 4, gen) for _ in range(3)]
+    xs, ps = [x for x, _ in pts], [p for _, p in pts]
+    tops = [ref.eigh_topk(unfold_blocks(x, p, 3), 1) for x, p in pts]
+    # warm starts for some points only (None: the seeded start), any scale
+    v0 = [tops[0][1][:, :, 0] * 7.0, None, tops[2][1][:, :, 0]]
+    for route in ("dense", "matfree"):
+        res = ops.conv_sensitivity_topk(xs, ps, 3, route=route, tol=1e-10, v0=v0)
+        for r, (w, _) in zip(res, tops):
+            assert r.converged.all() and rel_err(r.values, w) < 1e-9, route
+    # one point, a tuple, float64 and an empty-channel point
+    one = ops.conv_sensitivity_topk((xs[0].double(),), (ps[0].double(),), 3, route="matfree", tol=1e-12)
+    assert len(one) == 1 and rel_err(one[0].values, tops[0][0]) < 1e-10
+    empty = ops.conv_sensitivity_topk([xs[0], xs[1]], [ps[0][:, :0], ps[1][:, :0]], 3)
+    assert [r.values.shape for r in empty] == [(0, 1), (0, 1)]
+    assert ops.conv_sensitivity_topk([], [], 3) == []
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: ops.conv_sensitivity_topk([x0], p0, 3), TypeError,
+         "conv_sensitivity_topk: x and p must both be tensors or both sequences of tensors .*got list and Tensor"),
+        (lambda: ops.conv_sensitivity_topk([x0, x0], [p0], 3), ValueError,
+         "conv_sensitivity_topk: x and p must hold one tensor per point each, got 2 and 1"),
+        (lambda: ops.conv_sensitivity_topk([x0, x0], [p0, p0], 3, v0=torch.zeros(2, 28)), TypeError,
+         r"conv_sensitivity_topk: v0 must be None or a sequence of 2 start vectors .* got Tensor"),
+        (lambda: ops.conv_sensitivity_topk([x0, x0], [p0, p0], 3, v0=[None]), TypeError,
+         "conv_sensitivity_topk: v0 must be None or a sequence of 2 start vectors .* got a sequence of 1"),
+        (lambda: ops.conv_sensitivity_topk([x0, x0], [p0, p0[:, :, :3]], 3), ValueError,
+         r"conv_sensitivity_topk \(point 1\): p must have x's samples, height and width"),
+        (lambda: ops.conv_sensitivity_topk([x0, x0], [p0, p0], 3, v0=[None, torch.zeros(2, 5)]), ValueError,
+         r"conv_sensitivity_topk \(point 1\): v0 must have shape \[2, 28\], got \[2, 5\]"),
+        (lambda: ops.conv_sensitivity_topk([x0, torch.full_like(x0, float("nan"))], [p0, p0], 3), ValueError,
+         r"conv_sensitivity_topk \(point 1\): x must contain only finite values"),
+        (lambda: ops.conv_sensitivity_topk([x0], [p0], 3, route="fast"), ValueError,
+         "conv_sensitivity_topk: route must be one of"),
+        (lambda: ops.conv_sensitivity_topk([x0, x0], [p0, p0], 3, k=29), ValueError,
+         r"conv_sensitivity_topk \(point 0\): k must be <= m = 28, got k = 29"),
+        # the raw ops' batched (5-D) form
+        (lambda: T.conv_sensitivity_blocks(x0[None], p0, 3, True), ValueError,
+         r"conv_sensitivity_blocks: p must be 5-D \[L, N, n, H, W\], got shape \[2, 2, 4, 5\]"),
+        (lambda: T.conv_sensitivity_blocks(x0.expand(2, -1, -1, -1, -1), p0.expand(3, -1, -1, -1, -1), 3, True),
+         ValueError, "conv_sensitivity_blocks: p must have x's number of points L = 2, got 3"),
+        (lambda: T.conv_sensitivity_blocks(x0[None, None], p0[None, None], 3, True), ValueError,
+         r"conv_sensitivity_blocks: x must be 4-D \[N, C, H, W\] or 5-D \[L, N, C, H, W\] \(L points of one shape\)"),
+        (lambda: T.conv_sensitivity_lanczos(x0[None], p0[None], 3, True, 1, 5, 1e-6, 0, torch.zeros(1, 28)), ValueError,
+         r"conv_sensitivity_lanczos: v0 must have shape \[2, 28\], got \[1, 28\]"),
+        (lambda: ops.conv_sensitivity_blocks(x0[None], p0[None], 3), ValueError,
+         r"conv_sensitivity_blocks: x must be 4-D \[N, C, H, W\], got shape \[1, 2, 3, 4, 5\]"),
+    ],
+)
+def test_many_points_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_core_checks_the_batch_of_problems(gen):
+    # the bindings take 5 sizes / strides (the batch first); the span checks cover the whole batch
+    x = torch.randn(3, 2, 3, 4, 5, generator=gen)
+    p = torch.randn(3, 2, 2, 4, 5, generator=gen)
+    out = torch.zeros(3, 2, 28, 28)
+    args = dict(device="cpu", x=ops._buf(x), xs=tuple(x.stride()), p=ops._buf(p), ps=tuple(p.stride()),
+                out=ops._buf(out), shape=tuple(x.shape), n=2, k=3, pad=1, bias=True, in_dt=0, acc_dt=0, threads=1,
+                stream=0)
+
+    def call(**kw):
+        a = dict(args)
+        a.update(kw)
+        lib().conv_sensitivity_blocks(*a.values())
+
+    call()
+    for i in range(3):
+        assert rel_err(out[i], unfold_blocks(x[i].double(), p[i].double(), 3)) < 1e-6
+    before = out.clone()
+    for kw, match in [
+        (dict(shape=(4, 2, 3, 4, 5)), "conv_sensitivity_blocks: x must span at least 1920 bytes"),
+        (dict(xs=(130, 60, 20, 5, 1)), "conv_sensitivity_blocks: x must span at least 1520 bytes"),
+        (dict(out=(ops._buf(out)[0], 2 * 28 * 28 * 4 * 3 - 4)), "conv_sensitivity_blocks: out must span at least 18816"),
+        (dict(shape=(-1, 2, 3, 4, 5)), "conv_sensitivity_blocks: batch must be >= 0, got -1"),
+        (dict(xs=(-1, 60, 20, 5, 1)), "conv_sensitivity_blocks: x batch stride must be >= 0, got -1"),
+        (dict(shape=(3, 4, 5)), r"conv_sensitivity_blocks: shape must have 4 entries \[N, C, H, W\] or 5 "
+                                r"\[batch, N, C, H, W\], got 3"),
+        (dict(ps=(1, 2, 3)), "conv_sensitivity_blocks: p strides must have 4 entries .* got 3"),
+        (dict(shape=(2**40, 2**20, 3, 4, 5)), "conv_sensitivity_blocks: sizes must fit in int64"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call(**kw)
+    assert torch.equal(out, before), "a rejected call must not touch out"
+    call(shape=(0, 2, 3, 4, 5), x=(0, 0), p=(0, 0), out=(0, 0))  # an empty batch touches nothing
+
+
 def test_lanczos_outputs_poisoned_before_the_kernel_are_written(gen):
     x = torch.randn(3, 2, 5, 5, generator=gen)
     p = torch.randn(3, 4, 5, 5, generator=gen)
@@ -775,8 +930,8 @@ def test_core_checks_every_span_of_conv_matvec_and_lanczos(gen):
         (dict(values=b(x)), "conv_sensitivity_lanczos: values must not overlap x"),
         (dict(vectors=b(outs["values"])), "conv_sensitivity_lanczos: vectors must span at least 224 bytes"),
         (dict(v0=(b(v)[0], 220)), "conv_sensitivity_lanczos: v0 must span at least 224 bytes"),
-        (dict(m=27), r"conv_sensitivity_lanczos: the matrix-free operator must have n = num_problems = 2 and m = 27, "
-                     r"got n = 2 and m = 28"),
+        (dict(m=27), r"conv_sensitivity_lanczos: the matrix-free operator must have batch n = num_problems = 2 and "
+                     r"m = 27, got batch n = 1 \* 2 and m = 28"),
         (dict(n=3), "conv_sensitivity_lanczos: values must span at least 12 bytes"),  # n = num_problems
         (dict(k=0), r"conv_sensitivity_lanczos: k must be in \[1, m = 28\], got 0"),
         (dict(steps=29), r"conv_sensitivity_lanczos: max_steps must be in \[k = 1, m = 28\], got 29"),

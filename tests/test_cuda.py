@@ -435,6 +435,36 @@ def test_conv_topk_cuda(route, dtype):
     assert rel(res.values[:, 0], w) < tol and rel(res.values, cpu.values) < tol
 
 
+@pytest.mark.parametrize("route", ["dense", "matfree"])
+def test_conv_many_points_cuda(route):
+    # the multi-point form on CUDA: one batched launch per shape group (5-D raw ops), every point
+    # equal to the CPU kernels and to its float64 unfold blocks
+    from topoderiv import ops
+    T = torch.ops.topoderiv
+    g = torch.Generator().manual_seed(13)
+    xs = [torch.randn(4, 3, 6, 7, generator=g) for _ in range(3)] + [torch.randn(3, 2, 5, 5, generator=g)]
+    ps = [torch.randn(4, 5, 6, 7, generator=g) / 4 for _ in range(3)] + [torch.randn(3, 4, 5, 5, generator=g) / 3]
+    xb, pb = torch.stack(xs[:3]).cuda(), torch.stack(ps[:3]).cuda()
+    blocks = T.conv_sensitivity_blocks(xb, pb, 3, True)
+    assert blocks.shape == (3, 5, 28, 28)
+    for i in range(3):
+        assert rel(blocks[i], _unfold_blocks(xs[i].double(), ps[i].double(), 3)) < 1e-5
+        assert torch.equal(blocks[i], ops.conv_sensitivity_blocks(xs[i].cuda(), ps[i].cuda(), 3))
+    v = torch.randn(15, 28, generator=g)
+    mv = ops._conv_matvec_impl(xb, pb, v.cuda(), 3, True)
+    for i in range(3):
+        assert rel(mv[5 * i:5 * i + 5], ops.conv_sensitivity_matvec(xs[i], ps[i], v[5 * i:5 * i + 5], 3)) < 1e-5
+    res = ops.conv_sensitivity_topk([x.cuda() for x in xs], [p.cuda() for p in ps], 3, route=route, tol=1e-7)
+    cpu = ops.conv_sensitivity_topk(xs, ps, 3, route=route, tol=1e-7)
+    for x, p, r, c in zip(xs, ps, res, cpu):
+        w = torch.linalg.eigvalsh(_unfold_blocks(x.double(), p.double(), 3))[:, -1]
+        assert r.route == route and r.converged.all() and r.values.is_cuda
+        assert rel(r.values[:, 0], w) < 1e-4 and rel(r.values, c.values) < 1e-4
+    from torch.library import opcheck
+    opcheck(T.conv_sensitivity_blocks.default, (xb, pb, 3, True))
+    opcheck(T.conv_sensitivity_lanczos.default, (xb, pb, 3, True, 1, 28, 1e-6, 0))
+
+
 def test_conv_cuda_opcheck_stream_and_validation():
     from torch.library import opcheck
     from topoderiv import ops

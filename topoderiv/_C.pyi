@@ -4,7 +4,7 @@ Every pointer travels as ``(tensor.data_ptr(), span in bytes)`` (``(0, 0)`` for 
 check each kernel access against that span (csrc/include/topoderiv/validate.h) before any kernel
 runs and raise ValueError otherwise.
 """
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Tuple, Union
 
 Buf = Tuple[int, int]
 
@@ -36,7 +36,9 @@ def lanczos_topk(
     threads: int, stream: int, seed_period: int = 0, need: int = 0, early: Buf = (0, 0),
 ) -> None: ...
 
-Quad = Tuple[int, int, int, int]  # x's shape [N, C, H, W], or the element strides of a 4-D tensor
+# x's shape [N, C, H, W] or the element strides of a 4-D tensor; or 5 entries: a batch of problems
+# [batch, N, C, H, W] (the batch stride first)
+Quad = Union[Tuple[int, int, int, int], Tuple[int, int, int, int, int]]
 
 def conv_sensitivity_blocks(
     device: str, x: Buf, x_strides: Quad, p: Buf, p_strides: Quad, out: Buf, shape: Quad, n: int, kernel_size: int,

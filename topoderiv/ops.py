@@ -1364,24 +1364,29 @@ def _check_padding(fn: str, padding: object) -> None:
 
 
 def _check_conv_pair(fn: str, x: object, p: object, kernel_size: object, bias: object, real: bool = True,
-                     data: bool = True) -> Tuple[Tensor, Tensor, int]:
+                     data: bool = True, batched: bool = False) -> Tuple[Tensor, Tensor, int]:
     """The conv ops' ``(x [N, C, H, W], p [N, n, H, W])``, kernel size and bias; returns ``(x, p, k)``
-    detached, strides as given. ``data``: also one finite-value reduction per input."""
+    detached, strides as given. ``data``: also one finite-value reduction per input. ``batched``:
+    also ``x [L, N, C, H, W], p [L, N, n, H, W]``, L points of one shape (the multi-point form)."""
     x = _check_tensor(fn, "x", x)
     p = _check_tensor(fn, "p", p)
     _check_dtype(fn, "x", x, _INPUT_DTYPES)
     if p.dtype != x.dtype:
         raise TypeError(f"{fn}: p must have the same dtype as x ({x.dtype}), got {p.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"{fn}: x must be 4-D [N, C, H, W], got shape {list(x.shape)}")
-    if p.dim() != 4:
-        raise ValueError(f"{fn}: p must be 4-D [N, n, H, W], got shape {list(p.shape)}")
-    if p.shape[0] != x.shape[0] or p.shape[2:] != x.shape[2:]:
+    five = " or 5-D [L, N, C, H, W] (L points of one shape)" if batched else ""
+    if x.dim() != 4 and not (batched and x.dim() == 5):
+        raise ValueError(f"{fn}: x must be 4-D [N, C, H, W]{five}, got shape {list(x.shape)}")
+    if p.dim() != x.dim():
+        lead = "L, " if x.dim() == 5 else ""
+        raise ValueError(f"{fn}: p must be {x.dim()}-D [{lead}N, n, H, W], got shape {list(p.shape)}")
+    if x.dim() == 5 and p.shape[0] != x.shape[0]:
+        raise ValueError(f"{fn}: p must have x's number of points L = {x.shape[0]}, got {p.shape[0]}")
+    if p.shape[-4] != x.shape[-4] or p.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"{fn}: p must have x's samples, height and width [N, n, H, W] = "
-                         f"[{x.shape[0]}, n, {x.shape[2]}, {x.shape[3]}] (same padding), got {list(p.shape)}")
+                         f"[{x.shape[-4]}, n, {x.shape[-2]}, {x.shape[-1]}] (same padding), got {list(p.shape)}")
     k = _check_kernel_size(fn, kernel_size)
     _check_bias(fn, bias)
-    if x.shape[1] == 0 and not bias:
+    if x.shape[-3] == 0 and not bias:
         raise ValueError(f"{fn}: x must have C >= 1 channels when bias=False, got C = 0")
     _check_device(fn, "x", x, x.device, real)
     _check_device(fn, "p", p, x.device, real)
@@ -1392,7 +1397,17 @@ def _check_conv_pair(fn: str, x: object, p: object, kernel_size: object, bias: o
 
 
 def _conv_m(x: Tensor, k: int, bias: bool) -> int:
-    return x.shape[1] * k * k + int(bias)
+    return x.shape[-3] * k * k + int(bias)
+
+
+def _conv_points(x: Tensor) -> int:
+    """L: the points of a batched (5-D) x, 1 for a 4-D one."""
+    return x.shape[0] if x.dim() == 5 else 1
+
+
+def _conv_rows(x: Tensor) -> int:
+    """Output pixels of one point: N H W."""
+    return x.shape[-4] * x.shape[-2] * x.shape[-1]
 
 
 def _check_conv_out(fn: str, out: object, x: Tensor, p: Tensor, k: int, bias: bool, real: bool = True) -> Tensor:
@@ -1431,25 +1446,27 @@ def _check_conv_v(fn: str, v: object, x: Tensor, p: Tensor, k: int, bias: bool, 
 
 
 def _conv_blocks_impl(x: Tensor, p: Tensor, k: int, bias: bool, out: Tensor) -> None:
-    if x.shape[0] * x.shape[2] * x.shape[3] == 0 or p.shape[1] == 0:
+    """out += the blocks of x [N, C, H, W] ([n, m, m]) or of L points x [L, N, C, H, W] ([L, n, m, m]):
+    one kernel call for all points."""
+    if _conv_points(x) * _conv_rows(x) == 0 or p.shape[-3] == 0:
         return
     m = _conv_m(x, k, bias)
-    work = x.shape[0] * x.shape[2] * x.shape[3] * p.shape[1] * m * (m + 1) / 2
+    work = _conv_points(x) * _conv_rows(x) * p.shape[-3] * m * (m + 1) / 2
     _lib().conv_sensitivity_blocks(
         x.device.type, _buf(x), tuple(x.stride()), _buf(p), tuple(p.stride()), _buf(out), tuple(x.shape),
-        p.shape[1], k, k // 2, bool(bias), _DTYPE_CODE[x.dtype], _DTYPE_CODE[out.dtype], _conv_threads(work),
+        p.shape[-3], k, k // 2, bool(bias), _DTYPE_CODE[x.dtype], _DTYPE_CODE[out.dtype], _conv_threads(work),
         _stream(x),
     )
 
 
 def _new_conv_blocks(x: Tensor, p: Tensor, k: int, bias: bool) -> Tensor:
     m = _conv_m(x, k, bias)
-    return torch.zeros(p.shape[1], m, m, dtype=_acc_dtype(x.dtype), device=x.device)
+    return torch.zeros(*p.shape[:-4], p.shape[-3], m, m, dtype=_acc_dtype(x.dtype), device=x.device)
 
 
 @torch.library.custom_op("topoderiv::conv_sensitivity_blocks", mutates_args=(), device_types=("cpu", "cuda"))
 def _conv_blocks_op(x: Tensor, p: Tensor, kernel_size: int, bias: bool) -> Tensor:
-    x, p, k = _check_conv_pair("conv_sensitivity_blocks", x, p, kernel_size, bias)
+    x, p, k = _check_conv_pair("conv_sensitivity_blocks", x, p, kernel_size, bias, batched=True)
     out = _new_conv_blocks(x, p, k, bias)
     _conv_blocks_impl(x, p, k, bias, out)
     return out
@@ -1457,9 +1474,9 @@ def _conv_blocks_op(x: Tensor, p: Tensor, kernel_size: int, bias: bool) -> Tenso
 
 @_conv_blocks_op.register_fake
 def _(x: Tensor, p: Tensor, kernel_size: int, bias: bool) -> Tensor:
-    x, p, k = _check_conv_pair("conv_sensitivity_blocks", x, p, kernel_size, bias, real=False)
-    m = x.shape[1] * k * k + int(bias)
-    return x.new_empty(p.shape[1], m, m, dtype=_acc_dtype(x.dtype))
+    x, p, k = _check_conv_pair("conv_sensitivity_blocks", x, p, kernel_size, bias, real=False, batched=True)
+    m = x.shape[-3] * k * k + int(bias)
+    return x.new_empty(*p.shape[:-4], p.shape[-3], m, m, dtype=_acc_dtype(x.dtype))
 
 
 @torch.library.custom_op(
@@ -1487,16 +1504,17 @@ def _(x: Tensor, p: Tensor, kernel_size: int, bias: bool, out: Tensor) -> None:
 
 
 def _conv_matvec_impl(x: Tensor, p: Tensor, v: Tensor, k: int, bias: bool) -> Tensor:
+    """B v for x [N, C, H, W] (v [n, m]) or L points x [L, N, C, H, W] (v [L n, m] or [L, n, m])."""
     out = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
-    rows = x.shape[0] * x.shape[2] * x.shape[3]
-    n = p.shape[1]
-    if rows == 0 or n == 0:
+    rows = _conv_rows(x)
+    n = p.shape[-3]
+    if rows == 0 or n == 0 or _conv_points(x) == 0:
         return out
-    ws = torch.empty(rows * n if x.device.type == "cuda" else 0, dtype=v.dtype, device=x.device)
+    ws = torch.empty(_conv_points(x) * rows * n if x.device.type == "cuda" else 0, dtype=v.dtype, device=x.device)
     _lib().conv_sensitivity_matvec(
         x.device.type, _buf(x), tuple(x.stride()), _buf(p), tuple(p.stride()), _buf(v), _buf(out),
         _buf(ws) if ws.numel() else (0, 0), tuple(x.shape), n, k, k // 2, bool(bias), _DTYPE_CODE[x.dtype],
-        _DTYPE_CODE[v.dtype], _conv_threads(2.0 * rows * n * v.shape[1]), _stream(x),
+        _DTYPE_CODE[v.dtype], _conv_threads(2.0 * rows * n * v.shape[-1]), _stream(x),
     )
     return out
 
@@ -1526,8 +1544,10 @@ def _(x: Tensor, p: Tensor, v: Tensor, kernel_size: int, bias: bool) -> Tensor:
 def _run_conv_lanczos(x: Tensor, p: Tensor, kernel: int, bias: bool, k: int, steps: int, tol: float, seed: int,
                       v0: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Matrix-free Lanczos on the conv operator (validated arguments, v0 normalised); returns
-    (values, vectors, ritz estimates, steps, ||Q|| estimate, explicit residuals)."""
-    B, m = p.shape[1], _conv_m(x, kernel, bias)
+    (values, vectors, ritz estimates, steps, ||Q|| estimate, explicit residuals). For L points
+    (5-D x, p) the problems are the L n blocks (point-major, one solve; norms per point)."""
+    n, m = p.shape[-3], _conv_m(x, kernel, bias)
+    B = _conv_points(x) * n
     dtype, device = _acc_dtype(x.dtype), x.device
     values = torch.zeros(B, k, dtype=dtype, device=device)
     vectors = torch.zeros(B, m, k, dtype=dtype, device=device)
@@ -1538,19 +1558,19 @@ def _run_conv_lanczos(x: Tensor, p: Tensor, kernel: int, bias: bool, k: int, ste
     if B == 0:
         return values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid
     cuda = device.type == "cuda"
-    rows = x.shape[0] * x.shape[2] * x.shape[3]
+    rows = _conv_points(x) * _conv_rows(x)
     # as _run_lanczos: the CPU backend forms the explicit residuals from the stored A v_t within
     # _MF_RESIDUAL_BYTES, else they take k more operator applications here
     in_kernel_residual = not cuda and steps * B * m * dtype.itemsize <= _MF_RESIDUAL_BYTES
-    n_ws = _lib().lanczos_workspace_elems(B, m, k, steps, True, cuda, rows, B, 1)
+    n_ws = _lib().lanczos_workspace_elems(B, m, k, steps, True, cuda, _conv_rows(x), n, _conv_points(x))
     # CUDA applies the operator to every block, converged ones included: zero the basis so that
     # their never-written slots read zeros
     ws = (torch.zeros if cuda else torch.empty)(n_ws, dtype=dtype, device=device)
     _lib().conv_lanczos_topk(
-        device.type, _buf(x), tuple(x.stride()), _buf(p), tuple(p.stride()), tuple(x.shape), B, kernel, kernel // 2,
-        bool(bias), _DTYPE_CODE[x.dtype], m, k, steps, float(tol), int(seed), B, _buf(v0), _DTYPE_CODE[dtype],
+        device.type, _buf(x), tuple(x.stride()), _buf(p), tuple(p.stride()), tuple(x.shape), n, kernel, kernel // 2,
+        bool(bias), _DTYPE_CODE[x.dtype], m, k, steps, float(tol), int(seed), max(1, n), _buf(v0), _DTYPE_CODE[dtype],
         _buf(values), _buf(vectors), _buf(ritz), _buf(nsteps), _buf(anorm),
-        _buf(resid) if in_kernel_residual else (0, 0), _buf(ws), _conv_threads(2.0 * rows * B * m), _stream(ws),
+        _buf(resid) if in_kernel_residual else (0, 0), _buf(ws), _conv_threads(2.0 * rows * n * m), _stream(ws),
     )
     if not in_kernel_residual:
         av = torch.stack([_conv_matvec_impl(x, p, vectors[:, :, c].contiguous(), kernel, bias) for c in range(k)],
@@ -1562,10 +1582,10 @@ def _run_conv_lanczos(x: Tensor, p: Tensor, kernel: int, bias: bool, k: int, ste
 def _check_conv_lanczos_op(fn: str, x: Tensor, p: Tensor, kernel_size: int, bias: bool, k: int, steps: int,
                            tol: float, seed: int, v0: Optional[Tensor],
                            real: bool) -> Tuple[Tensor, Tensor, int, Optional[Tensor]]:
-    x, p, kk = _check_conv_pair(fn, x, p, kernel_size, bias, real)
-    m = x.shape[1] * kk * kk + int(bias)
+    x, p, kk = _check_conv_pair(fn, x, p, kernel_size, bias, real, batched=True)
+    m = _conv_m(x, kk, bias)
     _check_lanczos_args(fn, m, k, steps, tol, seed, clamp=False)
-    v0 = _check_v0(fn, v0, (p.shape[1], m), x.device, real)
+    v0 = _check_v0(fn, v0, (_conv_points(x) * p.shape[-3], m), x.device, real)
     return x, p, kk, v0
 
 
@@ -1584,8 +1604,8 @@ def _(x: Tensor, p: Tensor, kernel_size: int, bias: bool, k: int, steps: int, to
       v0: Optional[Tensor] = None):
     x, p, kk, v0 = _check_conv_lanczos_op("conv_sensitivity_lanczos", x, p, kernel_size, bias, k, steps, tol, seed,
                                           v0, False)
-    m = x.shape[1] * kk * kk + int(bias)
-    n = p.shape[1]
+    m = _conv_m(x, kk, bias)
+    n = _conv_points(x) * p.shape[-3]
     dt = _acc_dtype(x.dtype)
     return (x.new_empty(n, k, dtype=dt), x.new_empty(n, m, k, dtype=dt), x.new_empty(n, k, dtype=dt),
             x.new_empty(n, dtype=torch.int32), x.new_empty(n, dtype=dt), x.new_empty(n, k, dtype=dt))
@@ -1660,10 +1680,16 @@ def choose_conv_route(N: int, C: int, H: int, W: int, n: int, kernel_size: int, 
                         itemsize=itemsize)
 
 
+# bytes of stacked inputs (and of dense blocks) above which the points of one multi-point call are
+# solved in several batched calls instead of one
+_CONV_POINTS_BYTES = 2 * 2**30
+
+
 def conv_sensitivity_topk(
-    x: Tensor, p: Tensor, kernel_size: int, *, k: int = 1, padding: str = "same", bias: bool = True,
-    route: str = "auto", steps: Optional[int] = None, tol: float = 1e-6, seed: int = 0, v0: Optional[Tensor] = None,
-) -> SensitivityTopK:
+    x: Union[Tensor, Sequence[Tensor]], p: Union[Tensor, Sequence[Tensor]], kernel_size: int, *, k: int = 1,
+    padding: str = "same", bias: bool = True, route: str = "auto", steps: Optional[int] = None, tol: float = 1e-6,
+    seed: int = 0, v0: Union[None, Tensor, Sequence[Optional[Tensor]]] = None,
+) -> Union[SensitivityTopK, List[SensitivityTopK]]:
     """Top-``k`` eigenpairs of every conv sensitivity block ``B[r]`` of ``(x, p)``.
 
     ``route="dense"`` forms the blocks (:func:`conv_sensitivity_blocks`) and runs batched Lanczos on
@@ -1672,17 +1698,45 @@ def conv_sensitivity_topk(
     :func:`choose_conv_route`. As in :func:`sensitivity_topk`, residuals are measured against
     ``||Q|| = max_r ||B_r||`` and ``sigma''(0) * result.best_value`` is the topological derivative.
 
+    Many points in one call: ``x = [x_1, ..., x_L]``, ``p = [p_1, ..., p_L]`` (sequences; each pair
+    as above, shapes may differ between points) returns a list of L results, result ``i`` the one
+    of ``conv_sensitivity_topk(x_i, p_i, ...)`` up to the Lanczos tolerance (the start vectors are
+    drawn per problem of the batch, so the iterates differ in round-off and ``steps``). Points with
+    the same shapes, dtype, device and route are solved together: their inputs are stacked (one
+    copy) and ONE blocks call plus ONE batched Lanczos run (or ONE matrix-free Lanczos run, whose
+    every step applies all their operators in one kernel call) serve all of them, residuals measured
+    per point; groups above 2 GiB of inputs (or of dense blocks) are split.
+
     Args:
-        x, p, kernel_size, padding, bias: as in :func:`conv_sensitivity_blocks`.
-        k: eigenpairs per block. route: ``"auto"``, ``"dense"`` or ``"matfree"``.
+        x, p, kernel_size, padding, bias: as in :func:`conv_sensitivity_blocks`; or sequences of
+            ``x_i``, ``p_i`` (same length, one pair per point).
+        k: eigenpairs per block. route: ``"auto"`` (chosen per point), ``"dense"`` or ``"matfree"``.
         steps, tol, seed: as in :func:`lanczos_topk`.
-        v0: optional start vectors ``[n, m]``, one per block (any scale; see :func:`lanczos_topk`).
+        v0: optional start vectors ``[n, m]``, one per block (any scale; see :func:`lanczos_topk`); in
+            the multi-point form a sequence of one ``[n_i, m_i]`` tensor or ``None`` per point.
+
+    Returns:
+        :class:`SensitivityTopK`, or a list of them (one per point, in order) for sequences.
     """
     fn = "conv_sensitivity_topk"
     _check_padding(fn, padding)
-    x, p, kk = _check_conv_pair(fn, x, p, kernel_size, bias)  # finite values too: the errors name this function
     if route not in _ROUTES:
         raise ValueError(f"{fn}: route must be one of {_ROUTES}, got {route!r}")
+    if isinstance(x, (list, tuple)) or isinstance(p, (list, tuple)):
+        return _conv_topk_points(fn, x, p, kernel_size, k, bias, route, steps, tol, seed, v0)
+    x, p, kk, n, m, k, steps, tol, seed, v0, route = _conv_topk_args(fn, x, p, kernel_size, k, bias, route, steps, tol,
+                                                                      seed, v0)
+    if route == "dense":
+        res = _finish(*_lanczos_op(_conv_blocks_op(x, p, kk, bias), k, steps, tol, seed, max(1, n), v0), tol)
+    else:
+        res = _finish(*_conv_lanczos_op(x, p, kk, bias, k, steps, tol, seed, v0), tol)
+    return SensitivityTopK(res.values, res.vectors, res.converged, res.residuals, route)
+
+
+def _conv_topk_args(fn: str, x: object, p: object, kernel_size: object, k: object, bias: object, route: str,
+                    steps: object, tol: object, seed: object, v0: object):
+    """One point's validated arguments and route: (x, p, kernel, n, m, k, steps, tol, seed, v0, route)."""
+    x, p, kk = _check_conv_pair(fn, x, p, kernel_size, bias)  # finite values too: the errors name this function
     n, m = p.shape[1], _conv_m(x, kk, bias)
     k, steps, tol, seed = _check_lanczos_args(fn, m, k, steps, tol, seed)
     acc = _acc_dtype(x.dtype)
@@ -1690,8 +1744,66 @@ def conv_sensitivity_topk(
     if route == "auto":
         N, C, H, W = x.shape
         route = choose_conv_route(N, C, H, W, n, kk, bias=bias, k=k, itemsize=torch.finfo(acc).bits // 8)
+    return x, p, kk, n, m, k, steps, tol, seed, v0, route
+
+
+def _conv_topk_points(fn: str, xs: object, ps: object, kernel_size: object, k: object, bias: object, route: str,
+                      steps: object, tol: object, seed: object, v0s: object) -> List[SensitivityTopK]:
+    """The multi-point form of :func:`conv_sensitivity_topk`: one batched solve per group of points
+    of one shape, dtype, device and route."""
+    if not isinstance(xs, (list, tuple)) or not isinstance(ps, (list, tuple)):
+        raise TypeError(f"{fn}: x and p must both be tensors or both sequences of tensors (one pair per point), got "
+                        f"{type(xs).__name__} and {type(ps).__name__}")
+    if len(xs) != len(ps):
+        raise ValueError(f"{fn}: x and p must hold one tensor per point each, got {len(xs)} and {len(ps)}")
+    if v0s is not None and (not isinstance(v0s, (list, tuple)) or len(v0s) != len(xs)):
+        got = f"a sequence of {len(v0s)}" if isinstance(v0s, (list, tuple)) else type(v0s).__name__
+        raise TypeError(f"{fn}: v0 must be None or a sequence of {len(xs)} start vectors ([n, m] tensors or None), "
+                        f"one per point, got {got}")
+    points = []
+    for i in range(len(xs)):
+        points.append(_conv_topk_args(f"{fn} (point {i})", xs[i], ps[i], kernel_size, k, bias, route, steps, tol,
+                                      seed, None if v0s is None else v0s[i]))
+    groups: dict = {}
+    for i, (x, p, kk, n, m, kq, sq, tq, seq, _, r) in enumerate(points):
+        key = (tuple(x.shape), tuple(p.shape), x.dtype, x.device, r, kk, kq, sq)
+        groups.setdefault(key, []).append(i)
+    results: List[Optional[SensitivityTopK]] = [None] * len(points)
+    for key, idx in groups.items():
+        x0, p0, kk, n, m, kq, sq, tq, seq, _, r = points[idx[0]]
+        acc = _acc_dtype(x0.dtype)
+        per_point = (x0.numel() + p0.numel()) * x0.element_size()
+        if r == "dense":
+            per_point += n * m * m * acc.itemsize
+        size = max(1, int(_CONV_POINTS_BYTES // max(1, per_point)))
+        for c0 in range(0, len(idx), size):
+            chunk = idx[c0:c0 + size]
+            if len(chunk) == 1 or n == 0:
+                for i in chunk:
+                    x, p, _, _, _, _, _, _, _, v0, _ = points[i]
+                    results[i] = _conv_topk_solve(x, p, kk, bias, n, kq, sq, tq, seq, v0, r)
+                continue
+            xb = torch.stack([points[i][0] for i in chunk])  # [L, N, C, H, W]: one copy of the inputs
+            pb = torch.stack([points[i][1] for i in chunk])
+            v0b = None
+            if any(points[i][9] is not None for i in chunk):  # an all-zero row starts from the seeded vector
+                v0b = torch.cat([_normalise_v0(points[i][9], torch.float64) if points[i][9] is not None else
+                                 torch.zeros(n, m, dtype=torch.float64, device=x0.device) for i in chunk])
+            res = _conv_topk_solve(xb, pb, kk, bias, n, kq, sq, tq, seq, v0b, r)
+            for j, i in enumerate(chunk):
+                sl = slice(j * n, (j + 1) * n)
+                results[i] = SensitivityTopK(res.values[sl], res.vectors[sl], res.converged[sl], res.residuals[sl], r)
+    return results  # type: ignore[return-value]
+
+
+def _conv_topk_solve(x: Tensor, p: Tensor, kk: int, bias: bool, n: int, k: int, steps: int, tol: float, seed: int,
+                     v0: Optional[Tensor], route: str) -> SensitivityTopK:
+    """One solve of the blocks of x [N, C, H, W] or of L points x [L, N, C, H, W] (problems point-major,
+    norms per point)."""
     if route == "dense":
-        res = _finish(*_lanczos_op(_conv_blocks_op(x, p, kk, bias), k, steps, tol, seed, max(1, n), v0), tol)
+        blocks = _conv_blocks_op(x, p, kk, bias)
+        blocks = blocks.reshape(-1, blocks.shape[-2], blocks.shape[-1])
+        res = _finish(*_lanczos_op(blocks, k, steps, tol, seed, max(1, n), v0), tol)
     else:
         res = _finish(*_conv_lanczos_op(x, p, kk, bias, k, steps, tol, seed, v0), tol)
     return SensitivityTopK(res.values, res.vectors, res.converged, res.residuals, route)

@@ -451,9 +451,10 @@ void matvec_impl(const ConvSensitivityMatvecParams& P) {
 // ---------------------------------------------------------------------------------------------
 // matrix-free Lanczos operator
 
-// A v for the Lanczos CPU backend (T = the Lanczos dtype = the matvec's acc dtype). Once a fifth
-// of the blocks have converged, the costate channels of the active ones are gathered (channels
-// last, [N, Ho, Wo, na]) and only those blocks are applied: the GEMMs shrink with them.
+// A v for the Lanczos CPU backend (T = the Lanczos dtype = the matvec's acc dtype), problem by
+// problem of the batch. Once a fifth of a problem's blocks have converged, the costate channels of
+// the active ones are gathered (channels last, [N, Ho, Wo, na]) and only those blocks are applied:
+// the GEMMs shrink with them; a problem with no active block is skipped.
 template <typename T>
 class ConvOperator final : public LanczosOperator {
  public:
@@ -463,26 +464,41 @@ class ConvOperator final : public LanczosOperator {
 
   void apply(const void* v, void* out, const uint8_t* active, void* /*workspace*/) const override {
     const int64_t n = op_.g.n, m = op_.g.m();
+    for (int64_t b = 0; b < op_.g.batch; ++b) {
+      ConvSensitivityMatvecParams P = op_;
+      P.g.batch = 1;
+      const size_t es = static_cast<size_t>(dtype_size(op_.in_dtype));
+      if (op_.x != nullptr) P.x = static_cast<const char*>(op_.x) + static_cast<size_t>(b * op_.xs.b) * es;
+      if (op_.p != nullptr) P.p = static_cast<const char*>(op_.p) + static_cast<size_t>(b * op_.ps.b) * es;
+      apply_one(P, static_cast<const T*>(v) + b * n * m, static_cast<T*>(out) + b * n * m,
+                active == nullptr ? nullptr : active + b * n);
+    }
+  }
+
+ private:
+  // One problem of the batch (P.g.batch == 1): v, out [n, m]; active [n] or nullptr.
+  void apply_one(ConvSensitivityMatvecParams P, const T* v, T* out, const uint8_t* active) const {
+    const int64_t n = P.g.n, m = P.g.m();
     act_.clear();
     for (int64_t b = 0; b < n; ++b)
       if (active == nullptr || active[b]) act_.push_back(b);
     const int64_t na = static_cast<int64_t>(act_.size());
-    ConvSensitivityMatvecParams P = op_;
+    if (na == 0) return;
     if (na * 5 >= n * 4) {
       P.v = v;
       P.out = out;
       conv_sensitivity_matvec_cpu(P);
       return;
     }
-    const ConvGeometry& g = op_.g;
+    const ConvGeometry& g = P.g;
     const int64_t Ho = g.Ho(), Wo = g.Wo(), hw = Ho * Wo;
-    const size_t es = static_cast<size_t>(dtype_size(op_.in_dtype));
+    const size_t es = static_cast<size_t>(dtype_size(P.in_dtype));
     pbuf_.resize(static_cast<size_t>(g.N * hw * na) * es);
-    const unsigned char* src = static_cast<const unsigned char*>(op_.p);
+    const unsigned char* src = static_cast<const unsigned char*>(P.p);
     unsigned char* dstb = pbuf_.data();
-    const Strides4 ps = op_.ps;
+    const Strides4 ps = P.ps;
     const std::vector<int64_t>& act = act_;
-#pragma omp parallel for num_threads(std::max(1, op_.num_threads)) schedule(static)
+#pragma omp parallel for num_threads(std::max(1, P.num_threads)) schedule(static)
     for (int64_t pix = 0; pix < g.N * hw; ++pix) {
       const int64_t img = pix / hw, rem = pix - img * hw, oh = rem / Wo, ow = rem - oh * Wo;
       const unsigned char* row = src + static_cast<size_t>(img * ps.n + oh * ps.h + ow * ps.w) * es;
@@ -491,19 +507,16 @@ class ConvOperator final : public LanczosOperator {
     }
     vbuf_.resize(static_cast<size_t>(na * m));
     wbuf_.resize(static_cast<size_t>(na * m));
-    const T* vin = static_cast<const T*>(v);
-    for (int64_t c = 0; c < na; ++c) std::copy(vin + act[c] * m, vin + (act[c] + 1) * m, vbuf_.data() + c * m);
+    for (int64_t c = 0; c < na; ++c) std::copy(v + act[c] * m, v + (act[c] + 1) * m, vbuf_.data() + c * m);
     P.g.n = na;
     P.p = pbuf_.data();
     P.ps = Strides4{hw * na, 1, Wo * na, na};
     P.v = vbuf_.data();
     P.out = wbuf_.data();
     conv_sensitivity_matvec_cpu(P);
-    T* w = static_cast<T*>(out);
-    for (int64_t c = 0; c < na; ++c) std::copy(wbuf_.data() + c * m, wbuf_.data() + (c + 1) * m, w + act[c] * m);
+    for (int64_t c = 0; c < na; ++c) std::copy(wbuf_.data() + c * m, wbuf_.data() + (c + 1) * m, out + act[c] * m);
   }
 
- private:
   ConvSensitivityMatvecParams op_;
   mutable std::vector<int64_t> act_;
   mutable std::vector<unsigned char> pbuf_;  // costate channels of the active blocks
@@ -530,47 +543,70 @@ void check_geometry(const char* fn, const Params& P) {
   const ConvGeometry& g = P.g;
   if (g.N < 0 || g.C < 0 || g.H < 0 || g.W < 0 || g.n < 0 || g.k < 1 || g.pad < 0)
     fail(fn, "sizes must be >= 0 (kernel_size >= 1)");
+  if (g.batch < 0) fail(fn, "batch must be >= 0");
   if (g.m() < 1) fail(fn, "m = C k k + bias must be >= 1");
-  if (g.rows() > 0 && g.n > 0 && ((g.d() > 0 && P.x == nullptr) || P.p == nullptr)) fail(fn, "x and p must not be null");
+  if (g.rows() > 0 && g.problems() > 0 && ((g.d() > 0 && P.x == nullptr) || P.p == nullptr))
+    fail(fn, "x and p must not be null");
+}
+
+// Problem b of a batch as a batch of one: x, p advanced by their batch strides, out by out_elems.
+template <class Params>
+Params batch_item(const Params& P, int64_t b, int64_t out_elems) {
+  Params Q = P;
+  Q.g.batch = 1;
+  const size_t es = static_cast<size_t>(dtype_size(P.in_dtype));
+  if (P.x != nullptr) Q.x = static_cast<const char*>(P.x) + static_cast<size_t>(b * P.xs.b) * es;
+  if (P.p != nullptr) Q.p = static_cast<const char*>(P.p) + static_cast<size_t>(b * P.ps.b) * es;
+  Q.out = static_cast<char*>(P.out) + static_cast<size_t>(out_elems) * dtype_size(P.acc_dtype);
+  return Q;
 }
 }  // namespace
 
-void conv_sensitivity_blocks_cpu(const ConvSensitivityBlocksParams& P) {
+void conv_sensitivity_blocks_cpu(const ConvSensitivityBlocksParams& params) {
   const char* fn = "conv_sensitivity_blocks";
-  check_geometry(fn, P);
-  if (P.g.rows() == 0 || P.g.n == 0) return;
-  if (P.out == nullptr) fail(fn, "out must not be null");
+  check_geometry(fn, params);
+  if (params.g.rows() == 0 || params.g.problems() == 0) return;
+  if (params.out == nullptr) fail(fn, "out must not be null");
   using cpu::bf16;
-  dispatch(fn, P.in_dtype, P.acc_dtype,
-           [&] { cpu::blocks_impl<float, float>(P); }, [&] { cpu::blocks_impl<bf16, float>(P); },
-           [&] { cpu::blocks_impl<double, double>(P); }, [&] { cpu::blocks_impl<float, double>(P); },
-           [&] { cpu::blocks_impl<bf16, double>(P); });
+  const int64_t m = params.g.m();
+  for (int64_t b = 0; b < params.g.batch; ++b) {  // the problems of a batch one after the other
+    const ConvSensitivityBlocksParams P = batch_item(params, b, b * params.g.n * m * m);
+    dispatch(fn, P.in_dtype, P.acc_dtype,
+             [&] { cpu::blocks_impl<float, float>(P); }, [&] { cpu::blocks_impl<bf16, float>(P); },
+             [&] { cpu::blocks_impl<double, double>(P); }, [&] { cpu::blocks_impl<float, double>(P); },
+             [&] { cpu::blocks_impl<bf16, double>(P); });
+  }
 }
 
-void conv_sensitivity_matvec_cpu(const ConvSensitivityMatvecParams& P) {
+void conv_sensitivity_matvec_cpu(const ConvSensitivityMatvecParams& params) {
   const char* fn = "conv_sensitivity_matvec";
-  check_geometry(fn, P);
-  if (P.g.n == 0) return;
-  if (P.out == nullptr || P.v == nullptr) fail(fn, "v and out must not be null");
-  const int64_t count = P.g.n * P.g.m();
-  if (P.acc_dtype == DType::kFloat32) {
-    std::fill(static_cast<float*>(P.out), static_cast<float*>(P.out) + count, 0.0f);
+  check_geometry(fn, params);
+  if (params.g.problems() == 0) return;
+  if (params.out == nullptr || params.v == nullptr) fail(fn, "v and out must not be null");
+  const int64_t count = params.g.problems() * params.g.m();
+  if (params.acc_dtype == DType::kFloat32) {
+    std::fill(static_cast<float*>(params.out), static_cast<float*>(params.out) + count, 0.0f);
   } else {
-    std::fill(static_cast<double*>(P.out), static_cast<double*>(P.out) + count, 0.0);
+    std::fill(static_cast<double*>(params.out), static_cast<double*>(params.out) + count, 0.0);
   }
-  if (P.g.rows() == 0) return;
+  if (params.g.rows() == 0) return;
   using cpu::bf16;
-  dispatch(fn, P.in_dtype, P.acc_dtype,
-           [&] { cpu::matvec_impl<float, float>(P); }, [&] { cpu::matvec_impl<bf16, float>(P); },
-           [&] { cpu::matvec_impl<double, double>(P); }, [&] { cpu::matvec_impl<float, double>(P); },
-           [&] { cpu::matvec_impl<bf16, double>(P); });
+  const int64_t nm = params.g.n * params.g.m();
+  for (int64_t b = 0; b < params.g.batch; ++b) {  // the problems of a batch one after the other
+    ConvSensitivityMatvecParams P = batch_item(params, b, b * nm);
+    P.v = static_cast<const char*>(params.v) + static_cast<size_t>(b * nm) * dtype_size(params.acc_dtype);
+    dispatch(fn, P.in_dtype, P.acc_dtype,
+             [&] { cpu::matvec_impl<float, float>(P); }, [&] { cpu::matvec_impl<bf16, float>(P); },
+             [&] { cpu::matvec_impl<double, double>(P); }, [&] { cpu::matvec_impl<float, double>(P); },
+             [&] { cpu::matvec_impl<bf16, double>(P); });
+  }
 }
 
 void conv_lanczos_topk_cpu(LanczosParams P, const ConvSensitivityMatvecParams& op) {
   const char* fn = "conv_sensitivity_lanczos";
   check_geometry(fn, op);
-  if (op.g.n != P.num_problems || op.g.m() != P.m)
-    fail(fn, "the operator must have n = num_problems and m = the Lanczos m");
+  if (op.g.problems() != P.num_problems || op.g.m() != P.m)
+    fail(fn, "the operator must have batch n = num_problems and m = the Lanczos m");
   if (op.acc_dtype != P.dtype) fail(fn, "op.acc_dtype must equal the Lanczos dtype");
   P.a = nullptr;
   if (P.dtype == DType::kFloat32) {

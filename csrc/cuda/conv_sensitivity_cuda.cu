@@ -8,8 +8,12 @@
 // Both parts are decoded once per tile or chunk into small shared arrays; a staged element is then
 // one bounds test (zero padding) and one load x[row.base + feature.off].
 //
+// A batch of problems (ConvGeometry::batch) is one launch of each kernel: the problem index is one
+// more factor of the blocks kernel's work items and of the matvec kernels' z dimension; problem b
+// reads x + b xs.b, p + b ps.b and owns the [b] slices of out, v and the workspace.
+//
 // conv_sensitivity_blocks_cuda: out[r] += B[r]. Grid: (upper-triangle tile pair (ti <= tj) of the
-//   m x m block) x (group of R output channels). 256 threads (16 x 16) keep a TM x TM tile of
+//   m x m block) x (group of R output channels) x (problem). 256 threads (16 x 16) keep a TM x TM tile of
 //   accumulators for each of their R channels in registers and loop over the rows (output pixels)
 //   in chunks of KS = 16, staging pt[s, i-tile], pt[s, j-tile] and p[s, r-group]. Only tiles with
 //   tj >= ti are computed; each value is added to (i, j) and (j, i): one writer per element, no
@@ -107,9 +111,9 @@ __device__ __forceinline__ Acc patch_value(const Tin* __restrict__ x, const Patc
 // ------------------------------------------------------------------------------------------------
 template <typename Tin, typename Acc, int TM, int R>
 __global__ void __launch_bounds__(kThreads, sizeof(Acc) == 4 ? 2 : 1)
-conv_blocks_kernel(const Tin* __restrict__ x, const Tin* __restrict__ p, PatchAddress A,
-                   Acc* __restrict__ out,  // [n, m, m]
-                   int64_t rows, int64_t n, int64_t m,
+conv_blocks_kernel(const Tin* __restrict__ x0, const Tin* __restrict__ p0, PatchAddress A,
+                   Acc* __restrict__ out0,  // [batch, n, m, m]
+                   int64_t batch, int64_t rows, int64_t n, int64_t m,
                    int64_t num_tiles,    // ceil(m / TM)
                    int64_t num_pairs,    // num_tiles * (num_tiles + 1) / 2
                    int64_t num_rgroups)  // ceil(n / R)
@@ -126,11 +130,16 @@ conv_blocks_kernel(const Tin* __restrict__ x, const Tin* __restrict__ p, PatchAd
   const int tid = static_cast<int>(threadIdx.x);
   const int tx = tid % 16;
   const int ty = tid / 16;
-  const int64_t work = num_pairs * num_rgroups;
+  const int64_t per_problem = num_pairs * num_rgroups;
+  const int64_t work = batch * per_problem;
 
   for (int64_t item = blockIdx.x; item < work; item += gridDim.x) {
-    const int64_t pair = item % num_pairs;
-    const int64_t rg = item / num_pairs;
+    const int64_t prob = item / per_problem;
+    const int64_t pair = (item % per_problem) % num_pairs;
+    const int64_t rg = (item % per_problem) / num_pairs;
+    const Tin* __restrict__ x = x0 != nullptr ? x0 + prob * A.xs.b : x0;
+    const Tin* __restrict__ p = p0 + prob * A.ps.b;
+    Acc* __restrict__ out = out0 + prob * n * m * m;
     int64_t ti = 0, rem = pair;  // pair -> (ti, tj), ti <= tj, row-major over the upper triangle
     while (rem >= num_tiles - ti) {
       rem -= num_tiles - ti;
@@ -218,10 +227,11 @@ void launch_blocks(const ConvSensitivityBlocksParams& P) {
   const int64_t num_tiles = ceil_div(m, TM);
   const int64_t num_pairs = num_tiles * (num_tiles + 1) / 2;
   const int64_t num_rgroups = ceil_div(g.n, R);
-  const dim3 grid(grid_dim(num_pairs * num_rgroups, kMaxGridX), 1, 1);
+  const dim3 grid(grid_dim(g.batch * num_pairs * num_rgroups, kMaxGridX), 1, 1);
   launch("conv_sensitivity_blocks_cuda", conv_blocks_kernel<Tin, Acc, TM, R>, grid, dim3(kThreads),
          cuda_detail::as_stream(P.stream), static_cast<const Tin*>(P.x), static_cast<const Tin*>(P.p),
-         PatchAddress(g, P.xs, P.ps), static_cast<Acc*>(P.out), g.rows(), g.n, m, num_tiles, num_pairs, num_rgroups);
+         PatchAddress(g, P.xs, P.ps), static_cast<Acc*>(P.out), g.batch, g.rows(), g.n, m, num_tiles, num_pairs,
+         num_rgroups);
 }
 
 template <typename Tin, typename Acc>
@@ -280,13 +290,13 @@ int64_t num_sms() {
   return sms;
 }
 
-// Y[s, r] = sum_i pt[s, i] * v[r, i].  Grid: x = row tiles, y = r tiles.
+// Y[b, s, r] = sum_i pt[b, s, i] * v[b, r, i].  Grid: x = row tiles, y = r tiles, z = problems.
 template <typename Tin, typename Acc>
 __global__ void __launch_bounds__(kThreads)
-conv_matvec_y_kernel(const Tin* __restrict__ x, PatchAddress A,
-                     const Acc* __restrict__ v,  // [n, m]
-                     Acc* __restrict__ y,        // [rows, n]
-                     int64_t rows, int64_t n, int64_t m) {
+conv_matvec_y_kernel(const Tin* __restrict__ x0, PatchAddress A,
+                     const Acc* __restrict__ v0,  // [batch, n, m]
+                     Acc* __restrict__ y0,        // [batch, rows, n]
+                     int64_t batch, int64_t rows, int64_t n, int64_t m) {
   __shared__ Acc xs[kGK][kGT + 1];  // xs[k][sl] = pt[s0 + sl, k0 + k]
   __shared__ Acc vs[kGK][kGT + 1];  // vs[k][rl] = v[r0 + rl, k0 + k]
   __shared__ RowsS<kGT> rs;
@@ -295,6 +305,10 @@ conv_matvec_y_kernel(const Tin* __restrict__ x, PatchAddress A,
   const int tx = tid % 16, ty = tid / 16;
   const int64_t s_tiles = ceil_div(rows, kGT), r_tiles = ceil_div(n, kGT);
 
+  for (int64_t prob = blockIdx.z; prob < batch; prob += gridDim.z) {
+  const Tin* __restrict__ x = x0 != nullptr ? x0 + prob * A.xs.b : x0;
+  const Acc* __restrict__ v = v0 + prob * n * m;
+  Acc* __restrict__ y = y0 + prob * rows * n;
   for (int64_t st = blockIdx.x; st < s_tiles; st += gridDim.x) {
     for (int64_t rt = blockIdx.y; rt < r_tiles; rt += gridDim.y) {
       const int64_t s0 = st * kGT, r0 = rt * kGT;
@@ -327,17 +341,19 @@ conv_matvec_y_kernel(const Tin* __restrict__ x, PatchAddress A,
       }
     }
   }
+  }
 }
 
-// out[r, i] = sum_s p[s, r] * Y[s, r] * pt[s, i].  Grid: x = i tiles, y = r tiles, z = row splits.
+// out[b, r, i] = sum_s p[b, s, r] * Y[b, s, r] * pt[b, s, i].  Grid: x = i tiles, y = r tiles,
+// z = (problem, row split) pairs.
 // splits == 1: each block owns its output tile and overwrites it (deterministic); splits > 1: split
 // q sums rows [q * split_rows, (q + 1) * split_rows) and adds atomically into out (zeroed first).
 template <typename Tin, typename Acc>
 __global__ void __launch_bounds__(kThreads)
-conv_matvec_out_kernel(const Tin* __restrict__ x, const Tin* __restrict__ p, PatchAddress A,
-                       const Acc* __restrict__ y,  // [rows, n]
-                       Acc* __restrict__ out,      // [n, m]
-                       int64_t rows, int64_t n, int64_t m, int64_t splits, int64_t split_rows) {
+conv_matvec_out_kernel(const Tin* __restrict__ x0, const Tin* __restrict__ p0, PatchAddress A,
+                       const Acc* __restrict__ y0,  // [batch, rows, n]
+                       Acc* __restrict__ out0,      // [batch, n, m]
+                       int64_t batch, int64_t rows, int64_t n, int64_t m, int64_t splits, int64_t split_rows) {
   __shared__ Acc zs[kGK][kGT];  // zs[k][rl] = p[s0 + k, r0 + rl] * Y[s0 + k, r0 + rl]
   __shared__ Acc xs[kGK][kGT];  // xs[k][il] = pt[s0 + k, i0 + il]
   __shared__ RowsS<kGK> rs;
@@ -346,7 +362,12 @@ conv_matvec_out_kernel(const Tin* __restrict__ x, const Tin* __restrict__ p, Pat
   const int tx = tid % 16, ty = tid / 16;
   const int64_t i_tiles = ceil_div(m, kGT), r_tiles = ceil_div(n, kGT);
 
-  for (int64_t q = blockIdx.z; q < splits; q += gridDim.z) {
+  for (int64_t qz = blockIdx.z; qz < batch * splits; qz += gridDim.z) {
+    const int64_t prob = qz / splits, q = qz % splits;
+    const Tin* __restrict__ x = x0 != nullptr ? x0 + prob * A.xs.b : x0;
+    const Tin* __restrict__ p = p0 + prob * A.ps.b;
+    const Acc* __restrict__ y = y0 + prob * rows * n;
+    Acc* __restrict__ out = out0 + prob * n * m;
     const int64_t s_begin = q * split_rows;
     const int64_t s_end = s_begin + split_rows < rows ? s_begin + split_rows : rows;
     for (int64_t it = blockIdx.x; it < i_tiles; it += gridDim.x) {
@@ -398,12 +419,14 @@ void run_matvec(const ConvSensitivityMatvecParams& P) {
   const cudaStream_t stream = cuda_detail::as_stream(P.stream);
   const PatchAddress A(g, P.xs, P.ps);
   Acc* y = static_cast<Acc*>(P.workspace);
-  const dim3 grid1(grid_dim(ceil_div(rows, kGT), kMaxGridX), grid_dim(ceil_div(n, kGT), kMaxGridYZ), 1);
+  const int64_t batch = g.batch;
+  const dim3 grid1(grid_dim(ceil_div(rows, kGT), kMaxGridX), grid_dim(ceil_div(n, kGT), kMaxGridYZ),
+                   grid_dim(batch, kMaxGridYZ));
   launch("conv_sensitivity_matvec_cuda", conv_matvec_y_kernel<Tin, Acc>, grid1, dim3(kThreads), stream,
-         static_cast<const Tin*>(P.x), A, static_cast<const Acc*>(P.v), y, rows, n, m);
+         static_cast<const Tin*>(P.x), A, static_cast<const Acc*>(P.v), y, batch, rows, n, m);
   // The second GEMM's output [n, m] can be far too small to fill the GPU while the sum runs over
   // all rows: then split the rows into ranges (>= kMinSplitRows each) added atomically.
-  const int64_t tiles2 = ceil_div(m, kGT) * ceil_div(n, kGT);
+  const int64_t tiles2 = ceil_div(m, kGT) * ceil_div(n, kGT) * batch;
   const int64_t target = 2 * num_sms();
   int64_t splits = 1;
   if (tiles2 < target) {
@@ -414,16 +437,16 @@ void run_matvec(const ConvSensitivityMatvecParams& P) {
   int64_t split_rows = ceil_div(ceil_div(rows, splits), kGK) * kGK;
   splits = ceil_div(rows, split_rows);  // no empty split
   if (splits > 1) {
-    check_cuda(cudaMemsetAsync(P.out, 0, static_cast<size_t>(n * m) * sizeof(Acc), stream),
+    check_cuda(cudaMemsetAsync(P.out, 0, static_cast<size_t>(batch * n * m) * sizeof(Acc), stream),
                "conv_sensitivity_matvec_cuda");
   } else {
     split_rows = rows;
   }
   const dim3 grid2(grid_dim(ceil_div(m, kGT), kMaxGridX), grid_dim(ceil_div(n, kGT), kMaxGridYZ),
-                   grid_dim(splits, kMaxGridYZ));
+                   grid_dim(batch * splits, kMaxGridYZ));
   launch("conv_sensitivity_matvec_cuda", conv_matvec_out_kernel<Tin, Acc>, grid2, dim3(kThreads), stream,
          static_cast<const Tin*>(P.x), static_cast<const Tin*>(P.p), A, static_cast<const Acc*>(y),
-         static_cast<Acc*>(P.out), rows, n, m, splits, split_rows);
+         static_cast<Acc*>(P.out), batch, rows, n, m, splits, split_rows);
 }
 
 // Accumulation dtype the CUDA kernels use for an input dtype.
@@ -440,6 +463,7 @@ void check_dtypes(const char* op, DType in, DType acc) {
 }
 
 void check_geometry(const char* op, const ConvGeometry& g) {
+  if (g.batch < 0) fail(op, "batch must be >= 0, got " + std::to_string(g.batch));
   if (g.N < 0 || g.C < 0 || g.H < 0 || g.W < 0 || g.n < 0 || g.k < 1 || g.pad < 0) {
     fail(op, "sizes must be non-negative and kernel_size >= 1, got N=" + std::to_string(g.N) + " C=" +
                  std::to_string(g.C) + " H=" + std::to_string(g.H) + " W=" + std::to_string(g.W) + " n=" +
@@ -471,7 +495,7 @@ void conv_sensitivity_blocks_cuda(const ConvSensitivityBlocksParams& params) {
   const char* op = "conv_sensitivity_blocks_cuda";
   check_geometry(op, params.g);
   check_dtypes(op, params.in_dtype, params.acc_dtype);
-  if (params.g.rows() == 0 || params.g.n == 0) return;  // nothing to add
+  if (params.g.rows() == 0 || params.g.problems() == 0) return;  // nothing to add
   if ((params.g.d() > 0 && params.x == nullptr) || params.p == nullptr || params.out == nullptr) {
     fail(op, "x, p and out must be non-null");
   }
@@ -488,11 +512,11 @@ void conv_sensitivity_matvec_cuda(const ConvSensitivityMatvecParams& params) {
   check_geometry(op, params.g);
   check_dtypes(op, params.in_dtype, params.acc_dtype);
   const int64_t m = params.g.m();
-  if (params.g.n == 0) return;  // out is empty
+  if (params.g.problems() == 0) return;  // out is empty
   if (params.out == nullptr) fail(op, "out must be non-null");
   const cuda_detail::DeviceGuard guard(params.out, op);
   if (params.g.rows() == 0) {  // B == 0, so out = 0
-    const size_t bytes = static_cast<size_t>(params.g.n * m) *
+    const size_t bytes = static_cast<size_t>(params.g.problems() * m) *
                          (params.acc_dtype == DType::kFloat64 ? sizeof(double) : sizeof(float));
     check_cuda(cudaMemsetAsync(params.out, 0, bytes, cuda_detail::as_stream(params.stream)), op);
     return;
@@ -514,8 +538,9 @@ void conv_lanczos_topk_cuda(LanczosParams params, const ConvSensitivityMatvecPar
   const char* name = "conv_sensitivity_lanczos_cuda";
   check_geometry(name, op.g);
   check_dtypes(name, op.in_dtype, op.acc_dtype);
-  if (op.g.n != params.num_problems || op.g.m() != params.m) {
-    fail(name, "the operator must have n = num_problems and m = the Lanczos m, got n = " + std::to_string(op.g.n) +
+  if (op.g.problems() != params.num_problems || op.g.m() != params.m) {
+    fail(name, "the operator must have batch n = num_problems and m = the Lanczos m, got batch n = " +
+                   std::to_string(op.g.problems()) +
                    " vs " + std::to_string(params.num_problems) + " and m = " + std::to_string(op.g.m()) + " vs " +
                    std::to_string(params.m));
   }

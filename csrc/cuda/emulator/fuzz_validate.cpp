@@ -435,10 +435,10 @@ void fuzz_lanczos(bool cuda, int64_t it) {
 
 // ------------------------------------------------------------------------------- convolutions
 
-// Elements of a 4-D view (the same formula as conv_sensitivity.h, written again).
-int64_t span4(int64_t a, int64_t b, int64_t c, int64_t d, const Strides4& st) {
-  if (a == 0 || b == 0 || c == 0 || d == 0) return 0;
-  return 1 + (a - 1) * st.n + (b - 1) * st.c + (c - 1) * st.h + (d - 1) * st.w;
+// Elements of a batch of 4-D views (the same formula as conv_sensitivity.h, written again).
+int64_t span4(int64_t batch, int64_t a, int64_t b, int64_t c, int64_t d, const Strides4& st) {
+  if (batch == 0 || a == 0 || b == 0 || c == 0 || d == 0) return 0;
+  return 1 + (batch - 1) * st.b + (a - 1) * st.n + (b - 1) * st.c + (c - 1) * st.h + (d - 1) * st.w;
 }
 
 // NCHW or channels-last with padding, arbitrary small strides (overlapping elements: x and p are
@@ -459,11 +459,14 @@ Strides4 random_strides(int64_t a, int64_t b, int64_t c, int64_t d) {
       st.w = coin(0.5) ? 0 : 1; st.h = coin(0.5) ? 0 : d; st.c = c * d; st.n = coin(0.5) ? 0 : b * c * d;
       break;
   }
+  // the problems of a batch: a packed stack, a padded one, or any stride (0: one problem repeated)
+  st.b = coin(0.5) ? a * st.n + rnd(0, 3) : rnd(0, 80);
   return st;
 }
 
 ConvGeometry random_geometry() {
   ConvGeometry g;
+  g.batch = coin(0.6) ? 1 : rnd(0, 3);
   g.N = rnd(0, 4) == 0 ? rnd(0, 1) : rnd(1, 3);
   g.C = rnd(0, 4);
   g.H = rnd(0, 6) == 0 ? rnd(0, 1) : rnd(1, 7);
@@ -488,35 +491,36 @@ void fuzz_conv(int kind, bool cuda, int64_t it) {
   P.ps = random_strides(g.N, g.n, Ho, Wo);
   const int64_t ies = dtype_size(P.in_dtype), aes = dtype_size(P.acc_dtype), m = g.m(), rows = g.rows();
   const bool lanczos = kind == 2;
-  const bool active = g.n > 0 && (kind == 1 || lanczos || rows > 0);
+  const int64_t nb = g.problems();  // blocks of all problems
+  const bool active = nb > 0 && (kind == 1 || lanczos || rows > 0);
   const bool reads = active && rows > 0;
   // 0 x, 1 p, 2 out (values for the Lanczos), 3 v, 4 workspace, 5 vectors, 6 ritz, 7 steps
   int64_t bytes[8] = {};
-  bytes[0] = (reads && g.d() > 0) ? span4(g.N, g.C, g.H, g.W, P.xs) * ies : 0;
-  bytes[1] = reads ? span4(g.N, g.n, Ho, Wo, P.ps) * ies : 0;
+  bytes[0] = (reads && g.d() > 0) ? span4(g.batch, g.N, g.C, g.H, g.W, P.xs) * ies : 0;
+  bytes[1] = reads ? span4(g.batch, g.N, g.n, Ho, Wo, P.ps) * ies : 0;
   LanczosParams L;
   int64_t kk = 1;
   if (lanczos) {
-    L.num_problems = g.n;
+    L.num_problems = nb;
     L.m = m;
     kk = rnd(1, m);
     L.k = kk;
     L.max_steps = rnd(kk, m);
-    L.norm_group = rnd(1, std::max<int64_t>(g.n, 1));
+    L.norm_group = coin(0.5) ? std::max<int64_t>(g.n, 1) : rnd(1, std::max<int64_t>(nb, 1));
     L.dtype = P.acc_dtype;
     L.tol = 1e-6;
     L.num_threads = P.num_threads;
-    // cuda: the operator's y [rows, n] after the driver's own layout
-    const int64_t ws = g.n > 0 ? lanczos_workspace_layout(L, false).total + (cuda ? rows * g.n : 0) : 0;
-    bytes[2] = g.n * kk * aes;
+    // cuda: the operator's y [batch, rows, n] after the driver's own layout
+    const int64_t ws = nb > 0 ? lanczos_workspace_layout(L, false).total + (cuda ? g.batch * rows * g.n : 0) : 0;
+    bytes[2] = nb * kk * aes;
     bytes[4] = ws * aes;
-    bytes[5] = g.n * m * kk * aes;
-    bytes[6] = g.n * kk * aes;
-    bytes[7] = g.n * 4;
+    bytes[5] = nb * m * kk * aes;
+    bytes[6] = nb * kk * aes;
+    bytes[7] = nb * 4;
   } else {
-    bytes[2] = active ? g.n * m * (kind == 1 ? 1 : m) * aes : 0;
-    bytes[3] = (kind == 1 && reads) ? g.n * m * aes : 0;
-    bytes[4] = (kind == 1 && reads && cuda) ? rows * g.n * aes : 0;
+    bytes[2] = active ? nb * m * (kind == 1 ? 1 : m) * aes : 0;
+    bytes[3] = (kind == 1 && reads) ? nb * m * aes : 0;
+    bytes[4] = (kind == 1 && reads && cuda) ? g.batch * rows * g.n * aes : 0;
   }
   const int64_t tes[8] = {ies, ies, aes, aes, aes, aes, aes, 4};
   int mut = coin(0.4) ? kNone : static_cast<int>(rnd(1, kNumMut - 1));
@@ -561,8 +565,9 @@ void fuzz_conv(int kind, bool cuda, int64_t it) {
   }
   switch (mut) {
     case kNegative: {
-      int64_t* f[] = {&g.N, &g.C, &g.H, &g.W, &g.n, &g.pad, &P.xs.n, &P.xs.c, &P.xs.h, &P.xs.w, &P.ps.n, &P.ps.w};
-      *f[rnd(0, 11)] = -rnd(1, 3);
+      int64_t* f[] = {&g.N, &g.C, &g.H, &g.W, &g.n, &g.pad, &P.xs.n, &P.xs.c, &P.xs.h, &P.xs.w, &P.ps.n, &P.ps.w,
+                      &g.batch, &P.xs.b, &P.ps.b};
+      *f[rnd(0, 14)] = -rnd(1, 3);
       must_reject = true;
       break;
     }
@@ -583,11 +588,15 @@ void fuzz_conv(int kind, bool cuda, int64_t it) {
       must_reject = true;
       break;
     case kGrow:  // a size grew after the buffers were allocated: the checks decide, ASan verifies
-      if (coin(0.5)) g.C += 1; else g.N += 1;
+      switch (rnd(0, 2)) {
+        case 0: g.C += 1; break;
+        case 1: g.N += 1; break;
+        default: g.batch += 1; break;
+      }
       break;
     case kStrides:  // anything goes: the checks decide, ASan verifies
-      P.xs = Strides4{rnd(0, 60), rnd(0, 30), rnd(0, 12), rnd(0, 4)};
-      P.ps = Strides4{rnd(0, 60), rnd(0, 30), rnd(0, 12), rnd(0, 4)};
+      P.xs = Strides4{rnd(0, 60), rnd(0, 30), rnd(0, 12), rnd(0, 4), rnd(0, 90)};
+      P.ps = Strides4{rnd(0, 60), rnd(0, 30), rnd(0, 12), rnd(0, 4), rnd(0, 90)};
       break;
     case kLanczosArg:
       switch (rnd(0, 4)) {
@@ -607,8 +616,9 @@ void fuzz_conv(int kind, bool cuda, int64_t it) {
   P.x = buf[0].ptr;
   P.p = buf[1].ptr;
   char what[200];
-  std::snprintf(what, sizeof what, "conv %s %s it=%ld N=%ld C=%ld H=%ld W=%ld n=%ld k=%ld pad=%ld",
-                kind == 0 ? "blocks" : kind == 1 ? "matvec" : "lanczos", cuda ? "cuda" : "cpu", (long)it, (long)g.N,
+  std::snprintf(what, sizeof what, "conv %s %s it=%ld batch=%ld N=%ld C=%ld H=%ld W=%ld n=%ld k=%ld pad=%ld",
+                kind == 0 ? "blocks" : kind == 1 ? "matvec" : "lanczos", cuda ? "cuda" : "cpu", (long)it, (long)g.batch,
+                (long)g.N,
                 (long)g.C, (long)g.H, (long)g.W, (long)g.n, (long)g.k, (long)g.pad);
   if (kind == 0) {
     ConvSensitivityBlocksParams B;
@@ -710,8 +720,8 @@ void messages() {
                  "float32", [&] { check_conv_lanczos_params("conv_sensitivity_lanczos", CL, C, false, LanczosSpans()); });
   CL.dtype = DType::kFloat32;
   CL.num_problems = 3;
-  expect_message("conv mf n", "conv_sensitivity_lanczos: the matrix-free operator must have n = num_problems = 3 and "
-                 "m = 19, got n = 2 and m = 19",
+  expect_message("conv mf n", "conv_sensitivity_lanczos: the matrix-free operator must have batch n = num_problems = 3 "
+                 "and m = 19, got batch n = 1 * 2 and m = 19",
                  [&] { check_conv_lanczos_params("conv_sensitivity_lanczos", CL, C, false, LanczosSpans()); });
   ConvSensitivityBlocksParams CB;
   CB.g = C.g;

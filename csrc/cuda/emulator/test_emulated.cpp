@@ -576,6 +576,132 @@ static void test_conv_lanczos(DType tin, const ConvShape& c, int64_t k) {
   }
 }
 
+// A batch of L problems of one geometry in one call (x, p advanced by batch strides that are not
+// those of a packed stack): every problem equals the call on it alone, for the CPU and the emulated
+// CUDA kernels: blocks, matvec (workspace [L, rows, n] not overrun) and the matrix-free Lanczos
+// (problems b * n + r, norms per problem).
+static void test_conv_batch(DType t, const ConvShape& c, int64_t L, bool integer, int layout) {
+  ConvGeometry g;
+  g.N = c.N; g.C = c.C; g.H = c.H; g.W = c.W; g.n = c.n; g.k = c.k; g.pad = c.pad; g.bias = c.bias;
+  const int64_t m = g.m(), rows = g.rows(), n = g.n;
+  // L N images: problem b holds images [b N, (b + 1) N); strides padded by make_tensor4
+  Tensor4 X = make_tensor4(t, L * g.N, g.C, g.H, g.W, layout, integer);
+  Tensor4 Pt = make_tensor4(t, L * g.N, g.n, g.Ho(), g.Wo(), 1 - layout, integer);
+  const size_t es = esize(t);
+  const bool f64 = t == DType::kFloat64;
+  const DType acc = f64 ? DType::kFloat64 : DType::kFloat32;
+  const size_t as = f64 ? 8 : 4;
+  Strides4 xs = X.st, ps = Pt.st;
+  xs.b = g.N * X.st.n;
+  ps.b = g.N * Pt.st.n;
+  auto get = [&](const std::vector<unsigned char>& b, int64_t e) {
+    if (f64) { double v; std::memcpy(&v, b.data() + e * 8, 8); return v; }
+    float v; std::memcpy(&v, b.data() + e * 4, 4); return static_cast<double>(v);
+  };
+  auto close = [&](double a, double b, double scale) {
+    return integer ? a == b : std::fabs(a - b) <= (f64 ? 1e-12 : 1e-5) * std::max(1.0, scale);
+  };
+  std::uniform_int_distribution<int> I(-3, 3);
+  for (int cuda = 0; cuda < 2; ++cuda) {
+    // blocks
+    ConvSensitivityBlocksParams P;
+    P.g = g; P.g.batch = L;
+    P.x = X.raw.data(); P.xs = xs; P.p = Pt.raw.data(); P.ps = ps;
+    P.in_dtype = t; P.acc_dtype = acc; P.num_threads = 2;
+    std::vector<unsigned char> out(static_cast<size_t>(L * n * m * m + 1) * as, 0);
+    store(out.data(), acc, L * n * m * m, NAN);  // guard
+    P.out = out.data();
+    if (cuda) conv_sensitivity_blocks_cuda(P); else conv_sensitivity_blocks_cpu(P);
+    CHECK(std::isnan(get(out, L * n * m * m)), "conv batch blocks %s: out overrun", cuda ? "cuda" : "cpu");
+    for (int64_t b = 0; b < L; ++b) {
+      ConvSensitivityBlocksParams Q = P;
+      Q.g.batch = 1;
+      Q.x = X.raw.data() + static_cast<size_t>(b * xs.b) * es;
+      Q.p = Pt.raw.data() + static_cast<size_t>(b * ps.b) * es;
+      std::vector<unsigned char> one(static_cast<size_t>(n * m * m) * as, 0);
+      Q.out = one.data();
+      if (cuda) conv_sensitivity_blocks_cuda(Q); else conv_sensitivity_blocks_cpu(Q);
+      double worst = 0, scale = 0;
+      for (int64_t e = 0; e < n * m * m; ++e) {
+        scale = std::max(scale, std::fabs(get(one, e)));
+        if (!(get(out, b * n * m * m + e) == get(one, e))) worst = std::max(worst, std::fabs(get(out, b * n * m * m + e) - get(one, e)) + (std::isnan(get(out, b * n * m * m + e)) ? INFINITY : 0.0));
+      }
+      CHECK(close(worst, 0.0, scale * rows), "conv batch blocks %s %s b=%ld: differs from the problem alone by %g",
+            cuda ? "cuda" : "cpu", dtype_name(t), b, worst);
+    }
+    // matvec
+    ConvSensitivityMatvecParams M;
+    M.g = g; M.g.batch = L;
+    M.x = X.raw.data(); M.xs = xs; M.p = Pt.raw.data(); M.ps = ps;
+    M.in_dtype = t; M.acc_dtype = acc; M.num_threads = 3;
+    std::vector<unsigned char> v(static_cast<size_t>(L * n * m) * as), mo(static_cast<size_t>(L * n * m) * as),
+        ws(static_cast<size_t>(L * rows * n + 1) * as);
+    for (int64_t e = 0; e < L * n * m; ++e) store(v.data(), acc, e, I(rng));
+    for (int64_t e = 0; e < L * n * m; ++e) store(mo.data(), acc, e, NAN);
+    for (int64_t e = 0; e <= L * rows * n; ++e) store(ws.data(), acc, e, NAN);
+    M.v = v.data(); M.out = mo.data(); M.workspace = ws.data();
+    if (cuda) conv_sensitivity_matvec_cuda(M); else conv_sensitivity_matvec_cpu(M);
+    CHECK(std::isnan(get(ws, L * rows * n)), "conv batch matvec workspace overrun");
+    for (int64_t b = 0; b < L; ++b) {
+      ConvSensitivityMatvecParams Q = M;
+      Q.g.batch = 1;
+      Q.x = X.raw.data() + static_cast<size_t>(b * xs.b) * es;
+      Q.p = Pt.raw.data() + static_cast<size_t>(b * ps.b) * es;
+      Q.v = v.data() + static_cast<size_t>(b * n * m) * as;
+      std::vector<unsigned char> one(static_cast<size_t>(n * m) * as), w1(static_cast<size_t>(rows * n + 1) * as);
+      Q.out = one.data(); Q.workspace = w1.data();
+      if (cuda) conv_sensitivity_matvec_cuda(Q); else conv_sensitivity_matvec_cpu(Q);
+      double worst = 0, scale = 0;
+      for (int64_t e = 0; e < n * m; ++e) {
+        const double a = get(mo, b * n * m + e), o = get(one, e);
+        scale = std::max(scale, std::fabs(o));
+        worst = std::max(worst, std::isnan(a) ? INFINITY : std::fabs(a - o));
+      }
+      CHECK(close(worst, 0.0, scale * rows * m), "conv batch matvec %s %s b=%ld: differs from the problem alone by %g",
+            cuda ? "cuda" : "cpu", dtype_name(t), b, worst);
+    }
+  }
+  if (!f64 || rows == 0 || n == 0) return;
+  // matrix-free Lanczos over the L n blocks: each block's top eigenvalue equals the problem alone's
+  ConvSensitivityMatvecParams op;
+  op.g = g; op.g.batch = L;
+  op.x = X.raw.data(); op.xs = xs; op.p = Pt.raw.data(); op.ps = ps;
+  op.in_dtype = t; op.acc_dtype = DType::kFloat64; op.num_threads = 2;
+  auto solve = [&](const ConvSensitivityMatvecParams& o, int cuda, std::vector<double>& vals) {
+    LanczosParams Q;
+    Q.num_problems = o.g.problems(); Q.m = m; Q.k = 1; Q.max_steps = m; Q.tol = 1e-11; Q.seed = 3;
+    Q.norm_group = n; Q.dtype = DType::kFloat64; Q.num_threads = 2;
+    const int64_t B = Q.num_problems;
+    vals.assign(B, NAN);
+    std::vector<double> vecs(B * m), res(B);
+    std::vector<int32_t> st(B);
+    const int64_t total = lanczos_workspace_layout(Q, false).total + (cuda ? o.g.batch * rows * n : 0);
+    std::vector<double> w(total + 1, 0.0);
+    w.back() = NAN;
+    Q.values = vals.data(); Q.vectors = vecs.data(); Q.ritz_residuals = res.data(); Q.steps = st.data();
+    Q.workspace = w.data();
+    if (cuda) conv_lanczos_topk_cuda(Q, o); else conv_lanczos_topk_cpu(Q, o);
+    CHECK(std::isnan(w.back()), "conv batch lanczos workspace overrun");
+  };
+  for (int cuda = 0; cuda < 2; ++cuda) {
+    std::vector<double> all;
+    solve(op, cuda, all);
+    for (int64_t b = 0; b < L; ++b) {
+      ConvSensitivityMatvecParams o = op;
+      o.g.batch = 1;
+      o.x = X.raw.data() + static_cast<size_t>(b * xs.b) * es;
+      o.p = Pt.raw.data() + static_cast<size_t>(b * ps.b) * es;
+      std::vector<double> one;
+      solve(o, cuda, one);
+      double scale = 0;
+      for (double e : one) scale = std::max(scale, std::fabs(e));
+      for (int64_t r = 0; r < n; ++r)
+        CHECK(std::fabs(all[b * n + r] - one[r]) <= 1e-8 * std::max(1.0, scale),
+              "conv batch lanczos %s b=%ld r=%ld: %.12g alone %.12g", cuda ? "cuda" : "cpu", b, r, all[b * n + r], one[r]);
+    }
+  }
+}
+
 static void test_conv() {
   const DType dts[3] = {DType::kFloat32, DType::kFloat64, DType::kBFloat16};
   const ConvShape shapes[] = {
@@ -602,6 +728,16 @@ static void test_conv() {
   test_conv_lanczos<float>(DType::kFloat32, {1, 1, 5, 5, 4, 3, 1, false}, 1);
   test_conv_lanczos<float>(DType::kBFloat16, {1, 2, 3, 4, 2, 1, 0, true}, 1);
   std::printf("conv lanczos done (%d failures)\n", failures);
+  const ConvShape bshapes[] = {
+      {2, 3, 5, 7, 4, 3, 1, true}, {1, 2, 4, 4, 70, 1, 0, false}, {2, 8, 5, 5, 3, 3, 1, true},  // m = 73
+      {3, 1, 30, 30, 2, 1, 0, true},  // 2700 rows: the second GEMM splits its rows (batch x splits in z)
+      {0, 2, 4, 4, 2, 3, 1, true}, {1, 2, 4, 4, 0, 3, 1, true},
+  };
+  for (const ConvShape& c : bshapes)
+    for (DType t : dts)
+      for (int integer = 0; integer < 2; ++integer)
+        for (int64_t L : {int64_t(1), int64_t(3)}) test_conv_batch(t, c, L, integer, static_cast<int>(rng() % 2));
+  std::printf("conv batch done (%d failures)\n", failures);
   // the kernels' own entry checks (behind the span checks of conv_sensitivity.h), by their text
   auto expect = [](const char* want, auto f) {
     std::string got = "(nothing thrown)";
@@ -646,10 +782,14 @@ static void test_conv() {
   M.out = buf + 32;
   LanczosParams L;
   L.num_problems = 2; L.m = 2; L.k = 1; L.max_steps = 2; L.dtype = DType::kFloat32;
-  expect("conv_sensitivity_lanczos: the operator must have n = num_problems and m = the Lanczos m",
+  expect("conv_sensitivity_lanczos: the operator must have batch n = num_problems and m = the Lanczos m",
          [&] { conv_lanczos_topk_cpu(L, M); });
-  expect("conv_sensitivity_lanczos_cuda: the operator must have n = num_problems and m = the Lanczos m, got n = 1 vs 2",
-         [&] { conv_lanczos_topk_cuda(L, M); });
+  expect("conv_sensitivity_lanczos_cuda: the operator must have batch n = num_problems and m = the Lanczos m, got "
+         "batch n = 1 vs 2", [&] { conv_lanczos_topk_cuda(L, M); });
+  M.g.batch = -1;
+  expect("conv_sensitivity_matvec_cuda: batch must be >= 0, got -1", [&] { conv_sensitivity_matvec_cuda(M); });
+  expect("conv_sensitivity_matvec: batch must be >= 0", [&] { conv_sensitivity_matvec_cpu(M); });
+  M.g.batch = 1;
   L.num_problems = 1;
   L.dtype = DType::kFloat64;
   expect("conv_sensitivity_lanczos: op.acc_dtype must equal the Lanczos dtype", [&] { conv_lanczos_topk_cpu(L, M); });

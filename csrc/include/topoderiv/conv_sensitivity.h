@@ -14,6 +14,10 @@
 // per-thread buffer; the CUDA kernels stage tiles in shared memory through it): rows, tokens and
 // patches differ only in how (row, feature) maps to an element of x. x and p may have any
 // non-negative element strides (NCHW, channels-last, views): no layout copy is needed.
+//
+// A call carries a batch of `batch` independent problems of one geometry (several insertion points
+// solved together): problem b reads x + b * xs.b and p + b * ps.b and owns out's [b] slice; the
+// Lanczos problems are the blocks of all of them, index b * n + r.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -27,6 +31,7 @@ namespace topoderiv {
 
 // Shapes of one problem: x [N, C, H, W], p [N, n, Ho, Wo].
 struct ConvGeometry {
+  int64_t batch = 1;                   // independent problems of this geometry
   int64_t N = 0, C = 0, H = 0, W = 0;  // input
   int64_t n = 0;                       // output channels = blocks
   int64_t k = 1;                       // kernel size (square)
@@ -38,11 +43,15 @@ struct ConvGeometry {
   TD_HOST_DEVICE int64_t m() const { return d() + (bias ? 1 : 0); }
   // output pixels of all samples (0 when the kernel does not fit the padded image)
   TD_HOST_DEVICE int64_t rows() const { return (Ho() > 0 && Wo() > 0) ? N * Ho() * Wo() : 0; }
+  // blocks of all problems (the Lanczos problems)
+  TD_HOST_DEVICE int64_t problems() const { return batch * n; }
 };
 
-// Element strides of a 4-D tensor [N, C, H, W] (any non-negative values).
+// Element strides of a 4-D tensor [N, C, H, W] (any non-negative values), and b: the stride between
+// the problems of a batch (unused when batch == 1).
 struct Strides4 {
   int64_t n = 0, c = 0, h = 0, w = 0;
+  int64_t b = 0;
 };
 
 // Row s = (img, oh, ow): the element offset of x[img, 0, oh - pad, ow - pad] (may be "negative":
@@ -111,7 +120,7 @@ struct ConvSensitivityBlocksParams {
   Strides4 xs;
   const void* p = nullptr;  // [N, n, Ho, Wo] in_dtype, strides ps
   Strides4 ps;
-  void* out = nullptr;      // [n, m, m] acc_dtype, contiguous; ACCUMULATED into
+  void* out = nullptr;      // [batch, n, m, m] acc_dtype, contiguous; ACCUMULATED into
   DType in_dtype = DType::kFloat32;
   DType acc_dtype = DType::kFloat32;
   int num_threads = 1;      // CPU worker threads
@@ -125,8 +134,8 @@ struct ConvSensitivityMatvecParams {
   Strides4 xs;
   const void* p = nullptr;  // [N, n, Ho, Wo] in_dtype, strides ps
   Strides4 ps;
-  const void* v = nullptr;  // [n, m] acc_dtype, contiguous
-  void* out = nullptr;      // [n, m] acc_dtype, contiguous; OVERWRITTEN
+  const void* v = nullptr;  // [batch, n, m] acc_dtype, contiguous
+  void* out = nullptr;      // [batch, n, m] acc_dtype, contiguous; OVERWRITTEN
   void* workspace = nullptr;  // CUDA only: conv_matvec_workspace_elems(g) elements of acc_dtype
   DType in_dtype = DType::kFloat32;
   DType acc_dtype = DType::kFloat32;
@@ -134,12 +143,12 @@ struct ConvSensitivityMatvecParams {
   void* stream = nullptr;
 };
 
-// Elements of acc_dtype the CUDA matvec needs as workspace: y [rows, n] (the CPU path needs none).
-inline int64_t conv_matvec_workspace_elems(const ConvGeometry& g) { return g.rows() * g.n; }
+// Elements of acc_dtype the CUDA matvec needs as workspace: y [batch, rows, n] (the CPU path needs none).
+inline int64_t conv_matvec_workspace_elems(const ConvGeometry& g) { return g.batch * g.rows() * g.n; }
 
 void conv_sensitivity_blocks_cpu(const ConvSensitivityBlocksParams& params);
 void conv_sensitivity_matvec_cpu(const ConvSensitivityMatvecParams& params);
-// Matrix-free Lanczos (lanczos.h) on the blocks of `op` (num_problems = op.g.n, m = op.g.m()):
+// Matrix-free Lanczos (lanczos.h) on the blocks of `op` (num_problems = op.g.problems(), m = op.g.m()):
 // params.external is set here; op.v / op.out / op.workspace are the backend's.
 void conv_lanczos_topk_cpu(LanczosParams params, const ConvSensitivityMatvecParams& op);
 #ifdef TOPODERIV_WITH_CUDA
@@ -154,10 +163,11 @@ void conv_lanczos_topk_cuda(LanczosParams params, const ConvSensitivityMatvecPar
 namespace conv_validate_detail {
 using namespace validate_detail;
 
-// Elements spanned by a 4-D view (0 when empty).
-inline int64_t span4(const char* fn, int64_t a, int64_t b, int64_t c, int64_t d, const Strides4& s) {
-  if (a == 0 || b == 0 || c == 0 || d == 0) return 0;
+// Elements spanned by a batch of 4-D views (0 when empty).
+inline int64_t span4(const char* fn, int64_t batch, int64_t a, int64_t b, int64_t c, int64_t d, const Strides4& s) {
+  if (batch == 0 || a == 0 || b == 0 || c == 0 || d == 0) return 0;
   int64_t e = 1;
+  e = add(fn, e, mul(fn, batch - 1, s.b));
   e = add(fn, e, mul(fn, a - 1, s.n));
   e = add(fn, e, mul(fn, b - 1, s.c));
   e = add(fn, e, mul(fn, c - 1, s.h));
@@ -171,12 +181,14 @@ inline void check_strides(const char* fn, const char* name, const Strides4& s) {
   non_negative(fn, (nm + " stride 1").c_str(), s.c);
   non_negative(fn, (nm + " stride 2").c_str(), s.h);
   non_negative(fn, (nm + " stride 3").c_str(), s.w);
+  non_negative(fn, (nm + " batch stride").c_str(), s.b);
 }
 
 // Sizes, strides and dtypes shared by the conv params; the products the kernels form fit in int64.
 template <class Params>
 void check_conv_data(const char* fn, const Params& P) {
   const ConvGeometry& g = P.g;
+  non_negative(fn, "batch", g.batch);
   non_negative(fn, "N", g.N);
   non_negative(fn, "C", g.C);
   non_negative(fn, "H", g.H);
@@ -188,7 +200,8 @@ void check_conv_data(const char* fn, const Params& P) {
   const int64_t hp = add(fn, g.H, mul(fn, 2, g.pad)), wp = add(fn, g.W, mul(fn, 2, g.pad));
   const int64_t d = mul(fn, g.C, mul(fn, g.k, g.k));
   if (add(fn, d, g.bias ? 1 : 0) < 1) fail(fn, "m = C k k + bias must be >= 1, got C = 0 without bias");
-  if (hp >= g.k && wp >= g.k) mul(fn, mul(fn, g.N, hp - g.k + 1), wp - g.k + 1);
+  if (hp >= g.k && wp >= g.k) mul(fn, g.batch, mul(fn, g.n + 1, mul(fn, mul(fn, g.N, hp - g.k + 1), wp - g.k + 1)));
+  mul(fn, g.batch, mul(fn, g.n, mul(fn, d + 1, d + 1)));
   check_strides(fn, "x", P.xs);
   check_strides(fn, "p", P.ps);
   if (!known_dtype(P.in_dtype))
@@ -204,29 +217,29 @@ template <class Params>
 void add_conv_data(Regions& R, const char* fn, const Params& P, int64_t x_bytes, int64_t p_bytes) {
   const ConvGeometry& g = P.g;
   const int64_t es = dtype_size(P.in_dtype);
-  R.add("x", P.x, x_bytes, span4(fn, g.N, g.C, g.H, g.W, P.xs), es, false);
-  R.add("p", P.p, p_bytes, span4(fn, g.N, g.n, g.Ho(), g.Wo(), P.ps), es, false);
+  R.add("x", P.x, x_bytes, span4(fn, g.batch, g.N, g.C, g.H, g.W, P.xs), es, false);
+  R.add("p", P.p, p_bytes, span4(fn, g.batch, g.N, g.n, g.Ho(), g.Wo(), P.ps), es, false);
 }
 
 }  // namespace conv_validate_detail
 
-// out[r] += blocks: reads x, p; writes out [n, m, m] when rows, n > 0.
+// out[b, r] += blocks: reads x, p; writes out [batch, n, m, m] when batch, rows, n > 0.
 inline std::vector<Region> check_conv_blocks_params(const char* fn, const ConvSensitivityBlocksParams& P, bool cuda,
                                                     int64_t x_bytes, int64_t p_bytes, int64_t out_bytes) {
   using namespace conv_validate_detail;
   check_conv_data(fn, P);
   if (cuda) check_cuda_acc(fn, P.in_dtype, P.acc_dtype);
   Regions R(fn);
-  if (P.g.rows() > 0 && P.g.n > 0) {
+  if (P.g.rows() > 0 && P.g.problems() > 0) {
     add_conv_data(R, fn, P, x_bytes, p_bytes);
     const int64_t m = P.g.m();
-    R.add("out", P.out, out_bytes, mul(fn, P.g.n, mul(fn, m, m)), dtype_size(P.acc_dtype), true);
+    R.add("out", P.out, out_bytes, mul(fn, P.g.problems(), mul(fn, m, m)), dtype_size(P.acc_dtype), true);
   }
   return R.finish();
 }
 
-// out[r] = B[r] v[r]: writes out [n, m] when n > 0; reads x, p, v and (CUDA) writes the workspace
-// [rows, n] when there are rows too.
+// out[b, r] = B[b, r] v[b, r]: writes out [batch, n, m] when batch n > 0; reads x, p, v and (CUDA)
+// writes the workspace [batch, rows, n] when there are rows too.
 inline std::vector<Region> check_conv_matvec_params(const char* fn, const ConvSensitivityMatvecParams& P, bool cuda,
                                                     int64_t x_bytes, int64_t p_bytes, int64_t v_bytes,
                                                     int64_t out_bytes, int64_t ws_bytes) {
@@ -234,13 +247,13 @@ inline std::vector<Region> check_conv_matvec_params(const char* fn, const ConvSe
   check_conv_data(fn, P);
   if (cuda) check_cuda_acc(fn, P.in_dtype, P.acc_dtype);
   Regions R(fn);
-  if (P.g.n > 0) {
-    const int64_t es = dtype_size(P.acc_dtype), nm = mul(fn, P.g.n, P.g.m());
+  if (P.g.problems() > 0) {
+    const int64_t es = dtype_size(P.acc_dtype), nm = mul(fn, P.g.problems(), P.g.m());
     R.add("out", P.out, out_bytes, nm, es, true);
     if (P.g.rows() > 0) {
       add_conv_data(R, fn, P, x_bytes, p_bytes);
       R.add("v", P.v, v_bytes, nm, es, false);
-      if (cuda) R.add("workspace", P.workspace, ws_bytes, mul(fn, P.g.rows(), P.g.n), es, true);
+      if (cuda) R.add("workspace", P.workspace, ws_bytes, mul(fn, P.g.batch, mul(fn, P.g.rows(), P.g.n)), es, true);
     }
   }
   return R.finish();
@@ -257,9 +270,9 @@ inline std::vector<Region> check_conv_lanczos_params(const char* fn, const Lancz
   if (op.acc_dtype != P.dtype)
     fail(fn, std::string("op.acc_dtype must equal the Lanczos dtype ") + dtype_str(P.dtype) + ", got " +
                  dtype_str(op.acc_dtype));
-  if (op.g.n != P.num_problems || op.g.m() != P.m)
-    fail(fn, "the matrix-free operator must have n = num_problems = " + str(P.num_problems) + " and m = " +
-                 str(P.m) + ", got n = " + str(op.g.n) + " and m = " + str(op.g.m()));
+  if (op.g.problems() != P.num_problems || op.g.m() != P.m)
+    fail(fn, "the matrix-free operator must have batch n = num_problems = " + str(P.num_problems) + " and m = " +
+                 str(P.m) + ", got batch n = " + str(op.g.batch) + " * " + str(op.g.n) + " and m = " + str(op.g.m()));
   // check_lanczos_params covers k, steps, tol, norm group, dtype, every output and the workspace,
   // whose size includes the operator's CUDA workspace (y [rows, n]): told by a stand-in operator
   struct WorkspaceOf final : LanczosOperator {
@@ -267,7 +280,7 @@ inline std::vector<Region> check_conv_lanczos_params(const char* fn, const Lancz
     explicit WorkspaceOf(int64_t e) : elems(e) {}
     void apply(const void*, void*, const uint8_t*, void*) const override {}
     int64_t workspace_elems(bool on_cuda) const override { return on_cuda ? elems : 0; }
-  } sizes(mul(fn, op.g.rows(), op.g.n));  // = conv_matvec_workspace_elems(op.g), overflow-checked
+  } sizes(mul(fn, op.g.batch, mul(fn, op.g.rows(), op.g.n)));  // = conv_matvec_workspace_elems(op.g), checked
   LanczosParams Q = P;
   Q.a = nullptr;
   Q.external = &sizes;
