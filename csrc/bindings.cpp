@@ -69,20 +69,20 @@ std::vector<int64_t> four_or_five(const char* fn, const char* name, const Quad& 
                                 "H, W], got " + std::to_string(t.size()));
   std::vector<int64_t> v;
   for (const auto& e : t) v.push_back(e.cast<int64_t>());
-  if (v.size() == 4) v.insert(v.begin(), -1);  // no batch entry
+  if (v.size() == 4) v.insert(v.begin(), 0);  // no batch entry: one problem (its batch stride unused)
   return v;
 }
 
 Strides4 strides4(const char* fn, const char* name, const Quad& q) {
   const std::vector<int64_t> v = four_or_five(fn, name, q);
-  return Strides4{v[1], v[2], v[3], v[4], v[0] < 0 ? 0 : v[0]};
+  return Strides4{v[1], v[2], v[3], v[4], v[0]};
 }
 
 // x [N, C, H, W] or [batch, N, C, H, W] (shape), n output channels, kernel size, padding, bias.
 ConvGeometry geometry(const char* fn, const Quad& shape, int64_t n, int64_t k, int64_t pad, bool bias) {
   const std::vector<int64_t> v = four_or_five(fn, "shape", shape);
   ConvGeometry g;
-  g.batch = v[0] < 0 && shape.size() == 4 ? 1 : v[0];
+  g.batch = shape.size() == 4 ? 1 : v[0];
   g.N = v[1]; g.C = v[2]; g.H = v[3]; g.W = v[4];
   g.n = n; g.k = k; g.pad = pad; g.bias = bias;
   return g;
