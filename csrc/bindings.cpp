@@ -318,8 +318,10 @@ PYBIND11_MODULE(_C, m) {
         op.p = ptr<const void>(p.first); op.ps = strides4(fn, "p strides", ps);
         op.in_dtype = to_dtype(fn, "in_dtype", in_dt);
         LanczosParams P;
-        // the blocks of every problem of the batch (problem b * n + r)
+        // the blocks of every problem of the batch (problem b * n + r); each problem draws the start
+        // vectors of a call with it alone (seed_period = n)
         P.num_problems = (op.g.batch >= 0 && n >= 0) ? validate_detail::mul(fn, op.g.batch, n) : n;
+        P.seed_period = n > 0 ? n : 0;
         P.m = mdim; P.k = k; P.max_steps = steps; P.tol = tol; P.seed = seed;
         P.norm_group = norm_group;
         P.v0 = ptr<const void>(v0.first);

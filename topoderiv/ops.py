@@ -1699,13 +1699,13 @@ def conv_sensitivity_topk(
     ``||Q|| = max_r ||B_r||`` and ``sigma''(0) * result.best_value`` is the topological derivative.
 
     Many points in one call: ``x = [x_1, ..., x_L]``, ``p = [p_1, ..., p_L]`` (sequences; each pair
-    as above, shapes may differ between points) returns a list of L results, result ``i`` the one
-    of ``conv_sensitivity_topk(x_i, p_i, ...)`` up to the Lanczos tolerance (the start vectors are
-    drawn per problem of the batch, so the iterates differ in round-off and ``steps``). Points with
-    the same shapes, dtype, device and route are solved together: their inputs are stacked (one
-    copy) and ONE blocks call plus ONE batched Lanczos run (or ONE matrix-free Lanczos run, whose
-    every step applies all their operators in one kernel call) serve all of them, residuals measured
-    per point; groups above 2 GiB of inputs (or of dense blocks) are split.
+    as above, shapes may differ between points) returns a list of L results, result ``i`` what
+    ``conv_sensitivity_topk(x_i, p_i, ...)`` returns (the same start vectors and stop tests: values
+    equal to rounding, vectors up to sign), as :func:`sensitivity_topk` does. Points with the same
+    shapes, dtype, device and route are solved together: their inputs are stacked (one copy) and
+    ONE blocks call plus ONE batched Lanczos run (or ONE matrix-free Lanczos run, whose every step
+    applies all their operators in one kernel call) serve all of them, norms per point; groups
+    above 2 GiB of inputs (or of dense blocks) are split.
 
     Args:
         x, p, kernel_size, padding, bias: as in :func:`conv_sensitivity_blocks`; or sequences of
@@ -1758,12 +1758,15 @@ def _conv_topk_points(fn: str, xs: object, ps: object, kernel_size: object, k: o
         raise ValueError(f"{fn}: x and p must hold one tensor per point each, got {len(xs)} and {len(ps)}")
     if v0s is not None and (not isinstance(v0s, (list, tuple)) or len(v0s) != len(xs)):
         got = f"a sequence of {len(v0s)}" if isinstance(v0s, (list, tuple)) else type(v0s).__name__
-        raise TypeError(f"{fn}: v0 must be None or a sequence of {len(xs)} start vectors ([n, m] tensors or None), "
-                        f"one per point, got {got}")
+        raise ValueError(f"{fn}: v0 must be None or a sequence of {len(xs)} start vectors (None or [n, m]) for "
+                         f"{len(xs)} points, got {got}")
     points = []
     for i in range(len(xs)):
-        points.append(_conv_topk_args(f"{fn} (point {i})", xs[i], ps[i], kernel_size, k, bias, route, steps, tol,
-                                      seed, None if v0s is None else v0s[i]))
+        try:
+            points.append(_conv_topk_args(fn, xs[i], ps[i], kernel_size, k, bias, route, steps, tol, seed,
+                                          None if v0s is None else v0s[i]))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (point {i} of {len(xs)})") from None
     groups: dict = {}
     for i, (x, p, kk, n, m, kq, sq, tq, seq, _, r) in enumerate(points):
         key = (tuple(x.shape), tuple(p.shape), x.dtype, x.device, r, kk, kq, sq)
@@ -1789,6 +1792,7 @@ def _conv_topk_points(fn: str, xs: object, ps: object, kernel_size: object, k: o
             if any(points[i][9] is not None for i in chunk):  # an all-zero row starts from the seeded vector
                 v0b = torch.cat([_normalise_v0(points[i][9], torch.float64) if points[i][9] is not None else
                                  torch.zeros(n, m, dtype=torch.float64, device=x0.device) for i in chunk])
+            # problem j n + r starts as block r of point j alone (seed_period = n): results equal to rounding
             res = _conv_topk_solve(xb, pb, kk, bias, n, kq, sq, tq, seq, v0b, r)
             for j, i in enumerate(chunk):
                 sl = slice(j * n, (j + 1) * n)
@@ -1799,11 +1803,13 @@ def _conv_topk_points(fn: str, xs: object, ps: object, kernel_size: object, k: o
 def _conv_topk_solve(x: Tensor, p: Tensor, kk: int, bias: bool, n: int, k: int, steps: int, tol: float, seed: int,
                      v0: Optional[Tensor], route: str) -> SensitivityTopK:
     """One solve of the blocks of x [N, C, H, W] or of L points x [L, N, C, H, W] (problems point-major,
-    norms per point)."""
-    if route == "dense":
-        blocks = _conv_blocks_op(x, p, kk, bias)
-        blocks = blocks.reshape(-1, blocks.shape[-2], blocks.shape[-1])
-        res = _finish(*_lanczos_op(blocks, k, steps, tol, seed, max(1, n), v0), tol)
+    norms per point, each point's start vectors those of a call with it alone)."""
+    if route == "dense" and x.dim() == 5:
+        blocks = _conv_blocks_op(x, p, kk, bias)  # [L, n, m, m]
+        v0 = None if v0 is None else v0.reshape(blocks.shape[:3])
+        res = _finish_batched(_lanczos_batched_op(blocks, k, steps, tol, seed, v0, 0), tol)
+    elif route == "dense":
+        res = _finish(*_lanczos_op(_conv_blocks_op(x, p, kk, bias), k, steps, tol, seed, max(1, n), v0), tol)
     else:
         res = _finish(*_conv_lanczos_op(x, p, kk, bias, k, steps, tol, seed, v0), tol)
     return SensitivityTopK(res.values, res.vectors, res.converged, res.residuals, route)
