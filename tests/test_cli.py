@@ -420,3 +420,24 @@ def test_grow_and_compare_a_timm_vit(tmp_path, capsys):
                  "fixed_final", "--out", str(cmp)]) == 0
     md = (cmp / "results.md").read_text()
     assert "VisionTransformer (timm:vit_tiny_patch16_224)" in md and "| zero_block |" in md
+
+
+def test_readme_grow_and_compare_commands_parse():
+    """Every `topoderiv grow` / `topoderiv compare` command the README shows (code blocks and inline
+    code, continuation lines joined) parses with the current flags."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
+    found = []
+    for m in re.finditer(r"(?:^|`)\s*(topoderiv (?:grow|compare)\b[^`\n#]*)", text, flags=re.M):
+        found.append(m.group(1).strip())
+    assert len(found) >= 6, found
+    parser = build_parser()
+    for cmd in found:
+        argv = shlex.split(cmd)[1:]
+        try:
+            parser.parse_args(argv)
+        except SystemExit:  # pragma: no cover - the message names the command
+            pytest.fail(f"README command does not parse: {cmd}")
