@@ -112,7 +112,7 @@ def test_parser_defaults():
     args = build_parser().parse_args(["compare"])
     # methods: resolved per network family (DEFAULT_METHODS for the mlp)
     assert args.seeds == [0, 1, 2] and args.methods is None
-    assert args.model == "mlp" and args.insert is None and args.timm_kwargs is None
+    assert args.model is None and args.insert is None and args.timm_kwargs is None  # None: the task's family
 
 
 def test_depth_above_max_depth_is_refused(capsys, tmp_path):
