@@ -13,8 +13,8 @@ when timm is installed (``pretrained=False``), else :class:`topoderiv.models.ViT
 shapes (dim 384 / 768, 6 / 12 heads, 12 blocks, patch 16, 224 px, 1000 classes).
 
 Columns: ``score s``, ``step s`` (medians), ``ratio`` = score / step, peak memory of each above
-what was allocated before the call (CPU: peak resident set size sampled every 2 ms by a thread;
-cuda: ``torch.cuda.max_memory_allocated``), and where scoring time goes: ``capture`` (the forward
+what was allocated before the call (CPU: peak resident set size sampled every 2 ms by a thread,
+after ``malloc_trim`` has handed freed heap back; cuda: ``torch.cuda.max_memory_allocated``), and where scoring time goes: ``capture`` (the forward
 + backward with the site hooks), ``accumulate`` (states and costates into the statistics) and
 ``solve`` (the eigen/singular solves of every point), measured in one extra instrumented call.
 
@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
+import gc
 import os
 import sys
 import threading
@@ -49,6 +52,12 @@ try:
     HAVE_TIMM = True
 except ImportError:
     HAVE_TIMM = False
+
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018  (glibc only)
+except (OSError, AttributeError):
+    _LIBC = None
 
 SHAPES = {"S": dict(name="vit_small_patch16_224", embed_dim=384, num_heads=6),
           "B": dict(name="vit_base_patch16_224", embed_dim=768, num_heads=12)}
@@ -116,6 +125,9 @@ def peak_memory(fn, device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)  # hand freed heap back to the OS, so the peak is measured from what is live
     with PeakRSS() as p:
         fn()
     return p.delta / 2**20
@@ -124,7 +136,7 @@ def peak_memory(fn, device: str) -> float:
 @contextmanager
 def phases(device: str) -> Iterator[Dict[str, float]]:
     """Seconds spent in capture (forward + backward with hooks), statistic accumulation and solves
-    during the ``with`` (wraps the scorer's capture and every statistic class's add/solve)."""
+    during the ``with`` (wraps the scorer's capture and solve_points, and every statistic class's add)."""
     out = {"capture": 0.0, "accumulate": 0.0, "solve": 0.0}
     saved = []
 
@@ -145,11 +157,13 @@ def phases(device: str) -> Iterator[Dict[str, float]]:
         setattr(owner, attr, timed)
 
     wrap(scoring_mod, "capture", "capture")
+    if hasattr(scoring_mod, "solve_points"):  # the scorer solves every point in one call
+        wrap(scoring_mod, "solve_points", "solve")
     for cls in {c for c in vars(statistic_mod).values() if isinstance(c, type) and hasattr(c, "add")
                 and hasattr(c, "solve") and c.__module__ == statistic_mod.__name__}:
         if "add" in vars(cls):
             wrap(cls, "add", "accumulate")
-        if "solve" in vars(cls):
+        if "solve" in vars(cls) and not hasattr(scoring_mod, "solve_points"):
             wrap(cls, "solve", "solve")
     try:
         yield out
