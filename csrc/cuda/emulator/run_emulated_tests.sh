@@ -11,6 +11,7 @@
 #   bash csrc/cuda/emulator/run_emulated_tests.sh            # fiber order: forward, reverse, shuffled
 #   SANITIZE=1 bash csrc/cuda/emulator/run_emulated_tests.sh # + AddressSanitizer / UBSan for all
 #   FUZZ_ITERS=20000 FUZZ_SEED=7 bash csrc/cuda/emulator/run_emulated_tests.sh   # a longer fuzz
+#   BUILD=/tmp/emu bash ...; /tmp/emu/test_emulated 2 tc   # then: only the tensor-core route tests, order 2
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../../.." && pwd)"
 BUILD="${BUILD:-$(mktemp -d)}"
