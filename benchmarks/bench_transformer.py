@@ -108,8 +108,8 @@ def reference_top(x: torch.Tensor, p: torch.Tensor, chunk: int = 32) -> torch.Te
     return torch.cat(out)
 
 
-def shapes_table(repeats: int, small: bool):
-    cases = [(64, 224, 16, 384, 6), (32, 224, 16, 768, 12)]
+def shapes_table(repeats: int, small: bool, widths=(384, 768)):
+    cases = [c for c in [(64, 224, 16, 384, 6), (32, 224, 16, 768, 12)] if c[3] in widths]
     if small:
         cases = [(16, 64, 8, 128, 4)]
     rows = []
@@ -179,12 +179,13 @@ def main() -> None:
     ap.add_argument("--tables", nargs="+", default=["multipoint", "shapes"], choices=["shapes", "multipoint"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="tiny shapes (a smoke run)")
+    ap.add_argument("--widths", type=int, nargs="+", default=[384, 768], help="shapes table: D of the cases run")
     args = ap.parse_args()
     print(f"machine: {machine()}; torch matmul {matmul_rate():.0f} GFLOP/s")
     if "multipoint" in args.tables:
         multipoint_table(args.repeats, args.small)
     if "shapes" in args.tables:
-        shapes_table(args.repeats, args.small)
+        shapes_table(args.repeats, args.small, tuple(args.widths))
 
 
 if __name__ == "__main__":

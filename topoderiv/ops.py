@@ -17,6 +17,13 @@ triangle is accumulated into and mirrored), ``sensitivity_matvec(x, p, v, bias)`
 ``sensitivity_lanczos(x, p, bias, k, steps, tol, seed, v0=None)``; the Lanczos ops return
 ``(values, vectors, ritz estimates, steps, norms, explicit residuals)``.
 
+The batched (multi-point) ops take L points of one shape in one launch:
+``sensitivity_blocks_batched(x [L, N, d], p [L, N, n], bias)`` -> ``[L, n, m, m]``,
+``sensitivity_lanczos_batched(x, p, bias, k, steps, tol, seed, v0=None [L, n, m], need=0)`` and
+``lanczos_topk_batched(a [L, n, m, m], k, steps, tol, seed, v0=None, need=0)``; they return the
+six Lanczos outputs as ``[L, n, ...]`` plus ``early [L, n]`` (bool: stopped by ``need=1``, the
+rule "top"); each point's blocks share its norm and draw the start vectors of a single-point call.
+
 The convolution ops (the paper's conv block, METHOD.md section 7) take ``x [N, C, H, W]``,
 ``p [N, n, H, W]`` with any strides (NCHW, channels-last, views: read in place, never copied), an odd
 ``kernel_size`` and same zero padding: ``conv_sensitivity_blocks(x, p, kernel_size, bias)``,
