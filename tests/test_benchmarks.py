@@ -17,6 +17,7 @@ CASES = {
     "bench_scoring": ["--widths", "16", "--samples", "128", "--repeats", "1"],
     "bench_sites": ["--quick", "--repeats", "1"],
     "bench_vit": ["--quick", "--repeats", "1", "--models", "S"],
+    "bench_transformer": ["--small", "--repeats", "1"],
 }
 
 
