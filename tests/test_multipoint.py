@@ -233,3 +233,32 @@ def test_matrix_free_compaction_in_row_chunks_is_exact():
         odd = slice(1, None, 2)
         _same_up_to_sign(r.vectors[odd], v[odd, :, :1], 1e-8)
         assert bool(r.converged.all())
+
+
+def test_scorer_batches_within_the_copy_budget(monkeypatch):
+    """solve_points splits the batched launches so that the copy it makes stays within its byte
+    caps (here: one point per launch), with the same results."""
+    import topoderiv.method.statistic as st
+
+    torch.manual_seed(0)
+    model = ResidualMLP(3, 70, 2, 2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 3, generator=g), torch.randn(64, 2, generator=g)
+    ref = score(model, (x, y), F.mse_loss, backend="kernels", route="dense")
+    calls = []
+    real = st.ops.lanczos_topk
+
+    def counting(a, *args, **kw):
+        calls.append(a.shape[0])
+        return real(a, *args, **kw)
+
+    monkeypatch.setattr(st.ops, "lanczos_topk", counting)
+    monkeypatch.setattr(st, "DENSE_BATCH_BYTES", 1)
+    rep = score(model, (x, y), F.mse_loss, backend="kernels", route="dense")
+    assert calls == [70, 70, 70]
+    for a, b in zip(ref.points, rep.points):
+        assert a.mu == b.mu and a.block == b.block
+    calls.clear()
+    monkeypatch.setattr(st, "DENSE_BATCH_BYTES", 2**30)
+    score(model, (x, y), F.mse_loss, backend="kernels", route="dense")
+    assert calls == [210]

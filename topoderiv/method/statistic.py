@@ -493,6 +493,12 @@ class EigenPlan:
     blocks: Optional[Tensor] = None
 
 
+# bytes of dense blocks / of kept rows that solve_points concatenates into one batched launch at
+# most (the copy the batching makes; larger points are solved in smaller launches)
+DENSE_BATCH_BYTES = 256 * 2**20
+ROWS_BATCH_BYTES = 512 * 2**20
+
+
 def solve_points(stats: Sequence[Any], S: int, rule: str, need: str = "all") -> List[Solution]:
     """Solves the statistics of several points at once: one :class:`Solution` per statistic, in order.
 
@@ -522,23 +528,45 @@ def solve_points(stats: Sequence[Any], S: int, rule: str, need: str = "all") -> 
                              []).append((i, plan, k))
         else:
             out[i] = st.solution(rule, k, *st.finish_other(plan, k, nd))
-    for key, items in rows.items():
+    for key, all_items in rows.items():
         route, k, tol, _, bias, _, nd = key
-        res = ops.sensitivity_topk([pl.u for _, pl, _ in items], [pl.q for _, pl, _ in items], k=k, bias=bias,
-                                   route=route, tol=tol, v0=[pl.v0 for _, pl, _ in items], need=nd)
-        for (i, pl, kk), r in zip(items, res):
-            st = stats[i]
-            out[i] = st.solution(rule, kk, *st.finish(pl, r.values, r.vectors, r.converged, r.early, kk))
-    for key, items in dense.items():
+        # points of one shape are stacked into one copy by the multi-point call: at most
+        # ROWS_BATCH_BYTES of rows per call
+        calls: List[List[Tuple[int, EigenPlan, int]]] = [[]]
+        held = 0
+        for item in all_items:
+            u, q = item[1].u, item[1].q
+            assert u is not None and q is not None
+            size = u.numel() * u.element_size() + q.numel() * q.element_size()
+            if calls[-1] and held + size > ROWS_BATCH_BYTES:
+                calls.append([])
+                held = 0
+            calls[-1].append(item)
+            held += size
+        for items in calls:
+            res = ops.sensitivity_topk([pl.u for _, pl, _ in items], [pl.q for _, pl, _ in items], k=k, bias=bias,
+                                       route=route, tol=tol, v0=[pl.v0 for _, pl, _ in items], need=nd)
+            for (i, pl, kk), r in zip(items, res):
+                st = stats[i]
+                out[i] = st.solution(rule, kk, *st.finish(pl, r.values, r.vectors, r.converged, r.early, kk))
+    for key, all_items in dense.items():
         k, tol, nd = key[3], key[4], key[5]
-        n = items[0][1].blocks.shape[0]  # type: ignore[union-attr]
-        a = torch.cat([pl.blocks for _, pl, _ in items]) if len(items) > 1 else items[0][1].blocks
-        res = ops.lanczos_topk(a, k, tol=tol, norm_group=max(1, n), need=nd)
-        for j, (i, pl, kk) in enumerate(items):
-            st = stats[i]
-            sl = slice(j * n, (j + 1) * n)
-            out[i] = st.solution(rule, kk, *st.finish(pl, res.values[sl], res.vectors[sl], res.converged[sl],
-                                                       res.early[sl], kk))
+        first = all_items[0][1].blocks
+        assert first is not None
+        n = first.shape[0]
+        # batching dense points concatenates their blocks (a copy): only up to DENSE_BATCH_BYTES at a
+        # time, so that large blocks (n m^2 per point) are solved in place, one point per launch
+        per = max(1, int(DENSE_BATCH_BYTES // max(1, first.numel() * first.element_size())))
+        for c0 in range(0, len(all_items), per):
+            items = all_items[c0:c0 + per]
+            a = torch.cat([pl.blocks for _, pl, _ in items]) if len(items) > 1 else items[0][1].blocks
+            res = ops.lanczos_topk(a, k, tol=tol, norm_group=max(1, n), need=nd)
+            del a
+            for j, (i, pl, kk) in enumerate(items):
+                st = stats[i]
+                sl = slice(j * n, (j + 1) * n)
+                out[i] = st.solution(rule, kk, *st.finish(pl, res.values[sl], res.vectors[sl], res.converged[sl],
+                                                           res.early[sl], kk))
     return out  # type: ignore[return-value]
 
 
