@@ -109,7 +109,8 @@ def reference_top(x: torch.Tensor, p: torch.Tensor, chunk: int = 32) -> torch.Te
 
 
 def shapes_table(repeats: int, small: bool, widths=(384, 768)):
-    cases = [c for c in [(64, 224, 16, 384, 6), (32, 224, 16, 768, 12)] if c[3] in widths]
+    # (samples, image px, patch, D, heads); D = 192 is a smaller stand-in (ViT-Ti on 64 px, patch 8)
+    cases = [c for c in [(64, 64, 8, 192, 3), (64, 224, 16, 384, 6), (32, 224, 16, 768, 12)] if c[3] in widths]
     if small:
         cases = [(8, 32, 8, 32, 2)]
     rows = []
@@ -180,7 +181,8 @@ def main() -> None:
     ap.add_argument("--tables", nargs="+", default=["multipoint", "shapes"], choices=["shapes", "multipoint"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="tiny shapes (a smoke run)")
-    ap.add_argument("--widths", type=int, nargs="+", default=[384, 768], help="shapes table: D of the cases run")
+    ap.add_argument("--widths", type=int, nargs="+", default=[384, 768],
+                    help="shapes table: D of the cases run (384: [64,197,384], 768: [32,197,768], 192: [64,65,192])")
     args = ap.parse_args()
     print(f"machine: {machine()}; torch matmul {matmul_rate():.0f} GFLOP/s")
     if "multipoint" in args.tables:
