@@ -11,6 +11,7 @@
 // Matvec. out[r] = B[r] v[r] = ((P .* (Xt V^T))^T Xt)[r]: per chunk of KC samples one GEMM into a
 // [KC, n] buffer, then a second GEMM whose A panels fuse the product with P.
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -387,9 +388,11 @@ TD_TARGET_CLONES void pack_tail(const T* x, int64_t ldx, int64_t dfull, int64_t 
   }
 }
 
-// Split-K over samples: each thread runs both GEMMs on its own chunks of samples into a private
-// [n, m] accumulator; the accumulators are summed in thread order at the end (deterministic for a
-// given thread count). Two barriers per call.
+// Split-K over samples: each thread packs its own copy of V^T's panels, runs both GEMMs on its own
+// chunks of samples into a private [n, m] accumulator, and the last thread to finish sums the
+// accumulators in thread order (deterministic for a given thread count). No barrier inside the
+// parallel region (only its end): with other processes on the cores, every barrier can cost a
+// scheduler time slice, which is more than the whole call when few blocks are active.
 template <typename Tin, typename Tacc>
 void matvec_impl(const SensitivityMatvecParams& P) {
   constexpr int nr = NR<Tacc>;
@@ -399,28 +402,30 @@ void matvec_impl(const SensitivityMatvecParams& P) {
   const int64_t nchunks = (N + KC - 1) / KC;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(1, P.num_threads), nchunks)));
   const std::vector<VTile> vt = v_tiles<Tacc>(n, m);
-  const int64_t vp_size = vt.back().off + m * vt.back().w;
+  const int64_t vp_size = (vt.back().off + m * vt.back().w + 15) / 16 * 16;
   const int64_t nrb = (n + MR - 1) / MR;      // row blocks of out
   const int64_t ldc = (d + 15) / 16 * 16;     // converted rows (Tin != Tacc)
   const int64_t conv_size = kDirect ? 0 : KC * ldc;
-  const int64_t per_thread = conv_size + KC * nr + KC * n + KC * MR + n * m;
-  AlignedBuffer<Tacc> Vp(vp_size), work(static_cast<int64_t>(nt) * per_thread);
+  const int64_t acc_size = (n * m + 15) / 16 * 16;
+  const int64_t per_thread = vp_size + conv_size + KC * nr + KC * n + KC * MR + acc_size;
+  AlignedBuffer<Tacc> work(static_cast<int64_t>(nt) * per_thread);
   for (int64_t b = 0; b < P.batch; ++b) {
     const Tin* x = static_cast<const Tin*>(P.x) + b * P.x_bstride;
     const Tin* p = static_cast<const Tin*>(P.p) + b * P.p_bstride;
     const Tacc* v = static_cast<const Tacc*>(P.v) + b * n * m;
     Tacc* out = static_cast<Tacc*>(P.out) + b * n * m;
+    std::atomic<int> finished{0};
 #pragma omp parallel num_threads(nt)
     {
       const int tid = thread_id(), T = num_threads_here();
-      Tacc* Xc = work.get() + static_cast<int64_t>(tid) * per_thread;
+      Tacc* Vp = work.get() + static_cast<int64_t>(tid) * per_thread;
+      Tacc* Xc = Vp + vp_size;
       Tacc* XT = Xc + conv_size;
       Tacc* Y = XT + KC * nr;
       Tacc* A2 = Y + KC * n;
       Tacc* acc = A2 + KC * MR;
       std::fill(acc, acc + n * m, Tacc(0));
-#pragma omp for schedule(static)
-      for (size_t t = 0; t < vt.size(); ++t) pack_v_tile<Tacc>(v, n, m, vt[t], Vp.get());
+      for (const VTile& t : vt) pack_v_tile<Tacc>(v, n, m, t, Vp);
       const int64_t dfull = d / nr * nr;
       for (int64_t c = nchunks * tid / T; c < nchunks * (tid + 1) / T; ++c) {
         const int64_t s0 = c * KC, kc = std::min(KC, N - s0);
@@ -436,18 +441,18 @@ void matvec_impl(const SensitivityMatvecParams& P) {
           ldx = ldc;
         }
         if (d > dfull) pack_tail<Tacc>(xs, ldx, dfull, d, kc, XT);
-        for (const VTile& t : vt) gemm1_tile<Tacc>(xs, ldx, d, bias, kc, Vp.get(), t, n, Y);
+        for (const VTile& t : vt) gemm1_tile<Tacc>(xs, ldx, d, bias, kc, Vp, t, n, Y);
         for (int64_t rb = 0; rb < nrb; ++rb)
           gemm2_block<Tacc, Tin>(ps, P.p_rstride, Y, xs, ldx, d, bias, n, m, kc, rb * MR, XT, A2, acc);
       }
-#pragma omp barrier
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < n; ++r) {
-        Tacc* o = out + r * m;
-        std::fill(o, o + m, Tacc(0));
-        for (int t = 0; t < T; ++t) {
-          const Tacc* a = work.get() + static_cast<int64_t>(t) * per_thread + (per_thread - n * m) + r * m;
-          for (int64_t j = 0; j < m; ++j) o[j] += a[j];
+      if (finished.fetch_add(1, std::memory_order_acq_rel) == T - 1) {
+        for (int64_t r = 0; r < n; ++r) {
+          Tacc* o = out + r * m;
+          std::fill(o, o + m, Tacc(0));
+          for (int t = 0; t < T; ++t) {
+            const Tacc* a = work.get() + static_cast<int64_t>(t) * per_thread + (per_thread - acc_size) + r * m;
+            for (int64_t j = 0; j < m; ++j) o[j] += a[j];
+          }
         }
       }
     }
