@@ -13,7 +13,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 CASES = {
-    "bench_ops": ["--quick", "--only", "blocks,lanczos"],
+    "bench_ops": ["--quick", "--only", "blocks,rate,lanczos"],
     "bench_scoring": ["--widths", "16", "--samples", "128", "--repeats", "1"],
     "bench_sites": ["--quick", "--repeats", "1"],
     "bench_vit": ["--quick", "--repeats", "1", "--models", "S"],
