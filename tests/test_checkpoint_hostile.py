@@ -431,12 +431,26 @@ def test_config_allocation_bomb_is_caught_on_the_meta_device(tmp_path):
     path = save(Bomb(3), tmp_path / "ck")
     _edit_json(path, lambda d: d["config"].update({"size": 10**12}))  # 4 TB if it were built
     BUILT_ON.clear()
-    _raises(path, "model.json: weights['w'].shape: expected [1000000000000]")
-    assert BUILT_ON == ["meta"]
-    _edit_json(path, lambda d: (d["config"].update({"size": 10**6}), d["weights"]["w"].update({"shape": [10**6]})))
+    _raises(path, "model.json: config.size: expected an integer of at most 65536")  # before any build
+    assert BUILT_ON == []
+    _edit_json(path, lambda d: d["config"].update({"size": 50000}))
     BUILT_ON.clear()
-    _raises(path, "bytes cannot hold the 4000000 bytes of weights model.json lists")
+    _raises(path, "model.json: weights['w'].shape: expected [50000]")
     assert BUILT_ON == ["meta"]
+    _edit_json(path, lambda d: (d["config"].update({"size": 60000}), d["weights"]["w"].update({"shape": [60000]})))
+    BUILT_ON.clear()
+    _raises(path, "bytes cannot hold the 240000 bytes of weights model.json lists")
+    assert BUILT_ON == ["meta"]
+
+
+def test_config_depth_bomb_is_refused_before_any_build(good, tmp_path):
+    # found by the fuzz (seed 55): a depth of 10**30 made the meta-device build loop forever
+    path = _copy(good, tmp_path)
+    _edit_json(path, lambda d: d["config"].update({"depth": 10**30}))
+    _raises(path, "model.json: config.depth: expected an integer of at most")
+    path = _copy(good, tmp_path, "bad2")
+    _edit_json(path, lambda d: d["blocks"]["blocks"][0]["config"].update({"width": -10**30}))
+    _raises(path, "model.json: blocks['blocks'][0].config.width: expected an integer of at most")
 
 
 # -- fuzz: random edits of every file raise ValueError (or load), never a raw KeyError/IndexError/... ----

@@ -968,10 +968,36 @@ def _check_manifest(expected: Dict[str, Tensor], manifest: Dict[str, Any], loc: 
     return dtypes
 
 
+def _check_config_ints(v: Any, loc: _Loc, bound: int) -> None:
+    """Every integer in a (nested) config is at most ``bound`` in magnitude."""
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _check_config_ints(x, loc.key(k), bound)
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _check_config_ints(x, loc.item(i), bound)
+    elif _is_int(v) and abs(v) > bound:
+        raise loc.error(f"an integer of at most {bound} in magnitude (the weights file's size in bytes: no "
+                        f"size or depth of a saved model can exceed it)", v)
+
+
 def _dry_run(arch: Dict[str, Any], loc: _Loc, file: Path) -> None:
     """Builds the model on the meta device (no memory) and checks its state dict against model.json's
     ``weights`` and the size of ``file``, so a hostile config cannot make the real build allocate more
-    than the weights file holds. Skipped where a constructor cannot run on the meta device."""
+    than the weights file holds. Skipped where a constructor cannot run on the meta device.
+
+    Before that, no integer of a config may exceed the weights file's size in bytes (at least
+    2**16): a constructor loops over its sizes and depths even on the meta device, so a depth of
+    10**30 would never return."""
+    try:
+        bound = max(file.stat().st_size, 2**16)
+    except FileNotFoundError:
+        bound = 2**16
+    _check_config_ints(arch["config"], loc.key("config"), bound)
+    for cpath, specs in arch["blocks"].items():
+        for i, spec in enumerate(specs):
+            if spec is not None:
+                _check_config_ints(spec["config"], loc.key("blocks").item(cpath).item(i).key("config"), bound)
     try:
         with torch.device("meta"):
             model = _build_model(arch, loc)
