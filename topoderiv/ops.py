@@ -226,15 +226,17 @@ def _check_pair(fn: str, x: object, p: object, bias: object, real: bool = True,
     return _unit_columns(x), _unit_columns(p)
 
 
-def _check_out(fn: str, out: object, x: Tensor, p: Tensor, bias: bool, real: bool = True) -> Tensor:
-    """``out`` [n, m, m] of the accumulating form: float32/float64, contiguous, sharing no memory with x, p."""
+def _check_out(fn: str, out: object, x: Tensor, p: Tensor, bias: bool, real: bool = True, *,
+               m: Optional[int] = None, m_is: str = "") -> Tensor:
+    """``out`` [n, m, m] of the accumulating form: float32/float64, contiguous, sharing no memory with x, p.
+    ``m`` defaults to ``d + bias`` (rows of features); ``m_is`` describes another one in the error."""
     out = _check_tensor(fn, "out", out)
     _check_dtype(fn, "out", out, _ACC_DTYPES)
     if x.dtype == torch.float64 and out.dtype != torch.float64:
         raise TypeError(f"{fn}: out must be float64 for float64 inputs, got {out.dtype}")
-    n, m = p.shape[1], x.shape[1] + int(bias)
+    n, m = p.shape[1], (x.shape[1] + int(bias) if m is None else m)
     if tuple(out.shape) != (n, m, m):
-        raise ValueError(f"{fn}: out must have shape [n, m, m] = {[n, m, m]}, got {list(out.shape)}")
+        raise ValueError(f"{fn}: out must have shape [n, m, m] = {[n, m, m]}{m_is}, got {list(out.shape)}")
     if out.device != x.device:
         raise ValueError(f"{fn}: out must be on the same device as x ({x.device}), got {out.device}")
     if not out.is_contiguous():
@@ -1418,24 +1420,8 @@ def _conv_rows(x: Tensor) -> int:
 
 
 def _check_conv_out(fn: str, out: object, x: Tensor, p: Tensor, k: int, bias: bool, real: bool = True) -> Tensor:
-    """``out [n, m, m]`` of the accumulating form: float32/float64, contiguous, sharing no memory with x, p."""
-    out = _check_tensor(fn, "out", out)
-    _check_dtype(fn, "out", out, _ACC_DTYPES)
-    if x.dtype == torch.float64 and out.dtype != torch.float64:
-        raise TypeError(f"{fn}: out must be float64 for float64 inputs, got {out.dtype}")
-    n, m = p.shape[1], _conv_m(x, k, bias)
-    if tuple(out.shape) != (n, m, m):
-        raise ValueError(f"{fn}: out must have shape [n, m, m] = {[n, m, m]} (m = C k k + bias), got {list(out.shape)}")
-    if out.device != x.device:
-        raise ValueError(f"{fn}: out must be on the same device as x ({x.device}), got {out.device}")
-    if not out.is_contiguous():
-        raise ValueError(f"{fn}: out must be contiguous, got strides {out.stride()}")
-    if real:
-        for name, t in (("x", x), ("p", p)):
-            if _overlaps(out, t):
-                raise ValueError(f"{fn}: out must not share memory with {name} (out is accumulated into while "
-                                 f"{name} is read), got overlapping memory")
-    return out
+    """``out [n, m, m]`` of the accumulating form, m = C k k + bias (see :func:`_check_out`)."""
+    return _check_out(fn, out, x, p, bias, real, m=_conv_m(x, k, bias), m_is=" (m = C k k + bias)")
 
 
 def _check_conv_v(fn: str, v: object, x: Tensor, p: Tensor, k: int, bias: bool, real: bool = True) -> Tensor:
