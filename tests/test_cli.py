@@ -257,8 +257,11 @@ def test_sigint_during_grow_saves_the_round_and_resume_completes_it(tmp_path, re
     """A real Ctrl-C: SIGINT to a `topoderiv grow` subprocess once round 0 is in the folder."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # the child gets the default SIGINT disposition whatever this process inherited (a test run
+    # started in the background of a non-interactive shell ignores SIGINT, and children inherit that)
     proc = subprocess.Popen([sys.executable, "-m", "topoderiv.cli", *GROW, "--out", str(out)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not (out / "history.json").exists():  # written after round 0's checkpoint

@@ -346,8 +346,14 @@ def test_topk_start_vectors_and_seeds(gen):
     assert warm.converged.all() and rel_err(warm.values, w) < 1e-12
     assert cold.converged.all() and rel_err(cold.values, w) < 1e-9
     raw_cold = T.conv_sensitivity_lanczos(x, p, 3, True, 1, 28, 1e-10, 0)
-    raw_warm = T.conv_sensitivity_lanczos(x, p, 3, True, 1, 28, 1e-10, 0, v[:, :, 0])
-    assert (raw_warm[3] <= 2).all() and (raw_warm[3] < raw_cold[3]).all()
+    # a start next to the eigenvector saves steps; the exact eigenvector closes its Krylov space at
+    # once, and the op then checks the rest of the space from a random vector (it cannot know the
+    # closed space holds the top eigenvalue), so it is right but not faster
+    near = v[:, :, 0] + 1e-8 * torch.randn(v.shape[0], v.shape[1], generator=gen, dtype=v.dtype)
+    raw_warm = T.conv_sensitivity_lanczos(x, p, 3, True, 1, 28, 1e-10, 0, near)
+    assert (raw_warm[3] < raw_cold[3]).all() and rel_err(raw_warm[0], w) < 1e-12
+    raw_exact = T.conv_sensitivity_lanczos(x, p, 3, True, 1, 28, 1e-10, 0, v[:, :, 0])
+    assert (raw_exact[3] > 2).all() and rel_err(raw_exact[0], w) < 1e-12
     again = T.conv_sensitivity_lanczos(x, p, 3, True, 1, 28, 1e-10, 0)
     assert all(torch.equal(a, b) for a, b in zip(raw_cold, again))  # deterministic
     other = T.conv_sensitivity_lanczos(x, p, 3, True, 1, 28, 1e-10, 5)

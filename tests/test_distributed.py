@@ -555,7 +555,9 @@ def test_stepwise_lanczos_is_the_cpp_iteration(dtype, k, one_thread):
         eps = torch.finfo(dtype).eps
         assert float((got.values - ref.values).abs().max()) <= 100 * eps * scale
         assert float((got.norm - ref.norm).abs().max()) <= 100 * eps * scale
-        simple = [b for b in range(B) if b != 4]  # b = 4 has a repeated eigenvalue: any basis of it
+        # b = 4 has a repeated eigenvalue: any basis of it; b = 2 is zero: with a v0 (its Krylov
+        # space closes at once, then a random one) any unit vector of the 2-dim basis
+        simple = [b for b in range(B) if b != 4 and (start is None or b != 2)]
         d = torch.minimum((got.vectors - ref.vectors).abs(), (got.vectors + ref.vectors).abs())[simple]
         assert float(d.max()) <= 1e4 * eps
         # the explicit residuals: the same up to rounding (after a restart: both below tol)

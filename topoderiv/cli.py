@@ -554,10 +554,15 @@ def cmd_grow(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return _grow(args, argv, None)
     import torch.distributed as dist
 
+    ok = False
     try:
-        return _grow(args, argv, ranks)
+        status = _grow(args, argv, ranks)
+        ok = True
+        return status
     finally:
         if dist.is_initialized():
+            if ok:  # every rank leaves together (a rank tearing gloo down while a peer is still
+                dist.barrier()  # sending can abort in gloo's threads); not after an error: it could hang
             dist.destroy_process_group()
 
 

@@ -1070,9 +1070,13 @@ def lanczos_topk(
         v0: optional start vectors ``[B, m]`` (``[m]`` for a 2-D ``a``), any float dtype, finite,
             on ``a``'s device, any scale (rows are normalised). A good guess of the top
             eigenvector (a warm start) cuts the steps; an all-zero row starts from the seeded
-            random vector. A start must have a non-negligible component along the wanted
-            eigenvectors: one that is (within tol) another eigenvector stops there, reported as
-            converged, as in every Krylov method. Mix in a little of a random vector when unsure
+            random vector. A start that spans an invariant subspace (an exact eigenvector, or
+            orthogonal to everything else the operator reaches) is not trusted: the solve
+            restarts from a random vector orthogonal to it and stops only when that part has
+            converged too, so an exact eigenvector of a lower eigenvalue still gives the top pairs
+            (as ARPACK does; it then costs about a cold start). A start that is merely close
+            to another eigenvector (within tol, not exactly) can still stop there, as in every
+            Krylov method: mix in a little of a random vector when unsure
             (:func:`topoderiv.scoring.subspace_start` mixes in 1%).
         norm_group: ``g`` dividing ``B``: the batch is ``B / g`` block-diagonal operators of ``g``
             blocks each (several insertion points' blocks in one launch): matrices

@@ -73,9 +73,19 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
   const bool top_only = P.need == kNeedTop;
   std::vector<double> lower(B, -std::numeric_limits<double>::infinity()), upper(B, 0.0), best(B, 0.0);
   std::vector<uint8_t> early(B, 0);
+  // where each problem's current Krylov segment starts (0, or the step after its last restart).
+  // A segment started from the caller's v0 can close early on an invariant subspace that misses
+  // the top eigenvalues (v0 an eigenvector, or orthogonal to the top ones), so such a closure is
+  // never a convergence: the problem restarts from a random vector orthogonal to the basis, and
+  // then also waits for that segment's own top-k Ritz pairs to converge (Lanczos on the invariant
+  // complement), so the merged top-k is as sound as a random start's. A random segment's Krylov
+  // space holds every distinct eigenvalue (with probability 1), so its closure is final.
+  std::vector<int64_t> seg(B, 0);
+  std::vector<uint8_t> from_v0(B, 0);
+  TridiagEig tseg;
 
   backend.set_active(active.data());
-  backend.restart(-1, mask.data(), tag.data(), norms.data());
+  backend.restart(-1, mask.data(), tag.data(), norms.data(), from_v0.data());
 
   TridiagEig te;
   for (int64_t j = 0; j < S; ++j) {
@@ -125,11 +135,25 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
       const int64_t dim = j + 1;
       const double an = scale[b];
       bool conv = false;
-      if (dim == m || anorm[b] == 0.0) {
-        conv = true;  // the Krylov space is the whole space, or the operator is zero on it
+      const bool closed = be[j] <= breakdown * anorm[b] || anorm[b] == 0.0;
+      const bool v0_segment = from_v0[b] != 0 && seg[b] == 0;
+      if (dim == m) {
+        conv = true;  // the Krylov space is the whole space
+      } else if (v0_segment && closed) {
+        conv = false;  // restart below
+      } else if (anorm[b] == 0.0) {
+        conv = true;  // the operator is zero on a random start's Krylov space: it is zero
       } else if (dim >= k) {
         conv = true;
         for (int64_t c = 0; c < k && conv; ++c) conv = lastrow[b * k + c] <= P.tol * an;
+        if (conv && from_v0[b] != 0 && seg[b] > 0) {
+          // after a v0 segment closed: the random segment's own top Ritz pairs must converge too
+          const int64_t ds = dim - seg[b];
+          tseg.solve(ds, al + seg[b], be + seg[b], /*full=*/false);
+          for (int64_t c = 0; c < std::min(k, ds) && conv; ++c) {
+            conv = std::fabs(be[j] * tseg.last(c, ds, false)) <= P.tol * an;
+          }
+        }
       }
       // need == top: a problem that cannot hold its group's largest eigenvalue stops here (its
       // upper estimate is below another problem's Ritz value, which only grows); not in an
@@ -148,8 +172,9 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
         final_scale[b] = an;
         active[b] = 0;
         changed = true;
-      } else if (be[j] <= breakdown * anorm[b]) {
+      } else if (closed) {
         be[j] = 0.0;  // invariant subspace: T decouples, continue from a fresh vector
+        seg[b] = j + 1;
         mask[b] = 1;
         tag[b] += 1;
         any_restart = true;
@@ -157,7 +182,7 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
     }
     if (changed) backend.set_active(active.data());
     if (std::none_of(active.begin(), active.end(), [](uint8_t a) { return a != 0; })) break;
-    if (any_restart) backend.restart(j, mask.data(), tag.data(), norms.data());
+    if (any_restart) backend.restart(j, mask.data(), tag.data(), norms.data(), from_v0.data());
   }
   backend.finish(nsteps.data(), Sfin.data(), values.data(), resid.data());
   if (P.anorm_host != nullptr) std::copy(final_scale.begin(), final_scale.end(), P.anorm_host);

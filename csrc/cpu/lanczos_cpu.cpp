@@ -167,7 +167,7 @@ class CpuBackend final : public LanczosBackend {
     }
   }
 
-  void restart(int64_t j, const uint8_t* mask, const int32_t* tag, double* norms) override {
+  void restart(int64_t j, const uint8_t* mask, const int32_t* tag, double* norms, uint8_t* from_v0) override {
 #pragma omp parallel for num_threads(nt_) schedule(dynamic, 1)
     for (int64_t b = 0; b < B_; ++b) {
       if (!mask[b]) continue;
@@ -178,6 +178,7 @@ class CpuBackend final : public LanczosBackend {
         std::copy(v0, v0 + m_, w);
         seeded = dot<T>(w, w, m_) > 0.0;
       }
+      if (j < 0) from_v0[b] = seeded ? 1 : 0;
       if (!seeded)
         for (int64_t i = 0; i < m_; ++i) w[i] = static_cast<T>(start_value(P_.seed, seed_index(off_ + b), tag[b], i));
       double* coef = coef_.data() + omp_tid() * (P_.max_steps + 1);

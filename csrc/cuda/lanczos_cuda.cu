@@ -23,6 +23,7 @@
 #ifndef TOPODERIV_WITH_CUDA
 #define TOPODERIV_WITH_CUDA 1
 #endif
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -137,8 +138,9 @@ orthonormalize_kernel(T* __restrict__ basis, T* __restrict__ w, T* __restrict__ 
 }
 
 // For problems with tagp1[b] != 0: V_{j+1}[b] = start vector (restart tag tagp1[b] - 1),
-// orthogonalised twice against V_0..V_j (j >= 0), normalised; norms[b] = norm before normalising.
-// The first start (j = -1) takes v0[b] when v0 != nullptr and that row is not all zero. Problem b
+// orthogonalised twice against V_0..V_j (j >= 0), normalised; norms[b] = norm before normalising,
+// negated when the start was v0[b]. The first start (j = -1) takes v0[b] when v0 != nullptr and
+// that row is not all zero. Problem b
 // draws the start of problem b % seed_period (seed_period > 0), as the CPU backend.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -167,7 +169,7 @@ restart_kernel(T* __restrict__ basis, T* __restrict__ coef, const T* __restrict_
     T part = T(0);
     for (int64_t i = tid; i < m; i += kThreads) part += x[i] * x[i];
     const T nrm = td_sqrt(block_sum<kThreads>(part, red));
-    if (tid == 0) norms[b] = nrm;
+    if (tid == 0) norms[b] = seeded ? -nrm : nrm;  // the first start tells the host it took v0 by the sign
     if (nrm > T(0)) {
       for (int64_t i = tid; i < m; i += kThreads) x[i] = x[i] / nrm;
     }
@@ -271,7 +273,7 @@ class CudaLanczosBackend final : public LanczosBackend {
     }
   }
 
-  void restart(int64_t j, const uint8_t* mask, const int32_t* tag, double* norms) override {
+  void restart(int64_t j, const uint8_t* mask, const int32_t* tag, double* norms, uint8_t* from_v0) override {
     check_j(j, -1, p_.max_steps - 1, "restart");
     stage_.resize(static_cast<size_t>(B_));
     bool any = false;
@@ -297,7 +299,10 @@ class CudaLanczosBackend final : public LanczosBackend {
     download(stage2_.data(), alpha_, B_);
     sync();
     for (int64_t b = 0; b < B_; ++b) {
-      if (mask[b] != 0) norms[b] = static_cast<double>(stage2_[b]);
+      if (mask[b] == 0) continue;
+      const double nb = static_cast<double>(stage2_[b]);
+      norms[b] = std::fabs(nb);
+      if (j < 0) from_v0[b] = nb < 0.0 ? 1 : 0;
     }
   }
 

@@ -17,7 +17,9 @@ It is the C++ driver (csrc/common/lanczos_driver.cpp, csrc/cpu/lanczos_cpu.cpp) 
   ``||T||`` = the largest ``|Ritz value|`` over the problem's norm group (the blocks of one point);
   a problem also stops when its Krylov space is the whole space or its operator is zero;
 - an invariant subspace (``beta_j <= 64 eps ||T_j||``) restarts from a fresh seeded vector
-  orthogonal to the basis;
+  orthogonal to the basis; one reached from the caller's ``v0`` is never a stop (it may miss the
+  top eigenvalues): the problem restarts, and then also needs the top Ritz pairs of the random
+  segment after it converged;
 - the explicit residual ``||A y - theta y||`` from the stored ``A v_t`` (no extra application),
   and ``converged`` as :func:`topoderiv.ops.lanczos_topk` reports it.
 
@@ -149,6 +151,8 @@ def lanczos_topk(apply: Callable[[Tensor, Tensor], Tensor], B: int, m: int, k: i
 
     # start vectors (the driver's restart(-1)): v0 rows where non-zero, else seeded
     w = start_vectors(seed, all_idx, tag, m)
+    given = torch.zeros(B, dtype=torch.bool)  # started from the caller's v0 row
+    seg = torch.zeros(B, dtype=torch.int64)  # where the current Krylov segment starts
     if v0 is not None:
         v = _normalise_rows(v0.detach().reshape(B, m).cpu(), dtype).to(torch.float64)
         given = (v * v).sum(dim=1) > 0
@@ -193,10 +197,26 @@ def lanczos_topk(apply: Callable[[Tensor, Tensor], Tensor], B: int, m: int, k: i
         padded[:B] = anorm
         scale = padded.view(groups, G).amax(dim=1).repeat_interleave(G)[:B]
         sc = scale[idx]
+        # the driver's stop rule: a Krylov space that closes (invariant subspace) while it still
+        # holds the caller's v0 is never final (it may miss the top eigenvalues): it restarts, and
+        # the random segment after it must converge its own top pairs too
+        zero = anorm[idx] == 0
+        closed = (b_cpu <= breakdown * anorm[idx]) | zero
+        v0_seg = given[idx] & (seg[idx] == 0)
         conv = torch.zeros(idx.numel(), dtype=torch.bool)
         if dim >= k:
             conv = (lastrow <= tol * sc[:, None]).all(dim=1)
-        conv |= (anorm[idx] == 0) | (dim == m)
+            for i in (conv & given[idx] & (seg[idx] > 0)).nonzero().flatten().tolist():
+                s0 = int(seg[idx[i]])
+                ds = dim - s0
+                ts = torch.diag_embed(alpha[idx[i], s0:dim])
+                if ds > 1:
+                    o = beta[idx[i], s0:dim - 1]
+                    ts = ts + torch.diag_embed(o, 1) + torch.diag_embed(o, -1)
+                _, zs = torch.linalg.eigh(ts)
+                last = (b_cpu[i] * zs.flip(-1)[ds - 1, :min(k, ds)]).abs()
+                conv[i] = bool((last <= tol * sc[i]).all())
+        conv = (conv & ~(v0_seg & closed)) | (zero & ~v0_seg) | (dim == m)
         done = conv | (j == S - 1)
         if bool(done.any()):
             for c in range(k):
@@ -209,10 +229,11 @@ def lanczos_topk(apply: Callable[[Tensor, Tensor], Tensor], B: int, m: int, k: i
             nsteps[idx[done]] = dim
             final_scale[idx[done]] = sc[done]
             active[idx[done]] = False
-        restart = ~done & (b_cpu <= breakdown * anorm[idx])
+        restart = ~done & closed
         if bool(restart.any()):
             r_idx = idx[restart]
             beta[r_idx, j] = 0.0
+            seg[r_idx] = j + 1
             tag[r_idx] += 1
             wr = start_vectors(seed, r_idx, tag[r_idx], m).to(device=device, dtype=dtype)
             r_dev = r_idx.to(device)

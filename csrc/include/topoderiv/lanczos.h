@@ -5,7 +5,10 @@
 // tridiagonal QL solve per problem per step (eigenvalues and the last row of the eigenvectors only,
 // O(j^2)), and a Ritz-estimate stop |beta_j * s_{j,i}| <= tol * ||T_j||. Invariant subspaces
 // (beta ~ 0) restart with a fresh random vector orthogonal to the basis, so multiplicities and
-// rank-deficient operators are handled. The device work (operator application, orthogonalisation,
+// rank-deficient operators are handled. A Krylov space that closes while it holds the caller's
+// start vector v0 is never a stop (v0 may span an invariant subspace without the top
+// eigenvalues, e.g. an eigenvector of a lower one): the problem restarts, and the random segment
+// after it must converge its own top-k Ritz pairs as well. The device work (operator application, orthogonalisation,
 // Ritz vectors) is behind LanczosBackend: a CPU and a CUDA implementation.
 #pragma once
 #include <cstdint>
@@ -122,8 +125,10 @@ class LanczosBackend {
   virtual void orthonormalize(int64_t j, double* alpha, double* beta) = 0;
   // For problems with mask[b] != 0: V_{j+1} = seeded random vector (restart count tag[b]),
   // orthogonalised against V_0..V_j (twice) and normalised. j = -1 makes the start vectors.
-  // Returns nothing; norms[b] (host) receives the norm before normalisation.
-  virtual void restart(int64_t j, const uint8_t* mask, const int32_t* tag, double* norms) = 0;
+  // Returns nothing; norms[b] (host) receives the norm before normalisation. For j = -1,
+  // from_v0[b] (host) is set to 1 where the start was the caller's v0 row, 0 where it was the
+  // seeded vector (no v0, or an all-zero row); from_v0 is not touched for j >= 0.
+  virtual void restart(int64_t j, const uint8_t* mask, const int32_t* tag, double* norms, uint8_t* from_v0) = 0;
   // vectors[b] = V_b[:, :steps[b]] @ S_b[:steps[b], :k], S host [B, max_steps, k]; also writes
   // values, ritz_residuals (host [B, k]) and steps (host [B]) to the outputs.
   virtual void finish(const int32_t* steps, const double* S, const double* values,
