@@ -149,12 +149,14 @@ def close(got: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor, eps: floa
 
 
 def check_lanczos(got, A: torch.Tensor, k: int, steps: int, tol_arg: float, dtype: torch.dtype,
-                  group: int) -> Optional[str]:
+                  group: int, A_abs: Optional[torch.Tensor] = None) -> Optional[str]:
     """Outputs of a Lanczos op against the float64 matrices A [B, m, m]: shapes, unit vectors, values
     that are the vectors' Rayleigh quotients, each within its residual of an eigenvalue (true for any
     unit vector), reported residuals that are the explicit ones, and after a full Krylov space the
     top-k eigenvalues (where they are distinct: an exactly repeated one is reported once). Accuracy
-    is relative to the norm of the matrix's group (``group`` consecutive matrices share one)."""
+    is relative to the norm of the matrix's group (``group`` consecutive matrices share one), and
+    rounding is bounded by the norm of ``A_abs`` (the matrices built from |inputs|: a block whose
+    terms cancel has rounding errors of the size of its terms, not of its value)."""
     values, vectors, ritz, nsteps, anorm, resid = got
     B, m = A.shape[0], A.shape[-1]
     shapes = [tuple(t.shape) for t in got]
@@ -167,7 +169,8 @@ def check_lanczos(got, A: torch.Tensor, k: int, steps: int, tol_arg: float, dtyp
     y = vectors.detach().cpu().double()
     th = values.detach().cpu().double()
     w_all = torch.linalg.eigvalsh(A).flip(-1)  # [B, m] descending
-    norm = w_all.abs().amax(dim=1)  # ||A||_2, then the max over each norm group
+    w_abs = w_all if A_abs is None else torch.linalg.eigvalsh(A_abs).flip(-1)
+    norm = torch.maximum(w_all.abs().amax(dim=1), w_abs.abs().amax(dim=1))  # the max over each norm group below
     groups = -(-B // group)
     norm = torch.cat([norm, norm.new_zeros(groups * group - B)]).view(groups, group).amax(1)
     norm = norm.repeat_interleave(group)[:B].clamp_min(1e-300)
@@ -187,15 +190,19 @@ def check_lanczos(got, A: torch.Tensor, k: int, steps: int, tol_arg: float, dtyp
     if bool((dist > true_res + tol * norm[:, None]).any()):
         return "a value farther from every eigenvalue than its residual"
     if steps == m:
-        # a full Krylov space gives the top-k eigenvalues, for every solve the op reports converged
-        # (explicit residual within its tolerance). A start vector whose Krylov space closes early
-        # can spend steps on restarts and end unconverged: then its residual says so, and the
-        # checks above hold (honest values), which is the op's contract.
+        # a Krylov space allowed to grow to the whole space gives the top-k eigenvalues, for every
+        # solve the op reports converged (explicit residual within its tolerance), where it used
+        # the whole space or stopped at a tight tolerance. At a loose one (1e-3) a random start
+        # with a small component along the top eigenvector can stop at a lower Ritz value whose
+        # residual is already small: every Krylov solver does (the residual bounds the distance
+        # to SOME eigenvalue, checked above). A start vector whose Krylov space closes early can
+        # spend steps on restarts and end unconverged: then its residual says so.
         w = w_all[:, :k]
         distinct = (w[:, :-1] - w[:, 1:] > 1e-6 * norm[:, None]).all(dim=1) if k > 1 else torch.ones(B, dtype=torch.bool)
         err = ((th - w).abs() / norm[:, None]).amax(dim=1)
         conv = (true_res <= (max(tol_arg, tol) + tol) * norm[:, None]).all(dim=1)
-        if bool((distinct & conv & (err > 1e3 * tol + 10 * tol_arg)).any()):
+        settled = (nsteps.detach().cpu() == m) | (tol_arg <= 1e-6)
+        if bool((distinct & conv & settled & (err > 1e3 * tol + 10 * tol_arg)).any()):
             return f"full Krylov space: values {th.tolist()} vs eigenvalues {w.tolist()}"
     return None
 
@@ -402,7 +409,7 @@ def case_lanczos(c: Case) -> Tuple[Callable, Callable]:
         A = a.detach().cpu().double()
         if kind == "asym" and m > 1 and B > 0:
             return "returned for a non-symmetric matrix"
-        return check_lanczos(res, A, k, steps, tol, a.dtype, norm_group)
+        return check_lanczos(res, A, k, steps, tol, a.dtype, norm_group, A.abs())
 
     return call, check
 
@@ -424,8 +431,8 @@ def case_sens_lanczos(c: Case) -> Tuple[Callable, Callable]:
             return "returned for non-finite inputs"
         if res[0].device.type == "meta":
             return None
-        A, _ = blocks_ref(x, p, b)
-        return check_lanczos(res, A, k, steps, tol, ops._acc_dtype(x.dtype), max(n, 1))
+        A, A_abs = blocks_ref(x, p, b)
+        return check_lanczos(res, A, k, steps, tol, ops._acc_dtype(x.dtype), max(n, 1), A_abs)
 
     return call, check
 
