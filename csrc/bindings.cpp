@@ -310,7 +310,7 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& device, Buf x, const Quad& xs, Buf p, const Quad& ps, const Quad& shape, int64_t n,
          int64_t kernel, int64_t pad, bool bias, int in_dt, int64_t mdim, int64_t k, int64_t steps, double tol,
          uint64_t seed, int64_t norm_group, Buf v0, int dt, Buf values, Buf vectors, Buf ritz, Buf nsteps, Buf anorm,
-         Buf true_res, Buf ws, int threads, uintptr_t stream) {
+         Buf true_res, Buf ws, int threads, uintptr_t stream, int need, Buf early) {
         const char* fn = "conv_sensitivity_lanczos";
         ConvSensitivityMatvecParams op;
         op.g = geometry(fn, shape, n, kernel, pad, bias);
@@ -324,6 +324,9 @@ PYBIND11_MODULE(_C, m) {
         P.seed_period = n > 0 ? n : 0;
         P.m = mdim; P.k = k; P.max_steps = steps; P.tol = tol; P.seed = seed;
         P.norm_group = norm_group;
+        if (need != kNeedAll && need != kNeedTop) fail(fn, "need must be 0 (all) or 1 (top), got " + std::to_string(need));
+        P.need = need;
+        P.early_host = ptr<uint8_t>(early.first);
         P.v0 = ptr<const void>(v0.first);
         P.dtype = to_dtype(fn, "dtype", dt);
         op.acc_dtype = P.dtype;
@@ -338,7 +341,17 @@ PYBIND11_MODULE(_C, m) {
         spans.values = values.second; spans.vectors = vectors.second; spans.ritz = ritz.second;
         spans.steps = nsteps.second; spans.anorm = anorm.second; spans.true_residuals = true_res.second;
         spans.workspace = ws.second;
-        check_memory(fn, check_conv_lanczos_params(fn, P, op, cuda, spans), cuda);
+        std::vector<Region> regions = check_conv_lanczos_params(fn, P, op, cuda, spans);
+        if (P.num_problems > 0 && early.first != 0 && early.second < P.num_problems)
+          fail(fn, "early must span at least num_problems = " + std::to_string(P.num_problems) + " bytes, got " +
+                       std::to_string(early.second));
+        if (P.num_problems > 0 && early.first != 0) {  // a host [num_problems] uint8 output
+          Region r;
+          r.name = "early"; r.ptr = early.first; r.have = early.second; r.need = P.num_problems; r.written = true;
+          r.host = true;
+          regions.push_back(r);
+        }
+        check_memory(fn, regions, cuda);
         py::gil_scoped_release nogil;
 #ifdef TOPODERIV_WITH_CUDA
         if (cuda) return conv_lanczos_topk_cuda(P, op);
@@ -347,7 +360,14 @@ PYBIND11_MODULE(_C, m) {
         conv_lanczos_topk_cpu(P, op);
       },
       "Matrix-free batched Lanczos top-k eigenpairs of the conv sensitivity blocks (pointers with spans; see "
-      "conv_sensitivity.h and lanczos.h).");
+      "conv_sensitivity.h and lanczos.h). need and early (a host [num_problems] uint8 output, (0, 0) for none) as "
+      "LanczosParams.",
+      py::arg("device"), py::arg("x"), py::arg("x_strides"), py::arg("p"), py::arg("p_strides"), py::arg("shape"),
+      py::arg("n"), py::arg("kernel_size"), py::arg("padding"), py::arg("bias"), py::arg("in_dtype"), py::arg("m"), py::arg("k"),
+      py::arg("steps"), py::arg("tol"), py::arg("seed"), py::arg("norm_group"), py::arg("v0"), py::arg("dtype"),
+      py::arg("values"), py::arg("vectors"), py::arg("ritz"), py::arg("steps_out"), py::arg("anorm"),
+      py::arg("true_residuals"), py::arg("workspace"), py::arg("threads"), py::arg("stream"), py::arg("need") = 0,
+      py::arg("early") = Buf(0, 0));
 
   m.def(
       "lanczos_workspace_elems",

@@ -52,5 +52,5 @@ def conv_lanczos_topk(
     device: str, x: Buf, x_strides: Quad, p: Buf, p_strides: Quad, shape: Quad, n: int, kernel_size: int,
     padding: int, bias: bool, in_dtype: int, m: int, k: int, steps: int, tol: float, seed: int, norm_group: int,
     v0: Buf, dtype: int, values: Buf, vectors: Buf, ritz: Buf, steps_out: Buf, anorm: Buf, true_residuals: Buf,
-    workspace: Buf, threads: int, stream: int,
+    workspace: Buf, threads: int, stream: int, need: int = 0, early: Buf = (0, 0),
 ) -> None: ...

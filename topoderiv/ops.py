@@ -29,8 +29,10 @@ The convolution ops (the paper's conv block, METHOD.md section 7) take ``x [N, C
 ``kernel_size`` and same zero padding: ``conv_sensitivity_blocks(x, p, kernel_size, bias)``,
 ``conv_sensitivity_blocks_accumulate_(x, p, kernel_size, bias, out)``,
 ``conv_sensitivity_matvec(x, p, v, kernel_size, bias)`` and
-``conv_sensitivity_lanczos(x, p, kernel_size, bias, k, steps, tol, seed, v0=None)``; the patches
-are addressed inside the kernels (csrc/include/topoderiv/conv_sensitivity.h).
+``conv_sensitivity_lanczos(x, p, kernel_size, bias, k, steps, tol, seed, v0=None, need=0)`` (the six
+Lanczos outputs plus ``early`` (bool: stopped by ``need=1``), flat over the blocks; a 5-D x/p holds L
+points of one shape, each point's blocks a norm group); the patches are addressed inside the kernels
+(csrc/include/topoderiv/conv_sensitivity.h).
 
 All ops compute statistics, not differentiable functions: inputs are detached and the ops have no
 autograd formula.
@@ -1539,10 +1541,12 @@ def _(x: Tensor, p: Tensor, v: Tensor, kernel_size: int, bias: bool) -> Tensor:
 
 
 def _run_conv_lanczos(x: Tensor, p: Tensor, kernel: int, bias: bool, k: int, steps: int, tol: float, seed: int,
-                      v0: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      v0: Optional[Tensor],
+                      need: int = 0) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Matrix-free Lanczos on the conv operator (validated arguments, v0 normalised); returns
-    (values, vectors, ritz estimates, steps, ||Q|| estimate, explicit residuals). For L points
-    (5-D x, p) the problems are the L n blocks (point-major, one solve; norms per point)."""
+    (values, vectors, ritz estimates, steps, ||Q|| estimate, explicit residuals, stopped early). For L
+    points (5-D x, p) the problems are the L n blocks (point-major, one solve; norms per point).
+    ``need``: 0 every block to tolerance, 1 only the top block of each point (see _run_lanczos)."""
     n, m = p.shape[-3], _conv_m(x, kernel, bias)
     B = _conv_points(x) * n
     dtype, device = _acc_dtype(x.dtype), x.device
@@ -1552,8 +1556,10 @@ def _run_conv_lanczos(x: Tensor, p: Tensor, kernel: int, bias: bool, k: int, ste
     nsteps = torch.zeros(B, dtype=torch.int32, device=device)
     anorm = torch.zeros(B, dtype=torch.float64)
     resid = torch.zeros(B, k, dtype=dtype, device=device)
+    early = torch.zeros(B, dtype=torch.uint8)
     if B == 0:
-        return values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid
+        return (values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid,
+                early.to(device=device, dtype=torch.bool))
     cuda = device.type == "cuda"
     rows = _conv_points(x) * _conv_rows(x)
     # as _run_lanczos: the CPU backend forms the explicit residuals from the stored A v_t within
@@ -1568,20 +1574,23 @@ def _run_conv_lanczos(x: Tensor, p: Tensor, kernel: int, bias: bool, k: int, ste
         bool(bias), _DTYPE_CODE[x.dtype], m, k, steps, float(tol), int(seed), max(1, n), _buf(v0), _DTYPE_CODE[dtype],
         _buf(values), _buf(vectors), _buf(ritz), _buf(nsteps), _buf(anorm),
         _buf(resid) if in_kernel_residual else (0, 0), _buf(ws), _conv_threads(2.0 * rows * n * m), _stream(ws),
+        int(need), _buf(early),
     )
     if not in_kernel_residual:
         av = torch.stack([_conv_matvec_impl(x, p, vectors[:, :, c].contiguous(), kernel, bias) for c in range(k)],
                          dim=2)
         resid = (av - vectors * values[:, None, :]).norm(dim=1)
-    return values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid
+    return (values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid,
+            early.to(device=device, dtype=torch.bool))
 
 
 def _check_conv_lanczos_op(fn: str, x: Tensor, p: Tensor, kernel_size: int, bias: bool, k: int, steps: int,
-                           tol: float, seed: int, v0: Optional[Tensor],
+                           tol: float, seed: int, v0: Optional[Tensor], need: int,
                            real: bool) -> Tuple[Tensor, Tensor, int, Optional[Tensor]]:
     x, p, kk = _check_conv_pair(fn, x, p, kernel_size, bias, real, batched=True)
     m = _conv_m(x, kk, bias)
     _check_lanczos_args(fn, m, k, steps, tol, seed, clamp=False)
+    _check_need(fn, need)
     v0 = _check_v0(fn, v0, (_conv_points(x) * p.shape[-3], m), x.device, real)
     return x, p, kk, v0
 
@@ -1589,23 +1598,24 @@ def _check_conv_lanczos_op(fn: str, x: Tensor, p: Tensor, kernel_size: int, bias
 @torch.library.custom_op("topoderiv::conv_sensitivity_lanczos", mutates_args=(), device_types=("cpu", "cuda"))
 def _conv_lanczos_op(
     x: Tensor, p: Tensor, kernel_size: int, bias: bool, k: int, steps: int, tol: float, seed: int,
-    v0: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    v0: Optional[Tensor] = None, need: int = 0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     x, p, kk, v0 = _check_conv_lanczos_op("conv_sensitivity_lanczos", x, p, kernel_size, bias, k, steps, tol, seed,
-                                          v0, True)
-    return _run_conv_lanczos(x, p, kk, bias, k, steps, tol, seed, _normalise_v0(v0, _acc_dtype(x.dtype)))
+                                          v0, need, True)
+    return _run_conv_lanczos(x, p, kk, bias, k, steps, tol, seed, _normalise_v0(v0, _acc_dtype(x.dtype)), need)
 
 
 @_conv_lanczos_op.register_fake
 def _(x: Tensor, p: Tensor, kernel_size: int, bias: bool, k: int, steps: int, tol: float, seed: int,
-      v0: Optional[Tensor] = None):
+      v0: Optional[Tensor] = None, need: int = 0):
     x, p, kk, v0 = _check_conv_lanczos_op("conv_sensitivity_lanczos", x, p, kernel_size, bias, k, steps, tol, seed,
-                                          v0, False)
+                                          v0, need, False)
     m = _conv_m(x, kk, bias)
     n = _conv_points(x) * p.shape[-3]
     dt = _acc_dtype(x.dtype)
     return (x.new_empty(n, k, dtype=dt), x.new_empty(n, m, k, dtype=dt), x.new_empty(n, k, dtype=dt),
-            x.new_empty(n, dtype=torch.int32), x.new_empty(n, dtype=dt), x.new_empty(n, k, dtype=dt))
+            x.new_empty(n, dtype=torch.int32), x.new_empty(n, dtype=dt), x.new_empty(n, k, dtype=dt),
+            x.new_empty(n, dtype=torch.bool))
 
 
 def conv_sensitivity_blocks(x: Tensor, p: Tensor, kernel_size: int, *, padding: str = "same", bias: bool = True,
@@ -1685,7 +1695,7 @@ _CONV_POINTS_BYTES = 2 * 2**30
 def conv_sensitivity_topk(
     x: Union[Tensor, Sequence[Tensor]], p: Union[Tensor, Sequence[Tensor]], kernel_size: int, *, k: int = 1,
     padding: str = "same", bias: bool = True, route: str = "auto", steps: Optional[int] = None, tol: float = 1e-6,
-    seed: int = 0, v0: Union[None, Tensor, Sequence[Optional[Tensor]]] = None,
+    seed: int = 0, v0: Union[None, Tensor, Sequence[Optional[Tensor]]] = None, need: str = "all",
 ) -> Union[SensitivityTopK, List[SensitivityTopK]]:
     """Top-``k`` eigenpairs of every conv sensitivity block ``B[r]`` of ``(x, p)``.
 
@@ -1702,7 +1712,8 @@ def conv_sensitivity_topk(
     shapes, dtype, device and route are solved together: their inputs are stacked (one copy) and
     ONE blocks call plus ONE batched Lanczos run (or ONE matrix-free Lanczos run, whose every step
     applies all their operators in one kernel call) serve all of them, norms per point; groups
-    above 2 GiB of inputs (or of dense blocks) are split.
+    above 2 GiB of inputs (or of dense blocks) are split. ``k``, ``route``, ``steps``, ``tol``,
+    ``seed`` and ``need`` apply to all of them (``"auto"`` picks per point).
 
     Args:
         x, p, kernel_size, padding, bias: as in :func:`conv_sensitivity_blocks`; or sequences of
@@ -1711,6 +1722,10 @@ def conv_sensitivity_topk(
         steps, tol, seed: as in :func:`lanczos_topk`.
         v0: optional start vectors ``[n, m]``, one per block (any scale; see :func:`lanczos_topk`); in
             the multi-point form a sequence of one ``[n_i, m_i]`` tensor or ``None`` per point.
+        need: ``"all"`` (default): every block to tolerance (the rules ``"all"``, ``"reference"``,
+            ``"multi"``). ``"top"``: only the block holding the point's largest eigenvalue (the
+            rule ``"top"``); a block whose upper estimate falls below another block's Ritz value
+            stops early and ``result.early`` marks it (its values are lower bounds).
 
     Returns:
         :class:`SensitivityTopK`, or a list of them (one per point, in order) for sequences.
@@ -1719,15 +1734,12 @@ def conv_sensitivity_topk(
     _check_padding(fn, padding)
     if route not in _ROUTES:
         raise ValueError(f"{fn}: route must be one of {_ROUTES}, got {route!r}")
+    need_code = _need_code(fn, need)
     if isinstance(x, (list, tuple)) or isinstance(p, (list, tuple)):
-        return _conv_topk_points(fn, x, p, kernel_size, k, bias, route, steps, tol, seed, v0)
+        return _conv_topk_points(fn, x, p, kernel_size, k, bias, route, steps, tol, seed, v0, need_code)
     x, p, kk, n, m, k, steps, tol, seed, v0, route = _conv_topk_args(fn, x, p, kernel_size, k, bias, route, steps, tol,
                                                                       seed, v0)
-    if route == "dense":
-        res = _finish(*_lanczos_op(_conv_blocks_op(x, p, kk, bias), k, steps, tol, seed, max(1, n), v0), tol)
-    else:
-        res = _finish(*_conv_lanczos_op(x, p, kk, bias, k, steps, tol, seed, v0), tol)
-    return SensitivityTopK(res.values, res.vectors, res.converged, res.residuals, route)
+    return _conv_topk_solve(x, p, kk, bias, n, k, steps, tol, seed, v0, route, need_code)
 
 
 def _conv_topk_args(fn: str, x: object, p: object, kernel_size: object, k: object, bias: object, route: str,
@@ -1745,7 +1757,7 @@ def _conv_topk_args(fn: str, x: object, p: object, kernel_size: object, k: objec
 
 
 def _conv_topk_points(fn: str, xs: object, ps: object, kernel_size: object, k: object, bias: object, route: str,
-                      steps: object, tol: object, seed: object, v0s: object) -> List[SensitivityTopK]:
+                      steps: object, tol: object, seed: object, v0s: object, need: int) -> List[SensitivityTopK]:
     """The multi-point form of :func:`conv_sensitivity_topk`: one batched solve per group of points
     of one shape, dtype, device and route."""
     if not isinstance(xs, (list, tuple)) or not isinstance(ps, (list, tuple)):
@@ -1781,7 +1793,7 @@ def _conv_topk_points(fn: str, xs: object, ps: object, kernel_size: object, k: o
             if len(chunk) == 1 or n == 0:
                 for i in chunk:
                     x, p, _, _, _, _, _, _, _, v0, _ = points[i]
-                    results[i] = _conv_topk_solve(x, p, kk, bias, n, kq, sq, tq, seq, v0, r)
+                    results[i] = _conv_topk_solve(x, p, kk, bias, n, kq, sq, tq, seq, v0, r, need)
                 continue
             xb = torch.stack([points[i][0] for i in chunk])  # [L, N, C, H, W]: one copy of the inputs
             pb = torch.stack([points[i][1] for i in chunk])
@@ -1790,23 +1802,24 @@ def _conv_topk_points(fn: str, xs: object, ps: object, kernel_size: object, k: o
                 v0b = torch.cat([_normalise_v0(points[i][9], torch.float64) if points[i][9] is not None else
                                  torch.zeros(n, m, dtype=torch.float64, device=x0.device) for i in chunk])
             # problem j n + r starts as block r of point j alone (seed_period = n): results equal to rounding
-            res = _conv_topk_solve(xb, pb, kk, bias, n, kq, sq, tq, seq, v0b, r)
+            res = _conv_topk_solve(xb, pb, kk, bias, n, kq, sq, tq, seq, v0b, r, need)
             for j, i in enumerate(chunk):
                 sl = slice(j * n, (j + 1) * n)
-                results[i] = SensitivityTopK(res.values[sl], res.vectors[sl], res.converged[sl], res.residuals[sl], r)
+                results[i] = SensitivityTopK(res.values[sl], res.vectors[sl], res.converged[sl], res.residuals[sl], r,
+                                             res.early[sl], None if res.steps is None else res.steps[sl])
     return results  # type: ignore[return-value]
 
 
 def _conv_topk_solve(x: Tensor, p: Tensor, kk: int, bias: bool, n: int, k: int, steps: int, tol: float, seed: int,
-                     v0: Optional[Tensor], route: str) -> SensitivityTopK:
+                     v0: Optional[Tensor], route: str, need: int) -> SensitivityTopK:
     """One solve of the blocks of x [N, C, H, W] or of L points x [L, N, C, H, W] (problems point-major,
     norms per point, each point's start vectors those of a call with it alone)."""
-    if route == "dense" and x.dim() == 5:
-        blocks = _conv_blocks_op(x, p, kk, bias)  # [L, n, m, m]
+    if route == "dense":
+        blocks = _conv_blocks_op(x, p, kk, bias)  # [n, m, m] or [L, n, m, m]
+        blocks = blocks.reshape((_conv_points(x), n) + tuple(blocks.shape[-2:]))  # [L, n, m, m] (L = 1: one point)
         v0 = None if v0 is None else v0.reshape(blocks.shape[:3])
-        res = _finish_batched(_lanczos_batched_op(blocks, k, steps, tol, seed, v0, 0), tol)
-    elif route == "dense":
-        res = _finish(*_lanczos_op(_conv_blocks_op(x, p, kk, bias), k, steps, tol, seed, max(1, n), v0), tol)
+        res = _finish_batched(_lanczos_batched_op(blocks, k, steps, tol, seed, v0, need), tol)
     else:
-        res = _finish(*_conv_lanczos_op(x, p, kk, bias, k, steps, tol, seed, v0), tol)
-    return SensitivityTopK(res.values, res.vectors, res.converged, res.residuals, route)
+        out = _conv_lanczos_op(x, p, kk, bias, k, steps, tol, seed, v0, need)
+        res = _finish(*out[:6], tol, out[6])
+    return SensitivityTopK(res.values, res.vectors, res.converged, res.residuals, route, res.early, res.steps)
