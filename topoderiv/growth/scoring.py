@@ -242,8 +242,9 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
 
     The eigen-solves of all points are batched: every point of the paper's blocks whose rows were
     kept goes through one multi-point :func:`topoderiv.ops.sensitivity_topk` (points of one shape
-    in one launch), dense blocks through one grouped :func:`topoderiv.ops.lanczos_topk`
-    (:func:`topoderiv.method.statistic.solve_points`).
+    in one launch), every conv point whose images were kept through one multi-point
+    :func:`topoderiv.ops.conv_sensitivity_topk`, dense blocks through one grouped
+    :func:`topoderiv.ops.lanczos_topk` (:func:`topoderiv.method.statistic.solve_points`).
 
     Returns:
         :class:`ScoreReport`; ``report.best`` is the point to insert at (None if every mu <= 0).

@@ -357,17 +357,19 @@ class EigenStatistic:
         """Top-``k`` eigenpairs of the blocks of ``sign * B / S``: ``(values [n, k], vectors [n, m, k],
         converged, route, blocks_of)``; ``blocks_of(idx)`` gives dense blocks ``[len(idx), m, m]``.
 
-        Kernels: Lanczos (dense or matrix-free; matrix-free solves start from :func:`subspace_start`);
-        blocks it did not converge on are redone with a full eigh when that is affordable. Torch
+        Kernels: Lanczos (dense or matrix-free; matrix-free solves start from :func:`subspace_start`;
+        a conv site's kept images: :func:`topoderiv.ops.conv_sensitivity_topk`, the plan of
+        :meth:`topoderiv.sites.conv.ConvStatistic.plan`), the same call :func:`solve_points` makes
+        for a group of points; blocks it did not converge on (and that did not stop early) are
+        redone with a full eigh when that is affordable (:meth:`finish`). Torch
         backend: dense blocks + eigh. Under a process group the matrix-free Lanczos is the
         step-wise one of :mod:`topoderiv.method.lanczos`, each step's product all-reduced.
         ``need="top"``: only the block holding the largest eigenvalue is solved to tolerance (the
         others may stop early: see :attr:`early`, set here).
         """
         plan = self.plan(S, k, need)
-        if plan.kind == "rows":
-            res = ops.sensitivity_topk(plan.u, plan.q, k=k, bias=self.bias, route=plan.route, tol=plan.tol,
-                                       v0=plan.v0, need=need)
+        if plan.kind in _KEPT:
+            res = _solve_kept([plan], k, self.bias, need)[0]  # what solve_points does for a group of points
             return self.finish(plan, res.values, res.vectors, res.converged, res.early, k)
         if plan.kind == "blocks":
             res = ops.lanczos_topk(plan.blocks, k, tol=plan.tol, shared_norm=True, need=need)
@@ -477,9 +479,11 @@ class EigenStatistic:
 class EigenPlan:
     """How one :class:`EigenStatistic` is solved (:meth:`EigenStatistic.plan`).
 
-    kind: ``"rows"`` (kept rows, one process: :func:`topoderiv.ops.sensitivity_topk`), ``"blocks"``
-    (dense blocks, kernels: :func:`topoderiv.ops.lanczos_topk`), ``"eigh"`` (torch backend) or
-    ``"distributed"`` (kept rows under a process group). scale: what the values are divided by.
+    kind: ``"rows"`` (kept rows, one process: :func:`topoderiv.ops.sensitivity_topk`), ``"conv"``
+    (kept images of a conv site, one process: :func:`topoderiv.ops.conv_sensitivity_topk` with
+    ``kernel``), ``"blocks"`` (dense blocks, kernels: :func:`topoderiv.ops.lanczos_topk`),
+    ``"eigh"`` (torch backend) or ``"distributed"`` (kept rows under a process group). scale: what
+    the values are divided by.
     """
 
     kind: str
@@ -491,6 +495,39 @@ class EigenPlan:
     q: Optional[Tensor] = None
     v0: Optional[Tensor] = None
     blocks: Optional[Tensor] = None
+    kernel: int = 0
+
+
+# the plans whose kept rows / images solve_points batches into multi-point op calls
+_KEPT = ("rows", "conv")
+
+
+def _kept_key(plan: EigenPlan, k: int, bias: bool, need: str) -> Tuple[Any, ...]:
+    """The points whose plans share this key are solved by ONE multi-point call (:func:`_solve_kept`)."""
+    assert plan.u is not None
+    return (plan.kind, plan.route, k, plan.tol, plan.v0 is None, bias, plan.kernel, plan.u.dtype, plan.u.device, need)
+
+
+def _kept_bytes(plan: EigenPlan, bias: bool) -> int:
+    """What batching one kept plan holds at once: its inputs (stacked into one copy), plus a conv
+    point's dense blocks on the dense route (formed for all points of the call together)."""
+    assert plan.u is not None and plan.q is not None
+    size = plan.u.numel() * plan.u.element_size() + plan.q.numel() * plan.q.element_size()
+    if plan.kind == "conv" and plan.route == "dense":
+        n, m = plan.q.shape[1], plan.u.shape[1] * plan.kernel ** 2 + int(bias)
+        size += n * m * m * accumulation_dtype(plan.u.dtype).itemsize
+    return size
+
+
+def _solve_kept(plans: Sequence[EigenPlan], k: int, bias: bool, need: str) -> List[Any]:
+    """ONE multi-point op call for kept plans of one :func:`_kept_key` (one plan: the single-point solve)."""
+    p0 = plans[0]
+    us, qs, v0s = [pl.u for pl in plans], [pl.q for pl in plans], [pl.v0 for pl in plans]
+    if p0.kind == "conv":
+        return ops.conv_sensitivity_topk(us, qs, p0.kernel, k=k, bias=bias, route=p0.route, tol=p0.tol,  # type: ignore[arg-type]
+                                         v0=v0s, need=need)
+    return ops.sensitivity_topk(us, qs, k=k, bias=bias, route=p0.route, tol=p0.tol, v0=v0s,  # type: ignore[arg-type]
+                                need=need)
 
 
 # bytes of dense blocks / of kept rows that solve_points concatenates into one batched launch at
@@ -499,29 +536,41 @@ DENSE_BATCH_BYTES = 256 * 2**20
 ROWS_BATCH_BYTES = 512 * 2**20
 
 
+def _batchable(st: Any) -> bool:
+    """An :class:`EigenStatistic` that solves through ``plan`` / ``finish`` (no ``eigenpairs`` or
+    ``solve`` of its own), kernels backend, one process: :func:`solve_points` batches it."""
+    return (isinstance(st, EigenStatistic) and type(st).eigenpairs is EigenStatistic.eigenpairs
+            and type(st).solve is EigenStatistic.solve and st.backend == "kernels" and st.comm is None)
+
+
 def solve_points(stats: Sequence[Any], S: int, rule: str, need: str = "all") -> List[Solution]:
     """Solves the statistics of several points at once: one :class:`Solution` per statistic, in order.
 
-    :class:`EigenStatistic` points (exactly that class, kernels backend, one process) are batched:
-    those that kept their rows go through ONE multi-point :func:`topoderiv.ops.sensitivity_topk`
-    call per (route, k, tolerance, warm start or not) (points of one shape in one launch), those
-    with dense blocks through one grouped :func:`topoderiv.ops.lanczos_topk` per (shape, dtype,
-    k, tolerance); the same results as solving them one by one. Every other statistic is solved by
-    its own ``solve``. ``need="top"``: as :meth:`EigenStatistic.solve`.
+    :class:`EigenStatistic` points (that class or a subclass that solves through its ``plan`` /
+    ``finish``, such as :class:`topoderiv.sites.conv.ConvStatistic`; kernels backend, one process)
+    are batched: those that kept their rows go through ONE multi-point
+    :func:`topoderiv.ops.sensitivity_topk` call per (route, k, tolerance, warm start or not, bias,
+    dtype) (points of one shape in one launch), conv points that kept their images through ONE
+    multi-point :func:`topoderiv.ops.conv_sensitivity_topk` call per (route, k, tolerance, warm
+    start or not, bias, kernel size, dtype) (at most :data:`ROWS_BATCH_BYTES` of stacked inputs, and
+    of dense blocks, per call), those with dense blocks through one grouped
+    :func:`topoderiv.ops.lanczos_topk` per (shape, dtype, k, tolerance); the same start vectors,
+    tolerances, eigh fallback and results as solving them one by one. Every other statistic is
+    solved by its own ``solve``. ``need="top"``: as :meth:`EigenStatistic.solve` (passed to every
+    batched call for the rule ``"top"``).
     """
     out: List[Optional[Solution]] = [None] * len(stats)
     rows: Dict[Tuple[Any, ...], List[Tuple[int, EigenPlan, int]]] = {}
     dense: Dict[Tuple[Any, ...], List[Tuple[int, EigenPlan, int]]] = {}
     for i, st in enumerate(stats):
-        if type(st) is not EigenStatistic or st.backend != "kernels" or st.comm is not None:
+        if not _batchable(st):
             out[i] = st.solve(S, rule, need) if isinstance(st, EigenStatistic) else st.solve(S, rule)
             continue
         k = st.solve_k(rule)
         nd = need if rule == "top" else "all"
         plan = st.plan(S, k, nd)
-        if plan.kind == "rows":
-            assert plan.u is not None
-            rows.setdefault((plan.route, k, plan.tol, plan.v0 is None, st.bias, plan.u.dtype, nd), []).append((i, plan, k))
+        if plan.kind in _KEPT:
+            rows.setdefault(_kept_key(plan, k, st.bias, nd), []).append((i, plan, k))
         elif plan.kind == "blocks":
             assert plan.blocks is not None
             dense.setdefault((tuple(plan.blocks.shape), plan.blocks.dtype, plan.blocks.device, k, plan.tol, nd),
@@ -529,23 +578,20 @@ def solve_points(stats: Sequence[Any], S: int, rule: str, need: str = "all") -> 
         else:
             out[i] = st.solution(rule, k, *st.finish_other(plan, k, nd))
     for key, all_items in rows.items():
-        route, k, tol, _, bias, _, nd = key
+        k, bias, nd = key[2], key[5], key[-1]
         # points of one shape are stacked into one copy by the multi-point call: at most
-        # ROWS_BATCH_BYTES of rows per call
+        # ROWS_BATCH_BYTES of rows (images, and dense conv blocks) per call
         calls: List[List[Tuple[int, EigenPlan, int]]] = [[]]
         held = 0
         for item in all_items:
-            u, q = item[1].u, item[1].q
-            assert u is not None and q is not None
-            size = u.numel() * u.element_size() + q.numel() * q.element_size()
+            size = _kept_bytes(item[1], bias)
             if calls[-1] and held + size > ROWS_BATCH_BYTES:
                 calls.append([])
                 held = 0
             calls[-1].append(item)
             held += size
         for items in calls:
-            res = ops.sensitivity_topk([pl.u for _, pl, _ in items], [pl.q for _, pl, _ in items], k=k, bias=bias,
-                                       route=route, tol=tol, v0=[pl.v0 for _, pl, _ in items], need=nd)
+            res = _solve_kept([pl for _, pl, _ in items], k, bias, nd)
             for (i, pl, kk), r in zip(items, res):
                 st = stats[i]
                 out[i] = st.solution(rule, kk, *st.finish(pl, r.values, r.vectors, r.converged, r.early, kk))

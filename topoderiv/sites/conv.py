@@ -33,7 +33,7 @@ Options: ``channels`` (stream channels ``C``), ``kernel_size`` (odd, default 3),
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .. import ops, reference
 from ..method.activations import activation_spec, check_admissible, get_activation
-from ..method.statistic import EIGH_FALLBACK_FLOPS, WARM_MIN_M, WARM_RANK, EigenStatistic
+from ..method.statistic import WARM_MIN_M, WARM_RANK, EigenPlan, EigenStatistic
 from ..registry import register
 from .base import Site, register_kind
 from .linear import build_feature, check_matrix_phi, feature_spec
@@ -230,7 +230,9 @@ class ConvStatistic(EigenStatistic):
     samples), kept as images or accumulated into dense blocks by the convolution ops (the torch
     backend: the unfold twin, in chunks of :data:`ROW_CHUNK_ELEMENTS`); the kept images are solved
     matrix-free or dense as :func:`topoderiv.ops.choose_conv_route` picks (see the module docstring).
-    ``held_bytes`` / ``flush()`` give :func:`topoderiv.score` its memory budget, as for rows.
+    ``held_bytes`` / ``flush()`` give :func:`topoderiv.score` its memory budget, as for rows. The
+    scorer solves the kept images of all conv points of one (route, k, tolerance, warm start,
+    kernel size, dtype) in one multi-point call (:func:`topoderiv.method.statistic.solve_points`).
     Under a process group the statistic streams dense blocks (all-reduced once per point): the
     matrix-free conv solve has no distributed form yet.
     """
@@ -260,13 +262,15 @@ class ConvStatistic(EigenStatistic):
         out[1] = 1.0
         return out
 
-    def eigenpairs(self, S: int, k: int) -> Tuple[Tensor, Tensor, bool, str, Callable[[Tensor], Tensor]]:
-        """Kept images: :func:`topoderiv.ops.conv_sensitivity_topk` on all of them (the route by
+    def plan(self, S: int, k: int, need: str = "all") -> EigenPlan:
+        """Kept images: a ``"conv"`` plan, solved by :func:`topoderiv.ops.conv_sensitivity_topk` on all
+        of them (by :meth:`eigenpairs`, or with other points in one multi-point call by
+        :func:`topoderiv.method.statistic.solve_points`): the route by
         :func:`topoderiv.ops.choose_conv_route`, matrix-free solves warm-started by
-        :func:`conv_subspace_start`), blocks it did not converge on redone by ``eigh`` within the
-        base class's budget. Dense blocks: the base class."""
+        :func:`conv_subspace_start`, blocks it did not converge on redone by ``eigh`` within the
+        base class's budget (:meth:`finish`). Dense blocks: the base class."""
         if self.blocks is not None or not self.us:
-            return super().eigenpairs(S, k)
+            return super().plan(S, k, need)
         u = self.us[0] if len(self.us) == 1 else torch.cat(self.us, dim=0)
         q = self.qs[0] if len(self.qs) == 1 else torch.cat(self.qs, dim=0)
         self.us, self.qs = [], []
@@ -286,18 +290,7 @@ class ConvStatistic(EigenStatistic):
         tol = self.tol
         if tol is None:  # the defaults of topoderiv.score (EigenStatistic)
             tol = 1e-10 if fp64 else (1e-3 if v0 is not None else 1e-4)
-        res = ops.conv_sensitivity_topk(u, q, ks, k=k, bias=self.bias, route=route, tol=tol, v0=v0)
-        values, vectors, converged = res.values / S, res.vectors, res.converged
-        bad = (~converged).nonzero().flatten()
-        if bad.numel() == 0:
-            return values, vectors, True, res.route, blocks_of
-        if bad.numel() * float(self.m) ** 3 > EIGH_FALLBACK_FLOPS:
-            return values, vectors, False, res.route, blocks_of
-        vals, vecs = reference.eigh_topk(blocks_of(bad), k)
-        values, vectors = values.clone(), vectors.clone()
-        values[bad] = vals.to(values.dtype)
-        vectors[bad] = vecs.to(vectors.dtype)
-        return values, vectors, True, res.route, blocks_of
+        return EigenPlan("conv", S, route, tol, blocks_of, u=u, q=q, v0=v0, kernel=ks)
 
 
 @register_kind("conv")
