@@ -1,8 +1,8 @@
 """Convolution ops against the best plain-PyTorch composition, and the conv site's scoring cost.
 
-    python benchmarks/bench_conv.py [--device cpu|cuda] [--quick] [--repeats R] [--only blocks,topk,matvec,cnn]
+    python benchmarks/bench_conv.py [--device cpu|cuda] [--quick] [--repeats R] [--only blocks,topk,matvec,cnn,points]
 
-Four tables, every row of a table measured interleaved in one process (this CPU's speed swings
+Five tables, every row of a table measured interleaved in one process (this CPU's speed swings
 3-5x between runs; the ratios do not):
 
 1. ``conv_sensitivity_blocks`` (float32), N=256, C=n=64, 16x16, k=3 (m = 577, 65536 rows), against
@@ -23,6 +23,10 @@ Four tables, every row of a table measured interleaved in one process (this CPU'
    trained one epoch), in training epochs (Adam, batches of 64), before (Python im2col chunks
    accumulated by ``sensitivity_blocks``, always dense: the site as it was) and after (the
    convolution ops; images kept for a matrix-free solve within ``score``'s memory budget).
+5. Several conv points at once: 4 points of one shape (N=64, C=n=32, 16x16, k=3, m = 289, real-like
+   data, route ``"auto"``: matrix-free) solved by ONE multi-point ``conv_sensitivity_topk`` call
+   (the scorer's ``solve_points``) against 4 single-point calls, with ``need="all"`` and
+   ``need="top"``. No target: the ratio is what one batched launch saves per point.
 
 ``--quick`` shrinks every size (a smoke run).
 """
@@ -235,26 +239,54 @@ def bench_cnn(device: str, quick: bool, repeats: int):
     return title, rows, ["impl", "route", "s", "epochs", "max rel diff of mu vs before"]
 
 
+def bench_points(device: str, quick: bool, repeats: int):
+    L, (N, C, H, W, n, k) = 4, ((8, 8, 8, 8, 8, 3) if quick else (64, 32, 16, 16, 32, 3))
+    pts = [conv_real_like(N, C, H, W, n, device, seed=s) for s in range(L)]
+    xs, ps = [x for x, _ in pts], [p for _, p in pts]
+    m = C * k * k + 1
+    rows = []
+    for need in ("all", "top"):
+        multi = ops.conv_sensitivity_topk(xs, ps, k, need=need)
+        single = [ops.conv_sensitivity_topk(x, p, k, need=need) for x, p in pts]
+        diff = max(float((a.values.double() - b.values.double()).abs().max() / b.values.double().abs().max())
+                   for a, b in zip(multi, single))
+        t = interleaved({"multi": lambda: ops.conv_sensitivity_topk(xs, ps, k, need=need),
+                         "single": lambda: [ops.conv_sensitivity_topk(x, p, k, need=need) for x, p in pts]},
+                        repeats=repeats, warmup=1 if quick else 0, device=device)
+        early = sum(int(r.early.sum()) for r in multi)
+        rows.append({"need": need, "impl": f"{L} single-point calls", "route": single[0].route, "s": t["single"],
+                     "speed-up vs single calls": 1.0, "early blocks": early, "max rel diff of values": ""})
+        rows.append({"need": need, "impl": f"one {L}-point call", "route": multi[0].route, "s": t["multi"],
+                     "speed-up vs single calls": t["single"] / t["multi"], "early blocks": early,
+                     "max rel diff of values": diff})
+    title = (f"conv_sensitivity_topk on {L} points of one shape, float32, N={N}, C=n={C}, {H}x{W}, k={k} (m={m}), "
+             f"route auto: one multi-point call vs {L} single calls - no target (context)")
+    return title, rows, ["need", "impl", "route", "s", "speed-up vs single calls", "early blocks",
+                         "max rel diff of values"]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds per table (default 3, quick 1)")
-    ap.add_argument("--only", default="blocks,topk,matvec,cnn", help="comma-separated tables: blocks, topk, matvec, cnn")
+    ap.add_argument("--only", default="blocks,topk,matvec,cnn,points",
+                    help="comma-separated tables: blocks, topk, matvec, cnn, points")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available")
     only = {s.strip() for s in args.only.split(",") if s.strip()}
-    bad = only - {"blocks", "topk", "matvec", "cnn"}
+    bad = only - {"blocks", "topk", "matvec", "cnn", "points"}
     if bad:
-        ap.error(f"--only: unknown tables {sorted(bad)} (choose from blocks, topk, matvec, cnn)")
+        ap.error(f"--only: unknown tables {sorted(bad)} (choose from blocks, topk, matvec, cnn, points)")
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     rate = matmul_rate(args.device)
     print(f"# convolution ops on {machine(args.device)}; torch fp32 matmul {rate:.0f} GFLOP/s in this process\n")
     for name, run in (("blocks", lambda: bench_blocks(args.device, args.quick, rate, repeats)),
                       ("topk", lambda: bench_topk(args.device, args.quick, repeats)),
                       ("matvec", lambda: bench_matvec(args.device, args.quick, rate, repeats)),
-                      ("cnn", lambda: bench_cnn(args.device, args.quick, repeats))):
+                      ("cnn", lambda: bench_cnn(args.device, args.quick, repeats)),
+                      ("points", lambda: bench_points(args.device, args.quick, repeats))):
         if name not in only:
             continue
         title, rows, cols = run()

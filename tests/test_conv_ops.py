@@ -1095,4 +1095,5 @@ def test_bench_conv_runs():
                          capture_output=True, text=True, timeout=600, cwd=bench)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("|")]
-    assert len(lines) >= 14, out.stdout[-3000:]  # four tables: header, separator, rows
+    assert len(lines) >= 20, out.stdout[-3000:]  # five tables: header, separator, rows
+    assert sum("one 4-point call" in ln for ln in lines) == 2, out.stdout[-3000:]  # need all / top
