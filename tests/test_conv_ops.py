@@ -449,10 +449,10 @@ def test_topk_many_points_start_vectors_and_edge_cases(gen):
 # ------------------------------------------------------------------------------------------------
 # need="top" (the rule "top"): only the block holding a point's largest eigenvalue to tolerance
 #
-# Fixed seeds here: the shared driver's early stop compares theta_1 + |beta_j| (an estimate, not a
-# bound, of a block's lambda_max) with the best Ritz value, and after 2 steps a block whose start
-# vector is poor in its top eigenvector can stop below the winner it should have been (about 1
-# input in 6 of these; test_need_top_winner_on_many_random_inputs below pins it down, xfail).
+# The shared driver's early stop compares theta_1 + |beta_j| (an estimate, not a bound, of a
+# block's lambda_max) with the best Ritz value, once the block's theta_1 has settled: without that
+# wait a block whose start is poor in its top eigenvector stopped below the winner it should have
+# been (1 input in 6 of these); test_need_top_winner_on_many_random_inputs checks 40 of them.
 
 
 @pytest.mark.parametrize("route", ["dense", "matfree"])
@@ -513,9 +513,6 @@ def test_topk_need_top_many_points_equal_single_calls(route):
         assert abs(float(out[0].reshape(3, 6)[j].max()) - float(w.max())) <= 1e-9 * float(w.abs().max())
 
 
-@pytest.mark.xfail(strict=True, reason="shared Lanczos driver (csrc/common/lanczos_driver.cpp): need=top stops a "
-                   "block when theta_1 + |beta_j| < the best Ritz value, an estimate that is not an upper bound of "
-                   "lambda_max: after 2 steps from a start poor in the top eigenvector the winner can stop early")
 def test_need_top_winner_on_many_random_inputs():
     # the rule "top" needs the winner (the argmax of the blocks' lambda_max) exactly: on 40 random
     # real-like inputs the dense route must find it every time (the rows path shares the driver)

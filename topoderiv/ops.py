@@ -1086,9 +1086,12 @@ def lanczos_topk(
             each group draws the start vectors of a call with that group alone. Overrides
             ``shared_norm`` (``shared_norm=True`` is ``norm_group=B``).
         need: ``"all"`` (default): every matrix to tolerance. ``"top"``: only the matrix holding
-            the largest eigenvalue of each norm group (the rule ``"top"``); a matrix whose upper
-            estimate ``theta_1 + |beta_j|`` falls below another's Ritz value stops early, its
-            values then lower bounds: ``result.early`` marks them (``converged`` False).
+            the largest eigenvalue of each norm group (the rule ``"top"``); a matrix whose
+            largest Ritz value ``theta_1`` has settled (residual within ``min(sqrt(tol), 1e-2)``
+            of the norm) and whose upper estimate ``theta_1 + |beta_j|`` falls below another's
+            Ritz value stops early, its values then lower bounds: ``result.early`` marks them
+            (``converged`` False). An estimate, not a bound: a start nearly orthogonal to a
+            matrix's top eigenvector can hide it, as in any Krylov solve at a tolerance.
 
     Returns:
         :class:`LanczosResult`, which unpacks as ``values [B, k], vectors [B, m, k]`` (no batch dim

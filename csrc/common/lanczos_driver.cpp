@@ -71,6 +71,7 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
   // need == top: each problem's best lower bound of lambda_max (its largest Ritz value, final for
   // the stopped ones), its upper estimate, and the best lower bound of its group
   const bool top_only = P.need == kNeedTop;
+  const double settle = std::max(P.tol, std::min(std::sqrt(P.tol), 1e-2));  // see `settled` below
   std::vector<double> lower(B, -std::numeric_limits<double>::infinity()), upper(B, 0.0), best(B, 0.0);
   std::vector<uint8_t> early(B, 0);
   // where each problem's current Krylov segment starts (0, or the step after its last restart).
@@ -158,7 +159,16 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
       // need == top: a problem that cannot hold its group's largest eigenvalue stops here (its
       // upper estimate is below another problem's Ritz value, which only grows); not in an
       // invariant subspace, where beta says nothing about the rest of the spectrum
-      const bool dominated = top_only && !conv && dim >= 2 && be[j] > breakdown * anorm[b] && upper[b] < best[b];
+      // and only once its own largest Ritz value has settled (residual within min(sqrt(tol), 1e-2)
+      // of the norm, at least tol):
+      // theta_1 + |beta_j| is an estimate, not a bound; after a few steps from a start with
+      // little of the top eigenvector (cold, or a warm start near a lower eigenvector) theta_1 is
+      // far below lambda_max while beta is moderate, and the winner stopped early (15% of
+      // transformer points cold, 2% warm, 1 in 6 random conv inputs). Settled, the misses went to 0
+      // of 48 transformer points and of 40 conv inputs, keeping about half of the saving.
+      const bool settled = lastrow[b * k] <= settle * an;
+      const bool dominated = top_only && !conv && dim >= 2 && be[j] > breakdown * anorm[b] && settled &&
+                             upper[b] < best[b];
       if (dominated) early[b] = 1;
       if (conv || dominated || j == S - 1) {
         te.solve(dim, al, be, /*full=*/true);

@@ -238,7 +238,9 @@ def score(model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Any], Tensor],
             (rule ``"top"`` only; ignored by the other rules, which need every block): only what the
             rule needs is solved to tolerance: blocks that cannot hold a point's ``mu`` stop early
             (kernels backend, one process), faster; ``PointScore.bounds`` marks them (their
-            ``block_mu`` are lower bounds). ``mu``, ``block`` and ``phi`` are the same.
+            ``block_mu`` are lower bounds). ``mu``, ``block`` and ``phi`` are those of ``"all"``
+            whenever no block's start hides its top eigenvector (the early stop is an estimate,
+            see :func:`topoderiv.ops.lanczos_topk`; it kept the winner on every model we tried).
 
     The eigen-solves of all points are batched: every point of the paper's blocks whose rows were
     kept goes through one multi-point :func:`topoderiv.ops.sensitivity_topk` (points of one shape

@@ -49,9 +49,13 @@ struct LanczosParams {
   // What the caller needs. 0 (kNeedAll): every problem to tolerance. 1 (kNeedTop): per norm group,
   // only the problem holding the largest eigenvalue: a problem stops early as soon as its upper
   // estimate theta_1 + |beta_j| (largest Ritz value plus the residual norm of the Lanczos relation,
-  // after >= 2 steps and outside an invariant subspace) is below the best lower bound of its group
-  // (the largest Ritz value of any of its problems); its values are then lower bounds (Ritz values)
-  // and its vectors unconverged. early_host[b] (HOST memory, optional) is set to 1 for those.
+  // after >= 2 steps, outside an invariant subspace, and once theta_1's own residual is within
+  // min(sqrt(tol), 1e-2) of the norm, at least tol) is below the best lower bound of its group
+  // (the largest Ritz value of any of its problems); its values are then lower bounds (Ritz
+  // values) and its vectors unconverged.
+  // An estimate, not a bound (no cheap bound is tight enough: the trace of the positive part is
+  // 6-8x lambda_max on transformer blocks): a start nearly orthogonal to a block's top eigenvector
+  // can still hide the winner, as it can make any Krylov solve at tol misconverge. early_host[b] (HOST memory, optional) is set to 1 for those.
   int need = 0;
   uint8_t* early_host = nullptr;  // [B] host, written by the driver; may be nullptr
   // Optional start vectors [B, m] (dtype, contiguous): problem b starts from v0[b] (normalised
