@@ -1336,11 +1336,28 @@ def _sensitivity_topk_multi(fn: str, xs: object, ps: object, k: object, bias: ob
     results: List[Optional[SensitivityTopK]] = [None] * L
     for idx in groups.values():
         kk, st, tl, sd, _ = checked[idx[0]]
-        out = _solve_group([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], [checked[i][4] for i in idx],
-                           kk, bool(bias), str(route), st, tl, sd, need_code)
-        for i, r in zip(idx, out):
-            results[i] = r
+        x0, p0 = pairs[idx[0]]
+        size = _points_per_call(x0.device, (x0.numel() + p0.numel()) * torch.finfo(_acc_dtype(x0.dtype)).bits // 8)
+        for c0 in range(0, len(idx), size):
+            chunk = idx[c0:c0 + size]
+            out = _solve_group([pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk],
+                               [checked[i][4] for i in chunk], kk, bool(bias), str(route), st, tl, sd, need_code)
+            for i, r in zip(chunk, out):
+                results[i] = r
     return results  # type: ignore[return-value]
+
+
+#: CPU: points whose inputs exceed this many bytes are solved one per call even in a multi-point
+#: call (the results are the same). A point's rows stay in cache across its Lanczos steps when
+#: solved alone; stacked with others, every step streams all of them from memory: on the Zen 5
+#: of benchmarks/RESULTS.md, 12 points batched ran 1.06-1.13x the single calls at 0.1-1 MB per
+#: point and 0.86-0.90x at 1.5-4 MB. On CUDA batching saves launches: always batched.
+CPU_BATCH_POINT_BYTES = 1 << 20
+
+
+def _points_per_call(device: torch.device, point_bytes: int) -> int:
+    """How many same-shape points one batched solve takes (before any byte cap)."""
+    return 1 if device.type == "cpu" and point_bytes > CPU_BATCH_POINT_BYTES else 1 << 62
 
 
 # --------------------------------------------------------------------------------------------
@@ -1790,7 +1807,8 @@ def _conv_topk_points(fn: str, xs: object, ps: object, kernel_size: object, k: o
         per_point = (x0.numel() + p0.numel()) * x0.element_size()
         if r == "dense":
             per_point += n * m * m * acc.itemsize
-        size = max(1, int(_CONV_POINTS_BYTES // max(1, per_point)))
+        size = max(1, min(int(_CONV_POINTS_BYTES // max(1, per_point)),
+                          _points_per_call(x0.device, (x0.numel() + p0.numel()) * acc.itemsize)))
         for c0 in range(0, len(idx), size):
             chunk = idx[c0:c0 + size]
             if len(chunk) == 1 or n == 0:
