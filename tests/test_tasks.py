@@ -120,6 +120,12 @@ def test_unknown_task_and_bad_sizes():
         get_task("nope")
     with pytest.raises(ValueError, match="sensors"):
         get_task("heat", sensors=0, n_train=8, n_val=2, n_test=2)
+    # both digits tasks share one check (an empty split would give NaN statistics)
+    for name, fn in (("digits", "digits_task"), ("digits-images", "digits_images_task")):
+        with pytest.raises(ValueError, match=f"{fn}: n_train, n_val must be >= 1 with n_train \\+ n_val < 1797, got 100 and 0"):
+            get_task(name, n_train=100, n_val=0)
+        with pytest.raises(ValueError, match=f"{fn}: .* got 1700 and 97"):
+            get_task(name, n_train=1700, n_val=97)
     assert {"digits", "heat", "regression", "digits-images"} <= set(available_tasks())
 
 

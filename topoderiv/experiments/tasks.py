@@ -670,7 +670,6 @@ def heat_task(
     mean, std = obs[:n_train].mean(0), obs[:n_train].std(0).clamp_min(1e-12)
     xs = ((obs - mean) / std).float()
     ys = m.float()
-    splits = _split3(xs, ys, n_train, n_val)
     cfg = config or ModelConfig(width=32, depth=2, lr=1e-3, batch_size=64, epochs_per_round=100, rounds=5, max_depth=10)
     info = {
         "equation": "u_t = (kappa u_x)_x + f on (0,1), u(0)=u(1)=0, u0 = sin(pi x), f = 10 exp(-(x-0.7)^2/0.02)",
@@ -684,19 +683,7 @@ def heat_task(
         "decay": decay,
         "noise": noise,
     }
-    return Task(
-        name="heat",
-        train=splits[0],
-        val=splits[1],
-        test=splits[2],
-        loss_fn=F.mse_loss,
-        metric=Metric("rel_l2", _relative_l2, higher_is_better=False),
-        d_in=xs.shape[1],
-        d_out=cells,
-        config=cfg,
-        seed=int(seed),
-        info=info,
-    )
+    return _make_task("heat", xs, ys, n_train, n_val, metric="rel_l2", config=cfg, seed=seed, info=info)
 
 
 def _relative_l2(pred: Tensor, y: Tensor) -> Tensor:
@@ -710,12 +697,84 @@ def _split3(x: Tensor, y: Tensor, n_train: int, n_val: int) -> List[Split]:
     return [(x[:a].contiguous(), y[:a].contiguous()), (x[a:b].contiguous(), y[a:b].contiguous()), (x[b:].contiguous(), y[b:].contiguous())]
 
 
-# --------------------------------------------------------------------------------------------
-# digits and regression
-
-
 def _accuracy(pred: Tensor, y: Tensor) -> Tensor:
     return (pred.detach().argmax(dim=1) == y).double().mean()
+
+
+def _mse(pred: Tensor, y: Tensor) -> Tensor:
+    return F.mse_loss(pred.detach().double(), y.detach().double())
+
+
+# loss and test metric of each kind of target
+_OBJECTIVES: Dict[str, Tuple[Callable[[Tensor, Tensor], Tensor], Metric]] = {
+    "accuracy": (F.cross_entropy, Metric("accuracy", _accuracy, higher_is_better=True)),
+    "rel_l2": (F.mse_loss, Metric("rel_l2", _relative_l2, higher_is_better=False)),
+    "mse": (F.mse_loss, Metric("mse", _mse, higher_is_better=False)),
+}
+
+
+def _make_task(
+    name: str,
+    x: Tensor,
+    y: Tensor,
+    n_train: int,
+    n_val: int,
+    *,
+    metric: str,
+    config: ModelConfig,
+    seed: int,
+    info: Dict[str, object],
+    classes: Optional[int] = None,
+    out_shape: Optional[Tuple[int, int, int]] = None,
+) -> Task:
+    """The :class:`Task` of the data ``x, y`` split ``n_train / n_val / rest``, with the loss and
+    metric of ``_OBJECTIVES[metric]``. ``d_in`` is read from ``x`` (an image task's ``x [N, C, H, W]``
+    also gives ``in_shape``); ``d_out`` is ``classes`` for class labels, else ``y.shape[1]``."""
+    loss_fn, met = _OBJECTIVES[metric]
+    train, val, test = _split3(x, y, n_train, n_val)
+    return Task(
+        name=name,
+        train=train,
+        val=val,
+        test=test,
+        loss_fn=loss_fn,
+        metric=met,
+        d_in=math.prod(x.shape[1:]),
+        d_out=y.shape[1] if classes is None else classes,
+        config=config,
+        seed=int(seed),
+        info=info,
+        in_shape=tuple(x.shape[1:]) if x.dim() == 4 else None,
+        out_shape=out_shape,
+    )
+
+
+def _check_sizes(fn: str, noise: float, **sizes: int) -> None:
+    """Raises ValueError unless every split size is an int >= 1 and ``noise >= 0``."""
+    for name, val in sizes.items():
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{fn}: {name} must be an int >= 1, got {val!r}")
+    if not noise >= 0:
+        raise ValueError(f"{fn}: noise must be >= 0, got {noise}")
+
+
+def _digits(fn: str, seed: int, n_train: int, n_val: int, images: bool) -> Tuple[Tensor, Tensor]:
+    """scikit-learn's 8x8 digits, permuted with ``seed``: ``x`` float64 (``[1797, 64]``, or
+    ``[1797, 1, 8, 8]`` with ``images``) and ``y [1797]`` int64."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.images, dtype=torch.float64)[:, None] if images else torch.as_tensor(d.data, dtype=torch.float64)
+    y = torch.as_tensor(d.target, dtype=torch.long)
+    if n_train < 1 or n_val < 1 or n_train + n_val >= x.shape[0]:
+        raise ValueError(f"{fn}: n_train, n_val must be >= 1 with n_train + n_val < {x.shape[0]}, got "
+                         f"{n_train} and {n_val}")
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(int(seed)))
+    return x[perm], y[perm]
+
+
+# --------------------------------------------------------------------------------------------
+# digits and regression
 
 
 def digits_task(
@@ -726,32 +785,12 @@ def digits_task(
     The 1797 images are permuted with ``seed`` and split ``n_train / n_val / rest``; pixels are
     standardised with training statistics. Cross-entropy; test metric: accuracy.
     """
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.as_tensor(d.data, dtype=torch.float64)
-    y = torch.as_tensor(d.target, dtype=torch.long)
-    if n_train + n_val >= x.shape[0]:
-        raise ValueError(f"digits_task: n_train + n_val must be < {x.shape[0]}, got {n_train + n_val}")
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(int(seed)))
-    x, y = x[perm], y[perm]
+    x, y = _digits("digits_task", seed, n_train, n_val, images=False)
     mean, std = x[:n_train].mean(0), x[:n_train].std(0)
     x = ((x - mean) / torch.where(std > 1e-8, std, torch.ones_like(std))).float()
-    splits = _split3(x, y, n_train, n_val)
     cfg = config or ModelConfig(width=32, depth=2, lr=1e-3, batch_size=64, epochs_per_round=15, rounds=4, max_depth=8)
-    return Task(
-        name="digits",
-        train=splits[0],
-        val=splits[1],
-        test=splits[2],
-        loss_fn=F.cross_entropy,
-        metric=Metric("accuracy", _accuracy, higher_is_better=True),
-        d_in=64,
-        d_out=10,
-        config=cfg,
-        seed=int(seed),
-        info={"source": "sklearn.datasets.load_digits", "classes": 10},
-    )
+    return _make_task("digits", x, y, n_train, n_val, metric="accuracy", classes=10, config=cfg, seed=seed,
+                      info={"source": "sklearn.datasets.load_digits", "classes": 10})
 
 
 def digits_images_task(
@@ -766,37 +805,15 @@ def digits_images_task(
     with 2x2 patches (16 patches, ``embed_dim`` 32, 2 heads) or the MLP on the flattened image
     (width 32) on request.
     """
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.as_tensor(d.images, dtype=torch.float64)[:, None]  # [1797, 1, 8, 8]
-    y = torch.as_tensor(d.target, dtype=torch.long)
-    if n_train < 1 or n_val < 1 or n_train + n_val >= x.shape[0]:
-        raise ValueError(f"digits_images_task: n_train, n_val must be >= 1 with n_train + n_val < {x.shape[0]}, got "
-                         f"{n_train} and {n_val}")
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(int(seed)))
-    x, y = x[perm], y[perm]
+    x, y = _digits("digits_images_task", seed, n_train, n_val, images=True)  # x [1797, 1, 8, 8]
     mean, std = x[:n_train].mean(), x[:n_train].std()
     x = ((x - mean) / std).float()
-    splits = _split3(x, y, n_train, n_val)
     cfg = config or ModelConfig(width=32, depth=2, lr=2e-3, batch_size=64, epochs_per_round=8, rounds=4, max_depth=8,
                                 model="cnn", channels=(16, 32), embed_dim=32, patch_size=2, num_heads=2,
                                 mlp_ratio=2.0)
-    return Task(
-        name="digits-images",
-        train=splits[0],
-        val=splits[1],
-        test=splits[2],
-        loss_fn=F.cross_entropy,
-        metric=Metric("accuracy", _accuracy, higher_is_better=True),
-        d_in=64,
-        d_out=10,
-        config=cfg,
-        seed=int(seed),
-        info={"source": "sklearn.datasets.load_digits (images)", "classes": 10, "image": [1, 8, 8],
-              "pixel_mean": float(mean), "pixel_std": float(std)},
-        in_shape=(1, 8, 8),
-    )
+    return _make_task("digits-images", x, y, n_train, n_val, metric="accuracy", classes=10, config=cfg, seed=seed,
+                      info={"source": "sklearn.datasets.load_digits (images)", "classes": 10, "image": [1, 8, 8],
+                            "pixel_mean": float(mean), "pixel_std": float(std)})
 
 
 def navier_stokes_task(
@@ -844,9 +861,7 @@ def navier_stokes_task(
     from .navier_stokes import ns_solve, sample_vorticity
 
     fn = "navier_stokes_task"
-    for name, val in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{fn}: {name} must be an int >= 1, got {val!r}")
+    _check_sizes(fn, noise, n_train=n_train, n_val=n_val, n_test=n_test)
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise ValueError(f"{fn}: size must be an int >= 8, got {size!r}")
     if not (t_final > 0 and dt > 0):
@@ -854,8 +869,6 @@ def navier_stokes_task(
     steps = round(t_final / dt)
     if steps < 1 or abs(steps * dt - t_final) > 1e-9 * max(1.0, t_final):
         raise ValueError(f"{fn}: t_final / dt must be a positive integer, got t_final={t_final}, dt={dt}")
-    if not noise >= 0:
-        raise ValueError(f"{fn}: noise must be >= 0, got {noise}")
     gen = torch.Generator().manual_seed(int(seed))
     n_all = n_train + n_val + n_test
     w0 = sample_vorticity(n_all, size, generator=gen)  # float64
@@ -868,7 +881,6 @@ def navier_stokes_task(
     y_scale = w0[:n_train].pow(2).mean().sqrt()
     xs = (obs / x_scale).float()[:, None]
     ys = (w0 / y_scale).float().reshape(n_all, -1)
-    splits = _split3(xs, ys, n_train, n_val)
     cfg = config or ModelConfig(width=256, depth=2, lr=2e-3, batch_size=32, epochs_per_round=10, rounds=4, max_depth=8,
                                 model="vit", channels=(16,), embed_dim=64, patch_size=4, num_heads=4, mlp_ratio=2.0)
     info = {
@@ -890,21 +902,8 @@ def navier_stokes_task(
         "y_scale": float(y_scale),
         "samples": {"train": n_train, "val": n_val, "test": n_test},
     }
-    return Task(
-        name="navier-stokes",
-        train=splits[0],
-        val=splits[1],
-        test=splits[2],
-        loss_fn=F.mse_loss,
-        metric=Metric("rel_l2", _relative_l2, higher_is_better=False),
-        d_in=size * size,
-        d_out=size * size,
-        config=cfg,
-        seed=int(seed),
-        info=info,
-        in_shape=(1, size, size),
-        out_shape=(1, size, size),
-    )
+    return _make_task("navier-stokes", xs, ys, n_train, n_val, metric="rel_l2", config=cfg, seed=seed, info=info,
+                      out_shape=(1, size, size))
 
 
 def textures_task(
@@ -944,15 +943,11 @@ def textures_task(
         noise: noise level. config: network/budget override.
     """
     fn = "textures_task"
-    for name, val in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{fn}: {name} must be an int >= 1, got {val!r}")
+    _check_sizes(fn, noise, n_train=n_train, n_val=n_val, n_test=n_test)
     if isinstance(size, bool) or not isinstance(size, int) or size < 6:
         raise ValueError(f"{fn}: size must be an int >= 6, got {size!r}")
     if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0 or size - gap < 4:
         raise ValueError(f"{fn}: gap must be an int in [0, size - 4] = [0, {size - 4}], got {gap!r}")
-    if not noise >= 0:
-        raise ValueError(f"{fn}: noise must be >= 0, got {noise}")
     gen = torch.Generator().manual_seed(int(seed))
     n = n_train + n_val + n_test
     band = (size - gap) // 2
@@ -968,7 +963,6 @@ def textures_task(
     labels = (orient[:, 0] == orient[:, 1]).long()
     mean, std = img[:n_train].mean(), img[:n_train].std()
     x = ((img - mean) / std).float()[:, None]
-    splits = _split3(x, labels, n_train, n_val)
     cfg = config or ModelConfig(width=64, depth=2, lr=2e-3, batch_size=64, epochs_per_round=5, rounds=4, max_depth=10,
                                 model="cnn", channels=(16,), embed_dim=32, patch_size=4, num_heads=2, mlp_ratio=2.0,
                                 block_activation="relu")
@@ -981,29 +975,13 @@ def textures_task(
         "noise": noise,
         "samples": {"train": n_train, "val": n_val, "test": n_test},
     }
-    return Task(
-        name="textures",
-        train=splits[0],
-        val=splits[1],
-        test=splits[2],
-        loss_fn=F.cross_entropy,
-        metric=Metric("accuracy", _accuracy, higher_is_better=True),
-        d_in=size * size,
-        d_out=2,
-        config=cfg,
-        seed=int(seed),
-        info=info,
-        in_shape=(1, size, size),
-    )
+    return _make_task("textures", x, labels, n_train, n_val, metric="accuracy", classes=2, config=cfg, seed=seed,
+                      info=info)
 
 
 def _regression_fn(x: Tensor) -> Tensor:
     x1, x2 = x[:, 0], x[:, 1]
     return (torch.sin(math.pi * x1) * torch.cos(math.pi * x2) + 0.5 * torch.sin(2 * math.pi * x1 * x2))[:, None]
-
-
-def _mse(pred: Tensor, y: Tensor) -> Tensor:
-    return F.mse_loss(pred.detach().double(), y.detach().double())
 
 
 def regression_task(
@@ -1023,21 +1001,9 @@ def regression_task(
     y = _regression_fn(x)
     eps = noise * torch.randn(y.shape, generator=gen, dtype=torch.float64)
     eps[n_train + n_val :] = 0
-    splits = _split3(x.float(), (y + eps).float(), n_train, n_val)
     cfg = config or ModelConfig(width=32, depth=2, lr=2e-3, batch_size=64, epochs_per_round=30, rounds=4, max_depth=8)
-    return Task(
-        name="regression",
-        train=splits[0],
-        val=splits[1],
-        test=splits[2],
-        loss_fn=F.mse_loss,
-        metric=Metric("mse", _mse, higher_is_better=False),
-        d_in=2,
-        d_out=1,
-        config=cfg,
-        seed=int(seed),
-        info={"function": "sin(pi x1) cos(pi x2) + 0.5 sin(2 pi x1 x2)", "noise": noise},
-    )
+    return _make_task("regression", x.float(), (y + eps).float(), n_train, n_val, metric="mse", config=cfg, seed=seed,
+                      info={"function": "sin(pi x1) cos(pi x2) + 0.5 sin(2 pi x1 x2)", "noise": noise})
 
 
 _TASKS: Dict[str, Callable[..., Task]] = {
