@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import signal
@@ -46,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .experiments.argtypes import int_at_least, positive_float
 
 __all__ = ["main", "build_parser", "EXIT_INTERRUPTED"]
 
@@ -59,34 +60,8 @@ class UsageError(Exception):
     """A command line that parses but cannot run (reported as a usage error, exit status 2)."""
 
 
-def _int_at_least(lo: int):
-    """argparse type: an integer >= ``lo``."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
-        return v
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_nonneg_int = _int_at_least(0)
-
-
-def _positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (``inf`` and ``nan`` are refused)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return v
+_positive_int = int_at_least(1)
+_nonneg_int = int_at_least(0)
 
 
 def _device(text: str) -> str:
@@ -180,7 +155,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=_nonneg_int, default=None,
                    help="initial depth (blocks; a CNN spreads them over its stages) (default: the task's, 2)")
     p.add_argument("--max-depth", type=_positive_int, default=None, help="depth cap (default: the task's)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: the task's)")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the task's)")
     p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=None,
                    help="adam, or sgd (momentum 0.9) (default: the task's, adam)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="mini-batch size (default: the task's)")
@@ -239,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"also topological_multi and stacking, and zero_block with transformer sites; all: "
                         f"{' '.join(METHODS)})")
     c.add_argument("--out", type=Path, default=None, help="output folder (default runs/compare-<task>)")
-    c.add_argument("--target", type=_positive_float, default=None, metavar="LOSS",
+    c.add_argument("--target", type=positive_float, default=None, metavar="LOSS",
                    help="validation loss of the compute-to-target table (default: on each seed, the best validation "
                         "loss of fixed_final, the final-size network trained from scratch)")
     c.add_argument("--no-epoch-val", action="store_true",

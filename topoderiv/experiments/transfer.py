@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from ..growth import count_parameters, evaluate, fit, insert, insert_block, score, search_eps
 from ..models import ViT
 from ..sites import sites
+from .argtypes import int_at_least, positive_float
 from .tasks import Batches
 
 __all__ = ["TransferConfig", "TransferResult", "METHODS", "TARGETS", "INSERT_KINDS", "transfer_data", "accuracy",
@@ -545,29 +546,6 @@ def run_transfer(config: Optional[TransferConfig] = None, seeds: Sequence[int] =
 # command line (wired into topoderiv.cli)
 
 
-def _int_at_least(lo: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
-        return v
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return v
-
-
 def add_transfer_parser(sub: Any) -> argparse.ArgumentParser:
     """Adds the ``transfer`` sub-command to an ``add_subparsers()`` object; returns its parser."""
     d = TransferConfig()
@@ -576,17 +554,17 @@ def add_transfer_parser(sub: Any) -> argparse.ArgumentParser:
                                    "everything, TD-inserted blocks, random-direction blocks at TD's points, random "
                                    "blocks at TD's points, zero-output blocks at random points); writes results.md "
                                    "and results.json to --out.")
-    nn0, pos = _int_at_least(0), _int_at_least(1)
+    nn0, pos = int_at_least(0), int_at_least(1)
     p.add_argument("--target", choices=TARGETS, default=d.target, help=f"target task (default {d.target})")
     p.add_argument("--seeds", type=nn0, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (default 0 1 2 3 4)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD",
                    help=f"methods (default: {' '.join(METHODS)})")
-    p.add_argument("--n-target-train", type=_int_at_least(5), default=d.n_target_train,
+    p.add_argument("--n-target-train", type=int_at_least(5), default=d.n_target_train,
                    help=f"target training images (default {d.n_target_train})")
     p.add_argument("--embed-dim", type=pos, default=d.embed_dim, help=f"ViT width (default {d.embed_dim})")
     p.add_argument("--depth", type=nn0, default=d.depth, help=f"source ViT depth (default {d.depth})")
     p.add_argument("--heads", type=pos, default=d.num_heads, help=f"attention heads (default {d.num_heads})")
-    p.add_argument("--mlp-ratio", type=_positive_float, default=d.mlp_ratio, help=f"default {d.mlp_ratio}")
+    p.add_argument("--mlp-ratio", type=positive_float, default=d.mlp_ratio, help=f"default {d.mlp_ratio}")
     p.add_argument("--patch", type=pos, choices=(1, 2, 4, 8), default=d.patch_size,
                    help=f"patch size (default {d.patch_size})")
     p.add_argument("--source-epochs", type=nn0, default=d.source_epochs, help=f"default {d.source_epochs}")
@@ -594,7 +572,7 @@ def add_transfer_parser(sub: Any) -> argparse.ArgumentParser:
                    help=f"head-only epochs every method starts from (default {d.warmup_epochs})")
     p.add_argument("--epochs", type=nn0, default=d.epochs, help=f"epochs of each method (default {d.epochs})")
     p.add_argument("--blocks", type=pos, default=d.blocks, help=f"blocks inserted (default {d.blocks})")
-    p.add_argument("--lr", type=_positive_float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
     p.add_argument("--batch-size", type=pos, default=d.batch_size, help=f"default {d.batch_size}")
     p.add_argument("--rule", choices=("top", "all", "multi", "reference"), default=d.rule,
                    help=f"TD rule (default {d.rule})")
