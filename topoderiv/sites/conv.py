@@ -40,11 +40,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops, reference
-from ..method.activations import activation_spec, check_admissible, get_activation
+from ..method.activations import activation_spec, get_activation
 from ..method.statistic import WARM_MIN_M, WARM_RANK, EigenPlan, EigenStatistic
 from ..registry import register
 from .base import Site, register_kind
-from .linear import build_feature, check_matrix_phi, feature_spec
+from .linear import ResidualLayerBlock, build_feature, check_matrix_phi, feature_spec, site_curvature
 
 __all__ = ["ResidualConvBlock", "ConvSite", "ConvStatistic", "conv_parts", "conv_subspace_start", "im2col_rows",
            "ROW_CHUNK_ELEMENTS"]
@@ -83,7 +83,7 @@ def _conv_feature(fn: str, feature: Union[str, Dict[str, Any], nn.Module, None],
 
 
 @register
-class ResidualConvBlock(nn.Module):
+class ResidualConvBlock(ResidualLayerBlock):
     """``x -> x + activation(conv(feature(x)))`` on an NCHW stream ``[B, channels, H, W]``.
 
     ``conv`` is ``nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, bias=bias)``
@@ -103,6 +103,8 @@ class ResidualConvBlock(nn.Module):
         ValueError: channels < 1, an even or non-positive kernel size, a LayerNorm feature.
     """
 
+    LAYER = "conv"
+
     def __init__(self, channels: int, kernel_size: int = 3, *, activation: ActSpec = None, bias: bool = True,
                  feature: Union[str, nn.Module, None] = None) -> None:
         super().__init__()
@@ -112,18 +114,6 @@ class ResidualConvBlock(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, bias=bool(bias))
         self.activation = get_activation(activation)
         self.feature = _conv_feature(fn, feature, channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [B, C, H, W] -> [B, C, H, W]``."""
-        return x + self.activation(self.conv(self.feature(x)))
-
-    def zero_(self) -> "ResidualConvBlock":
-        """Sets ``K = 0, b = 0`` (the block is then the identity for an admissible activation)."""
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            if self.conv.bias is not None:
-                self.conv.bias.zero_()
-        return self
 
     def config(self) -> Dict[str, Any]:
         """JSON-able constructor arguments."""
@@ -315,11 +305,7 @@ class ConvSite(Site):
 
     def check_block(self, block: nn.Module, fn: str) -> float:
         _, act, _ = conv_parts(block, fn)
-        try:
-            return check_admissible(act)
-        except ValueError as err:
-            raise ValueError(f"{fn}: the block a {self.kind} site ({self.name!r}) of {type(self.model).__name__} "
-                             f"would insert is not function preserving at second order: {err}") from None
+        return site_curvature(self, act, fn)
 
     def check_state(self, x: Tensor, fn: str) -> None:
         channels, _ = self._options()

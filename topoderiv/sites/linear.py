@@ -23,8 +23,8 @@ from ..method.statistic import EigenStatistic
 from ..registry import lookup, name_of, register
 from .base import Site, register_kind
 
-__all__ = ["ResidualBlock", "LinearSite", "TokenSite", "block_parts", "feature_spec", "build_feature",
-           "check_matrix_phi"]
+__all__ = ["ResidualLayerBlock", "ResidualBlock", "LinearSite", "TokenSite", "block_parts", "feature_spec",
+           "build_feature", "check_matrix_phi", "site_curvature"]
 
 ActSpec = Union[str, nn.Module, None]
 
@@ -95,8 +95,27 @@ def build_feature(spec: Union[str, Dict[str, Any], nn.Module, None], width: int)
     )
 
 
+class ResidualLayerBlock(nn.Module):
+    """Base of the one-layer residual blocks ``x -> x + activation(layer(feature(x)))``: the layer is
+    the submodule named by the class attribute ``LAYER`` (``linear`` of :class:`ResidualBlock`,
+    ``conv`` of :class:`~topoderiv.sites.conv.ResidualConvBlock`); subclasses set ``activation``
+    and ``feature`` too."""
+
+    LAYER = "linear"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.activation(getattr(self, self.LAYER)(self.feature(x)))
+
+    def zero_(self) -> "ResidualLayerBlock":
+        """Sets the layer's weight and bias to 0 (the block is then the identity for an admissible
+        activation)."""
+        for p in getattr(self, self.LAYER).parameters():
+            nn.init.zeros_(p)
+        return self
+
+
 @register
-class ResidualBlock(nn.Module):
+class ResidualBlock(ResidualLayerBlock):
     """``x -> x + activation(linear(feature(x)))`` on a residual stream ``[..., width]``.
 
     Args:
@@ -117,21 +136,20 @@ class ResidualBlock(nn.Module):
         self.activation = get_activation(activation)
         self.feature = build_feature(feature, width)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.activation(self.linear(self.feature(x)))
-
-    def zero_(self) -> "ResidualBlock":
-        """Sets ``W = 0, b = 0`` (the block is then the identity for an admissible activation)."""
-        with torch.no_grad():
-            self.linear.weight.zero_()
-            if self.linear.bias is not None:
-                self.linear.bias.zero_()
-        return self
-
     def config(self) -> Dict[str, Any]:
         """JSON-able constructor arguments."""
         return {"width": self.width, "activation": activation_spec(self.activation),
                 "bias": self.linear.bias is not None, "feature": feature_spec(self.feature)}
+
+
+def site_curvature(site: Site, act: nn.Module, fn: str) -> float:
+    """``check_admissible(act)`` for the block ``site`` would insert: its curvature factor, or a
+    ValueError naming the site."""
+    try:
+        return check_admissible(act)
+    except ValueError as err:
+        raise ValueError(f"{fn}: the block a {site.kind} site ({site.name!r}) of {type(site.model).__name__} "
+                         f"would insert is not function preserving at second order: {err}") from None
 
 
 def block_parts(block: nn.Module, fn: str) -> Tuple[nn.Linear, nn.Module, nn.Module]:
@@ -179,11 +197,7 @@ class LinearSite(Site):
 
     def check_block(self, block: nn.Module, fn: str) -> float:
         _, act, _ = block_parts(block, fn)
-        try:
-            return check_admissible(act)
-        except ValueError as err:
-            raise ValueError(f"{fn}: the block a {self.kind} site ({self.name!r}) of {type(self.model).__name__} "
-                             f"would insert is not function preserving at second order: {err}") from None
+        return site_curvature(self, act, fn)
 
     def check_state(self, x: Tensor, fn: str) -> None:
         if x.dim() < 2:
