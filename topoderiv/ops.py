@@ -624,6 +624,24 @@ def _(x: Tensor, p: Tensor, v: Tensor, bias: bool) -> Tensor:
     return torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
+def _lanczos_outputs(B: int, m: int, k: int, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, ...]:
+    """The Lanczos kernels' output buffers, zeroed: values [B, k], vectors [B, m, k], ritz estimates
+    [B, k], steps [B] int32, ||A|| estimates [B] (float64, on the CPU), explicit residuals [B, k],
+    stopped early [B] (uint8, on the CPU)."""
+    return (torch.zeros(B, k, dtype=dtype, device=device), torch.zeros(B, m, k, dtype=dtype, device=device),
+            torch.zeros(B, k, dtype=dtype, device=device), torch.zeros(B, dtype=torch.int32, device=device),
+            torch.zeros(B, dtype=torch.float64), torch.zeros(B, k, dtype=dtype, device=device),
+            torch.zeros(B, dtype=torch.uint8))
+
+
+def _lanczos_result(values: Tensor, vectors: Tensor, ritz: Tensor, nsteps: Tensor, anorm: Tensor, resid: Tensor,
+                    early: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The ops' 7-tuple from :func:`_lanczos_outputs`' buffers: ||A|| in the values' dtype and device,
+    stopped early as bool on that device."""
+    return (values, vectors, ritz, nsteps, anorm.to(dtype=values.dtype, device=values.device), resid,
+            early.to(device=values.device, dtype=torch.bool))
+
+
 def _run_lanczos(
     a: Optional[Tensor],
     mf: Optional[Tuple[Tensor, Tensor, bool]],
@@ -647,16 +665,9 @@ def _run_lanczos(
     ``x[l]`` / ``p[l]`` with unit column stride and batch stride ``N`` times its row stride.
     ``need``: 0 every problem to tolerance, 1 only the top problem of each norm group (lanczos.h).
     """
-    values = torch.zeros(B, k, dtype=dtype, device=device)
-    vectors = torch.zeros(B, m, k, dtype=dtype, device=device)
-    ritz = torch.zeros(B, k, dtype=dtype, device=device)
-    nsteps = torch.zeros(B, dtype=torch.int32, device=device)
-    anorm = torch.zeros(B, dtype=torch.float64)
-    resid = torch.zeros(B, k, dtype=dtype, device=device)
-    early = torch.zeros(B, dtype=torch.uint8)
+    values, vectors, ritz, nsteps, anorm, resid, early = _lanczos_outputs(B, m, k, dtype, device)
     if B == 0:
-        return (values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid,
-                early.to(device=device, dtype=torch.bool))
+        return _lanczos_result(values, vectors, ritz, nsteps, anorm, resid, early)
     cuda = device.type == "cuda"
     # the CPU backend computes the explicit residuals itself: dense in cache, matrix-free from the
     # A v_t it applied (no extra pass over the data, but as much memory again as the Krylov basis:
@@ -694,8 +705,7 @@ def _run_lanczos(
                              for c in range(k)], dim=2)
                 for l in range(x.shape[0])])
         resid = (av - vectors * values[:, None, :]).norm(dim=1)
-    return (values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid,
-            early.to(device=device, dtype=torch.bool))
+    return _lanczos_result(values, vectors, ritz, nsteps, anorm, resid, early)
 
 
 def _check_lanczos_op(fn: str, a: Tensor, k: int, steps: int, tol: float, seed: int, norm_group: int,
@@ -1570,16 +1580,9 @@ def _run_conv_lanczos(x: Tensor, p: Tensor, kernel: int, bias: bool, k: int, ste
     n, m = p.shape[-3], _conv_m(x, kernel, bias)
     B = _conv_points(x) * n
     dtype, device = _acc_dtype(x.dtype), x.device
-    values = torch.zeros(B, k, dtype=dtype, device=device)
-    vectors = torch.zeros(B, m, k, dtype=dtype, device=device)
-    ritz = torch.zeros(B, k, dtype=dtype, device=device)
-    nsteps = torch.zeros(B, dtype=torch.int32, device=device)
-    anorm = torch.zeros(B, dtype=torch.float64)
-    resid = torch.zeros(B, k, dtype=dtype, device=device)
-    early = torch.zeros(B, dtype=torch.uint8)
+    values, vectors, ritz, nsteps, anorm, resid, early = _lanczos_outputs(B, m, k, dtype, device)
     if B == 0:
-        return (values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid,
-                early.to(device=device, dtype=torch.bool))
+        return _lanczos_result(values, vectors, ritz, nsteps, anorm, resid, early)
     cuda = device.type == "cuda"
     rows = _conv_points(x) * _conv_rows(x)
     # as _run_lanczos: the CPU backend forms the explicit residuals from the stored A v_t within
@@ -1600,8 +1603,7 @@ def _run_conv_lanczos(x: Tensor, p: Tensor, kernel: int, bias: bool, k: int, ste
         av = torch.stack([_conv_matvec_impl(x, p, vectors[:, :, c].contiguous(), kernel, bias) for c in range(k)],
                          dim=2)
         resid = (av - vectors * values[:, None, :]).norm(dim=1)
-    return (values, vectors, ritz, nsteps, anorm.to(dtype=dtype, device=device), resid,
-            early.to(device=device, dtype=torch.bool))
+    return _lanczos_result(values, vectors, ritz, nsteps, anorm, resid, early)
 
 
 def _check_conv_lanczos_op(fn: str, x: Tensor, p: Tensor, kernel_size: int, bias: bool, k: int, steps: int,
