@@ -34,3 +34,14 @@ def gen():
     seed = int(time.time_ns() % (2**31))
     print(f"generator seed {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (restored after): tiny problems are fastest on one thread, and a
+    thread pool on a busy machine is slow. Used per module with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

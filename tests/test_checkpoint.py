@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import topoderiv
@@ -12,6 +11,8 @@ from topoderiv.growth.checkpoint import load, load_checkpoint, restore_optimizer
 from topoderiv.growth import GrowthHistory, RoundRecord
 from topoderiv.growth.insertion import insert, insert_block
 from topoderiv.models import ResidualBlock, ResidualMLP
+
+from _helpers import assert_optimizer_restored, mse_step
 
 
 def _grown(dtype, seed=0):
@@ -63,33 +64,18 @@ def test_optimizer_state_roundtrip_by_name(tmp_path):
     model = ResidualMLP(3, 6, 2, 1)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.8, 0.95))
     x, y = torch.randn(16, 3), torch.randn(16, 2)
-
-    def step(m, o):
-        o.zero_grad()
-        F.mse_loss(m(x), y).backward()
-        o.step()
-
-    for _ in range(3):
-        step(model, opt)
+    mse_step(model, opt, x, y, 3)
     insert(model, 0, torch.full((6, 7), 0.1), 0.5)  # the new block goes to the END of group 0
     opt.param_groups[0]["params"].extend(model.blocks[0].parameters())
-    step(model, opt)
+    mse_step(model, opt, x, y)
     hist = GrowthHistory([RoundRecord(0, 3, 1.0, 1.0, 10, 1, 0.1)], {"note": "x"})
     save(model, tmp_path / "ck", optimizer=opt, history=hist)
     ck = load_checkpoint(tmp_path / "ck")
     assert ck.history.rounds[0].val_loss == 1.0 and ck.history.meta["note"] == "x"
     opt2 = restore_optimizer(ck.model, ck.optimizer_state)  # rebuilt from the saved class + defaults
     assert type(opt2) is torch.optim.Adam and tuple(opt2.param_groups[0]["betas"]) == (0.8, 0.95)
-    names = dict(model.named_parameters())
-    names2 = dict(ck.model.named_parameters())
-    for n, p in names.items():
-        for k, v in opt.state[p].items():
-            assert torch.equal(opt2.state[names2[n]][k], v), (n, k)
-    # one more identical step on both gives identical parameters
-    step(model, opt)
-    step(ck.model, opt2)
-    for n, p in names.items():
-        assert torch.equal(names2[n], p), n
+    # the state by parameter name, and one more identical step on both gives identical parameters
+    assert_optimizer_restored(model, opt, ck.model, opt2, x, y)
     # a factory works as well
     opt3 = restore_optimizer(ck.model, ck.optimizer_state, lambda ps: torch.optim.Adam(ps, lr=1.0))
     assert opt3.param_groups[0]["lr"] == 3e-3

@@ -28,12 +28,7 @@ from topoderiv.growth.compute import (
 from topoderiv.models import ResidualMLP
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _linear_shapes(model: ResidualMLP):

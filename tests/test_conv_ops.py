@@ -22,6 +22,8 @@ from topoderiv import ops
 from topoderiv import reference as ref
 from topoderiv._lib import lib
 
+from _helpers import assert_rejected
+
 T = torch.ops.topoderiv
 F64 = torch.float64
 
@@ -625,8 +627,7 @@ def test_core_checks_the_batch_of_problems(gen):
     call()
     for i in range(3):
         assert rel_err(out[i], unfold_blocks(x[i].double(), p[i].double(), 3)) < 1e-6
-    before = out.clone()
-    for kw, match in [
+    assert_rejected(call, [
         (dict(shape=(4, 2, 3, 4, 5)), "conv_sensitivity_blocks: x must span at least 1920 bytes"),
         (dict(xs=(130, 60, 20, 5, 1)), "conv_sensitivity_blocks: x must span at least 1520 bytes"),
         (dict(out=(ops._buf(out)[0], 2 * 28 * 28 * 4 * 3 - 4)), "conv_sensitivity_blocks: out must span at least 18816"),
@@ -636,10 +637,7 @@ def test_core_checks_the_batch_of_problems(gen):
                                 r"\[batch, N, C, H, W\], got 3"),
         (dict(ps=(1, 2, 3)), "conv_sensitivity_blocks: p strides must have 4 entries .* got 3"),
         (dict(shape=(2**40, 2**20, 3, 4, 5)), "conv_sensitivity_blocks: sizes must fit in int64"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            call(**kw)
-    assert torch.equal(out, before), "a rejected call must not touch out"
+    ], out)
     call(shape=(0, 2, 3, 4, 5), x=(0, 0), p=(0, 0), out=(0, 0))  # an empty batch touches nothing
 
 
@@ -993,14 +991,7 @@ def test_core_checks_every_span_of_conv_blocks(gen):
         (dict(threads=0), "conv_sensitivity_blocks: threads must be >= 1, got 0"),
         (dict(device="mps"), "conv_sensitivity_blocks: device must be 'cpu' or 'cuda', got 'mps'"),
     ]
-    before = out.clone()
-    for kw, match in cases:
-        with pytest.raises(ValueError, match=match):
-            _blocks_call(x, p, out, **kw)
-    assert torch.equal(out, before), "a rejected call must not touch out"
-    if not ops.has_cuda_kernels():
-        with pytest.raises(RuntimeError, match="got CUDA tensors but topoderiv was built without CUDA kernels"):
-            _blocks_call(x, p, out, device="cuda")
+    assert_rejected(lambda **kw: _blocks_call(x, p, out, **kw), cases, out, cuda=True)
     # nothing touched, nothing checked: empty problems pass with null pointers
     _blocks_call(x, p, out, shape=(0, 3, 4, 5), x=(0, 0), p=(0, 0), out=(0, 0))
     _blocks_call(x, p, out, n=0, x=(0, 0), p=(0, 0), out=(0, 0))

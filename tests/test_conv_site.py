@@ -26,6 +26,8 @@ from topoderiv.sites import declare, site_at, sites
 from topoderiv.sites.capture import capture_all, state_at
 from topoderiv.sites.conv import ConvSite, ResidualConvBlock
 
+from _helpers import Shift
+
 BACKENDS = ["torch", pytest.param("kernels", marks=pytest.mark.skipif(not kernels_available(), reason="no _C"))]
 
 
@@ -166,20 +168,12 @@ def test_costates_equal_minus_dJdx_by_finite_differences():
     cap = capture_all(model, batches, F.mse_loss)
     assert cap.loss == pytest.approx(_J(model, x, y), rel=1e-14)
 
-    class Shift(nn.Module):
-        def __init__(self, shape):
-            super().__init__()
-            self.delta = torch.zeros(shape, dtype=torch.float64)
-
-        def forward(self, h):
-            return h + self.delta
-
     h = 1e-6
     for point in topoderiv.candidate_points(model):
         st = cap.states[point]
         assert st.dim() == 4
         m2 = copy.deepcopy(model)
-        shift = Shift(st.shape)
+        shift = Shift(torch.zeros(st.shape, dtype=torch.float64))
         insert_block(m2, point, shift)
         fd = torch.zeros_like(st)
         flat = shift.delta.view(-1)

@@ -12,6 +12,8 @@ import topoderiv as td
 from topoderiv import ops
 from topoderiv import reference as ref
 
+from _helpers import matvec_problem
+
 pytestmark = pytest.mark.cuda
 
 
@@ -195,13 +197,7 @@ def test_blocks_cuda_empty():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_matvec_cuda(shape, dtype):
-    g = torch.Generator().manual_seed(sum(shape) + 1)
-    N, d, n = shape
-    x = torch.randn(N, d, generator=g, dtype=torch.float64).to(dtype)
-    p = torch.randn(N, n, generator=g, dtype=torch.float64).to(dtype)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    v = torch.randn(n, d + 1, generator=g, dtype=torch.float64)
-    exact = torch.einsum("rij,rj->ri", ref.sensitivity_blocks(x.double(), p.double()), v)
+    x, p, v, acc, exact = matvec_problem(shape, dtype, torch.Generator().manual_seed(sum(shape) + 1))
     got = td.sensitivity_matvec(x.cuda(), p.cuda(), v.to(acc).cuda())
     assert rel(got, exact) < (1e-11 if dtype == torch.float64 else 1e-4)
 

@@ -20,17 +20,10 @@ import topoderiv as td
 from topoderiv.method.statistic import EigenStatistic, kernels_available
 from topoderiv.models import ResidualCNN, ResidualMLP, ViT
 
-pytestmark = pytest.mark.skipif(not kernels_available(), reason="no _C")
+pytestmark = [pytest.mark.skipif(not kernels_available(), reason="no _C"),
+              pytest.mark.usefixtures("one_thread")]  # conftest.py
 
 BF16_TOL = 2 * torch.finfo(torch.bfloat16).eps  # 1.6 %: two units of bfloat16 rounding, relative
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _mlp_problem():

@@ -11,6 +11,8 @@ from topoderiv import ops
 from topoderiv import reference as ref
 from topoderiv._lib import lib
 
+from _helpers import matvec_problem
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = b.abs().max().clamp_min(1e-300)
@@ -156,14 +158,9 @@ def test_blocks_memory_has_no_n_by_N_by_m_intermediate(gen):
 @pytest.mark.parametrize("shape", [(1, 1, 1), (5, 3, 2), (300, 70, 17), (700, 33, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_matvec_against_blocks(shape, dtype, gen):
-    N, d, n = shape
-    x = torch.randn(N, d, generator=gen, dtype=torch.float64).to(dtype)
-    p = torch.randn(N, n, generator=gen, dtype=torch.float64).to(dtype)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    v = torch.randn(n, d + 1, generator=gen, dtype=torch.float64)
-    exact = torch.einsum("rij,rj->ri", ref.sensitivity_blocks(x.double(), p.double()), v)
+    x, p, v, acc, exact = matvec_problem(shape, dtype, gen)
     got = td.sensitivity_matvec(x, p, v.to(acc))
-    tol = 1e-12 if dtype == torch.float64 else 2e-5 * math.sqrt(N)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5 * math.sqrt(shape[0])
     assert got.dtype == acc
     assert rel_err(got, exact) < tol
 

@@ -230,6 +230,17 @@ def effective_bias(bias) -> bool:
     return bool(bias)  # the dispatcher turns None / ints into the schema's bool
 
 
+def pair_sizes(c: Case):
+    """A fuzzed pair on a random device with its sizes: ``(device, x, p, bias, effective bias, n, m)``
+    (``n``, ``m`` read from whatever shapes the pair got, 0 for a 0-dim tensor)."""
+    device = c.rng.choice(devices())
+    x, p, bias = pair(c, device)
+    b = effective_bias(bias)
+    n = p.shape[-1] if p.dim() else 0
+    m = (x.shape[-1] if x.dim() else 0) + int(b)
+    return device, x, p, bias, b, n, m
+
+
 def case_blocks(c: Case) -> Tuple[Callable, Callable]:
     x, p, bias = pair(c, c.rng.choice(devices()))
 
@@ -252,11 +263,7 @@ def case_blocks(c: Case) -> Tuple[Callable, Callable]:
 
 
 def case_accumulate(c: Case) -> Tuple[Callable, Callable]:
-    device = c.rng.choice(devices())
-    x, p, bias = pair(c, device)
-    b = effective_bias(bias)
-    n = p.shape[-1] if p.dim() else 0
-    m = (x.shape[-1] if x.dim() else 0) + int(b)
+    device, x, p, bias, b, n, m = pair_sizes(c)
     shape = [n, m, m]
     kind = c.rng.choice(["ok"] * 6 + ["shape", "dtype", "noncontig", "alias_x", "alias_p", "device", "float64"])
     c.note(f"out:{kind}")
@@ -314,11 +321,7 @@ def case_accumulate(c: Case) -> Tuple[Callable, Callable]:
 
 
 def case_matvec(c: Case) -> Tuple[Callable, Callable]:
-    device = c.rng.choice(devices())
-    x, p, bias = pair(c, device)
-    b = effective_bias(bias)
-    n = p.shape[-1] if p.dim() else 0
-    m = (x.shape[-1] if x.dim() else 0) + int(b)
+    device, x, p, bias, b, n, m = pair_sizes(c)
     shape = [n, m]
     kind = c.rng.choice(["ok"] * 6 + ["shape", "dtype", "device"])
     c.note(f"v:{kind}")
@@ -415,11 +418,7 @@ def case_lanczos(c: Case) -> Tuple[Callable, Callable]:
 
 
 def case_sens_lanczos(c: Case) -> Tuple[Callable, Callable]:
-    device = c.rng.choice(devices())
-    x, p, bias = pair(c, device)
-    b = effective_bias(bias)
-    n = p.shape[-1] if p.dim() else 0
-    m = (x.shape[-1] if x.dim() else 0) + int(b)
+    device, x, p, bias, b, n, m = pair_sizes(c)
     k, steps, tol, seed = lanczos_args(c, max(m, 1))
     v0 = v0_arg(c, n, m, device)
 

@@ -19,17 +19,13 @@ import torch.nn.functional as F
 
 from topoderiv.experiments.tasks import Batches
 from topoderiv.growth import Grower, InsertionStrategy, Proposal, RandomInsertion, TopologicalStrategy
-from topoderiv.growth.checkpoint import load_checkpoint, optimizer_state
+from topoderiv.growth.checkpoint import load_checkpoint
 from topoderiv.models import ResidualMLP
 
+from _helpers import assert_same_run
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is fastest, and a thread pool on a busy machine is slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _split(seed=0, n=192):
@@ -80,30 +76,6 @@ def _snapshots(tmp_path):
     def snap(grower, rec):
         shutil.copytree(grower.checkpoint_dir, tmp_path / f"round{rec.round}")
     return snap
-
-
-def assert_same_run(a: Grower, b: Grower) -> None:
-    """Bit-identical parameters, optimiser state and history (everything but wall times)."""
-    sa, sb = a.model.state_dict(), b.model.state_dict()
-    assert list(sa) == list(sb)
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-    (ma, ta), (mb, tb) = optimizer_state(a.model, a.optimizer), optimizer_state(b.model, b.optimizer)
-    assert ma == mb
-    assert sorted(ta) == sorted(tb) and ta
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
-    ra, rb = a.history.rounds, b.history.rounds
-    assert [r.round for r in ra] == [r.round for r in rb]
-    for x, y in zip(ra, rb):
-        assert (x.val_loss, x.train_loss, x.train_curve, x.test_metric) == (y.val_loss, y.train_loss, y.train_curve,
-                                                                           y.test_metric), x.round
-        assert (x.point, x.eps, x.mu, x.depth, x.n_params, x.lr) == (y.point, y.eps, y.mu, y.depth, y.n_params, y.lr)
-        # compute: FLOP counts and the per-epoch validation curve too (wall times differ)
-        assert (x.train_flops, x.optimizer_flops, x.score_flops, x.search_flops, x.val_curve) == \
-            (y.train_flops, y.optimizer_flops, y.score_flops, y.search_flops, y.val_curve), x.round
-    assert a.history.stop_reason == b.history.stop_reason
-    assert torch.equal(a.generator.get_state(), b.generator.get_state())
 
 
 @pytest.mark.parametrize("kind, strategy, rounds", [

@@ -14,16 +14,12 @@ import torch.nn.functional as F
 
 from topoderiv.experiments.tasks import Batches
 from topoderiv.growth import Grower, IdentityInsertion, RandomInsertion, TopologicalStrategy
-from topoderiv.growth.checkpoint import optimizer_state
 from topoderiv.models import ResidualCNN, ViT
 
+from _helpers import assert_same_run
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _images(seed=0, n=48):
@@ -54,20 +50,6 @@ def _grower(kind, strategy, ck, callbacks=()):
                   patience=10, progress=False, seed=0, checkpoint_dir=ck, callbacks=callbacks)
 
 
-def _same(a: Grower, b: Grower) -> None:
-    sa, sb = a.model.state_dict(), b.model.state_dict()
-    assert list(sa) == list(sb)
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-    (ma, ta), (mb, tb) = optimizer_state(a.model, a.optimizer), optimizer_state(b.model, b.optimizer)
-    assert ma == mb and sorted(ta) == sorted(tb) and ta
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
-    for x, y in zip(a.history.rounds, b.history.rounds, strict=True):
-        assert (x.val_loss, x.train_curve, x.point, x.eps, x.depth) == (y.val_loss, y.train_curve, y.point, y.eps,
-                                                                         y.depth), x.round
-
-
 @pytest.mark.parametrize("kind, strategy", [("cnn", "topological"), ("cnn", "identity"), ("tokens", "topological"),
                                             ("transformer_block", "random")])
 def test_resume_after_round_one_is_bit_identical(tmp_path, kind, strategy):
@@ -85,4 +67,4 @@ def test_resume_after_round_one_is_bit_identical(tmp_path, kind, strategy):
                                 optimizer=lambda p: torch.optim.Adam(p, lr=1e-2), checkpoint_dir=tmp_path / "resumed")
     assert type(g2.model) is type(g.model) and len(g2.history.rounds) == 2
     g2.run()
-    _same(g, g2)
+    assert_same_run(g, g2)

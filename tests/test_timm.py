@@ -44,12 +44,7 @@ RESNET_KW = dict(layers=[2, 2, 1, 1], channels=[4, 6, 6, 8], stem_width=4, in_ch
                  zero_init_last=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _vit(insert="transformer_block", seed=0, **kw):

@@ -16,12 +16,14 @@ from torch.func import functional_call
 
 import topoderiv
 from topoderiv.growth import (Grower, IdentityInsertion, RandomInsertion,
-                              TopologicalStrategy, insert, insert_block, score, search_eps)
+                              TopologicalStrategy, insert, score, search_eps)
 from topoderiv.method.statistic import kernels_available
 from topoderiv.models import ResidualBlock, ResidualMLP, ViT
 from topoderiv.sites import SiteSpec, declare, site_at
 from topoderiv.sites.capture import capture_all
 from topoderiv.sites.transformer import Attention, AttentionBlock, Block, Mlp, MlpBlock
+
+from _helpers import costate_fd
 
 BACKENDS = ["torch"] + (["kernels"] if kernels_available() else [])
 KINDS = ["tokens", "mlp_block", "attention_block", "transformer_block"]
@@ -306,21 +308,11 @@ def test_blocks_follow_timm_layout():
 # costates, streaming, determinism
 
 
-class Shift(nn.Module):
-    def __init__(self, delta):
-        super().__init__()
-        self.delta = delta
-
-    def forward(self, h):
-        return h + self.delta
-
-
 def test_costates_of_token_states_equal_minus_dJdx_by_finite_differences():
     model, x, y = _problem(6, n=5)
     cap = capture_all(model, [(x[:2], y[:2]), (x[2:], y[2:])], F.cross_entropy)
     assert cap.loss == pytest.approx(_J(model, x, y), rel=1e-13)
     g = torch.Generator().manual_seed(0)
-    step = 1e-6
     for point in (0, 1, 2):
         p = cap.costates[point]
         assert p.shape == (5, 5, 8)
@@ -330,12 +322,7 @@ def test_costates_of_token_states_equal_minus_dJdx_by_finite_differences():
         e = torch.zeros(5, 5, 8, dtype=torch.float64)
         e[3, 0, 2] = 1.0  # one coordinate: the class token of sample 3
         for d in dirs + [e]:
-            vals = []
-            for sign in (1, -1):
-                m2 = copy.deepcopy(model)
-                insert_block(m2, point, Shift(sign * step * d))
-                vals.append(_J(m2, x, y))
-            fd = -(vals[0] - vals[1]) / (2 * step)
+            fd = costate_fd(model, point, d, lambda m2: _J(m2, x, y))
             assert float((p * d).sum()) == pytest.approx(fd, rel=1e-6, abs=1e-10)
         assert float(p.abs().max()) > 1e-4
 
