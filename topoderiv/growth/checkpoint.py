@@ -328,13 +328,18 @@ def block_spec(block: nn.Module) -> Optional[Dict[str, Any]]:
     """
     if not callable(getattr(block, "config", None)):
         return None
-    name = name_of(block)
+    return {"class": _registered_name(block, "block_spec", "block"), "config": jsonable(block.config())}
+
+
+def _registered_name(obj: object, fn: str, what: str) -> str:
+    """The registered name of ``obj``'s class, or a ValueError saying how to register it."""
+    name = name_of(obj)
     if name is None:
-        cls = type(block)
-        raise ValueError(f"block_spec: block class {cls.__module__}.{cls.__qualname__} is not registered: a "
-                         f"checkpoint names classes by registered name; register it "
+        cls = type(obj)
+        raise ValueError(f"{fn}: {what} class {cls.__module__}.{cls.__qualname__} is not registered: a checkpoint "
+                         f"names classes by registered name; register it "
                          f"(`from topoderiv.registry import register; register({cls.__qualname__})`)")
-    return {"class": name, "config": jsonable(block.config())}
+    return name
 
 
 def build_block(spec: Dict[str, Any], *, where: str = "build_block") -> nn.Module:
@@ -676,12 +681,7 @@ def save(model: nn.Module, path: Union[str, Path], *, history: Optional[GrowthHi
     if not callable(getattr(model, "config", None)):
         raise TypeError(f"{fn}: model must have a config() method returning its constructor arguments (growth "
                         f"protocol, see topoderiv.models), got {type(model).__name__} without one")
-    cls_name = name_of(model)
-    if cls_name is None:
-        cls = type(model)
-        raise ValueError(f"{fn}: model class {cls.__module__}.{cls.__qualname__} is not registered: a checkpoint "
-                         f"names classes by registered name; register it "
-                         f"(`from topoderiv.registry import register; register({cls.__qualname__})`)")
+    cls_name = _registered_name(model, fn, "model")
     if tensors is not None:
         bad = ([f"{type(tensors).__name__}"] if not isinstance(tensors, dict) else
                [f"{k!r}: {type(v).__name__}" for k, v in tensors.items()
