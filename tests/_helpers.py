@@ -48,6 +48,23 @@ def matvec_problem(shape: Tuple[int, int, int], dtype: torch.dtype,
 
 
 # ------------------------------------------------------------------------------------------------
+# a failed call leaves the model as it was
+
+
+def snapshot(model: nn.Module) -> Tuple[list, Dict[str, Tensor]]:
+    """The module tree (its qualified names: blocks, stages) and a copy of the state dict."""
+    return [n for n, _ in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model: nn.Module, snap: Tuple[list, Dict[str, Tensor]]) -> None:
+    """``model`` has the module tree and the state (keys and values, bit for bit) of ``snap``."""
+    names, sd = snap
+    assert [n for n, _ in model.named_modules()] == names
+    now = model.state_dict()
+    assert now.keys() == sd.keys() and all(torch.equal(now[k], sd[k]) for k in sd)
+
+
+# ------------------------------------------------------------------------------------------------
 # costates by finite differences
 
 

@@ -26,7 +26,7 @@ from topoderiv.sites import declare, site_at, sites
 from topoderiv.sites.capture import capture_all, state_at
 from topoderiv.sites.conv import ConvSite, ResidualConvBlock
 
-from _helpers import Shift
+from _helpers import Shift, assert_untouched, snapshot
 
 BACKENDS = ["torch", pytest.param("kernels", marks=pytest.mark.skipif(not kernels_available(), reason="no _C"))]
 
@@ -63,17 +63,6 @@ def _ref_blocks(x, p, k, bias):
 
 def _stage_depths(model):
     return [len(s) for s in model.stages]
-
-
-def _snapshot(model):
-    return _stage_depths(model), {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _assert_untouched(model, snap):
-    depths, sd = snap
-    assert _stage_depths(model) == depths
-    now = model.state_dict()
-    assert now.keys() == sd.keys() and all(torch.equal(now[k], sd[k]) for k in sd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,7 +454,7 @@ def test_search_eps_suffix_matches_full_model_fallback():
             assert la[e] == pytest.approx(lb[e], rel=1e-12, abs=1e-15)
         assert la[0.0] == pytest.approx(_J(model, x, y), rel=1e-13)
     del model.forward_from
-    _assert_untouched(model, _snapshot(wrapped.net))
+    assert_untouched(model, snapshot(wrapped.net))
 
 
 def test_config_rebuilds_the_grown_architecture():
@@ -597,16 +586,16 @@ def test_constructor_errors():
 
 def test_inadmissible_activation_and_failed_inserts_leave_the_model_untouched():
     model, x, y = _problem(13, insert_activation="tanh")
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match=r"score: the block a conv site \('stages.0.0'\) of ResidualCNN would "
                                          r"insert is not function preserving.*Tanh is not admissible"):
         score(model, (x, y), F.mse_loss)
     with pytest.raises(ValueError, match="Tanh is not admissible"):
         insert(model, 1, torch.zeros(3, 28, dtype=torch.float64), 0.1)
-    _assert_untouched(model, snap)
+    assert_untouched(model, snap)
 
     model, x, y = _problem(14)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     good = torch.randn(3, 28, dtype=torch.float64)
     nan = good.clone()
     nan[1, 2] = float("nan")
@@ -624,7 +613,7 @@ def test_inadmissible_activation_and_failed_inserts_leave_the_model_untouched():
     for point, phi, eps, err, msg in cases:
         with pytest.raises(err, match=msg):
             insert(model, point, phi, eps)
-        _assert_untouched(model, snap)
+        assert_untouched(model, snap)
 
 
 # ------------------------------------------------------------------------------------------------

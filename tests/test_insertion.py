@@ -10,6 +10,8 @@ from topoderiv.growth.insertion import DEFAULT_EPS_GRID, insert, insert_block, r
 from topoderiv.models import ResidualBlock, ResidualMLP, candidate_points
 from topoderiv.growth.scoring import score
 
+from _helpers import assert_untouched, snapshot
+
 
 def _problem(seed, *, width=8, depth=3, n=40, dtype=torch.float64, **kw):
     g = torch.Generator().manual_seed(seed)
@@ -18,18 +20,6 @@ def _problem(seed, *, width=8, depth=3, n=40, dtype=torch.float64, **kw):
     x = torch.randn(n, 3, generator=g, dtype=dtype)
     y = torch.randn(n, 2, generator=g, dtype=dtype)
     return model, x, y
-
-
-def _snapshot(model):
-    return len(model.blocks), {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _assert_untouched(model, snap):
-    n, sd = snap
-    assert len(model.blocks) == n
-    now = model.state_dict()
-    assert now.keys() == sd.keys()
-    assert all(torch.equal(now[k], sd[k]) for k in sd)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -69,7 +59,7 @@ def test_inserted_parameters_are_eps_phi_at_the_point():
 
 def test_failed_insertion_leaves_model_untouched():
     model, _, _ = _problem(3)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     good = torch.zeros(8, 9, dtype=torch.float64)
     nan = good.clone()
     nan[0, 0] = float("nan")
@@ -86,12 +76,12 @@ def test_failed_insertion_leaves_model_untouched():
     for kwargs, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             insert(model, **kwargs)
-        _assert_untouched(model, snap)
+        assert_untouched(model, snap)
     bad = ResidualMLP(3, 8, 2, 2, insert_activation="gelu").double()
-    snap_bad = _snapshot(bad)
+    snap_bad = snapshot(bad)
     with pytest.raises(ValueError, match="GELU is not admissible"):
         insert(bad, 0, good, 0.1)
-    _assert_untouched(bad, snap_bad)
+    assert_untouched(bad, snap_bad)
     with pytest.raises(TypeError, match="Sequential"):
         insert(nn.Sequential(nn.Linear(2, 2)), 0, good, 0.1)
 
@@ -123,9 +113,9 @@ def test_search_eps_matches_full_reevaluation():
     model, x, y = _problem(5)
     rep = score(model, (x, y), F.mse_loss)
     best = rep.best
-    snap = _snapshot(model)
+    snap = snapshot(model)
     eps, losses = search_eps(model, best.point, best.phi, (x, y), F.mse_loss)
-    _assert_untouched(model, snap)
+    assert_untouched(model, snap)
     assert set(losses) == {0.0, *DEFAULT_EPS_GRID}
     for e, v in losses.items():
         assert v == pytest.approx(_full_loss(model, best.point, best.phi, e, x, y), rel=1e-12, abs=1e-15)
@@ -217,11 +207,11 @@ def test_search_eps_without_forward_from_and_atomic_on_error():
         return F.mse_loss(out, t)
 
     for m in (model, wrapped):
-        snap = _snapshot(m)
+        snap = snapshot(m)
         calls["n"] = 0
         with pytest.raises(RuntimeError, match="boom"):
             search_eps(m, best.point, best.phi, (x, y), flaky)
-        _assert_untouched(m, snap)
+        assert_untouched(m, snap)
 
 
 def test_search_eps_errors():
