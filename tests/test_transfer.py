@@ -350,3 +350,17 @@ def test_cli_transfer_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["transfer", "--out", str(tmp_path / "file" / "sub")])
     assert e.value.code == 2 and "--out must be a folder" in capsys.readouterr().err
+
+
+def test_mean_std_skips_missing_values():
+    """The summary statistic of compare and transfer tables against numpy (sample std, ddof=1)."""
+    import numpy as np
+
+    from topoderiv.experiments.compare import mean_std
+
+    vals = [0.25, None, 1.5, float("nan"), 4.0, float("inf"), 2]
+    ok = np.array([0.25, 1.5, 4.0, 2.0])
+    mean, std = mean_std(vals)
+    assert mean == pytest.approx(ok.mean(), rel=1e-15) and std == pytest.approx(ok.std(ddof=1), rel=1e-14)
+    assert mean_std([3.0]) == (3.0, 0.0)
+    assert all(math.isnan(v) for v in mean_std([None, float("nan")])) and all(math.isnan(v) for v in mean_std([]))

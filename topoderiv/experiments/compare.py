@@ -59,7 +59,7 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -530,8 +530,10 @@ def build_final(network: Network, task: Task, final: Union[int, Sequence[int]], 
 # comparison
 
 
-def _mean_std(vals: Sequence[float]) -> tuple:
-    vals = [v for v in vals if v is not None and math.isfinite(v)]
+def mean_std(vals: Sequence[Optional[float]]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) of the finite values of ``vals`` (None,
+    inf and nan skipped); ``(nan, nan)`` when none is left."""
+    vals = [float(v) for v in vals if v is not None and math.isfinite(v)]
     if not vals:
         return math.nan, math.nan
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
@@ -564,7 +566,7 @@ class Comparison:
         out: Dict[str, Dict[str, float]] = {}
         for m in self.methods:
             rs = self.by_method(m)
-            mean, std = _mean_std([r.metric for r in rs])
+            mean, std = mean_std([r.metric for r in rs])
             out[m] = {
                 "mean": mean,
                 "std": std,
@@ -661,15 +663,15 @@ class Comparison:
         for m in self.methods:
             rs = reach[m]
             ok = {s: r for s, r in rs.items() if r.reached}
-            fl, fl_sd = _mean_std([r.flops for r in ok.values()])
-            tm, tm_sd = _mean_std([r.time for r in ok.values()])
+            fl, fl_sd = mean_std([r.flops for r in ok.values()])
+            tm, tm_sd = mean_std([r.time for r in ok.values()])
             pairs = [s for s in ok if s in fixed and fixed[s].reached]
-            sv_f, sv_f_sd = _mean_std([1.0 - ok[s].flops / fixed[s].flops for s in pairs
+            sv_f, sv_f_sd = mean_std([1.0 - ok[s].flops / fixed[s].flops for s in pairs
                                        if fixed[s].flops > 0 and math.isfinite(ok[s].flops)])
-            sv_t, sv_t_sd = _mean_std([1.0 - ok[s].time / fixed[s].time for s in pairs if fixed[s].time > 0])
+            sv_t, sv_t_sd = mean_std([1.0 - ok[s].time / fixed[s].time for s in pairs if fixed[s].time > 0])
             curves = [compute_curve(r.history) for r in self.by_method(m)]
-            tot_f, _ = _mean_std([c.total_flops for c in curves])
-            tot_t, _ = _mean_std([c.total_time for c in curves])
+            tot_f, _ = mean_std([c.total_flops for c in curves])
+            tot_t, _ = mean_std([c.total_time for c in curves])
             out[m] = {"seeds": len(rs), "reached": len(ok), "flops": fl, "flops_std": fl_sd, "time": tm,
                       "time_std": tm_sd, "flops_saving": sv_f, "flops_saving_std": sv_f_sd, "time_saving": sv_t,
                       "time_saving_std": sv_t_sd, "paired": len(pairs), "total_flops": tot_f, "total_time": tot_t}
@@ -684,7 +686,7 @@ class Comparison:
             what = f"validation loss {t:.4g} (given)"
         else:
             vals = list(targets.values())
-            mean, std = _mean_std(vals)
+            mean, std = mean_std(vals)
             what = (f"on each seed, the best validation loss of fixed_final on that seed (mean {mean:.4g} ± "
                     f"{std:.2g} over seeds)")
         n = len(self.seeds)

@@ -67,6 +67,7 @@ from ..growth import count_parameters, evaluate, fit, insert, insert_block, scor
 from ..models import ViT
 from ..sites import sites
 from .argtypes import int_at_least, positive_float
+from .compare import mean_std
 from .tasks import Batches
 
 __all__ = ["TransferConfig", "TransferResult", "METHODS", "TARGETS", "INSERT_KINDS", "transfer_data", "accuracy",
@@ -400,13 +401,6 @@ def adapt(probe: ViT, method: str, cfg: TransferConfig, data: Dict[str, Split], 
 # the experiment
 
 
-def _mean_std(vals: Sequence[float]) -> Tuple[float, float]:
-    vals = [float(v) for v in vals if v is not None and math.isfinite(v)]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
 @dataclass
 class TransferResult:
     """Every run of :func:`run_transfer` (``runs``: one dict per method and seed, see :func:`adapt`;
@@ -427,7 +421,7 @@ class TransferResult:
         out = {}
         for m in self.methods:
             rs = self.by_method(m)
-            mean, std = _mean_std([r["accuracy"] for r in rs])
+            mean, std = mean_std([r["accuracy"] for r in rs])
             out[m] = {"mean": mean, "std": std, "n": len(rs),
                       "trainable": statistics.fmean([r["trainable"] for r in rs]) if rs else math.nan,
                       "params": statistics.fmean([r["params"] for r in rs]) if rs else math.nan,
@@ -453,8 +447,8 @@ class TransferResult:
 
     def source_line(self) -> str:
         """One line: the source test accuracy and the linear probe's target accuracy, mean ± std."""
-        a, sa = _mean_std([r["source_accuracy"] for r in self.sources])
-        b, sb = _mean_std([r["probe_accuracy"] for r in self.sources])
+        a, sa = mean_std([r["source_accuracy"] for r in self.sources])
+        b, sb = mean_std([r["probe_accuracy"] for r in self.sources])
         return (f"Source test accuracy (digits 0-4) {a:.4f} ± {sa:.4f}; the linear probe every method starts from: "
                 f"target test accuracy {b:.4f} ± {sb:.4f}.")
 
