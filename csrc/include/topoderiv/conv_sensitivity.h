@@ -186,7 +186,7 @@ inline void check_strides(const char* fn, const char* name, const Strides4& s) {
 
 // Sizes, strides and dtypes shared by the conv params; the products the kernels form fit in int64.
 template <class Params>
-void check_conv_data(const char* fn, const Params& P) {
+void check_conv_data(const char* fn, const Params& P, bool cuda) {
   const ConvGeometry& g = P.g;
   non_negative(fn, "batch", g.batch);
   non_negative(fn, "N", g.N);
@@ -204,12 +204,7 @@ void check_conv_data(const char* fn, const Params& P) {
   mul(fn, g.batch, mul(fn, g.n, mul(fn, d + 1, d + 1)));
   check_strides(fn, "x", P.xs);
   check_strides(fn, "p", P.ps);
-  if (!known_dtype(P.in_dtype))
-    fail(fn, "in_dtype must be float32, float64 or bfloat16, got " + dtype_str(P.in_dtype));
-  if (P.acc_dtype != DType::kFloat32 && P.acc_dtype != DType::kFloat64)
-    fail(fn, "acc_dtype must be float32 or float64, got " + dtype_str(P.acc_dtype));
-  if (P.in_dtype == DType::kFloat64 && P.acc_dtype != DType::kFloat64)
-    fail(fn, "acc_dtype must be float64 for float64 inputs, got " + dtype_str(P.acc_dtype));
+  check_dtypes(fn, P.in_dtype, P.acc_dtype, cuda);
 }
 
 // x and p as the kernels read them (only when there are rows and blocks).
@@ -227,15 +222,9 @@ void add_conv_data(Regions& R, const char* fn, const Params& P, int64_t x_bytes,
 inline std::vector<Region> check_conv_blocks_params(const char* fn, const ConvSensitivityBlocksParams& P, bool cuda,
                                                     int64_t x_bytes, int64_t p_bytes, int64_t out_bytes) {
   using namespace conv_validate_detail;
-  check_conv_data(fn, P);
-  if (cuda) check_cuda_acc(fn, P.in_dtype, P.acc_dtype);
-  Regions R(fn);
-  if (P.g.rows() > 0 && P.g.problems() > 0) {
-    add_conv_data(R, fn, P, x_bytes, p_bytes);
-    const int64_t m = P.g.m();
-    R.add("out", P.out, out_bytes, mul(fn, P.g.problems(), mul(fn, m, m)), dtype_size(P.acc_dtype), true);
-  }
-  return R.finish();
+  check_conv_data(fn, P, cuda);
+  return blocks_regions(fn, P, P.g.rows() > 0 ? P.g.problems() : 0, P.g.m(), out_bytes,
+                        [&](Regions& R) { add_conv_data(R, fn, P, x_bytes, p_bytes); });
 }
 
 // out[b, r] = B[b, r] v[b, r]: writes out [batch, n, m] when batch n > 0; reads x, p, v and (CUDA)
@@ -244,19 +233,11 @@ inline std::vector<Region> check_conv_matvec_params(const char* fn, const ConvSe
                                                     int64_t x_bytes, int64_t p_bytes, int64_t v_bytes,
                                                     int64_t out_bytes, int64_t ws_bytes) {
   using namespace conv_validate_detail;
-  check_conv_data(fn, P);
-  if (cuda) check_cuda_acc(fn, P.in_dtype, P.acc_dtype);
-  Regions R(fn);
-  if (P.g.problems() > 0) {
-    const int64_t es = dtype_size(P.acc_dtype), nm = mul(fn, P.g.problems(), P.g.m());
-    R.add("out", P.out, out_bytes, nm, es, true);
-    if (P.g.rows() > 0) {
-      add_conv_data(R, fn, P, x_bytes, p_bytes);
-      R.add("v", P.v, v_bytes, nm, es, false);
-      if (cuda) R.add("workspace", P.workspace, ws_bytes, mul(fn, P.g.batch, mul(fn, P.g.rows(), P.g.n)), es, true);
-    }
-  }
-  return R.finish();
+  check_conv_data(fn, P, cuda);
+  return matvec_regions(
+      fn, P, cuda, P.g.problems(), P.g.m(), P.g.rows() > 0, v_bytes, out_bytes, ws_bytes,
+      [&](Regions& R) { add_conv_data(R, fn, P, x_bytes, p_bytes); },
+      [&] { return mul(fn, P.g.batch, mul(fn, P.g.rows(), P.g.n)); });
 }
 
 // Matrix-free Lanczos on the conv operator `op`: LanczosParams' own checks (check_lanczos_params,
@@ -265,8 +246,7 @@ inline std::vector<Region> check_conv_lanczos_params(const char* fn, const Lancz
                                                      const ConvSensitivityMatvecParams& op, bool cuda,
                                                      const LanczosSpans& s) {
   using namespace conv_validate_detail;
-  check_conv_data(fn, op);
-  if (cuda) check_cuda_acc(fn, op.in_dtype, op.acc_dtype);
+  check_conv_data(fn, op, cuda);
   if (op.acc_dtype != P.dtype)
     fail(fn, std::string("op.acc_dtype must equal the Lanczos dtype ") + dtype_str(P.dtype) + ", got " +
                  dtype_str(op.acc_dtype));

@@ -122,9 +122,23 @@ class Regions {
   std::vector<Region> regions_;
 };
 
+// in_dtype and acc_dtype of the data params (dense or conv), and with cuda the CUDA accumulation
+// (float64 for float64 inputs, float32 otherwise).
+inline void check_dtypes(const char* fn, DType in, DType acc, bool cuda) {
+  if (!known_dtype(in)) fail(fn, "in_dtype must be float32, float64 or bfloat16, got " + dtype_str(in));
+  if (acc != DType::kFloat32 && acc != DType::kFloat64)
+    fail(fn, "acc_dtype must be float32 or float64, got " + dtype_str(acc));
+  if (in == DType::kFloat64 && acc != DType::kFloat64)
+    fail(fn, "acc_dtype must be float64 for float64 inputs, got " + dtype_str(acc));
+  const DType want = in == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
+  if (cuda && acc != want)
+    fail(fn, std::string("acc_dtype must be ") + dtype_name(want) + " for " + dtype_name(in) +
+                 " inputs on CUDA, got " + dtype_str(acc));
+}
+
 // Sizes, strides and dtypes shared by the blocks and the matvec params.
 template <class Params>
-void check_data_params(const char* fn, const Params& P) {
+void check_data_params(const char* fn, const Params& P, bool cuda) {
   non_negative(fn, "batch", P.batch);
   non_negative(fn, "N", P.N);
   non_negative(fn, "d", P.d);
@@ -134,19 +148,7 @@ void check_data_params(const char* fn, const Params& P) {
   non_negative(fn, "x_bstride", P.x_bstride);
   non_negative(fn, "p_rstride", P.p_rstride);
   non_negative(fn, "p_bstride", P.p_bstride);
-  if (!known_dtype(P.in_dtype))
-    fail(fn, "in_dtype must be float32, float64 or bfloat16, got " + dtype_str(P.in_dtype));
-  if (P.acc_dtype != DType::kFloat32 && P.acc_dtype != DType::kFloat64)
-    fail(fn, "acc_dtype must be float32 or float64, got " + dtype_str(P.acc_dtype));
-  if (P.in_dtype == DType::kFloat64 && P.acc_dtype != DType::kFloat64)
-    fail(fn, "acc_dtype must be float64 for float64 inputs, got " + dtype_str(P.acc_dtype));
-}
-
-inline void check_cuda_acc(const char* fn, DType in, DType acc) {
-  const DType want = in == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
-  if (acc != want)
-    fail(fn, std::string("acc_dtype must be ") + dtype_name(want) + " for " + dtype_name(in) +
-                 " inputs on CUDA, got " + dtype_str(acc));
+  check_dtypes(fn, P.in_dtype, P.acc_dtype, cuda);
 }
 
 // x and p of a [batch, N, d] / [batch, N, n] pair as read by the kernels.
@@ -157,21 +159,48 @@ void add_data(Regions& R, const char* fn, const Params& P, int64_t x_bytes, int6
   R.add("p", P.p, p_bytes, span_elems(fn, P.batch, P.N, P.n, P.p_rstride, P.p_bstride), es, false);
 }
 
+// The buffers of a blocks call (dense or conv params): when it sums anything (problems > 0, 0 when
+// there are no rows), the inputs (add_inputs(R)) and out [problems, m, m] (accumulated into).
+template <class Params, class AddInputs>
+std::vector<Region> blocks_regions(const char* fn, const Params& P, int64_t problems, int64_t m, int64_t out_bytes,
+                                   AddInputs add_inputs) {
+  Regions R(fn);
+  if (problems > 0) {
+    add_inputs(R);
+    R.add("out", P.out, out_bytes, mul(fn, problems, mul(fn, m, m)), dtype_size(P.acc_dtype), true);
+  }
+  return R.finish();
+}
+
+// The buffers of a matvec call (dense or conv params): out [problems, m] (overwritten) when
+// problems > 0; with rows too the inputs (add_inputs(R)), v [problems, m] and, on CUDA, the
+// workspace of ws_elems() elements (written).
+template <class Params, class AddInputs, class WsElems>
+std::vector<Region> matvec_regions(const char* fn, const Params& P, bool cuda, int64_t problems, int64_t m, bool rows,
+                                   int64_t v_bytes, int64_t out_bytes, int64_t ws_bytes, AddInputs add_inputs,
+                                   WsElems ws_elems) {
+  Regions R(fn);
+  if (problems > 0) {
+    const int64_t es = dtype_size(P.acc_dtype), pm = mul(fn, problems, m);
+    R.add("out", P.out, out_bytes, pm, es, true);
+    if (rows) {
+      add_inputs(R);
+      R.add("v", P.v, v_bytes, pm, es, false);
+      if (cuda) R.add("workspace", P.workspace, ws_bytes, ws_elems(), es, true);
+    }
+  }
+  return R.finish();
+}
+
 }  // namespace validate_detail
 
 // out[b, r] += blocks of (x, p): reads x, p; writes out [batch, n, m, m] when batch, N, n > 0.
 inline std::vector<Region> check_blocks_params(const char* fn, const SensitivityBlocksParams& P, bool cuda,
                                                int64_t x_bytes, int64_t p_bytes, int64_t out_bytes) {
   using namespace validate_detail;
-  check_data_params(fn, P);
-  if (cuda) check_cuda_acc(fn, P.in_dtype, P.acc_dtype);
-  Regions R(fn);
-  if (P.batch > 0 && P.N > 0 && P.n > 0) {
-    add_data(R, fn, P, x_bytes, p_bytes);
-    const int64_t m = P.m();
-    R.add("out", P.out, out_bytes, mul(fn, mul(fn, P.batch, P.n), mul(fn, m, m)), dtype_size(P.acc_dtype), true);
-  }
-  return R.finish();
+  check_data_params(fn, P, cuda);
+  return blocks_regions(fn, P, P.N > 0 ? mul(fn, P.batch, P.n) : 0, P.m(), out_bytes,
+                        [&](Regions& R) { add_data(R, fn, P, x_bytes, p_bytes); });
 }
 
 // out[b, r] = B[b, r] v[b, r]: writes out [batch, n, m] when batch, n > 0; reads x, p, v and (CUDA)
@@ -180,19 +209,11 @@ inline std::vector<Region> check_matvec_params(const char* fn, const Sensitivity
                                                int64_t x_bytes, int64_t p_bytes, int64_t v_bytes,
                                                int64_t out_bytes, int64_t ws_bytes) {
   using namespace validate_detail;
-  check_data_params(fn, P);
-  if (cuda) check_cuda_acc(fn, P.in_dtype, P.acc_dtype);
-  Regions R(fn);
-  if (P.batch > 0 && P.n > 0) {
-    const int64_t es = dtype_size(P.acc_dtype), bnm = mul(fn, mul(fn, P.batch, P.n), P.m());
-    R.add("out", P.out, out_bytes, bnm, es, true);
-    if (P.N > 0) {
-      add_data(R, fn, P, x_bytes, p_bytes);
-      R.add("v", P.v, v_bytes, bnm, es, false);
-      if (cuda) R.add("workspace", P.workspace, ws_bytes, mul(fn, mul(fn, P.batch, P.N), P.n), es, true);
-    }
-  }
-  return R.finish();
+  check_data_params(fn, P, cuda);
+  return matvec_regions(
+      fn, P, cuda, mul(fn, P.batch, P.n), P.m(), P.N > 0, v_bytes, out_bytes, ws_bytes,
+      [&](Regions& R) { add_data(R, fn, P, x_bytes, p_bytes); },
+      [&] { return mul(fn, mul(fn, P.batch, P.N), P.n); });
 }
 
 // lanczos_workspace_layout(P, cuda).total with every size checked (>= 0, no int64 overflow).
@@ -245,8 +266,7 @@ inline std::vector<Region> check_lanczos_params(const char* fn, const LanczosPar
     fail(fn, "dtype must be float32 or float64, got " + dtype_str(P.dtype));
   if (P.matrix_free() && P.external == nullptr) {
     const SensitivityMatvecParams& o = P.op;
-    check_data_params(fn, o);
-    if (cuda) check_cuda_acc(fn, o.in_dtype, o.acc_dtype);
+    check_data_params(fn, o, cuda);
     if (o.acc_dtype != P.dtype)
       fail(fn, std::string("op.acc_dtype must equal the Lanczos dtype ") + dtype_name(P.dtype) + ", got " +
                    dtype_str(o.acc_dtype));
@@ -259,12 +279,7 @@ inline std::vector<Region> check_lanczos_params(const char* fn, const LanczosPar
     const int64_t es = dtype_size(P.dtype);
     const int64_t ws = lanczos_workspace_elems_checked(fn, P, cuda);
     if (P.matrix_free() && P.external == nullptr) {
-      const SensitivityMatvecParams& o = P.op;
-      if (o.N > 0) {
-        const int64_t ies = dtype_size(o.in_dtype);
-        R.add("x", o.x, s.x, span_elems(fn, o.batch, o.N, o.d, o.x_rstride, o.x_bstride), ies, false);
-        R.add("p", o.p, s.p, span_elems(fn, o.batch, o.N, o.n, o.p_rstride, o.p_bstride), ies, false);
-      }
+      if (P.op.N > 0) add_data(R, fn, P.op, s.x, s.p);
     } else if (!P.matrix_free()) {
       R.add("a", P.a, s.a, mul(fn, B, mul(fn, m, m)), es, false);
     }  // an external operator: its caller adds the spans it reads
