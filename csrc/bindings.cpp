@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -88,6 +89,31 @@ ConvGeometry geometry(const char* fn, const Quad& shape, int64_t n, int64_t k, i
   return g;
 }
 
+// The sizes, x and p (with their row and batch strides) of the dense params (blocks, matvec).
+template <class Params>
+void set_dense_data(Params& P, int64_t batch, int64_t N, int64_t d, int64_t n, bool bias, Buf x, int64_t x_rs,
+                    int64_t x_bs, Buf p, int64_t p_rs, int64_t p_bs) {
+  P.batch = batch; P.N = N; P.d = d; P.n = n; P.bias = bias;
+  P.x = ptr<const void>(x.first); P.x_rstride = x_rs; P.x_bstride = x_bs;
+  P.p = ptr<const void>(p.first); P.p_rstride = p_rs; P.p_bstride = p_bs;
+}
+
+// The geometry, x and p (with their strides) of the conv params (blocks, matvec, the Lanczos operator).
+template <class Params>
+void set_conv_data(Params& P, const char* fn, const Quad& shape, int64_t n, int64_t k, int64_t pad, bool bias, Buf x,
+                   const Quad& xs, Buf p, const Quad& ps) {
+  P.g = geometry(fn, shape, n, k, pad, bias);
+  P.x = ptr<const void>(x.first); P.xs = strides4(fn, "x strides", xs);
+  P.p = ptr<const void>(p.first); P.ps = strides4(fn, "p strides", ps);
+}
+
+// The dtypes, CPU threads and stream of the data params (dense or conv blocks / matvec).
+template <class Params>
+void set_run(Params& P, const char* fn, int in_dt, int acc_dt, int threads, uintptr_t stream) {
+  P.in_dtype = to_dtype(fn, "in_dtype", in_dt); P.acc_dtype = to_dtype(fn, "acc_dtype", acc_dt);
+  P.num_threads = check_threads(fn, threads); P.stream = ptr<void>(stream);
+}
+
 // CUDA calls: every buffer a kernel touches must be device (or managed) memory of one device,
 // except the host ones (the Lanczos norms), which must not be device memory. CPU calls are not
 // checked here: asking the CUDA runtime would create a CUDA context on machines that never use one.
@@ -122,6 +148,26 @@ void check_memory(const char* fn, const std::vector<Region>& regions, bool cuda)
   (void)regions;
   (void)cuda;
 #endif
+}
+
+// A CUDA kernel entry point in CUDA builds, nullptr (never called: is_cuda refuses) otherwise.
+#ifdef TOPODERIV_WITH_CUDA
+#define TD_CUDA_KERNEL(f) f
+#else
+#define TD_CUDA_KERNEL(f) nullptr
+#endif
+template <class T>
+using NoDeduce = typename std::enable_if<true, T>::type;
+
+// Checks the memory of the regions (check_memory), then runs the CUDA (cuda) or CPU kernel on args
+// without the GIL.
+template <class... Args, class... Ps>
+void run(const char* fn, bool cuda, const std::vector<Region>& regions, void (*cpu)(Args...),
+         NoDeduce<void (*)(Args...)> gpu, const Ps&... args) {
+  check_memory(fn, regions, cuda);
+  py::gil_scoped_release nogil;
+  if (cuda) return gpu(args...);
+  cpu(args...);
 }
 
 py::dict build_info() {
@@ -175,20 +221,12 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t stream) {
         const char* fn = "sensitivity_blocks";
         SensitivityBlocksParams P;
-        P.batch = batch; P.N = N; P.d = d; P.n = n; P.bias = bias;
-        P.x = ptr<const void>(x.first); P.x_rstride = x_rs; P.x_bstride = x_bs;
-        P.p = ptr<const void>(p.first); P.p_rstride = p_rs; P.p_bstride = p_bs;
+        set_dense_data(P, batch, N, d, n, bias, x, x_rs, x_bs, p, p_rs, p_bs);
         P.out = ptr<void>(out.first);
-        P.in_dtype = to_dtype(fn, "in_dtype", in_dt); P.acc_dtype = to_dtype(fn, "acc_dtype", acc_dt);
-        P.num_threads = check_threads(fn, threads); P.stream = ptr<void>(stream);
+        set_run(P, fn, in_dt, acc_dt, threads, stream);
         const bool cuda = is_cuda(fn, device);
-        check_memory(fn, check_blocks_params(fn, P, cuda, x.second, p.second, out.second), cuda);
-        py::gil_scoped_release nogil;
-#ifdef TOPODERIV_WITH_CUDA
-        if (cuda) return sensitivity_blocks_cuda(P);
-#endif
-        (void)cuda;
-        sensitivity_blocks_cpu(P);
+        run(fn, cuda, check_blocks_params(fn, P, cuda, x.second, p.second, out.second), sensitivity_blocks_cpu,
+            TD_CUDA_KERNEL(sensitivity_blocks_cuda), P);
       },
       "out[b, r] += sum_s p[b, s, r] xt[b, s] xt[b, s]^T (pointers with spans (ptr, bytes); see sensitivity.h)");
 
@@ -200,9 +238,7 @@ PYBIND11_MODULE(_C, m) {
         const char* fn = "sensitivity_blocks_mma";
         if (!is_cuda(fn, device)) fail(fn, "device must be 'cuda' (a tensor-core route), got 'cpu'");
         SensitivityBlocksParams P;
-        P.batch = batch; P.N = N; P.d = d; P.n = n; P.bias = bias;
-        P.x = ptr<const void>(x.first); P.x_rstride = x_rs; P.x_bstride = x_bs;
-        P.p = ptr<const void>(p.first); P.p_rstride = p_rs; P.p_bstride = p_bs;
+        set_dense_data(P, batch, N, d, n, bias, x, x_rs, x_bs, p, p_rs, p_bs);
         P.out = ptr<void>(out.first);
         P.in_dtype = to_dtype(fn, "in_dtype", in_dt); P.acc_dtype = to_dtype(fn, "acc_dtype", acc_dt);
         P.stream = ptr<void>(stream);
@@ -240,20 +276,12 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t stream) {
         const char* fn = "sensitivity_matvec";
         SensitivityMatvecParams P;
-        P.batch = batch; P.N = N; P.d = d; P.n = n; P.bias = bias;
-        P.x = ptr<const void>(x.first); P.x_rstride = x_rs; P.x_bstride = x_bs;
-        P.p = ptr<const void>(p.first); P.p_rstride = p_rs; P.p_bstride = p_bs;
+        set_dense_data(P, batch, N, d, n, bias, x, x_rs, x_bs, p, p_rs, p_bs);
         P.v = ptr<const void>(v.first); P.out = ptr<void>(out.first); P.workspace = ptr<void>(ws.first);
-        P.in_dtype = to_dtype(fn, "in_dtype", in_dt); P.acc_dtype = to_dtype(fn, "acc_dtype", acc_dt);
-        P.num_threads = check_threads(fn, threads); P.stream = ptr<void>(stream);
+        set_run(P, fn, in_dt, acc_dt, threads, stream);
         const bool cuda = is_cuda(fn, device);
-        check_memory(fn, check_matvec_params(fn, P, cuda, x.second, p.second, v.second, out.second, ws.second), cuda);
-        py::gil_scoped_release nogil;
-#ifdef TOPODERIV_WITH_CUDA
-        if (cuda) return sensitivity_matvec_cuda(P);
-#endif
-        (void)cuda;
-        sensitivity_matvec_cpu(P);
+        run(fn, cuda, check_matvec_params(fn, P, cuda, x.second, p.second, v.second, out.second, ws.second),
+            sensitivity_matvec_cpu, TD_CUDA_KERNEL(sensitivity_matvec_cuda), P);
       },
       "out[b, r] = B[b, r] @ v[b, r] without forming B (pointers with spans (ptr, bytes); see sensitivity.h)");
 
@@ -263,20 +291,12 @@ PYBIND11_MODULE(_C, m) {
          int64_t k, int64_t pad, bool bias, int in_dt, int acc_dt, int threads, uintptr_t stream) {
         const char* fn = "conv_sensitivity_blocks";
         ConvSensitivityBlocksParams P;
-        P.g = geometry(fn, shape, n, k, pad, bias);
-        P.x = ptr<const void>(x.first); P.xs = strides4(fn, "x strides", xs);
-        P.p = ptr<const void>(p.first); P.ps = strides4(fn, "p strides", ps);
+        set_conv_data(P, fn, shape, n, k, pad, bias, x, xs, p, ps);
         P.out = ptr<void>(out.first);
-        P.in_dtype = to_dtype(fn, "in_dtype", in_dt); P.acc_dtype = to_dtype(fn, "acc_dtype", acc_dt);
-        P.num_threads = check_threads(fn, threads); P.stream = ptr<void>(stream);
+        set_run(P, fn, in_dt, acc_dt, threads, stream);
         const bool cuda = is_cuda(fn, device);
-        check_memory(fn, check_conv_blocks_params(fn, P, cuda, x.second, p.second, out.second), cuda);
-        py::gil_scoped_release nogil;
-#ifdef TOPODERIV_WITH_CUDA
-        if (cuda) return conv_sensitivity_blocks_cuda(P);
-#endif
-        (void)cuda;
-        conv_sensitivity_blocks_cpu(P);
+        run(fn, cuda, check_conv_blocks_params(fn, P, cuda, x.second, p.second, out.second),
+            conv_sensitivity_blocks_cpu, TD_CUDA_KERNEL(conv_sensitivity_blocks_cuda), P);
       },
       "out[r] += sum_{s, pixels} p[s, r, pixel] patch patch^T (pointers with spans; see conv_sensitivity.h)");
 
@@ -287,21 +307,12 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t stream) {
         const char* fn = "conv_sensitivity_matvec";
         ConvSensitivityMatvecParams P;
-        P.g = geometry(fn, shape, n, k, pad, bias);
-        P.x = ptr<const void>(x.first); P.xs = strides4(fn, "x strides", xs);
-        P.p = ptr<const void>(p.first); P.ps = strides4(fn, "p strides", ps);
+        set_conv_data(P, fn, shape, n, k, pad, bias, x, xs, p, ps);
         P.v = ptr<const void>(v.first); P.out = ptr<void>(out.first); P.workspace = ptr<void>(ws.first);
-        P.in_dtype = to_dtype(fn, "in_dtype", in_dt); P.acc_dtype = to_dtype(fn, "acc_dtype", acc_dt);
-        P.num_threads = check_threads(fn, threads); P.stream = ptr<void>(stream);
+        set_run(P, fn, in_dt, acc_dt, threads, stream);
         const bool cuda = is_cuda(fn, device);
-        check_memory(fn, check_conv_matvec_params(fn, P, cuda, x.second, p.second, v.second, out.second, ws.second),
-                     cuda);
-        py::gil_scoped_release nogil;
-#ifdef TOPODERIV_WITH_CUDA
-        if (cuda) return conv_sensitivity_matvec_cuda(P);
-#endif
-        (void)cuda;
-        conv_sensitivity_matvec_cpu(P);
+        run(fn, cuda, check_conv_matvec_params(fn, P, cuda, x.second, p.second, v.second, out.second, ws.second),
+            conv_sensitivity_matvec_cpu, TD_CUDA_KERNEL(conv_sensitivity_matvec_cuda), P);
       },
       "out[r] = B[r] @ v[r] of the conv blocks without forming them (pointers with spans; see conv_sensitivity.h)");
 
@@ -313,9 +324,7 @@ PYBIND11_MODULE(_C, m) {
          Buf true_res, Buf ws, int threads, uintptr_t stream, int need, Buf early) {
         const char* fn = "conv_sensitivity_lanczos";
         ConvSensitivityMatvecParams op;
-        op.g = geometry(fn, shape, n, kernel, pad, bias);
-        op.x = ptr<const void>(x.first); op.xs = strides4(fn, "x strides", xs);
-        op.p = ptr<const void>(p.first); op.ps = strides4(fn, "p strides", ps);
+        set_conv_data(op, fn, shape, n, kernel, pad, bias, x, xs, p, ps);
         op.in_dtype = to_dtype(fn, "in_dtype", in_dt);
         LanczosParams P;
         // the blocks of every problem of the batch (problem b * n + r); each problem draws the start
@@ -351,13 +360,7 @@ PYBIND11_MODULE(_C, m) {
           r.host = true;
           regions.push_back(r);
         }
-        check_memory(fn, regions, cuda);
-        py::gil_scoped_release nogil;
-#ifdef TOPODERIV_WITH_CUDA
-        if (cuda) return conv_lanczos_topk_cuda(P, op);
-#endif
-        (void)cuda;
-        conv_lanczos_topk_cpu(P, op);
+        run(fn, cuda, regions, conv_lanczos_topk_cpu, TD_CUDA_KERNEL(conv_lanczos_topk_cuda), P, op);
       },
       "Matrix-free batched Lanczos top-k eigenpairs of the conv sensitivity blocks (pointers with spans; see "
       "conv_sensitivity.h and lanczos.h). need and early (a host [num_problems] uint8 output, (0, 0) for none) as "
@@ -404,12 +407,10 @@ PYBIND11_MODULE(_C, m) {
         P.num_threads = check_threads(fn, threads); P.stream = ptr<void>(stream);
         if (a.first == 0) {
           SensitivityMatvecParams& op = P.op;
-          op.batch = op_batch; op.N = N; op.d = d; op.n = n; op.bias = bias;
-          op.x = ptr<const void>(x.first); op.x_rstride = x_rs;
-          op.p = ptr<const void>(p.first); op.p_rstride = p_rs;
           // one problem after another, each [N, d] / [N, n] with the row strides given
-          op.x_bstride = validate_detail::mul(fn, N, x_rs);
-          op.p_bstride = validate_detail::mul(fn, N, p_rs);
+          const int64_t x_bs = validate_detail::mul(fn, N, x_rs);
+          const int64_t p_bs = validate_detail::mul(fn, N, p_rs);
+          set_dense_data(op, op_batch, N, d, n, bias, x, x_rs, x_bs, p, p_rs, p_bs);
           op.in_dtype = to_dtype(fn, "in_dtype", in_dt); op.acc_dtype = P.dtype;
           op.num_threads = P.num_threads; op.stream = P.stream;
         }
@@ -428,13 +429,7 @@ PYBIND11_MODULE(_C, m) {
           r.name = "early"; r.ptr = early.first; r.have = early.second; r.need = B; r.written = true; r.host = true;
           regions.push_back(r);
         }
-        check_memory(fn, regions, cuda);
-        py::gil_scoped_release nogil;
-#ifdef TOPODERIV_WITH_CUDA
-        if (cuda) return lanczos_topk_cuda(P);
-#endif
-        (void)cuda;
-        lanczos_topk_cpu(P);
+        run(fn, cuda, regions, lanczos_topk_cpu, TD_CUDA_KERNEL(lanczos_topk_cuda), P);
       },
       "Batched Lanczos top-k eigenpairs of dense [B, m, m] (a != 0) or matrix-free sensitivity operators "
       "(op_batch operators of n problems each; pointers with spans (ptr, bytes); see lanczos.h). seed_period, need "
