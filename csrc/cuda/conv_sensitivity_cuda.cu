@@ -29,28 +29,16 @@
 //
 // Input dtypes: float32, float64, bfloat16 (raw 16-bit patterns, converted exactly to float32).
 // Accumulation: float32 for float32/bfloat16 inputs, float64 for float64 inputs.
-// This file is only compiled into CUDA builds (CMake defines TOPODERIV_WITH_CUDA for them); define
-// it here too so that a standalone nvcc compile sees the CUDA declarations of the headers.
-#ifndef TOPODERIV_WITH_CUDA
-#define TOPODERIV_WITH_CUDA 1
-#endif
 #include <cstdint>
 #include <string>
 
+#include "cuda_utils.cuh"  // first: defines TOPODERIV_WITH_CUDA for topoderiv/conv_sensitivity.h
 #include "topoderiv/conv_sensitivity.h"
-#include "cuda_utils.cuh"
 
 namespace topoderiv {
 namespace {
 
-using cuda_detail::bf16_raw;
-using cuda_detail::ceil_div;
-using cuda_detail::check_cuda;
-using cuda_detail::grid_dim;
-using cuda_detail::kMaxGridX;
-using cuda_detail::kMaxGridYZ;
-using cuda_detail::launch;
-using cuda_detail::to_acc_f;
+using namespace cuda_detail;
 
 constexpr int kThreads = 256;  // 16 x 16, 1-D block; tx = tid % 16, ty = tid / 16
 
@@ -229,7 +217,7 @@ void launch_blocks(const ConvSensitivityBlocksParams& P) {
   const int64_t num_rgroups = ceil_div(g.n, R);
   const dim3 grid(grid_dim(g.batch * num_pairs * num_rgroups, kMaxGridX), 1, 1);
   launch("conv_sensitivity_blocks_cuda", conv_blocks_kernel<Tin, Acc, TM, R>, grid, dim3(kThreads),
-         cuda_detail::as_stream(P.stream), static_cast<const Tin*>(P.x), static_cast<const Tin*>(P.p),
+         as_stream(P.stream), static_cast<const Tin*>(P.x), static_cast<const Tin*>(P.p),
          PatchAddress(g, P.xs, P.ps), static_cast<Acc*>(P.out), g.batch, g.rows(), g.n, m, num_tiles, num_pairs,
          num_rgroups);
 }
@@ -416,7 +404,7 @@ template <typename Tin, typename Acc>
 void run_matvec(const ConvSensitivityMatvecParams& P) {
   const ConvGeometry& g = P.g;
   const int64_t m = g.m(), rows = g.rows(), n = g.n;
-  const cudaStream_t stream = cuda_detail::as_stream(P.stream);
+  const cudaStream_t stream = as_stream(P.stream);
   const PatchAddress A(g, P.xs, P.ps);
   Acc* y = static_cast<Acc*>(P.workspace);
   const int64_t batch = g.batch;
@@ -499,7 +487,7 @@ void conv_sensitivity_blocks_cuda(const ConvSensitivityBlocksParams& params) {
   if ((params.g.d() > 0 && params.x == nullptr) || params.p == nullptr || params.out == nullptr) {
     fail(op, "x, p and out must be non-null");
   }
-  const cuda_detail::DeviceGuard guard(params.out, op);
+  const DeviceGuard guard(params.out, op);
   switch (params.in_dtype) {
     case DType::kFloat32: dispatch_blocks<float, float>(params); break;
     case DType::kFloat64: dispatch_blocks<double, double>(params); break;
@@ -514,11 +502,11 @@ void conv_sensitivity_matvec_cuda(const ConvSensitivityMatvecParams& params) {
   const int64_t m = params.g.m();
   if (params.g.problems() == 0) return;  // out is empty
   if (params.out == nullptr) fail(op, "out must be non-null");
-  const cuda_detail::DeviceGuard guard(params.out, op);
+  const DeviceGuard guard(params.out, op);
   if (params.g.rows() == 0) {  // B == 0, so out = 0
     const size_t bytes = static_cast<size_t>(params.g.problems() * m) *
                          (params.acc_dtype == DType::kFloat64 ? sizeof(double) : sizeof(float));
-    check_cuda(cudaMemsetAsync(params.out, 0, bytes, cuda_detail::as_stream(params.stream)), op);
+    check_cuda(cudaMemsetAsync(params.out, 0, bytes, as_stream(params.stream)), op);
     return;
   }
   if ((params.g.d() > 0 && params.x == nullptr) || params.p == nullptr || params.v == nullptr) {

@@ -7,6 +7,12 @@
 // TOPODERIV_CUDA_EMULATE="path/to/emulator.h" replaces this header's CUDA part with that file
 // (see csrc/cuda/emulator/run_emulated_tests.sh). The normal build never defines it.
 #pragma once
+// The .cu files are only compiled into CUDA builds (CMake defines TOPODERIV_WITH_CUDA for them);
+// defined here too (every .cu includes this header first) so that a standalone nvcc compile sees
+// the CUDA declarations of the core headers.
+#ifndef TOPODERIV_WITH_CUDA
+#define TOPODERIV_WITH_CUDA 1
+#endif
 #include <cstdint>
 #include <stdexcept>
 #include <string>

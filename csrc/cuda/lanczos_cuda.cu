@@ -18,30 +18,18 @@
 // Matrix-free operator: sensitivity_matvec_cuda on basis vector j ([op.batch, op.n, m]), or the
 // external operator of another op (params.external, e.g. the convolution blocks).
 // Host <-> device: small cudaMemcpyAsync on params.stream followed by cudaStreamSynchronize.
-// This file is only compiled into CUDA builds (CMake defines TOPODERIV_WITH_CUDA for them); define
-// it here too so that a standalone nvcc compile sees the CUDA declarations of the headers.
-#ifndef TOPODERIV_WITH_CUDA
-#define TOPODERIV_WITH_CUDA 1
-#endif
 #include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "cuda_utils.cuh"  // first: defines TOPODERIV_WITH_CUDA for topoderiv/lanczos.h
 #include "topoderiv/lanczos.h"
-#include "cuda_utils.cuh"
 
 namespace topoderiv {
 namespace {
 
-using cuda_detail::block_sum;
-using cuda_detail::ceil_div;
-using cuda_detail::check_cuda;
-using cuda_detail::grid_dim;
-using cuda_detail::kMaxGridX;
-using cuda_detail::kMaxGridYZ;
-using cuda_detail::launch;
-using cuda_detail::td_sqrt;
+using namespace cuda_detail;
 
 constexpr int kThreads = 256;    // 1-D blocks of the per-problem kernels
 constexpr int kRows = 8;         // dense_apply: rows per block (threadIdx.y)
@@ -215,7 +203,7 @@ class CudaLanczosBackend final : public LanczosBackend {
         layout_(lanczos_workspace_layout(p, /*cuda=*/true)),
         B_(p.num_problems),
         m_(p.m),
-        stream_(cuda_detail::as_stream(p.stream)),
+        stream_(as_stream(p.stream)),
         ws_(static_cast<T*>(p.workspace)),
         active_host_(static_cast<size_t>(p.num_problems > 0 ? p.num_problems : 0), 1) {
     basis_ = ws_ + layout_.basis;
@@ -415,7 +403,7 @@ void lanczos_topk_cuda(const LanczosParams& params) {
       }
     }
   }
-  const cuda_detail::DeviceGuard guard(params.num_problems > 0 ? params.workspace : nullptr, op);
+  const DeviceGuard guard(params.num_problems > 0 ? params.workspace : nullptr, op);
   if (params.dtype == DType::kFloat32) {
     run_lanczos<float>(params);
   } else {

@@ -23,28 +23,16 @@
 //
 // Input dtypes: float32, float64, bfloat16 (read as raw 16-bit patterns, converted exactly to
 // float32). Accumulation: float32 for float32/bfloat16 inputs, float64 for float64 inputs.
-// This file is only compiled into CUDA builds (CMake defines TOPODERIV_WITH_CUDA for them); define
-// it here too so that a standalone nvcc compile sees the CUDA declarations of the headers.
-#ifndef TOPODERIV_WITH_CUDA
-#define TOPODERIV_WITH_CUDA 1
-#endif
 #include <cstdint>
 #include <string>
 
+#include "cuda_utils.cuh"  // first: defines TOPODERIV_WITH_CUDA for topoderiv/sensitivity.h
 #include "topoderiv/sensitivity.h"
-#include "cuda_utils.cuh"
 
 namespace topoderiv {
 namespace {
 
-using cuda_detail::bf16_raw;
-using cuda_detail::ceil_div;
-using cuda_detail::check_cuda;
-using cuda_detail::grid_dim;
-using cuda_detail::kMaxGridX;
-using cuda_detail::kMaxGridYZ;
-using cuda_detail::launch;
-using cuda_detail::to_acc_f;
+using namespace cuda_detail;
 
 constexpr int kThreads = 256;  // 16 x 16, 1-D block; tx = tid % 16, ty = tid / 16
 
@@ -172,7 +160,7 @@ void launch_blocks(const SensitivityBlocksParams& P) {
   const int64_t num_rgroups = ceil_div(P.n, R);
   const dim3 grid(grid_dim(num_pairs * num_rgroups, kMaxGridX), 1, grid_dim(P.batch, kMaxGridYZ));
   launch("sensitivity_blocks_cuda", blocks_kernel<Tin, Acc, TM, R>, grid, dim3(kThreads),
-         cuda_detail::as_stream(P.stream), static_cast<const Tin*>(P.x), P.x_rstride, P.x_bstride,
+         as_stream(P.stream), static_cast<const Tin*>(P.x), P.x_rstride, P.x_bstride,
          static_cast<const Tin*>(P.p), P.p_rstride, P.p_bstride, static_cast<Acc*>(P.out), P.batch,
          P.N, P.d, P.n, m, num_tiles, num_pairs, num_rgroups);
 }
@@ -352,7 +340,7 @@ matvec_out_kernel(const Tin* __restrict__ x, int64_t x_rstride, int64_t x_bstrid
 template <typename Tin, typename Acc>
 void run_matvec(const SensitivityMatvecParams& P) {
   const int64_t m = P.m();
-  const cudaStream_t stream = cuda_detail::as_stream(P.stream);
+  const cudaStream_t stream = as_stream(P.stream);
   Acc* y = static_cast<Acc*>(P.workspace);
   const dim3 grid1(grid_dim(ceil_div(P.N, kGT), kMaxGridX), grid_dim(ceil_div(P.n, kGT), kMaxGridYZ),
                    grid_dim(P.batch, kMaxGridYZ));
@@ -418,7 +406,7 @@ void sensitivity_blocks_cuda(const SensitivityBlocksParams& params) {
   if ((params.d > 0 && params.x == nullptr) || params.p == nullptr || params.out == nullptr) {
     fail(op, "x, p and out must be non-null");
   }
-  const cuda_detail::DeviceGuard guard(params.out, op);
+  const DeviceGuard guard(params.out, op);
   switch (params.in_dtype) {
     case DType::kFloat32: dispatch_blocks<float, float>(params); break;
     case DType::kFloat64: dispatch_blocks<double, double>(params); break;
@@ -433,11 +421,11 @@ void sensitivity_matvec_cuda(const SensitivityMatvecParams& params) {
   const int64_t m = params.m();
   if (params.batch == 0 || params.n == 0 || m == 0) return;  // out is empty
   if (params.out == nullptr) fail(op, "out must be non-null");
-  const cuda_detail::DeviceGuard guard(params.out, op);
+  const DeviceGuard guard(params.out, op);
   if (params.N == 0) {  // B == 0, so out = 0
     const size_t bytes = static_cast<size_t>(params.batch * params.n * m) *
                          (params.acc_dtype == DType::kFloat64 ? sizeof(double) : sizeof(float));
-    check_cuda(cudaMemsetAsync(params.out, 0, bytes, cuda_detail::as_stream(params.stream)), op);
+    check_cuda(cudaMemsetAsync(params.out, 0, bytes, as_stream(params.stream)), op);
     return;
   }
   if ((params.d > 0 && params.x == nullptr) || params.p == nullptr || params.v == nullptr) {

@@ -17,14 +17,11 @@
 // Design 2, pair_products_kernel: z[s, q] = bf16(xt[s, i] xt[s, j]) for the pairs q of the triangle
 //   rows [i0, i1); grid: (32-row chunks of s) x (triangle rows i), each block writes its 32 x (m - i)
 //   patch as coalesced runs. Memory bound; the GEMM that consumes z runs in cuBLAS (ops.py).
-#ifndef TOPODERIV_WITH_CUDA
-#define TOPODERIV_WITH_CUDA 1
-#endif
 #include <cstdint>
 #include <string>
 
+#include "cuda_utils.cuh"  // first: defines TOPODERIV_WITH_CUDA for topoderiv/sensitivity_tc.h
 #include "topoderiv/sensitivity_tc.h"
-#include "cuda_utils.cuh"
 
 #ifndef TOPODERIV_CUDA_EMULATE
 #include <cuda_bf16.h>
@@ -34,14 +31,7 @@
 namespace topoderiv {
 namespace {
 
-using cuda_detail::bf16_raw;
-using cuda_detail::ceil_div;
-using cuda_detail::check_cuda;
-using cuda_detail::grid_dim;
-using cuda_detail::kMaxGridX;
-using cuda_detail::kMaxGridYZ;
-using cuda_detail::launch;
-using cuda_detail::to_acc_f;
+using namespace cuda_detail;
 namespace wmma = nvcuda::wmma;
 
 // bf16 tensor-core MMA needs sm_80+; older device passes compile the kernels to a trap (the host
@@ -229,13 +219,13 @@ void sensitivity_blocks_mma_cuda(const SensitivityBlocksParams& P) {
   const int64_t m = P.m();
   if (P.batch == 0 || P.N == 0 || P.n == 0 || m == 0) return;
   if ((P.d > 0 && P.x == nullptr) || P.p == nullptr || P.out == nullptr) fail(op, "x, p and out must be non-null");
-  const cuda_detail::DeviceGuard guard(P.out, op);
+  const DeviceGuard guard(P.out, op);
   require_sm80(op);
   const int64_t num_tiles = ceil_div(m, kTcTile);
   const int64_t num_pairs = num_tiles * (num_tiles + 1) / 2;
   const int64_t num_rgroups = ceil_div(P.n, kTcR);
   const dim3 grid(grid_dim(num_pairs * num_rgroups, kMaxGridX), 1, grid_dim(P.batch, kMaxGridYZ));
-  launch(op, blocks_mma_kernel<kTcR>, grid, dim3(kTcThreads), cuda_detail::as_stream(P.stream),
+  launch(op, blocks_mma_kernel<kTcR>, grid, dim3(kTcThreads), as_stream(P.stream),
          static_cast<const bf16_raw*>(P.x), P.x_rstride, P.x_bstride, static_cast<const bf16_raw*>(P.p),
          P.p_rstride, P.p_bstride, static_cast<float*>(P.out), P.batch, P.N, P.d, P.n, m, num_tiles, num_pairs,
          num_rgroups);
@@ -255,9 +245,9 @@ void sensitivity_pair_products_cuda(const PairProductsParams& P) {
   if (m >= (int64_t{1} << 24)) fail(op, "m = d + bias must be < 2^24, got " + std::to_string(m));
   if (P.N == 0 || P.i1 == P.i0) return;
   if ((P.d > 0 && P.x == nullptr) || P.z == nullptr) fail(op, "x and z must be non-null");
-  const cuda_detail::DeviceGuard guard(P.z, op);
+  const DeviceGuard guard(P.z, op);
   const dim3 grid(grid_dim(ceil_div(P.N, kPairRows), kMaxGridX), grid_dim(P.i1 - P.i0, kMaxGridYZ), 1);
-  launch(op, pair_products_kernel, grid, dim3(kPairThreads), cuda_detail::as_stream(P.stream),
+  launch(op, pair_products_kernel, grid, dim3(kPairThreads), as_stream(P.stream),
          static_cast<const bf16_raw*>(P.x), P.x_rstride, static_cast<__nv_bfloat16*>(P.z), P.N, P.d, m, P.i0,
          P.i1, P.width());
 }
