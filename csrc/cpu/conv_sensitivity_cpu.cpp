@@ -37,44 +37,13 @@
 #include <omp.h>
 #endif
 
+#include "cpu/kernel_common.h"
 #include "cpu/microkernel.h"
 #include "topoderiv/conv_sensitivity.h"
 
 namespace topoderiv {
 namespace cpu {
 namespace {
-
-constexpr int64_t KC = 256;  // rows (output pixels) per chunk
-
-template <typename T>
-struct Aligned {
-  struct Free {
-    void operator()(T* p) const { std::free(p); }
-  };
-  std::unique_ptr<T, Free> ptr;
-  explicit Aligned(int64_t n) {
-    size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
-    bytes = (bytes + 63) / 64 * 64;
-    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-    if (!ptr) throw std::bad_alloc();
-  }
-  T* get() const { return ptr.get(); }
-};
-
-inline int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-inline int team_size() {
-#ifdef _OPENMP
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
-}
 
 // PatchAddress::feature for every feature i < d, computed once per call (no divisions per element).
 struct FeatureTable {
@@ -142,48 +111,11 @@ TD_TARGET_CLONES void gather_rows(const Tin* x, const PatchAddress& A, const Fea
 template <typename Tin, typename Tacc>
 TD_TARGET_CLONES void pack_p_panel(const Tin* p, const int64_t* prow, int64_t pc, int64_t n, int64_t r0,
                                    int64_t kc, Tacc* Ap) {
-  const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
-  for (int64_t q = 0; q < kc; ++q) {
-    const Tin* row = p + prow[q] + r0 * pc;
-    Tacc* dst = Ap + q * MR;
-    for (int ii = 0; ii < mr; ++ii) dst[ii] = convert<Tacc>(row[ii * pc]);
-    for (int ii = mr; ii < MR; ++ii) dst[ii] = Tacc(0);
-  }
+  pack_p_panel_at<Tin, Tacc>([=](int64_t q) { return p + prow[q]; }, pc, n, r0, kc, Ap);
 }
 
 // ---------------------------------------------------------------------------------------------
 // blocks
-
-struct Run {
-  int c0, c1;     // tile columns [c0, c1)
-  int64_t i, j0;  // pair (i, j0 + c - c0) for tile column c
-};
-struct TriangleTiles {
-  std::vector<Run> runs;       // the runs of all tiles, tile by tile
-  std::vector<int64_t> first;  // tile t: runs[first[t], first[t + 1])
-  int64_t size() const { return static_cast<int64_t>(first.size()) - 1; }
-};
-
-// The pairs (i, j >= i) in row-major order, cut into tiles of nr consecutive pairs.
-TriangleTiles triangle_tiles(int64_t m, int nr) {
-  TriangleTiles t;
-  t.first.push_back(0);
-  int used = 0;
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = i; j < m;) {
-      const int take = static_cast<int>(std::min<int64_t>(nr - used, m - j));
-      t.runs.push_back(Run{used, used + take, i, j});
-      used += take;
-      j += take;
-      if (used == nr) {
-        t.first.push_back(static_cast<int64_t>(t.runs.size()));
-        used = 0;
-      }
-    }
-  }
-  if (used > 0) t.first.push_back(static_cast<int64_t>(t.runs.size()));
-  return t;
-}
 
 // One tile of every block for a chunk of kc gathered rows (xc [kc, ldx]): the panel
 // Bp[q, c] = pt_i * pt_j of the tile's pairs, times every P^T panel, added to the outputs.
@@ -203,42 +135,7 @@ TD_TARGET_CLONES void blocks_tile(const T* xc, int64_t ldx, int64_t m, int64_t k
     }
     for (int c = used; c < nr; ++c) dst[c] = T(0);
   }
-  const int64_t mm = m * m;
-  alignas(64) T acc[MR * nr];
-  for (int64_t r0 = 0; r0 < n; r0 += MR) {
-    const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
-    if (nruns == 1) {  // one run: the outputs are contiguous, add in place
-      const Run& ru = runs[0];
-      microkernel<T>(kc, Apack + (r0 / MR) * KC * MR, Bp, out + r0 * mm + ru.i * m + ru.j0, mm, mr, 0, used);
-      continue;
-    }
-    std::memset(acc, 0, sizeof(acc));
-    microkernel<T>(kc, Apack + (r0 / MR) * KC * MR, Bp, acc, nr, MR, 0, nr);
-    for (int ii = 0; ii < mr; ++ii) {
-      T* o = out + (r0 + ii) * mm;
-      const T* a = acc + ii * nr;
-      for (int u = 0; u < nruns; ++u) {
-        const Run& ru = runs[u];
-        T* dst = o + ru.i * m + ru.j0;
-        for (int c = ru.c0; c < ru.c1; ++c) dst[c - ru.c0] += a[c];
-      }
-    }
-  }
-}
-
-template <typename T>
-void mirror_lower(T* out, int64_t n, int64_t m, int nthreads) {
-  constexpr int64_t TB = 32;
-#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t ib = 0; ib < m; ib += TB) {
-      T* a = out + r * m * m;
-      for (int64_t jb = 0; jb <= ib; jb += TB) {
-        for (int64_t i = ib; i < std::min(ib + TB, m); ++i)
-          for (int64_t j = jb; j < std::min({jb + TB, m, i}); ++j) a[i * m + j] = a[j * m + i];
-      }
-    }
-  }
+  add_tile_products<T, /*kPrefetch=*/false>(kc, Apack, Bp, runs, nruns, n, m, out);
 }
 
 template <typename Tin, typename Tacc>
@@ -253,7 +150,7 @@ void blocks_impl(const ConvSensitivityBlocksParams& P) {
   const int nthreads = std::max(1, P.num_threads);
   const int nt = static_cast<int>(std::min<int64_t>(nthreads, ntiles));
   const int64_t per_thread = KC * m + nrb * KC * MR + KC * nr;
-  Aligned<Tacc> work(static_cast<int64_t>(nt) * per_thread);
+  AlignedBuffer<Tacc> work(static_cast<int64_t>(nt) * per_thread);
   std::vector<int64_t> rowtab(static_cast<size_t>(nt * 4 * KC));
   const Tin* x = static_cast<const Tin*>(P.x);
   const Tin* p = static_cast<const Tin*>(P.p);
@@ -399,7 +296,7 @@ void matvec_impl(const ConvSensitivityMatvecParams& P) {
   const int64_t npb = (KC + nr - 1) / nr;  // patch-row panels per chunk (GEMM-1 columns)
   const int64_t nxt = (m + nr - 1) / nr;   // feature tiles (GEMM-2 columns)
   const int64_t per_thread = npb * m * nr + nxt * KC * nr + n * KC + KC * MR + n * m;
-  Aligned<Tacc> Vp(nrb * m * MR), work(static_cast<int64_t>(nt) * per_thread);
+  AlignedBuffer<Tacc> Vp(nrb * m * MR), work(static_cast<int64_t>(nt) * per_thread);
   std::vector<int64_t> rowtab(static_cast<size_t>(nt * 4 * KC));
   const Tin* x = static_cast<const Tin*>(P.x);
   const Tin* p = static_cast<const Tin*>(P.p);
@@ -437,14 +334,7 @@ void matvec_impl(const ConvSensitivityMatvecParams& P) {
     }
 #pragma omp barrier
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < n; ++r) {
-      Tacc* o = out + r * m;
-      std::fill(o, o + m, Tacc(0));
-      for (int t = 0; t < T; ++t) {
-        const Tacc* a = work.get() + static_cast<int64_t>(t) * per_thread + (per_thread - n * m) + r * m;
-        for (int64_t j = 0; j < m; ++j) o[j] += a[j];
-      }
-    }
+    for (int64_t r = 0; r < n; ++r) sum_accumulators(out, r, m, work.get() + (per_thread - n * m), per_thread, T);
   }
 }
 
@@ -527,16 +417,6 @@ class ConvOperator final : public LanczosOperator {
 }  // namespace cpu
 
 namespace {
-template <class F32, class BF, class F64, class F32D, class BFD>
-void dispatch(const char* fn, DType in, DType acc, F32 f32, BF bf, F64 f64, F32D f32d, BFD bfd) {
-  if (in == DType::kFloat32 && acc == DType::kFloat32) return f32();
-  if (in == DType::kBFloat16 && acc == DType::kFloat32) return bf();
-  if (in == DType::kFloat64 && acc == DType::kFloat64) return f64();
-  if (in == DType::kFloat32 && acc == DType::kFloat64) return f32d();
-  if (in == DType::kBFloat16 && acc == DType::kFloat64) return bfd();
-  fail(fn, std::string("unsupported (input, accumulation) dtypes (") + dtype_name(in) + ", " + dtype_name(acc) + ")");
-}
-
 // What the kernels need beyond validate's span checks (they also run without the bindings).
 template <class Params>
 void check_geometry(const char* fn, const Params& P) {
@@ -567,14 +447,12 @@ void conv_sensitivity_blocks_cpu(const ConvSensitivityBlocksParams& params) {
   check_geometry(fn, params);
   if (params.g.rows() == 0 || params.g.problems() == 0) return;
   if (params.out == nullptr) fail(fn, "out must not be null");
-  using cpu::bf16;
   const int64_t m = params.g.m();
   for (int64_t b = 0; b < params.g.batch; ++b) {  // the problems of a batch one after the other
     const ConvSensitivityBlocksParams P = batch_item(params, b, b * params.g.n * m * m);
-    dispatch(fn, P.in_dtype, P.acc_dtype,
-             [&] { cpu::blocks_impl<float, float>(P); }, [&] { cpu::blocks_impl<bf16, float>(P); },
-             [&] { cpu::blocks_impl<double, double>(P); }, [&] { cpu::blocks_impl<float, double>(P); },
-             [&] { cpu::blocks_impl<bf16, double>(P); });
+    cpu::dispatch_dtypes(fn, P.in_dtype, P.acc_dtype, [&](auto tin, auto tacc) {
+      cpu::blocks_impl<decltype(tin), decltype(tacc)>(P);
+    });
   }
 }
 
@@ -583,22 +461,15 @@ void conv_sensitivity_matvec_cpu(const ConvSensitivityMatvecParams& params) {
   check_geometry(fn, params);
   if (params.g.problems() == 0) return;
   if (params.out == nullptr || params.v == nullptr) fail(fn, "v and out must not be null");
-  const int64_t count = params.g.problems() * params.g.m();
-  if (params.acc_dtype == DType::kFloat32) {
-    std::fill(static_cast<float*>(params.out), static_cast<float*>(params.out) + count, 0.0f);
-  } else {
-    std::fill(static_cast<double*>(params.out), static_cast<double*>(params.out) + count, 0.0);
-  }
+  cpu::zero_acc(params.out, params.acc_dtype, params.g.problems() * params.g.m());
   if (params.g.rows() == 0) return;
-  using cpu::bf16;
   const int64_t nm = params.g.n * params.g.m();
   for (int64_t b = 0; b < params.g.batch; ++b) {  // the problems of a batch one after the other
     ConvSensitivityMatvecParams P = batch_item(params, b, b * nm);
     P.v = static_cast<const char*>(params.v) + static_cast<size_t>(b * nm) * dtype_size(params.acc_dtype);
-    dispatch(fn, P.in_dtype, P.acc_dtype,
-             [&] { cpu::matvec_impl<float, float>(P); }, [&] { cpu::matvec_impl<bf16, float>(P); },
-             [&] { cpu::matvec_impl<double, double>(P); }, [&] { cpu::matvec_impl<float, double>(P); },
-             [&] { cpu::matvec_impl<bf16, double>(P); });
+    cpu::dispatch_dtypes(fn, P.in_dtype, P.acc_dtype, [&](auto tin, auto tacc) {
+      cpu::matvec_impl<decltype(tin), decltype(tacc)>(P);
+    });
   }
 }
 

@@ -23,35 +23,13 @@
 #include <omp.h>
 #endif
 
+#include "cpu/kernel_common.h"
 #include "cpu/microkernel.h"
 #include "topoderiv/sensitivity.h"
 
 namespace topoderiv {
 namespace cpu {
 namespace {
-
-constexpr int64_t KC = 256;  // rows (samples) per chunk
-
-template <typename T>
-struct AlignedBuffer {
-  struct Free { void operator()(T* p) const { std::free(p); } };
-  std::unique_ptr<T, Free> ptr;
-  explicit AlignedBuffer(int64_t n) {
-    size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
-    bytes = (bytes + 63) / 64 * 64;
-    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-    if (!ptr) throw std::bad_alloc();
-  }
-  T* get() const { return ptr.get(); }
-};
-
-inline int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 // Feature i of the augmented row xt (x followed by the bias 1).
 template <typename Tacc, typename Tin>
@@ -62,46 +40,7 @@ TD_INLINE Tacc feat(const Tin* xrow, int64_t i, int64_t d) {
 // A panel of P^T: Ap[k, ii] = p[k, r0 + ii] (zero past n).
 template <typename Tin, typename Tacc>
 TD_TARGET_CLONES void pack_p_panel(const Tin* p, int64_t ldp, int64_t n, int64_t r0, int64_t kc, Tacc* Ap) {
-  const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
-  for (int64_t k = 0; k < kc; ++k) {
-    const Tin* row = p + k * ldp + r0;
-    Tacc* dst = Ap + k * MR;
-    for (int ii = 0; ii < mr; ++ii) dst[ii] = convert<Tacc>(row[ii]);
-    for (int ii = mr; ii < MR; ++ii) dst[ii] = Tacc(0);
-  }
-}
-
-// Upper-triangle tiles: the pairs (i, j), j >= i, in row-major order, cut into tiles of NR
-// consecutive pairs. A tile is a few runs of consecutive columns of one row each (one run when
-// the row is long, several near the end of the triangle), so no column slot is wasted whatever m.
-struct Run {
-  int c0, c1;      // tile columns [c0, c1)
-  int64_t i, j0;   // row i, first column j0 (column j0 + c - c0 for tile column c)
-};
-struct TriangleTiles {
-  std::vector<Run> runs;       // the runs of all tiles, tile by tile
-  std::vector<int64_t> first;  // tile t: runs[first[t], first[t + 1])
-  int64_t size() const { return static_cast<int64_t>(first.size()) - 1; }
-};
-
-inline TriangleTiles triangle_tiles(int64_t m, int nr) {
-  TriangleTiles t;
-  t.first.push_back(0);
-  int used = 0;
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = i; j < m;) {
-      const int take = static_cast<int>(std::min<int64_t>(nr - used, m - j));
-      t.runs.push_back(Run{used, used + take, i, j});
-      used += take;
-      j += take;
-      if (used == nr) {
-        t.first.push_back(static_cast<int64_t>(t.runs.size()));
-        used = 0;
-      }
-    }
-  }
-  if (used > 0) t.first.push_back(static_cast<int64_t>(t.runs.size()));
-  return t;
+  pack_p_panel_at<Tin, Tacc>([=](int64_t k) { return p + k * ldp; }, 1, n, r0, kc, Ap);
 }
 
 // One tile of every block, for a chunk of kc rows: generate the panel Bp[k, c] = xt_i * xt_j
@@ -127,65 +66,7 @@ TD_TARGET_CLONES void blocks_tile(const Tin* x, int64_t ldx, int64_t d, int64_t 
     }
     for (int c = used; c < nr; ++c) dst[c] = Tacc(0);
   }
-  const int64_t mm = m * m;
-  alignas(64) Tacc acc[MR * nr];
-  for (int64_t r0 = 0; r0 < n; r0 += MR) {
-    const int mr = static_cast<int>(std::min<int64_t>(MR, n - r0));
-    // The outputs of the next row block: MR rows m^2 elements apart, so the hardware prefetcher
-    // does not see them coming; requested now, they arrive during this block's K loop.
-    if (r0 + MR < n) {
-      const int64_t rp = r0 + MR;
-      const int mp = static_cast<int>(std::min<int64_t>(MR, n - rp));
-      for (int ii = 0; ii < mp; ++ii) {
-        const Tacc* o = out + (rp + ii) * mm;
-        for (int q = 0; q < nruns; ++q) {
-          const Run& ru = runs[q];
-          const Tacc* a = o + ru.i * m + ru.j0;
-          for (int c = 0; c < ru.c1 - ru.c0; c += kLanes<Tacc>) __builtin_prefetch(a + c, 1, 3);
-          __builtin_prefetch(a + (ru.c1 - ru.c0) - 1, 1, 3);
-        }
-      }
-    }
-    if (nruns == 1) {  // one run: the outputs are contiguous, add in place
-      const Run& ru = runs[0];
-      microkernel<Tacc>(kc, Apack + (r0 / MR) * KC * MR, Bp, out + r0 * mm + ru.i * m + ru.j0, mm, mr, 0, used);
-      continue;
-    }
-    std::memset(acc, 0, sizeof(acc));
-    microkernel<Tacc>(kc, Apack + (r0 / MR) * KC * MR, Bp, acc, nr, MR, 0, nr);
-    for (int ii = 0; ii < mr; ++ii) {
-      Tacc* o = out + (r0 + ii) * mm;
-      const Tacc* a = acc + ii * nr;
-      for (int q = 0; q < nruns; ++q) {
-        const Run& ru = runs[q];
-        Tacc* dst = o + ru.i * m + ru.j0 - ru.c0;
-        for (int c = ru.c0; c < ru.c1; ++c) dst[c] += a[c];
-      }
-    }
-  }
-}
-
-template <typename T>
-void mirror_lower(T* out, int64_t n, int64_t m, int nthreads) {
-  constexpr int64_t TB = 32;
-#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t ib = 0; ib < m; ib += TB) {
-      T* a = out + r * m * m;
-      for (int64_t jb = 0; jb <= ib; jb += TB) {
-        for (int64_t i = ib; i < std::min(ib + TB, m); ++i)
-          for (int64_t j = jb; j < std::min({jb + TB, m, i}); ++j) a[i * m + j] = a[j * m + i];
-      }
-    }
-  }
-}
-
-inline int num_threads_here() {
-#ifdef _OPENMP
-  return omp_get_num_threads();
-#else
-  return 1;
-#endif
+  add_tile_products<Tacc, /*kPrefetch=*/true>(kc, Apack, Bp, runs, nruns, n, m, out);
 }
 
 // One parallel region per call and no barrier inside it: each thread owns a fixed, equal share of
@@ -205,7 +86,7 @@ void blocks_impl(const SensitivityBlocksParams& P) {
   AlignedBuffer<Tacc> Bbuf(static_cast<int64_t>(nt) * KC * nr);
 #pragma omp parallel num_threads(nt)
   {
-    const int tid = thread_id(), T = num_threads_here();
+    const int tid = thread_id(), T = team_size();
     const int64_t t0 = ntiles * tid / T, t1 = ntiles * (tid + 1) / T;
     Tacc* Ap = Apack.get() + static_cast<int64_t>(tid) * nrb * KC * MR;
     Tacc* Bp = Bbuf.get() + static_cast<int64_t>(tid) * KC * nr;
@@ -417,7 +298,7 @@ void matvec_impl(const SensitivityMatvecParams& P) {
     std::atomic<int> finished{0};
 #pragma omp parallel num_threads(nt)
     {
-      const int tid = thread_id(), T = num_threads_here();
+      const int tid = thread_id(), T = team_size();
       Tacc* Vp = work.get() + static_cast<int64_t>(tid) * per_thread;
       Tacc* Xc = Vp + vp_size;
       Tacc* XT = Xc + conv_size;
@@ -446,14 +327,8 @@ void matvec_impl(const SensitivityMatvecParams& P) {
           gemm2_block<Tacc, Tin>(ps, P.p_rstride, Y, xs, ldx, d, bias, n, m, kc, rb * MR, XT, A2, acc);
       }
       if (finished.fetch_add(1, std::memory_order_acq_rel) == T - 1) {
-        for (int64_t r = 0; r < n; ++r) {
-          Tacc* o = out + r * m;
-          std::fill(o, o + m, Tacc(0));
-          for (int t = 0; t < T; ++t) {
-            const Tacc* a = work.get() + static_cast<int64_t>(t) * per_thread + (per_thread - acc_size) + r * m;
-            for (int64_t j = 0; j < m; ++j) o[j] += a[j];
-          }
-        }
+        for (int64_t r = 0; r < n; ++r)
+          sum_accumulators(out, r, m, work.get() + (per_thread - acc_size), per_thread, T);
       }
     }
   }
@@ -463,16 +338,6 @@ void matvec_impl(const SensitivityMatvecParams& P) {
 }  // namespace cpu
 
 namespace {
-template <class F32, class BF, class F64, class F32D, class BFD>
-void dispatch(const char* fn, DType in, DType acc, F32 f32, BF bf, F64 f64, F32D f32d, BFD bfd) {
-  if (in == DType::kFloat32 && acc == DType::kFloat32) return f32();
-  if (in == DType::kBFloat16 && acc == DType::kFloat32) return bf();
-  if (in == DType::kFloat64 && acc == DType::kFloat64) return f64();
-  if (in == DType::kFloat32 && acc == DType::kFloat64) return f32d();
-  if (in == DType::kBFloat16 && acc == DType::kFloat64) return bfd();
-  fail(fn, std::string("unsupported (input, accumulation) dtypes (") + dtype_name(in) + ", " + dtype_name(acc) + ")");
-}
-
 template <class Params>
 void check_common(const char* fn, const Params& P) {
   if (P.batch < 0 || P.N < 0 || P.d < 0 || P.n < 0) fail(fn, "sizes must be >= 0");
@@ -486,11 +351,9 @@ void sensitivity_blocks_cpu(const SensitivityBlocksParams& P) {
   check_common(fn, P);
   if (P.batch == 0 || P.n == 0 || P.N == 0) return;
   if (P.out == nullptr) fail(fn, "out must not be null");
-  using cpu::bf16;
-  dispatch(fn, P.in_dtype, P.acc_dtype,
-           [&] { cpu::blocks_impl<float, float>(P); }, [&] { cpu::blocks_impl<bf16, float>(P); },
-           [&] { cpu::blocks_impl<double, double>(P); }, [&] { cpu::blocks_impl<float, double>(P); },
-           [&] { cpu::blocks_impl<bf16, double>(P); });
+  cpu::dispatch_dtypes(fn, P.in_dtype, P.acc_dtype, [&](auto tin, auto tacc) {
+    cpu::blocks_impl<decltype(tin), decltype(tacc)>(P);
+  });
 }
 
 void sensitivity_matvec_cpu(const SensitivityMatvecParams& P) {
@@ -498,17 +361,11 @@ void sensitivity_matvec_cpu(const SensitivityMatvecParams& P) {
   check_common(fn, P);
   if (P.batch == 0 || P.n == 0) return;
   if (P.out == nullptr || P.v == nullptr) fail(fn, "v and out must not be null");
-  if (P.acc_dtype == DType::kFloat32) {
-    std::fill(static_cast<float*>(P.out), static_cast<float*>(P.out) + P.batch * P.n * P.m(), 0.0f);
-  } else {
-    std::fill(static_cast<double*>(P.out), static_cast<double*>(P.out) + P.batch * P.n * P.m(), 0.0);
-  }
+  cpu::zero_acc(P.out, P.acc_dtype, P.batch * P.n * P.m());
   if (P.N == 0) return;
-  using cpu::bf16;
-  dispatch(fn, P.in_dtype, P.acc_dtype,
-           [&] { cpu::matvec_impl<float, float>(P); }, [&] { cpu::matvec_impl<bf16, float>(P); },
-           [&] { cpu::matvec_impl<double, double>(P); }, [&] { cpu::matvec_impl<float, double>(P); },
-           [&] { cpu::matvec_impl<bf16, double>(P); });
+  cpu::dispatch_dtypes(fn, P.in_dtype, P.acc_dtype, [&](auto tin, auto tacc) {
+    cpu::matvec_impl<decltype(tin), decltype(tacc)>(P);
+  });
 }
 
 }  // namespace topoderiv
