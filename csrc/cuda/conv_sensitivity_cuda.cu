@@ -33,6 +33,7 @@
 #include <string>
 
 #include "cuda_utils.cuh"  // first: defines TOPODERIV_WITH_CUDA for topoderiv/conv_sensitivity.h
+#include "sensitivity_tiles.cuh"
 #include "topoderiv/conv_sensitivity.h"
 
 namespace topoderiv {
@@ -127,13 +128,8 @@ conv_blocks_kernel(const Tin* __restrict__ x0, const Tin* __restrict__ p0, Patch
     const int64_t rg = (item % per_problem) / num_pairs;
     const Tin* __restrict__ x = x0 != nullptr ? x0 + prob * A.xs.b : x0;
     const Tin* __restrict__ p = p0 + prob * A.ps.b;
-    Acc* __restrict__ out = out0 + prob * n * m * m;
-    int64_t ti = 0, rem = pair;  // pair -> (ti, tj), ti <= tj, row-major over the upper triangle
-    while (rem >= num_tiles - ti) {
-      rem -= num_tiles - ti;
-      ++ti;
-    }
-    const int64_t tj = ti + rem;
+    int64_t ti, tj;
+    tile_pair(pair, num_tiles, ti, tj);
     const int64_t i0 = ti * TM, j0 = tj * TM, r0 = rg * R;
 
     __syncthreads();  // the previous item no longer reads the feature decodings
@@ -143,12 +139,7 @@ conv_blocks_kernel(const Tin* __restrict__ x0, const Tin* __restrict__ p0, Patch
     }
 
     Acc acc[R][MT][MT];
-#pragma unroll
-    for (int rr = 0; rr < R; ++rr)
-#pragma unroll
-      for (int u = 0; u < MT; ++u)
-#pragma unroll
-        for (int w = 0; w < MT; ++w) acc[rr][u][w] = Acc(0);
+    blocks_zero(acc);
 
     for (int64_t s0 = 0; s0 < rows; s0 += KS) {
       __syncthreads();  // the previous chunk is no longer being read
@@ -165,46 +156,9 @@ conv_blocks_kernel(const Tin* __restrict__ x0, const Tin* __restrict__ p0, Patch
         p_s[kk][c] = (rs.valid[kk] && r < n) ? static_cast<Acc>(to_acc_f(p[rs.prow[kk] + r * A.ps.c])) : Acc(0);
       }
       __syncthreads();
-#pragma unroll 2
-      for (int kk = 0; kk < KS; ++kk) {
-        Acc a[MT], bj[MT];
-#pragma unroll
-        for (int u = 0; u < MT; ++u) a[u] = xi_s[kk][ty + 16 * u];
-#pragma unroll
-        for (int w = 0; w < MT; ++w) bj[w] = xj_s[kk][tx + 16 * w];
-#pragma unroll
-        for (int rr = 0; rr < R; ++rr) {
-          const Acc pr = p_s[kk][rr];
-#pragma unroll
-          for (int u = 0; u < MT; ++u) {
-            const Acc t = a[u] * pr;
-#pragma unroll
-            for (int w = 0; w < MT; ++w) acc[rr][u][w] += t * bj[w];
-          }
-        }
-      }
+      blocks_fma(xi_s, xj_s, p_s, ty, tx, acc);
     }
-
-    // Epilogue: out[r, i, j] += v and out[r, j, i] += v (same v), one writer per element.
-#pragma unroll
-    for (int rr = 0; rr < R; ++rr) {
-      const int64_t r = r0 + rr;
-      if (r >= n) continue;
-      Acc* ob = out + r * m * m;
-#pragma unroll
-      for (int u = 0; u < MT; ++u) {
-        const int64_t i = i0 + ty + 16 * u;
-        if (i >= m) continue;
-#pragma unroll
-        for (int w = 0; w < MT; ++w) {
-          const int64_t j = j0 + tx + 16 * w;
-          if (j >= m || j < i) continue;  // j < i only happens in diagonal tiles
-          const Acc v = acc[rr][u][w];
-          ob[i * m + j] += v;
-          if (j != i) ob[j * m + i] += v;
-        }
-      }
-    }
+    blocks_epilogue<Acc, TM, R>(acc, out0, prob * n, r0, n, m, i0, j0, ty, tx);
   }
 }
 
@@ -224,60 +178,12 @@ void launch_blocks(const ConvSensitivityBlocksParams& P) {
 
 template <typename Tin, typename Acc>
 void dispatch_blocks(const ConvSensitivityBlocksParams& P) {
-  const int64_t m = P.g.m();
-  if (m <= 16) {
-    launch_blocks<Tin, Acc, 16, 16>(P);
-  } else if (m <= 32) {
-    launch_blocks<Tin, Acc, 32, 8>(P);
-  } else {
-    launch_blocks<Tin, Acc, 64, 4>(P);
-  }
+  with_blocks_config(P.g.m(), [&](auto tm, auto r) { launch_blocks<Tin, Acc, decltype(tm)::value, decltype(r)::value>(P); });
 }
 
 // ------------------------------------------------------------------------------------------------
 // Matrix-free application.
 // ------------------------------------------------------------------------------------------------
-constexpr int kGT = 64;  // GEMM output tile (both dimensions)
-constexpr int kGK = 16;  // GEMM reduction chunk
-constexpr int64_t kMinSplitRows = 1024;  // second GEMM: fewest rows per split of the sum over rows
-
-// acc[u][w] += sum_k a[k][ty + 16 u] * b[k][tx + 16 w] over one staged chunk (4 x 4 per thread).
-template <typename Acc, int LD>
-__device__ __forceinline__ void tile_fma(const Acc (&a)[kGK][LD], const Acc (&b)[kGK][LD], int ty, int tx,
-                                         Acc (&acc)[4][4]) {
-#pragma unroll
-  for (int k = 0; k < kGK; ++k) {
-    Acc av[4], bv[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) av[u] = a[k][ty + 16 * u];
-#pragma unroll
-    for (int w = 0; w < 4; ++w) bv[w] = b[k][tx + 16 * w];
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-#pragma unroll
-      for (int w = 0; w < 4; ++w) acc[u][w] += av[u] * bv[w];
-  }
-}
-
-template <typename Acc>
-__device__ __forceinline__ void tile_zero(Acc (&acc)[4][4]) {
-#pragma unroll
-  for (int u = 0; u < 4; ++u)
-#pragma unroll
-    for (int w = 0; w < 4; ++w) acc[u][w] = Acc(0);
-}
-
-// Streaming multiprocessors of the current device (grid sizing only; 1 if unknown).
-int64_t num_sms() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms < 1) {
-    (void)cudaGetLastError();  // clear, this is only a sizing hint
-    return 1;
-  }
-  return sms;
-}
-
 // Y[b, s, r] = sum_i pt[b, s, i] * v[b, r, i].  Grid: x = row tiles, y = r tiles, z = problems.
 template <typename Tin, typename Acc>
 __global__ void __launch_bounds__(kThreads)
@@ -317,16 +223,7 @@ conv_matvec_y_kernel(const Tin* __restrict__ x0, PatchAddress A,
         __syncthreads();
         tile_fma(xs, vs, ty, tx, acc);
       }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int64_t s = s0 + ty + 16 * u;
-        if (s >= rows) continue;
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          const int64_t r = r0 + tx + 16 * w;
-          if (r < n) y[s * n + r] = acc[u][w];
-        }
-      }
+      store_y_tile(acc, y, s0, r0, rows, n, ty, tx);
     }
   }
   }
@@ -380,21 +277,7 @@ conv_matvec_out_kernel(const Tin* __restrict__ x0, const Tin* __restrict__ p0, P
           __syncthreads();
           tile_fma(zs, xs, ty, tx, acc);
         }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int64_t r = r0 + ty + 16 * u;
-          if (r >= n) continue;
-#pragma unroll
-          for (int w = 0; w < 4; ++w) {
-            const int64_t i = i0 + tx + 16 * w;
-            if (i >= m) continue;
-            if (splits == 1) {
-              out[r * m + i] = acc[u][w];
-            } else {
-              atomicAdd(out + r * m + i, acc[u][w]);
-            }
-          }
-        }
+        store_out_tile(acc, out, r0, i0, n, m, splits, ty, tx);
       }
     }
   }
@@ -413,41 +296,18 @@ void run_matvec(const ConvSensitivityMatvecParams& P) {
   launch("conv_sensitivity_matvec_cuda", conv_matvec_y_kernel<Tin, Acc>, grid1, dim3(kThreads), stream,
          static_cast<const Tin*>(P.x), A, static_cast<const Acc*>(P.v), y, batch, rows, n, m);
   // The second GEMM's output [n, m] can be far too small to fill the GPU while the sum runs over
-  // all rows: then split the rows into ranges (>= kMinSplitRows each) added atomically.
-  const int64_t tiles2 = ceil_div(m, kGT) * ceil_div(n, kGT) * batch;
-  const int64_t target = 2 * num_sms();
-  int64_t splits = 1;
-  if (tiles2 < target) {
-    splits = ceil_div(target, tiles2);
-    const int64_t max_splits = rows / kMinSplitRows > 1 ? rows / kMinSplitRows : 1;
-    splits = splits < max_splits ? splits : max_splits;
-  }
-  int64_t split_rows = ceil_div(ceil_div(rows, splits), kGK) * kGK;
-  splits = ceil_div(rows, split_rows);  // no empty split
+  // all rows: then the rows are split into ranges added atomically (row_split).
+  const RowSplit split = row_split(rows, ceil_div(m, kGT) * ceil_div(n, kGT) * batch);
+  const int64_t splits = split.splits, split_rows = split.split_rows;
   if (splits > 1) {
     check_cuda(cudaMemsetAsync(P.out, 0, static_cast<size_t>(batch * n * m) * sizeof(Acc), stream),
                "conv_sensitivity_matvec_cuda");
-  } else {
-    split_rows = rows;
   }
   const dim3 grid2(grid_dim(ceil_div(m, kGT), kMaxGridX), grid_dim(ceil_div(n, kGT), kMaxGridYZ),
                    grid_dim(batch * splits, kMaxGridYZ));
   launch("conv_sensitivity_matvec_cuda", conv_matvec_out_kernel<Tin, Acc>, grid2, dim3(kThreads), stream,
          static_cast<const Tin*>(P.x), static_cast<const Tin*>(P.p), A, static_cast<const Acc*>(y),
          static_cast<Acc*>(P.out), batch, rows, n, m, splits, split_rows);
-}
-
-// Accumulation dtype the CUDA kernels use for an input dtype.
-DType cuda_acc_for(DType in) { return in == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
-
-void check_dtypes(const char* op, DType in, DType acc) {
-  if (in != DType::kFloat32 && in != DType::kFloat64 && in != DType::kBFloat16) {
-    fail(op, std::string("in_dtype must be float32, float64 or bfloat16, got ") + dtype_name(in));
-  }
-  if (acc != cuda_acc_for(in)) {
-    fail(op, std::string("on CUDA, in_dtype ") + dtype_name(in) + " needs acc_dtype " +
-                 dtype_name(cuda_acc_for(in)) + ", got " + dtype_name(acc));
-  }
 }
 
 void check_geometry(const char* op, const ConvGeometry& g) {
@@ -482,23 +342,19 @@ class ConvCudaOperator final : public LanczosOperator {
 void conv_sensitivity_blocks_cuda(const ConvSensitivityBlocksParams& params) {
   const char* op = "conv_sensitivity_blocks_cuda";
   check_geometry(op, params.g);
-  check_dtypes(op, params.in_dtype, params.acc_dtype);
+  check_cuda_dtypes(op, params.in_dtype, params.acc_dtype);
   if (params.g.rows() == 0 || params.g.problems() == 0) return;  // nothing to add
   if ((params.g.d() > 0 && params.x == nullptr) || params.p == nullptr || params.out == nullptr) {
     fail(op, "x, p and out must be non-null");
   }
   const DeviceGuard guard(params.out, op);
-  switch (params.in_dtype) {
-    case DType::kFloat32: dispatch_blocks<float, float>(params); break;
-    case DType::kFloat64: dispatch_blocks<double, double>(params); break;
-    case DType::kBFloat16: dispatch_blocks<bf16_raw, float>(params); break;
-  }
+  with_cuda_dtypes(params.in_dtype, [&](auto tin, auto acc) { dispatch_blocks<decltype(tin), decltype(acc)>(params); });
 }
 
 void conv_sensitivity_matvec_cuda(const ConvSensitivityMatvecParams& params) {
   const char* op = "conv_sensitivity_matvec_cuda";
   check_geometry(op, params.g);
-  check_dtypes(op, params.in_dtype, params.acc_dtype);
+  check_cuda_dtypes(op, params.in_dtype, params.acc_dtype);
   const int64_t m = params.g.m();
   if (params.g.problems() == 0) return;  // out is empty
   if (params.out == nullptr) fail(op, "out must be non-null");
@@ -515,17 +371,13 @@ void conv_sensitivity_matvec_cuda(const ConvSensitivityMatvecParams& params) {
   if (params.workspace == nullptr) {
     fail(op, "workspace must be non-null (conv_matvec_workspace_elems(params.g) elements of acc_dtype)");
   }
-  switch (params.in_dtype) {
-    case DType::kFloat32: run_matvec<float, float>(params); break;
-    case DType::kFloat64: run_matvec<double, double>(params); break;
-    case DType::kBFloat16: run_matvec<bf16_raw, float>(params); break;
-  }
+  with_cuda_dtypes(params.in_dtype, [&](auto tin, auto acc) { run_matvec<decltype(tin), decltype(acc)>(params); });
 }
 
 void conv_lanczos_topk_cuda(LanczosParams params, const ConvSensitivityMatvecParams& op) {
   const char* name = "conv_sensitivity_lanczos_cuda";
   check_geometry(name, op.g);
-  check_dtypes(name, op.in_dtype, op.acc_dtype);
+  check_cuda_dtypes(name, op.in_dtype, op.acc_dtype);
   if (op.g.problems() != params.num_problems || op.g.m() != params.m) {
     fail(name, "the operator must have batch n = num_problems and m = the Lanczos m, got batch n = " +
                    std::to_string(op.g.problems()) +

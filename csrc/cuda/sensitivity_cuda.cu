@@ -27,6 +27,7 @@
 #include <string>
 
 #include "cuda_utils.cuh"  // first: defines TOPODERIV_WITH_CUDA for topoderiv/sensitivity.h
+#include "sensitivity_tiles.cuh"
 #include "topoderiv/sensitivity.h"
 
 namespace topoderiv {
@@ -78,22 +79,12 @@ blocks_kernel(const Tin* __restrict__ x, int64_t x_rstride, int64_t x_bstride,
     for (int64_t item = blockIdx.x; item < work; item += gridDim.x) {
       const int64_t pair = item % num_pairs;
       const int64_t rg = item / num_pairs;
-      // pair -> (ti, tj), ti <= tj, row-major over the upper triangle of the tile grid.
-      int64_t ti = 0, rem = pair;
-      while (rem >= num_tiles - ti) {
-        rem -= num_tiles - ti;
-        ++ti;
-      }
-      const int64_t tj = ti + rem;
+      int64_t ti, tj;
+      tile_pair(pair, num_tiles, ti, tj);
       const int64_t i0 = ti * TM, j0 = tj * TM, r0 = rg * R;
 
       Acc acc[R][MT][MT];
-#pragma unroll
-      for (int rr = 0; rr < R; ++rr)
-#pragma unroll
-        for (int u = 0; u < MT; ++u)
-#pragma unroll
-          for (int w = 0; w < MT; ++w) acc[rr][u][w] = Acc(0);
+      blocks_zero(acc);
 
       for (int64_t s0 = 0; s0 < N; s0 += KS) {
         __syncthreads();  // the previous chunk (or item) is no longer being read
@@ -108,46 +99,9 @@ blocks_kernel(const Tin* __restrict__ x, int64_t x_rstride, int64_t x_bstride,
           p_s[kk][c] = (s < N && r < n) ? static_cast<Acc>(to_acc_f(pb[s * p_rstride + r])) : Acc(0);
         }
         __syncthreads();
-#pragma unroll 2
-        for (int kk = 0; kk < KS; ++kk) {
-          Acc a[MT], bj[MT];
-#pragma unroll
-          for (int u = 0; u < MT; ++u) a[u] = xi_s[kk][ty + 16 * u];
-#pragma unroll
-          for (int w = 0; w < MT; ++w) bj[w] = xj_s[kk][tx + 16 * w];
-#pragma unroll
-          for (int rr = 0; rr < R; ++rr) {
-            const Acc pr = p_s[kk][rr];
-#pragma unroll
-            for (int u = 0; u < MT; ++u) {
-              const Acc t = a[u] * pr;
-#pragma unroll
-              for (int w = 0; w < MT; ++w) acc[rr][u][w] += t * bj[w];
-            }
-          }
-        }
+        blocks_fma(xi_s, xj_s, p_s, ty, tx, acc);
       }
-
-      // Epilogue: out[b, r, i, j] += v and out[b, r, j, i] += v (same v), one writer per element.
-#pragma unroll
-      for (int rr = 0; rr < R; ++rr) {
-        const int64_t r = r0 + rr;
-        if (r >= n) continue;
-        Acc* ob = out + (b * n + r) * m * m;
-#pragma unroll
-        for (int u = 0; u < MT; ++u) {
-          const int64_t i = i0 + ty + 16 * u;
-          if (i >= m) continue;
-#pragma unroll
-          for (int w = 0; w < MT; ++w) {
-            const int64_t j = j0 + tx + 16 * w;
-            if (j >= m || j < i) continue;  // j < i only happens in diagonal tiles
-            const Acc v = acc[rr][u][w];
-            ob[i * m + j] += v;
-            if (j != i) ob[j * m + i] += v;
-          }
-        }
-      }
+      blocks_epilogue<Acc, TM, R>(acc, out, b * n, r0, n, m, i0, j0, ty, tx);
     }
   }
 }
@@ -167,61 +121,12 @@ void launch_blocks(const SensitivityBlocksParams& P) {
 
 template <typename Tin, typename Acc>
 void dispatch_blocks(const SensitivityBlocksParams& P) {
-  const int64_t m = P.m();
-  if (m <= 16) {
-    launch_blocks<Tin, Acc, 16, 16>(P);
-  } else if (m <= 32) {
-    launch_blocks<Tin, Acc, 32, 8>(P);
-  } else {
-    launch_blocks<Tin, Acc, 64, 4>(P);
-  }
+  with_blocks_config(P.m(), [&](auto tm, auto r) { launch_blocks<Tin, Acc, decltype(tm)::value, decltype(r)::value>(P); });
 }
 
 // ------------------------------------------------------------------------------------------------
 // Matrix-free application.
 // ------------------------------------------------------------------------------------------------
-constexpr int kGT = 64;  // GEMM output tile (both dimensions)
-constexpr int kGK = 16;  // GEMM reduction chunk
-constexpr int64_t kMinSplitRows = 1024;  // second GEMM: fewest rows per split of the sum over N
-
-// The 4 x 4 register tile of the two matvec GEMMs (16 x 16 threads, a 64 x 64 output tile): over
-// one staged chunk, acc[u][w] += sum_k a[k][ty + 16 u] * b[k][tx + 16 w].
-template <typename Acc, int LD>
-__device__ __forceinline__ void tile_fma(const Acc (&a)[kGK][LD], const Acc (&b)[kGK][LD], int ty, int tx,
-                                         Acc (&acc)[4][4]) {
-#pragma unroll
-  for (int k = 0; k < kGK; ++k) {
-    Acc av[4], bv[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) av[u] = a[k][ty + 16 * u];
-#pragma unroll
-    for (int w = 0; w < 4; ++w) bv[w] = b[k][tx + 16 * w];
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-#pragma unroll
-      for (int w = 0; w < 4; ++w) acc[u][w] += av[u] * bv[w];
-  }
-}
-
-template <typename Acc>
-__device__ __forceinline__ void tile_zero(Acc (&acc)[4][4]) {
-#pragma unroll
-  for (int u = 0; u < 4; ++u)
-#pragma unroll
-    for (int w = 0; w < 4; ++w) acc[u][w] = Acc(0);
-}
-
-// Streaming multiprocessors of the current device (for grid sizing only; 1 if unknown).
-int64_t num_sms() {
-  int dev = 0, sms = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms < 1) {
-    (void)cudaGetLastError();  // clear, this is only a sizing hint
-    return 1;
-  }
-  return sms;
-}
-
 // Y[b, s, r] = sum_i xt[b, s, i] * v[b, r, i].  Grid: x = s tiles, y = r tiles, z = problems.
 template <typename Tin, typename Acc>
 __global__ void __launch_bounds__(kThreads)
@@ -256,16 +161,7 @@ matvec_y_kernel(const Tin* __restrict__ x, int64_t x_rstride, int64_t x_bstride,
           __syncthreads();
           tile_fma(xs, vs, ty, tx, acc);
         }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int64_t s = s0 + ty + 16 * u;
-          if (s >= N) continue;
-#pragma unroll
-          for (int w = 0; w < 4; ++w) {
-            const int64_t r = r0 + tx + 16 * w;
-            if (r < n) yb[s * n + r] = acc[u][w];
-          }
-        }
+        store_y_tile(acc, yb, s0, r0, N, n, ty, tx);
       }
     }
   }
@@ -317,21 +213,7 @@ matvec_out_kernel(const Tin* __restrict__ x, int64_t x_rstride, int64_t x_bstrid
           __syncthreads();
           tile_fma(zs, xs, ty, tx, acc);
         }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int64_t r = r0 + ty + 16 * u;
-          if (r >= n) continue;
-#pragma unroll
-          for (int w = 0; w < 4; ++w) {
-            const int64_t i = i0 + tx + 16 * w;
-            if (i >= m) continue;
-            if (splits == 1) {
-              ob[r * m + i] = acc[u][w];
-            } else {
-              atomicAdd(ob + r * m + i, acc[u][w]);
-            }
-          }
-        }
+        store_out_tile(acc, ob, r0, i0, n, m, splits, ty, tx);
       }
     }
   }
@@ -348,23 +230,12 @@ void run_matvec(const SensitivityMatvecParams& P) {
          static_cast<const Tin*>(P.x), P.x_rstride, P.x_bstride, static_cast<const Acc*>(P.v), y,
          P.batch, P.N, P.d, P.n, m);
   // Second GEMM: its output [batch, n, m] can be far too small to fill the GPU while the sum runs
-  // over N rows; then split the rows into a few ranges (at least kMinSplitRows each) whose partial
-  // sums are added atomically (the result is then not bitwise reproducible run to run).
-  const int64_t tiles2 = ceil_div(m, kGT) * ceil_div(P.n, kGT) * P.batch;
-  const int64_t target = 2 * num_sms();
-  int64_t splits = 1;
-  if (tiles2 < target) {
-    splits = ceil_div(target, tiles2);
-    const int64_t max_splits = P.N / kMinSplitRows > 1 ? P.N / kMinSplitRows : 1;
-    splits = splits < max_splits ? splits : max_splits;
-  }
-  int64_t split_rows = ceil_div(ceil_div(P.N, splits), kGK) * kGK;
-  splits = ceil_div(P.N, split_rows);  // no empty split
+  // over N rows; then the rows are split into ranges added atomically (row_split).
+  const RowSplit split = row_split(P.N, ceil_div(m, kGT) * ceil_div(P.n, kGT) * P.batch);
+  const int64_t splits = split.splits, split_rows = split.split_rows;
   if (splits > 1) {
     check_cuda(cudaMemsetAsync(P.out, 0, static_cast<size_t>(P.batch * P.n * m) * sizeof(Acc), stream),
                "sensitivity_matvec_cuda");
-  } else {
-    split_rows = P.N;
   }
   const dim3 grid2(grid_dim(ceil_div(m, kGT), kMaxGridX), grid_dim(ceil_div(P.n, kGT), kMaxGridYZ),
                    grid_dim(P.batch * splits, kMaxGridYZ));
@@ -372,19 +243,6 @@ void run_matvec(const SensitivityMatvecParams& P) {
          static_cast<const Tin*>(P.x), P.x_rstride, P.x_bstride, static_cast<const Tin*>(P.p),
          P.p_rstride, P.p_bstride, static_cast<const Acc*>(y), static_cast<Acc*>(P.out), P.batch,
          P.N, P.d, P.n, m, splits, split_rows);
-}
-
-// Accumulation dtype the CUDA kernels use for an input dtype.
-DType cuda_acc_for(DType in) { return in == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
-
-void check_dtypes(const char* op, DType in, DType acc) {
-  if (in != DType::kFloat32 && in != DType::kFloat64 && in != DType::kBFloat16) {
-    fail(op, std::string("in_dtype must be float32, float64 or bfloat16, got ") + dtype_name(in));
-  }
-  if (acc != cuda_acc_for(in)) {
-    fail(op, std::string("on CUDA, in_dtype ") + dtype_name(in) + " needs acc_dtype " +
-                 dtype_name(cuda_acc_for(in)) + ", got " + dtype_name(acc));
-  }
 }
 
 void check_sizes(const char* op, int64_t batch, int64_t N, int64_t d, int64_t n) {
@@ -399,7 +257,7 @@ void check_sizes(const char* op, int64_t batch, int64_t N, int64_t d, int64_t n)
 void sensitivity_blocks_cuda(const SensitivityBlocksParams& params) {
   const char* op = "sensitivity_blocks_cuda";
   check_sizes(op, params.batch, params.N, params.d, params.n);
-  check_dtypes(op, params.in_dtype, params.acc_dtype);
+  check_cuda_dtypes(op, params.in_dtype, params.acc_dtype);
   const int64_t m = params.m();
   // Nothing to add (N == 0) or nothing to write.
   if (params.batch == 0 || params.N == 0 || params.n == 0 || m == 0) return;
@@ -407,17 +265,13 @@ void sensitivity_blocks_cuda(const SensitivityBlocksParams& params) {
     fail(op, "x, p and out must be non-null");
   }
   const DeviceGuard guard(params.out, op);
-  switch (params.in_dtype) {
-    case DType::kFloat32: dispatch_blocks<float, float>(params); break;
-    case DType::kFloat64: dispatch_blocks<double, double>(params); break;
-    case DType::kBFloat16: dispatch_blocks<bf16_raw, float>(params); break;
-  }
+  with_cuda_dtypes(params.in_dtype, [&](auto tin, auto acc) { dispatch_blocks<decltype(tin), decltype(acc)>(params); });
 }
 
 void sensitivity_matvec_cuda(const SensitivityMatvecParams& params) {
   const char* op = "sensitivity_matvec_cuda";
   check_sizes(op, params.batch, params.N, params.d, params.n);
-  check_dtypes(op, params.in_dtype, params.acc_dtype);
+  check_cuda_dtypes(op, params.in_dtype, params.acc_dtype);
   const int64_t m = params.m();
   if (params.batch == 0 || params.n == 0 || m == 0) return;  // out is empty
   if (params.out == nullptr) fail(op, "out must be non-null");
@@ -434,11 +288,7 @@ void sensitivity_matvec_cuda(const SensitivityMatvecParams& params) {
   if (params.workspace == nullptr) {
     fail(op, "workspace must be non-null (matvec_workspace_elems(params) elements of acc_dtype)");
   }
-  switch (params.in_dtype) {
-    case DType::kFloat32: run_matvec<float, float>(params); break;
-    case DType::kFloat64: run_matvec<double, double>(params); break;
-    case DType::kBFloat16: run_matvec<bf16_raw, float>(params); break;
-  }
+  with_cuda_dtypes(params.in_dtype, [&](auto tin, auto acc) { run_matvec<decltype(tin), decltype(acc)>(params); });
 }
 
 }  // namespace topoderiv
