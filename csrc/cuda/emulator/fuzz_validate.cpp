@@ -29,22 +29,13 @@
 #include "topoderiv/sensitivity.h"
 #include "topoderiv/validate.h"
 
+#include "test_check.h"
+
 using namespace topoderiv;
 
 namespace {
 
-int failures = 0;
 long accepted = 0, rejected = 0, ran = 0;
-
-#define EXPECT(cond, ...)                                  \
-  do {                                                     \
-    if (!(cond)) {                                         \
-      ++failures;                                          \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);     \
-      std::printf(__VA_ARGS__);                            \
-      std::printf("\n");                                   \
-    }                                                      \
-  } while (0)
 
 std::mt19937_64 rng;
 int64_t rnd(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
@@ -109,6 +100,23 @@ const char* mut_name(int m) {
   return names[m];
 }
 
+// A span mutation (kShort, kMisalign or kNull) of buffer `target` (bytes[i] bytes of tes[i]-byte
+// elements; 0: not accessed): its span 1 to 2 elements short, its pointer misaligned by 1 to
+// tes - 1 bytes, or null. Returns whether one was applied (then the checks must reject the call);
+// none is for another mutation, a target that is not accessed, or 1-byte elements to misalign.
+bool mutate_span(int mut, int target, int64_t* bytes, const int64_t* tes, int64_t* misalign, bool* null) {
+  if ((mut != kShort && mut != kMisalign && mut != kNull) || bytes[target] == 0) return false;
+  if (mut == kShort) {
+    bytes[target] -= rnd(1, std::min<int64_t>(bytes[target], 2 * tes[target]));
+  } else if (mut == kMisalign) {
+    if (tes[target] <= 1) return false;
+    misalign[target] = rnd(1, tes[target] - 1);
+  } else {
+    null[target] = true;
+  }
+  return true;
+}
+
 // Runs check(), then (when accepted) the kernel. `must_reject` / `must_accept`: the expectation.
 template <class Check, class Run>
 void trial(const char* what, int mut, bool must_reject, bool must_accept, Check check, Run run) {
@@ -122,7 +130,7 @@ void trial(const char* what, int mut, bool must_reject, bool must_accept, Check 
   }
   if (ok) {
     ++accepted;
-    EXPECT(!must_reject, "%s: mutation %s was accepted", what, mut_name(mut));
+    CHECK(!must_reject, "%s: mutation %s was accepted", what, mut_name(mut));
     if (must_reject) return;  // would be out of bounds: ASan would stop here
     try {
       run();
@@ -132,8 +140,8 @@ void trial(const char* what, int mut, bool must_reject, bool must_accept, Check 
     }
   } else {
     ++rejected;
-    EXPECT(!must_accept, "%s: valid params rejected: %s", what, msg.c_str());
-    EXPECT(msg.rfind("sensitivity_", 0) == 0 || msg.rfind("lanczos_", 0) == 0 || msg.rfind("conv_sensitivity_", 0) == 0,
+    CHECK(!must_accept, "%s: valid params rejected: %s", what, msg.c_str());
+    CHECK(msg.rfind("sensitivity_", 0) == 0 || msg.rfind("lanczos_", 0) == 0 || msg.rfind("conv_sensitivity_", 0) == 0,
            "%s: message does not name the op: %s", what, msg.c_str());
   }
 }
@@ -167,40 +175,20 @@ void fuzz_blocks_or_matvec(bool matvec, bool cuda, int64_t it) {
   const int64_t ies = dtype_size(P.in_dtype), aes = dtype_size(P.acc_dtype), m = P.m();
   const bool active = P.batch > 0 && P.n > 0 && (matvec || P.N > 0);
   const bool reads = active && P.N > 0;
-  int64_t xb = (reads && P.d > 0) ? span(P.batch, P.N, P.d, P.x_rstride, P.x_bstride) * ies : 0;
-  int64_t pb = reads ? span(P.batch, P.N, P.n, P.p_rstride, P.p_bstride) * ies : 0;
-  int64_t ob = active ? P.batch * P.n * m * (matvec ? 1 : m) * aes : 0;
-  int64_t vb = (matvec && reads) ? P.batch * P.n * m * aes : 0;
-  int64_t wb = (matvec && reads && cuda) ? P.batch * P.N * P.n * aes : 0;
-  bool must_reject = false;
-  // which buffer a span mutation hits: 0 x, 1 p, 2 out, 3 v, 4 workspace
+  // the buffers' bytes: 0 x, 1 p, 2 out, 3 v, 4 workspace
+  int64_t sizes[5] = {(reads && P.d > 0) ? span(P.batch, P.N, P.d, P.x_rstride, P.x_bstride) * ies : 0,
+                      reads ? span(P.batch, P.N, P.n, P.p_rstride, P.p_bstride) * ies : 0,
+                      active ? P.batch * P.n * m * (matvec ? 1 : m) * aes : 0,
+                      (matvec && reads) ? P.batch * P.n * m * aes : 0,
+                      (matvec && reads && cuda) ? P.batch * P.N * P.n * aes : 0};
+  int64_t &xb = sizes[0], &pb = sizes[1], &ob = sizes[2], &vb = sizes[3], &wb = sizes[4];
+  // which buffer a span mutation hits
   const int target = static_cast<int>(rnd(0, matvec ? (cuda ? 4 : 3) : 2));
-  int64_t* bytes[5] = {&xb, &pb, &ob, &vb, &wb};
+  int64_t* bytes[5] = {&sizes[0], &sizes[1], &sizes[2], &sizes[3], &sizes[4]};
   const int64_t tes[5] = {ies, ies, aes, aes, aes};
   int64_t misalign[5] = {0, 0, 0, 0, 0};
   bool null[5] = {false, false, false, false, false};
-  switch (mut) {
-    case kShort:
-      if (*bytes[target] > 0) {
-        *bytes[target] -= rnd(1, std::min<int64_t>(*bytes[target], 2 * tes[target]));
-        must_reject = true;
-      }
-      break;
-    case kMisalign:
-      if (*bytes[target] > 0 && tes[target] > 1) {
-        misalign[target] = rnd(1, tes[target] - 1);
-        must_reject = true;
-      }
-      break;
-    case kNull:
-      if (*bytes[target] > 0) {
-        null[target] = true;
-        must_reject = true;
-      }
-      break;
-    default:
-      break;
-  }
+  bool must_reject = mutate_span(mut, target, sizes, tes, misalign, null);
   DType t_of[5] = {P.in_dtype, P.in_dtype, P.acc_dtype, P.acc_dtype, P.acc_dtype};
   Buffer buf[5];
   for (int i = 0; i < 5; ++i) buf[i] = make(*bytes[i], t_of[i], misalign[i]);
@@ -345,22 +333,15 @@ void fuzz_lanczos(bool cuda, int64_t it) {
   int target = static_cast<int>(rnd(0, 10));
   int64_t misalign[11] = {};
   bool null[11] = {};
-  if ((mut == kShort || mut == kMisalign || mut == kNull) && bytes[target] == 0) mut = kNone;
-  if (mut == kShort) {
-    bytes[target] -= rnd(1, std::min<int64_t>(bytes[target], 2 * tes[target]));
-    must_reject = true;
-  } else if (mut == kMisalign) {
-    if (tes[target] > 1) {
-      misalign[target] = rnd(1, tes[target] - 1);
-      must_reject = true;
-    } else {
+  if (mut == kShort || mut == kMisalign || mut == kNull) {
+    must_reject = mutate_span(mut, target, bytes, tes, misalign, null);
+    if (!must_reject) {
       mut = kNone;
+    } else if (mut == kNull) {
+      // a null v0 / anorm / true_residuals is "none", not an error
+      must_reject = !(target == 3 || target == 8 || target == 9 || (target == 0 && mf));
+      if (target == 0 && !mf) must_reject = true;  // a null a means matrix-free: op sizes mismatch
     }
-  } else if (mut == kNull) {
-    null[target] = true;
-    // a null v0 / anorm / true_residuals is "none", not an error
-    must_reject = !(target == 3 || target == 8 || target == 9 || (target == 0 && mf));
-    if (target == 0 && !mf) must_reject = true;  // a null a means matrix-free: op sizes mismatch
   }
   const DType t_of[11] = {P.dtype, P.op.in_dtype, P.op.in_dtype, P.dtype, P.dtype, P.dtype,
                           P.dtype, DType::kFloat32, DType::kFloat64, P.dtype, P.dtype};
@@ -529,20 +510,9 @@ void fuzz_conv(int kind, bool cuda, int64_t it) {
   const int target = static_cast<int>(rnd(0, 7));
   int64_t misalign[8] = {};
   bool null[8] = {};
-  if ((mut == kShort || mut == kMisalign || mut == kNull) && bytes[target] == 0) mut = kNone;
-  if (mut == kShort) {
-    bytes[target] -= rnd(1, std::min<int64_t>(bytes[target], 2 * tes[target]));
-    must_reject = true;
-  } else if (mut == kMisalign) {
-    if (tes[target] > 1) {
-      misalign[target] = rnd(1, tes[target] - 1);
-      must_reject = true;
-    } else {
-      mut = kNone;
-    }
-  } else if (mut == kNull) {
-    null[target] = true;
-    must_reject = true;
+  if (mut == kShort || mut == kMisalign || mut == kNull) {
+    must_reject = mutate_span(mut, target, bytes, tes, misalign, null);
+    if (!must_reject) mut = kNone;
   }
   const DType t_of[8] = {P.in_dtype, P.in_dtype, P.acc_dtype, P.acc_dtype, P.acc_dtype, P.acc_dtype, P.acc_dtype,
                          DType::kFloat32};
@@ -672,7 +642,7 @@ void expect_message(const char* what, const std::string& want, F f) {
   } catch (const std::invalid_argument& e) {
     got = e.what();
   }
-  EXPECT(got.find(want) != std::string::npos, "%s: expected a message containing '%s', got '%s'", what, want.c_str(),
+  CHECK(got.find(want) != std::string::npos, "%s: expected a message containing '%s', got '%s'", what, want.c_str(),
          got.c_str());
 }
 

@@ -13,19 +13,10 @@
 #include "topoderiv/sensitivity_tc.h"
 
 #include "cuda_emulator.h"
+#include "test_check.h"
 
 using namespace topoderiv;
 
-static int failures = 0;
-#define CHECK(cond, ...)                      \
-  do {                                        \
-    if (!(cond)) {                            \
-      ++failures;                             \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);               \
-      std::printf("\n");                      \
-    }                                         \
-  } while (0)
 
 static std::mt19937_64 rng(12345);
 
@@ -206,9 +197,49 @@ static void test_matvec(DType t, int64_t batch, int64_t N, int64_t d, int64_t n,
 
 // Symmetric dense problems; compare CUDA-emulated Lanczos with the CPU backend. with_v0: start
 // vectors given (row 0 all zero: it must fall back to the seeded random start).
+// Lanczos params of B problems of size m, top k, at most max_steps steps, with the tolerance of
+// T's precision (1e-10 for double, 1e-5 for float).
+template <typename T>
+static LanczosParams lanczos_params(int64_t B, int64_t m, int64_t k, int64_t max_steps, uint64_t seed) {
+  LanczosParams P;
+  P.num_problems = B;
+  P.m = m;
+  P.k = k;
+  P.max_steps = max_steps;
+  P.tol = sizeof(T) == 8 ? 1e-10 : 1e-5;
+  P.seed = seed;
+  P.dtype = sizeof(T) == 8 ? DType::kFloat64 : DType::kFloat32;
+  return P;
+}
+
+// The outputs of one Lanczos call, NaN-filled (entries left unwritten show), and its workspace of
+// ws_elems elements of ws_fill followed by a NaN guard (an overrun shows).
+template <typename T>
+struct LanczosRun {
+  std::vector<T> vals, vecs, res, ws;
+  std::vector<int32_t> steps;
+  // P with these outputs attached.
+  LanczosParams attach(const LanczosParams& P, int64_t ws_elems, T ws_fill) {
+    const int64_t B = P.num_problems, m = P.m, k = P.k;
+    vals.assign(B * k, NAN);
+    vecs.assign(B * m * k, NAN);
+    res.assign(B * k, NAN);
+    steps.assign(B, -1);
+    ws.assign(ws_elems + 1, ws_fill);
+    ws.back() = T(NAN);
+    LanczosParams Q = P;
+    Q.values = vals.data();
+    Q.vectors = vecs.data();
+    Q.ritz_residuals = res.data();
+    Q.steps = steps.data();
+    Q.workspace = ws.data();
+    return Q;
+  }
+  bool guard_intact() const { return std::isnan(static_cast<double>(ws.back())); }
+};
+
 template <typename T>
 static void test_lanczos_dense(int64_t B, int64_t m, int64_t k, int64_t max_steps, int kind, bool with_v0 = false) {
-  const DType dt = sizeof(T) == 8 ? DType::kFloat64 : DType::kFloat32;
   std::vector<T> a(B * m * m);
   std::normal_distribution<double> G(0, 1);
   for (int64_t b = 0; b < B; ++b) {
@@ -221,64 +252,46 @@ static void test_lanczos_dense(int64_t B, int64_t m, int64_t k, int64_t max_step
         A[i * m + j] = A[j * m + i] = static_cast<T>(v);
       }
   }
-  LanczosParams P;
-  P.num_problems = B;
-  P.m = m;
-  P.k = k;
-  P.max_steps = max_steps;
-  P.tol = sizeof(T) == 8 ? 1e-10 : 1e-5;
-  P.seed = 7;
-  P.dtype = dt;
+  LanczosParams P = lanczos_params<T>(B, m, k, max_steps, 7);
   P.a = a.data();
   std::vector<T> v0(B * m);
   for (int64_t i = 0; i < B * m; ++i) v0[i] = i < m ? T(0) : static_cast<T>(G(rng));
   if (with_v0) P.v0 = v0.data();
-  std::vector<T> vals[2], vecs[2], res[2], ws[2];
-  std::vector<int32_t> steps[2];
+  LanczosRun<T> run[2];  // CUDA, CPU
   for (int w = 0; w < 2; ++w) {
-    LanczosParams Q = P;
-    vals[w].assign(B * k, NAN);
-    vecs[w].assign(B * m * k, NAN);
-    res[w].assign(B * k, NAN);
-    steps[w].assign(B, -1);
-    ws[w].assign(lanczos_workspace_layout(P, w == 0).total + 1, NAN);
-    Q.values = vals[w].data();
-    Q.vectors = vecs[w].data();
-    Q.ritz_residuals = res[w].data();
-    Q.steps = steps[w].data();
-    Q.workspace = ws[w].data();
+    const LanczosParams Q = run[w].attach(P, lanczos_workspace_layout(P, w == 0).total, T(NAN));
     if (w == 0) lanczos_topk_cuda(Q); else lanczos_topk_cpu(Q);
-    CHECK(std::isnan(ws[w].back()), "lanczos workspace overrun");
+    CHECK(run[w].guard_intact(), "lanczos workspace overrun");
   }
   for (int64_t b = 0; b < B; ++b) {
-    CHECK(steps[0][b] == steps[1][b], "lanczos B=%ld m=%ld kind=%d b=%ld steps cuda %d cpu %d", B, m, kind, b,
-          steps[0][b], steps[1][b]);
+    CHECK(run[0].steps[b] == run[1].steps[b], "lanczos B=%ld m=%ld kind=%d b=%ld steps cuda %d cpu %d", B, m, kind, b,
+          run[0].steps[b], run[1].steps[b]);
     const T* A = a.data() + b * m * m;
     double anorm = 0;
     for (int64_t i = 0; i < m * m; ++i) anorm = std::max(anorm, std::fabs((double)A[i]));
     anorm *= m;
     for (int64_t c = 0; c < k; ++c) {
-      const double lam = vals[0][b * k + c];
-      CHECK(std::fabs(lam - vals[1][b * k + c]) <= (sizeof(T) == 8 ? 1e-9 : 1e-3) * std::max(1.0, anorm / m),
-            "lanczos kind=%d b=%ld c=%ld value cuda %.10g cpu %.10g", kind, b, c, lam, (double)vals[1][b * k + c]);
+      const double lam = run[0].vals[b * k + c];
+      CHECK(std::fabs(lam - run[1].vals[b * k + c]) <= (sizeof(T) == 8 ? 1e-9 : 1e-3) * std::max(1.0, anorm / m),
+            "lanczos kind=%d b=%ld c=%ld value cuda %.10g cpu %.10g", kind, b, c, lam, (double)run[1].vals[b * k + c]);
       // residual of the returned vector, and unit norm
       double r2 = 0, n2 = 0;
       for (int64_t i = 0; i < m; ++i) {
         double av = 0;
-        for (int64_t j = 0; j < m; ++j) av += (double)A[i * m + j] * vecs[0][(b * m + j) * k + c];
-        const double yi = vecs[0][(b * m + i) * k + c];
+        for (int64_t j = 0; j < m; ++j) av += (double)A[i * m + j] * run[0].vecs[(b * m + j) * k + c];
+        const double yi = run[0].vecs[(b * m + i) * k + c];
         r2 += (av - lam * yi) * (av - lam * yi);
         n2 += yi * yi;
       }
       CHECK(std::fabs(std::sqrt(n2) - 1) < (sizeof(T) == 8 ? 1e-12 : 1e-5), "lanczos vector norm %g", std::sqrt(n2));
-      const bool converged = steps[0][b] < max_steps || steps[0][b] == m;
-      CHECK(std::fabs(std::sqrt(r2) - (double)res[0][b * k + c]) <= (sizeof(T) == 8 ? 1e-6 : 1e-2) * std::max(1.0, anorm / m),
-            "lanczos residual %g vs estimate %g", std::sqrt(r2), (double)res[0][b * k + c]);
+      const bool converged = run[0].steps[b] < max_steps || run[0].steps[b] == m;
+      CHECK(std::fabs(std::sqrt(r2) - (double)run[0].res[b * k + c]) <= (sizeof(T) == 8 ? 1e-6 : 1e-2) * std::max(1.0, anorm / m),
+            "lanczos residual %g vs estimate %g", std::sqrt(r2), (double)run[0].res[b * k + c]);
       CHECK(!converged || std::sqrt(r2) <= (sizeof(T) == 8 ? 1e-6 : 1e-2) * std::max(1.0, anorm / m),
             "lanczos kind=%d b=%ld c=%ld residual %g (est %g)", kind, b, c, std::sqrt(r2),
-            (double)res[0][b * k + c]);
-      CHECK(std::fabs((double)res[0][b * k + c] - (double)res[1][b * k + c]) <= 1e-3 * std::max(1.0, anorm / m),
-            "lanczos residual estimate cuda %g cpu %g", (double)res[0][b * k + c], (double)res[1][b * k + c]);
+            (double)run[0].res[b * k + c]);
+      CHECK(std::fabs((double)run[0].res[b * k + c] - (double)run[1].res[b * k + c]) <= 1e-3 * std::max(1.0, anorm / m),
+            "lanczos residual estimate cuda %g cpu %g", (double)run[0].res[b * k + c], (double)run[1].res[b * k + c]);
     }
   }
 }
@@ -289,14 +302,7 @@ static void test_lanczos_mf(DType tin, int64_t batch, int64_t N, int64_t d, int6
   const int64_t m = d + 1, B = batch * n;
   Data D = make_data(tin, batch, N, d, n, false);
   const DType dt = sizeof(T) == 8 ? DType::kFloat64 : DType::kFloat32;
-  LanczosParams P;
-  P.num_problems = B;
-  P.m = m;
-  P.k = k;
-  P.max_steps = m;
-  P.tol = sizeof(T) == 8 ? 1e-10 : 1e-5;
-  P.seed = 3;
-  P.dtype = dt;
+  LanczosParams P = lanczos_params<T>(B, m, k, m, 3);
   set_data(P.op, D, tin, dt, batch, N, d, n, true);
   std::vector<T> vals(B * k), vecs(B * m * k), res(B * k), ws(lanczos_workspace_layout(P, true).total);
   std::vector<int32_t> steps(B);
@@ -524,25 +530,15 @@ static void test_conv_lanczos(DType tin, const ConvShape& c, int64_t k) {
   op.in_dtype = tin;
   op.acc_dtype = dt;
   op.num_threads = 2;
-  LanczosParams P;
-  P.num_problems = B; P.m = m; P.k = k; P.max_steps = m; P.tol = sizeof(T) == 8 ? 1e-10 : 1e-5; P.seed = 11;
-  P.norm_group = B; P.dtype = dt; P.num_threads = 2;
-  std::vector<T> vals[2], vecs[2], res[2], ws[2];
-  std::vector<int32_t> steps[2];
+  LanczosParams P = lanczos_params<T>(B, m, k, m, 11);
+  P.norm_group = B; P.num_threads = 2;
+  LanczosRun<T> run[2];  // CUDA, CPU
   for (int w = 0; w < 2; ++w) {
-    LanczosParams Q = P;
-    vals[w].assign(B * k, NAN);
-    vecs[w].assign(B * m * k, NAN);
-    res[w].assign(B * k, NAN);
-    steps[w].assign(B, -1);
     // the CUDA workspace holds the operator's y [rows, n] at its end; zeroed as ops.py does
     const int64_t total = lanczos_workspace_layout(P, false).total + (w == 0 ? rows * B : 0);
-    ws[w].assign(total + 1, w == 0 ? T(0) : T(NAN));
-    ws[w].back() = T(NAN);
-    Q.values = vals[w].data(); Q.vectors = vecs[w].data(); Q.ritz_residuals = res[w].data();
-    Q.steps = steps[w].data(); Q.workspace = ws[w].data();
+    const LanczosParams Q = run[w].attach(P, total, w == 0 ? T(0) : T(NAN));
     if (w == 0) conv_lanczos_topk_cuda(Q, op); else conv_lanczos_topk_cpu(Q, op);
-    CHECK(std::isnan(static_cast<double>(ws[w].back())), "conv lanczos workspace overrun");
+    CHECK(run[w].guard_intact(), "conv lanczos workspace overrun");
   }
   std::vector<double> pt(static_cast<size_t>(rows * m));
   for (int64_t s = 0; s < rows; ++s)
@@ -558,21 +554,21 @@ static void test_conv_lanczos(DType tin, const ConvShape& c, int64_t k) {
     for (double e : A) anorm = std::max(anorm, std::fabs(e));
     anorm *= m;
     for (int64_t cc = 0; cc < k; ++cc) {
-      const double lam = vals[0][r * k + cc];
-      CHECK(std::fabs(lam - vals[1][r * k + cc]) <= (sizeof(T) == 8 ? 1e-8 : 1e-3) * std::max(1.0, anorm),
-            "conv lanczos r=%ld c=%ld value cuda %.10g cpu %.10g", r, cc, lam, (double)vals[1][r * k + cc]);
+      const double lam = run[0].vals[r * k + cc];
+      CHECK(std::fabs(lam - run[1].vals[r * k + cc]) <= (sizeof(T) == 8 ? 1e-8 : 1e-3) * std::max(1.0, anorm),
+            "conv lanczos r=%ld c=%ld value cuda %.10g cpu %.10g", r, cc, lam, (double)run[1].vals[r * k + cc]);
       double r2 = 0;
       for (int64_t i = 0; i < m; ++i) {
         double av = 0;
-        for (int64_t j = 0; j < m; ++j) av += A[i * m + j] * vecs[0][(r * m + j) * k + cc];
-        r2 += std::pow(av - lam * vecs[0][(r * m + i) * k + cc], 2);
+        for (int64_t j = 0; j < m; ++j) av += A[i * m + j] * run[0].vecs[(r * m + j) * k + cc];
+        r2 += std::pow(av - lam * run[0].vecs[(r * m + i) * k + cc], 2);
       }
       CHECK(std::sqrt(r2) <= (sizeof(T) == 8 ? 1e-6 : 1e-3) * std::max(1e-3, anorm), "conv lanczos r=%ld residual %g",
             r, std::sqrt(r2));
     }
     for (int64_t i = 0; i < m; ++i)
-      CHECK(vals[0][r * k] >= A[i * m + i] - 1e-4 * std::max(1.0, anorm), "conv lanczos not top: %g < A_ii %g",
-            (double)vals[0][r * k], A[i * m + i]);
+      CHECK(run[0].vals[r * k] >= A[i * m + i] - 1e-4 * std::max(1.0, anorm), "conv lanczos not top: %g < A_ii %g",
+            (double)run[0].vals[r * k], A[i * m + i]);
   }
 }
 
