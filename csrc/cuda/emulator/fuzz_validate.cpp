@@ -100,6 +100,12 @@ const char* mut_name(int m) {
   return names[m];
 }
 
+// A dtype mutation: an unknown input dtype code, or an accumulation dtype that is not float32 / float64.
+void mutate_dtype(DType& in, DType& acc) {
+  if (coin(0.5)) in = static_cast<DType>(coin(0.5) ? 3 : -1);
+  else acc = coin(0.5) ? DType::kBFloat16 : static_cast<DType>(7);
+}
+
 // A span mutation (kShort, kMisalign or kNull) of buffer `target` (bytes[i] bytes of tes[i]-byte
 // elements; 0: not accessed): its span 1 to 2 elements short, its pointer misaligned by 1 to
 // tes - 1 bytes, or null. Returns whether one was applied (then the checks must reject the call);
@@ -224,8 +230,7 @@ void fuzz_blocks_or_matvec(bool matvec, bool cuda, int64_t it) {
       break;
     }
     case kDtype:
-      if (coin(0.5)) P.in_dtype = static_cast<DType>(coin(0.5) ? 3 : -1);
-      else P.acc_dtype = coin(0.5) ? DType::kBFloat16 : static_cast<DType>(7);
+      mutate_dtype(P.in_dtype, P.acc_dtype);
       must_reject = true;
       break;
     case kOverflow:
@@ -542,8 +547,7 @@ void fuzz_conv(int kind, bool cuda, int64_t it) {
       break;
     }
     case kDtype:
-      if (coin(0.5)) P.in_dtype = static_cast<DType>(coin(0.5) ? 3 : -1);
-      else P.acc_dtype = coin(0.5) ? DType::kBFloat16 : static_cast<DType>(7);
+      mutate_dtype(P.in_dtype, P.acc_dtype);
       must_reject = true;
       break;
     case kOverflow:

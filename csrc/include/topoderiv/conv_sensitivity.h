@@ -113,34 +113,29 @@ struct PatchAddress {
   }
 };
 
-// out[r] += B[r] for r < n: upper triangle accumulated, lower triangle mirrored (exactly symmetric).
-struct ConvSensitivityBlocksParams {
+// What the conv ops read, and how they run: the geometry, x and p with their strides, the dtypes.
+struct ConvSensitivityInputs {
   ConvGeometry g;
   const void* x = nullptr;  // [N, C, H, W] in_dtype, strides xs
   Strides4 xs;
   const void* p = nullptr;  // [N, n, Ho, Wo] in_dtype, strides ps
   Strides4 ps;
-  void* out = nullptr;      // [batch, n, m, m] acc_dtype, contiguous; ACCUMULATED into
   DType in_dtype = DType::kFloat32;
   DType acc_dtype = DType::kFloat32;
   int num_threads = 1;      // CPU worker threads
   void* stream = nullptr;   // CUDA: cudaStream_t
 };
 
+// out[r] += B[r] for r < n: upper triangle accumulated, lower triangle mirrored (exactly symmetric).
+struct ConvSensitivityBlocksParams : ConvSensitivityInputs {
+  void* out = nullptr;      // [batch, n, m, m] acc_dtype, contiguous; ACCUMULATED into
+};
+
 // out[r] = B[r] @ v[r] without forming B:  y[s, r] = pt_s . v_r ,  out[r] = sum_s p[s, r] y[s, r] pt_s.
-struct ConvSensitivityMatvecParams {
-  ConvGeometry g;
-  const void* x = nullptr;  // [N, C, H, W] in_dtype, strides xs
-  Strides4 xs;
-  const void* p = nullptr;  // [N, n, Ho, Wo] in_dtype, strides ps
-  Strides4 ps;
+struct ConvSensitivityMatvecParams : ConvSensitivityInputs {
   const void* v = nullptr;  // [batch, n, m] acc_dtype, contiguous
   void* out = nullptr;      // [batch, n, m] acc_dtype, contiguous; OVERWRITTEN
   void* workspace = nullptr;  // CUDA only: conv_matvec_workspace_elems(g) elements of acc_dtype
-  DType in_dtype = DType::kFloat32;
-  DType acc_dtype = DType::kFloat32;
-  int num_threads = 1;
-  void* stream = nullptr;
 };
 
 // Elements of acc_dtype the CUDA matvec needs as workspace: y [batch, rows, n] (the CPU path needs none).
