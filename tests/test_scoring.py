@@ -435,3 +435,32 @@ def test_gradient_descent_on_a_small_random_block_is_power_iteration_on_its_bloc
     rate = (w.norm(dim=1) / (1e-10 * w_start.norm(dim=1))).log() / steps
     top = int(mu.argmax())
     assert float(rate[top]) == pytest.approx(float(torch.log1p(lr * mu[top])), rel=0.1)
+
+
+def test_leading_basis_falls_back_to_float64_when_float32_eigh_fails(monkeypatch):
+    # float32 LAPACK eigh on Grams with many exact zeros may raise or return NaN vectors (seen with
+    # torch 2.14 on a timm ResNet's 1x1 stage): the warm starts then redo it in float64
+    from topoderiv.method import statistic
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 12, generator=g, dtype=torch.float64)
+    x[:, 7:] = 0  # exact zeros, as padding gives
+    gram = (x.mT @ x).float()
+    exact = torch.linalg.eigh(gram.double())[1][:, -4:]
+    real = torch.linalg.eigh
+
+    for failure in ("nan", "raise"):
+        def eigh(a, *args, **kw):
+            if a.dtype == torch.float32:
+                if failure == "raise":
+                    raise torch.linalg.LinAlgError("failed to converge")
+                return real(a)[0], torch.full_like(a, float("nan"))
+            return real(a, *args, **kw)
+
+        monkeypatch.setattr(torch.linalg, "eigh", eigh)
+        got = statistic.leading_basis(gram, 4)
+        assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+        # the same leading subspace as float64 (columns up to sign)
+        assert float((got.double().abs() - exact.abs()).abs().max()) < 1e-6, failure
+    monkeypatch.setattr(torch.linalg, "eigh", real)
+    fine = statistic.leading_basis(gram, 4)  # float32 eigh that works is used as it is
+    assert float((fine.double().abs() - exact.abs()).abs().max()) < 1e-4

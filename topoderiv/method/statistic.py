@@ -41,6 +41,7 @@ __all__ = [
     "kernels_available",
     "resolve_backend",
     "subspace_start",
+    "leading_basis",
     "solve_points",
     "EigenPlan",
     "canonical_sign",
@@ -172,6 +173,22 @@ WARM_RANK = 32
 WARM_MIN_M = 2 * WARM_RANK
 
 
+def leading_basis(gram: Tensor, rank: int) -> Tensor:
+    """The ``rank`` leading eigenvectors ``[m, rank]`` of a symmetric PSD Gram matrix ``[m, m]``.
+
+    ``torch.linalg.eigh`` in the Gram's dtype; float32 LAPACK can fail on Grams with many exact
+    zeros (padding, 1x1 images): it raises, or (seen with torch 2.14 on one run in three) returns
+    NaN vectors, so either way the decomposition is redone in float64.
+    """
+    try:
+        basis = torch.linalg.eigh(gram)[1][:, -rank:]
+        if bool(torch.isfinite(basis).all()):
+            return basis
+    except torch.linalg.LinAlgError:
+        pass
+    return torch.linalg.eigh(gram.double())[1][:, -rank:].to(gram.dtype)
+
+
 def subspace_start(u: Tensor, q: Tensor, bias: bool, rank: int = WARM_RANK,
                    reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """Warm-start vectors ``[n, m]`` for the top eigenvectors of the blocks of ``(u [..., d], q [..., n])``.
@@ -199,8 +216,7 @@ def subspace_start(u: Tensor, q: Tensor, bias: bool, rank: int = WARM_RANK,
     gram = xt.mT @ xt
     if reduce is not None:
         gram = reduce(gram)
-    _, basis = torch.linalg.eigh(gram)
-    basis = basis[:, -r:]  # [m, r] leading right singular vectors
+    basis = leading_basis(gram, r)  # [m, r] leading right singular vectors
     z = xt @ basis
     # a start vector needs no more than 1% accuracy in the subspace: Lanczos, not a full eigh
     c = ops.sensitivity_blocks(z, q.to(z.dtype), bias=False)  # [n, r, r]

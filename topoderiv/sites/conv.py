@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .. import ops, reference
 from ..method.activations import activation_spec, get_activation
-from ..method.statistic import WARM_MIN_M, WARM_RANK, EigenPlan, EigenStatistic
+from ..method.statistic import WARM_MIN_M, WARM_RANK, EigenPlan, EigenStatistic, leading_basis
 from ..registry import register
 from .base import Site, register_kind
 from .linear import ResidualLayerBlock, build_feature, check_matrix_phi, feature_spec, site_curvature
@@ -200,11 +200,7 @@ def conv_subspace_start(u: Tensor, q: Tensor, kernel_size: int, bias: bool, rank
                 pt = torch.cat([pt, pt.new_ones(pt.shape[0], 1)], dim=1)
             gram.addmm_(pt.mT, pt)
     r = min(int(rank), m)
-    try:
-        _, basis = torch.linalg.eigh(gram)
-    except torch.linalg.LinAlgError:  # float32 syevd fails on Grams with many exact zeros (e.g. 1x1 images: padding)
-        basis = torch.linalg.eigh(gram.double())[1].to(acc)
-    basis = basis[:, -r:]  # [m, r]
+    basis = leading_basis(gram, r)  # [m, r]
     weight = basis[:d].mT.reshape(r, C, k, k)
     z = F.conv2d(u.to(acc), weight, basis[d] if bias else None, padding=k // 2)  # [N, r, H, W]
     c = ops.conv_sensitivity_blocks(z, q.to(acc), 1, bias=False)  # [n, r, r]
