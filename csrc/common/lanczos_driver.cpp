@@ -156,16 +156,15 @@ void lanczos_run(const LanczosParams& P, LanczosBackend& backend) {
           }
         }
       }
-      // need == top: a problem that cannot hold its group's largest eigenvalue stops here (its
-      // upper estimate is below another problem's Ritz value, which only grows); not in an
-      // invariant subspace, where beta says nothing about the rest of the spectrum
-      // and only once its own largest Ritz value has settled (residual within min(sqrt(tol), 1e-2)
-      // of the norm, at least tol):
-      // theta_1 + |beta_j| is an estimate, not a bound; after a few steps from a start with
-      // little of the top eigenvector (cold, or a warm start near a lower eigenvector) theta_1 is
-      // far below lambda_max while beta is moderate, and the winner stopped early (15% of
-      // transformer points cold, 2% warm, 1 in 6 random conv inputs). Settled, the misses went to 0
-      // of 48 transformer points and of 40 conv inputs, keeping about half of the saving.
+      // need == top: a problem that cannot hold its group's largest eigenvalue stops here: its
+      // upper estimate is below another problem's Ritz value (which only grows), outside an
+      // invariant subspace (where beta says nothing about the rest of the spectrum), and only
+      // once its own largest Ritz value has settled (residual within `settle` of the norm).
+      // theta_1 + |beta_j| is an estimate, not a bound: after a few steps from a start with little
+      // of the top eigenvector (cold, or a warm start near a lower eigenvector) theta_1 is far
+      // below lambda_max while beta is moderate, and without the wait the winner stopped early
+      // (15% of transformer points cold, 2% warm, 1 in 6 random conv inputs; with it 0 of 48 and
+      // 0 of 40, keeping about half of the saving).
       const bool settled = lastrow[b * k] <= settle * an;
       const bool dominated = top_only && !conv && dim >= 2 && be[j] > breakdown * anorm[b] && settled &&
                              upper[b] < best[b];
