@@ -1347,7 +1347,7 @@ def _sensitivity_topk_multi(fn: str, xs: object, ps: object, k: object, bias: ob
     for idx in groups.values():
         kk, st, tl, sd, _ = checked[idx[0]]
         x0, p0 = pairs[idx[0]]
-        size = _points_per_call(x0.device, (x0.numel() + p0.numel()) * torch.finfo(_acc_dtype(x0.dtype)).bits // 8)
+        size = _points_per_call(x0.device, (x0.numel() + p0.numel()) * _acc_dtype(x0.dtype).itemsize)
         for c0 in range(0, len(idx), size):
             chunk = idx[c0:c0 + size]
             out = _solve_group([pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk],

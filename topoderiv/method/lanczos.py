@@ -30,7 +30,7 @@ solved by :func:`torch.linalg.eigh` in float64 (the C++ driver: implicit QL).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -90,6 +90,16 @@ def _normalise_rows(v: Tensor, dtype: torch.dtype) -> Tensor:
     v = v / v.abs().amax(dim=-1, keepdim=True).clamp_min(tiny)
     v = v / v.norm(dim=-1, keepdim=True).clamp_min(tiny)
     return v.to(dtype)
+
+
+def _tridiag_eigh(alpha: Tensor, off: Tensor) -> Tuple[Tensor, Tensor]:
+    """Eigenpairs of the symmetric tridiagonal matrices with diagonals ``alpha [..., d]`` and
+    off-diagonals ``off [..., d - 1]``, in descending order (the driver's), float64."""
+    T = torch.diag_embed(alpha)
+    if alpha.shape[-1] > 1:
+        T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    theta, Z = torch.linalg.eigh(T)  # ascending
+    return theta.flip(-1), Z.flip(-1)
 
 
 def lanczos_topk(apply: Callable[[Tensor, Tensor], Tensor], B: int, m: int, k: int = 1, *,
@@ -182,12 +192,7 @@ def lanczos_topk(apply: Callable[[Tensor, Tensor], Tensor], B: int, m: int, k: i
             raise ValueError(f"{fn}: the operator must give finite values, got NaN or Inf")
         alpha[idx, j], beta[idx, j] = a_cpu, b_cpu
         dim = j + 1
-        T = torch.diag_embed(alpha[idx, :dim])
-        if dim > 1:
-            off = beta[idx, : dim - 1]
-            T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-        theta, Z = torch.linalg.eigh(T)  # ascending
-        theta, Z = theta.flip(-1), Z.flip(-1)  # descending, as the driver's order
+        theta, Z = _tridiag_eigh(alpha[idx, :dim], beta[idx, : dim - 1])
         anorm[idx] = theta.abs().amax(dim=1)
         kk = min(k, dim)
         lastrow = (b_cpu[:, None] * Z[:, dim - 1, :kk]).abs()
@@ -209,12 +214,8 @@ def lanczos_topk(apply: Callable[[Tensor, Tensor], Tensor], B: int, m: int, k: i
             for i in (conv & given[idx] & (seg[idx] > 0)).nonzero().flatten().tolist():
                 s0 = int(seg[idx[i]])
                 ds = dim - s0
-                ts = torch.diag_embed(alpha[idx[i], s0:dim])
-                if ds > 1:
-                    o = beta[idx[i], s0:dim - 1]
-                    ts = ts + torch.diag_embed(o, 1) + torch.diag_embed(o, -1)
-                _, zs = torch.linalg.eigh(ts)
-                last = (b_cpu[i] * zs.flip(-1)[ds - 1, :min(k, ds)]).abs()
+                _, zs = _tridiag_eigh(alpha[idx[i], s0:dim], beta[idx[i], s0:dim - 1])
+                last = (b_cpu[i] * zs[ds - 1, :min(k, ds)]).abs()
                 conv[i] = bool((last <= tol * sc[i]).all())
         conv = (conv & ~(v0_seg & closed)) | (zero & ~v0_seg) | (dim == m)
         done = conv | (j == S - 1)
