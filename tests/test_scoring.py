@@ -464,3 +464,31 @@ def test_leading_basis_falls_back_to_float64_when_float32_eigh_fails(monkeypatch
     monkeypatch.setattr(torch.linalg, "eigh", real)
     fine = statistic.leading_basis(gram, 4)  # float32 eigh that works is used as it is
     assert float((fine.double().abs() - exact.abs()).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("support,rank", [(7, 4), (7, 7), (3, 5), (0, 2), (12, 4)])
+def test_leading_basis_solves_on_the_support_of_the_gram(monkeypatch, support, rank):
+    # MKL syevd fails in float32 AND float64 on some Grams made mostly of zero rows (torch 2.14,
+    # a timm ResNet's 1x1 stage): eigh must only ever see the nonzero support, and the basis must
+    # still be the leading eigenvectors of the whole Gram (float64 reference), orthonormal
+    from topoderiv.method import statistic
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 12, generator=g, dtype=torch.float64)
+    cols = torch.randperm(12, generator=g)
+    x[:, cols[support:]] = 0  # exact zeros, scattered as padding taps are
+    gram = (x.mT @ x).float()
+    real = torch.linalg.eigh
+
+    def eigh(a, *args, **kw):
+        if bool((a.abs().sum(dim=1) == 0).any()):
+            raise torch.linalg.LinAlgError("failed to converge (zero rows)")
+        return real(a, *args, **kw)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    got = statistic.leading_basis(gram, rank).double()
+    monkeypatch.setattr(torch.linalg, "eigh", real)
+    assert got.shape == (12, rank)
+    assert float((got.mT @ got - torch.eye(rank, dtype=torch.float64)).abs().max()) < 1e-5
+    values = torch.linalg.eigvalsh(gram.double())  # ascending, the reference spectrum
+    rayleigh = (got * (gram.double() @ got)).sum(dim=0)
+    assert torch.allclose(rayleigh, values[-rank:], rtol=1e-4, atol=1e-3 * float(values[-1].clamp(min=1)))

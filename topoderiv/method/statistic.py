@@ -176,17 +176,34 @@ WARM_MIN_M = 2 * WARM_RANK
 def leading_basis(gram: Tensor, rank: int) -> Tensor:
     """The ``rank`` leading eigenvectors ``[m, rank]`` of a symmetric PSD Gram matrix ``[m, m]``.
 
-    ``torch.linalg.eigh`` in the Gram's dtype; float32 LAPACK can fail on Grams with many exact
-    zeros (padding, 1x1 images): it raises, or (seen with torch 2.14 on one run in three) returns
-    NaN vectors, so either way the decomposition is redone in float64.
+    Rows and columns with a zero diagonal are zero in a PSD matrix (padding taps, 1x1 images,
+    dead units): the eigenproblem is solved on the support only and those coordinates get
+    eigenvalue-0 unit vectors (first, in eigh's ascending order) when ``rank`` exceeds the support.
+    MKL's ``syevd`` fails to converge, in float32 and float64 alike, on some Grams made mostly of
+    such zeros (a timm ResNet's 1x1 stage under torch 2.14); on the support it does not. The
+    support is solved with ``torch.linalg.eigh`` in the Gram's dtype, redone in float64 when that
+    raises or returns NaN vectors.
     """
+    m = gram.shape[0]
+    support = (gram.diagonal() != 0).nonzero().squeeze(1)
+    take = min(int(rank), support.numel())
+    sub = gram.index_select(0, support).index_select(1, support)
     try:
-        basis = torch.linalg.eigh(gram)[1][:, -rank:]
-        if bool(torch.isfinite(basis).all()):
-            return basis
+        vecs = torch.linalg.eigh(sub)[1]
+        if not bool(torch.isfinite(vecs).all()):
+            raise torch.linalg.LinAlgError("eigh returned non-finite vectors")
     except torch.linalg.LinAlgError:
-        pass
-    return torch.linalg.eigh(gram.double())[1][:, -rank:].to(gram.dtype)
+        vecs = torch.linalg.eigh(sub.double())[1].to(gram.dtype)
+    if support.numel() == m:
+        return vecs[:, m - take:]
+    basis = gram.new_zeros(m, int(rank))
+    basis[support, int(rank) - take:] = vecs[:, vecs.shape[1] - take:]
+    if take < int(rank):  # eigenvalue-0 directions outside the support
+        outside = torch.ones(m, dtype=torch.bool, device=gram.device)
+        outside[support] = False
+        zeros = outside.nonzero().squeeze(1)[:int(rank) - take]
+        basis[zeros, torch.arange(zeros.numel(), device=gram.device)] = 1
+    return basis
 
 
 def subspace_start(u: Tensor, q: Tensor, bias: bool, rank: int = WARM_RANK,
