@@ -492,3 +492,26 @@ def test_leading_basis_solves_on_the_support_of_the_gram(monkeypatch, support, r
     values = torch.linalg.eigvalsh(gram.double())  # ascending, the reference spectrum
     rayleigh = (got * (gram.double() @ got)).sum(dim=0)
     assert torch.allclose(rayleigh, values[-rank:], rtol=1e-4, atol=1e-3 * float(values[-1].clamp(min=1)))
+
+
+def test_leading_basis_randomized_path_spans_the_leading_eigenvectors():
+    # m well above 2 (rank + oversampling): the seeded randomized subspace iteration; on a Gram
+    # whose spectrum decays (activations) its basis must hold the leading eigenvectors of the
+    # float64 reference, be orthonormal, and give the same basis twice (deterministic)
+    from topoderiv.method import statistic
+    g = torch.Generator().manual_seed(3)
+    m, rank = 257, 32
+    x = torch.randn(1024, m, generator=g, dtype=torch.float64) * torch.logspace(0, -3, m, dtype=torch.float64)
+    x[:, 100] = 0  # a dead unit: solved on the support
+    gram = (x.mT @ x).float()
+    assert m - 1 > statistic.RANDOMIZED_MIN_FACTOR * (rank + statistic.BASIS_OVERSAMPLE)
+    got = statistic.leading_basis(gram, rank).double()
+    assert got.shape == (m, rank) and torch.equal(got, statistic.leading_basis(gram, rank).double())
+    assert float((got.mT @ got - torch.eye(rank, dtype=torch.float64)).abs().max()) < 1e-5
+    assert float(got[100].abs().max()) == 0.0
+    values, vectors = torch.linalg.eigh(gram.double())
+    lead = vectors[:, -rank // 2:]  # the leading half must lie in the basis (captured norm ~ 1)
+    captured = (got.mT @ lead).norm(dim=0)
+    assert float(captured.min()) > 0.99, captured  # a random 32-dim subspace: ~0.35
+    rayleigh = (got * (gram.double() @ got)).sum(dim=0)  # ascending Ritz values
+    assert torch.allclose(rayleigh[-rank // 2:], values[-rank // 2:], rtol=5e-3)
