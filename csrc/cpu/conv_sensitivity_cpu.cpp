@@ -393,7 +393,7 @@ class ConvOperator final : public LanczosOperator {
       const int64_t img = pix / hw, rem = pix - img * hw, oh = rem / Wo, ow = rem - oh * Wo;
       const unsigned char* row = src + static_cast<size_t>(img * ps.n + oh * ps.h + ow * ps.w) * es;
       unsigned char* dst = dstb + static_cast<size_t>(pix * na) * es;
-      for (int64_t c = 0; c < na; ++c) std::memcpy(dst + c * es, row + static_cast<size_t>(act[c] * ps.c) * es, es);
+      gather_active(row, es, ps.c, act.data(), na, dst);
     }
     vbuf_.resize(static_cast<size_t>(na * m));
     wbuf_.resize(static_cast<size_t>(na * m));

@@ -44,6 +44,27 @@ struct AlignedBuffer {
   T* get() const { return ptr.get(); }
 };
 
+template <typename E>
+inline void gather_active_typed(const unsigned char* row, int64_t cstride, const int64_t* act, int64_t na,
+                                unsigned char* dst) {
+  const E* in = reinterpret_cast<const E*>(row);
+  E* out = reinterpret_cast<E*>(dst);
+  for (int64_t c = 0; c < na; ++c) out[c] = in[act[c] * cstride];
+}
+
+// dst[c] = row[act[c] * cstride] for c < na, elements of es bytes (2, 4 or 8): one row's costate
+// channels of the active blocks, for the matrix-free Lanczos operators (a typed loop, not one
+// memcpy call per element)
+inline void gather_active(const unsigned char* row, size_t es, int64_t cstride, const int64_t* act, int64_t na,
+                          unsigned char* dst) {
+  if (es == 8)
+    gather_active_typed<uint64_t>(row, cstride, act, na, dst);
+  else if (es == 4)
+    gather_active_typed<uint32_t>(row, cstride, act, na, dst);
+  else
+    gather_active_typed<uint16_t>(row, cstride, act, na, dst);
+}
+
 inline int thread_id() {
 #ifdef _OPENMP
   return omp_get_thread_num();

@@ -7,10 +7,7 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
+#include "cpu/kernel_common.h"
 #include "cpu/microkernel.h"
 #include "topoderiv/lanczos.h"
 
@@ -38,21 +35,6 @@ TD_TARGET_CLONES void cgs2(const T* V, int64_t ldv, int64_t j, T* w, int64_t m, 
   if (vnext != nullptr && nrm > 0.0) {
     const T inv = static_cast<T>(1.0 / nrm);
     for (int64_t i = 0; i < m; ++i) vnext[i] = w[i] * inv;
-  }
-}
-
-// dst[s, c] = src[s0 + s, act[c]] for rows s < rc: the costate columns of the active blocks, as
-// elements of E's size (a typed loop, not one memcpy call per element)
-template <typename E>
-void gather_columns(const unsigned char* src, int64_t rstride, int64_t s0, int64_t rc, const int64_t* act,
-                    int64_t na, unsigned char* dst, int nt) {
-  const E* in = reinterpret_cast<const E*>(src);
-  E* out = reinterpret_cast<E*>(dst);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t s = 0; s < rc; ++s) {
-    const E* row = in + (s0 + s) * rstride;
-    E* o = out + s * na;
-    for (int64_t c = 0; c < na; ++c) o[c] = row[act[c]];
   }
 }
 
@@ -134,13 +116,10 @@ class CpuBackend final : public LanczosBackend {
         const int64_t* act = act_.data();
         for (int64_t s0 = 0; s0 < N; s0 += R) {
           const int64_t rc = std::min(R, N - s0);
-          const int64_t prs = P_.op.p_rstride;
-          if (es == 8)
-            gather_columns<uint64_t>(psrc, prs, s0, rc, act, na, pbuf_.data(), nt_);
-          else if (es == 4)
-            gather_columns<uint32_t>(psrc, prs, s0, rc, act, na, pbuf_.data(), nt_);
-          else
-            gather_columns<uint16_t>(psrc, prs, s0, rc, act, na, pbuf_.data(), nt_);
+#pragma omp parallel for num_threads(nt_) schedule(static)
+          for (int64_t s = 0; s < rc; ++s)
+            gather_active(psrc + static_cast<size_t>((s0 + s) * P_.op.p_rstride) * es, es, 1, act, na,
+                          pbuf_.data() + static_cast<size_t>(s * na) * es);
           SensitivityMatvecParams sub = op;
           sub.N = rc;
           sub.x = xsrc + static_cast<size_t>(s0 * P_.op.x_rstride) * es;
@@ -177,7 +156,7 @@ class CpuBackend final : public LanczosBackend {
 #pragma omp parallel for num_threads(nt_) schedule(dynamic, 1)
     for (int64_t b = 0; b < B_; ++b) {
       if (!active_[b]) continue;
-      double* coef = coef_.data() + omp_tid() * (P_.max_steps + 1);
+      double* coef = coef_.data() + thread_id() * (P_.max_steps + 1);
       cgs2<T>(V(0, b), B_ * m_, j, w_ + b * m_, m_, coef, &alpha[b], &beta[b], last ? nullptr : V(j + 1, b), true);
     }
   }
@@ -196,7 +175,7 @@ class CpuBackend final : public LanczosBackend {
       if (j < 0) from_v0[b] = seeded ? 1 : 0;
       if (!seeded)
         for (int64_t i = 0; i < m_; ++i) w[i] = static_cast<T>(start_value(P_.seed, seed_index(off_ + b), tag[b], i));
-      double* coef = coef_.data() + omp_tid() * (P_.max_steps + 1);
+      double* coef = coef_.data() + thread_id() * (P_.max_steps + 1);
       double dummy = 0.0;
       if (j >= 0) {
         cgs2<T>(V(0, b), B_ * m_, j, w, m_, coef, &dummy, &norms[b], V(j + 1, b), false);
@@ -264,13 +243,6 @@ class CpuBackend final : public LanczosBackend {
   }
 
  private:
-  static int omp_tid() {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-  }
   const LanczosParams& P_;
   int64_t B_, m_;
   int nt_;
