@@ -369,13 +369,22 @@ def test_feature_map_chunks_and_float32_matfree(monkeypatch):
 
 
 @KERNELS
-def test_conv_subspace_start_equals_the_rows_warm_start(monkeypatch):
+@pytest.mark.parametrize("C, H, W", [(8, 6, 7), (16, 6, 7), (16, 1, 1)])
+def test_conv_subspace_start_equals_the_rows_warm_start(monkeypatch, C, H, W):
     """conv_subspace_start (no patch-size tensor) is subspace_start on the explicit im2col rows; with
-    the Gram matrix estimated from a subset of the samples it is still a good start."""
+    the Gram matrix estimated from a subset of the samples it is still a good start. m = 73: the
+    exact eigh of the patches' Gram; m = 145: the randomized subspace iteration, which applies the
+    Gram by two convolutions on the conv side and as a matrix on the rows side (the same seeded
+    iteration, so the same basis); 1x1 images: 8 of the 9 taps are zero in every patch, solved on
+    the 17 features of the support."""
+    from topoderiv.method import statistic
     from topoderiv.method.statistic import subspace_start
+    m = C * 9 + 1
+    assert (m > statistic.RANDOMIZED_MIN_FACTOR * (statistic.WARM_RANK + statistic.BASIS_OVERSAMPLE)) == (C == 16)
+    N = 4 if H > 1 else 64  # 1x1 images: more samples than support features (no degenerate top pair)
     g = torch.Generator().manual_seed(3)
-    u = torch.randn(4, 8, 6, 7, generator=g, dtype=torch.float64) / torch.arange(1, 9, dtype=torch.float64)[:, None, None]
-    q = torch.randn(4, 5, 6, 7, generator=g, dtype=torch.float64)
+    u = torch.randn(N, C, H, W, generator=g, dtype=torch.float64) / torch.arange(1, C + 1, dtype=torch.float64)[:, None, None]
+    q = torch.randn(N, 5, H, W, generator=g, dtype=torch.float64)
     rows_u, rows_q = next(conv_mod.im2col_rows(u, q, 3, 10**9))
     a = conv_mod.conv_subspace_start(u, q, 3, True)
     b = subspace_start(rows_u, rows_q, True)
@@ -385,14 +394,14 @@ def test_conv_subspace_start_equals_the_rows_warm_start(monkeypatch):
     cos = (a * b).sum(1).abs() / (a.norm(dim=1) * b.norm(dim=1))
     assert (cos > 1 - 1e-6).all(), cos
     # and it is a good start: the matrix-free solve from it takes fewer steps than a cold one
-    cold = torch.ops.topoderiv.conv_sensitivity_lanczos(u, q, 3, True, 1, 73, 1e-8, 0)
-    warm = torch.ops.topoderiv.conv_sensitivity_lanczos(u, q, 3, True, 1, 73, 1e-8, 0, conv_mod.conv_subspace_start(u, q, 3, True))
+    cold = torch.ops.topoderiv.conv_sensitivity_lanczos(u, q, 3, True, 1, m, 1e-8, 0)
+    warm = torch.ops.topoderiv.conv_sensitivity_lanczos(u, q, 3, True, 1, m, 1e-8, 0, conv_mod.conv_subspace_start(u, q, 3, True))
     assert torch.allclose(warm[0], cold[0], rtol=1e-7)
     assert warm[3].double().mean() < cold[3].double().mean()
-    monkeypatch.setattr(conv_mod, "GRAM_ROWS", 50)  # 168 rows: every 4th sample, one image
+    monkeypatch.setattr(conv_mod, "GRAM_ROWS", 50)  # 168 rows: every 4th sample, one image (1x1: every 2nd)
     sub = conv_mod.conv_subspace_start(u, q, 3, True)
     assert not torch.allclose(sub, conv_mod.conv_subspace_start(u[:1], q[:1], 3, True))
-    part = torch.ops.topoderiv.conv_sensitivity_lanczos(u, q, 3, True, 1, 73, 1e-8, 0, sub)
+    part = torch.ops.topoderiv.conv_sensitivity_lanczos(u, q, 3, True, 1, m, 1e-8, 0, sub)
     assert torch.allclose(part[0], cold[0], rtol=1e-7)
     assert part[3].double().mean() < cold[3].double().mean()
 

@@ -42,6 +42,8 @@ __all__ = [
     "resolve_backend",
     "subspace_start",
     "leading_basis",
+    "support_basis",
+    "embed_basis",
     "solve_points",
     "EigenPlan",
     "canonical_sign",
@@ -193,48 +195,66 @@ def _eigh_vectors(a: Tensor) -> Tensor:
     return torch.linalg.eigh(a.double())[1].to(a.dtype)
 
 
+def support_basis(s: int, rank: int, apply: Callable[[Tensor], Tensor], ritz: Callable[[Tensor], Tensor],
+                  gram_of: Callable[[], Tensor], like: Tensor) -> Tensor:
+    """The ``min(rank, s)`` leading eigenvectors ``[s, min(rank, s)]`` of a PSD operator ``G`` on ``s``
+    coordinates, columns in ascending order of their (Ritz) values.
+
+    Small ``s`` (at most ``RANDOMIZED_MIN_FACTOR * (rank + BASIS_OVERSAMPLE)``): exact, ``eigh`` of
+    ``gram_of()`` (``G`` as a matrix; float64 when the Gram's dtype fails). Larger ``s``: a seeded
+    randomized subspace iteration (Halko, Martinsson, Tropp 2011: ``rank + BASIS_OVERSAMPLE``
+    columns, ``BASIS_POWER_ITERS`` power iterations, then Rayleigh-Ritz) that only needs
+    ``apply(W) = G W`` and ``ritz(Q) = Q^T G Q``: ``O(s^2 rank)`` with ``G`` formed, less when it is
+    not (:func:`topoderiv.sites.conv.conv_subspace_start` applies the patches' Gram by two
+    convolutions), deterministic, and accurate where the spectrum decays, which is all a warm start
+    needs. ``like``: the dtype and device of the random matrix.
+    """
+    take = min(int(rank), s)
+    width = take + BASIS_OVERSAMPLE
+    if take and s > RANDOMIZED_MIN_FACTOR * width:
+        omega = torch.randn(s, width, generator=torch.Generator().manual_seed(0), dtype=like.dtype).to(like.device)
+        y = apply(omega)
+        for _ in range(BASIS_POWER_ITERS):
+            y = apply(torch.linalg.qr(y)[0])
+        qb = torch.linalg.qr(y)[0]  # [s, width] orthonormal
+        small = ritz(qb)
+        return qb @ _eigh_vectors((small + small.mT) / 2)[:, width - take:]
+    return _eigh_vectors(gram_of())[:, s - take:]
+
+
+def embed_basis(vecs: Tensor, support: Tensor, m: int, rank: int) -> Tensor:
+    """``[m, rank]``: the columns ``vecs [s, take]`` (coordinates ``support``) placed last, preceded by
+    ``rank - take`` unit vectors of coordinates outside the support (eigenvalue 0 of a PSD matrix
+    whose rows and columns outside ``support`` are zero)."""
+    take = vecs.shape[1]
+    if support.numel() == m and take == rank:
+        return vecs
+    basis = vecs.new_zeros(m, rank)
+    basis[support, rank - take:] = vecs
+    if take < rank:
+        outside = torch.ones(m, dtype=torch.bool, device=vecs.device)
+        outside[support] = False
+        zeros = outside.nonzero().squeeze(1)[:rank - take]
+        basis[zeros, torch.arange(zeros.numel(), device=vecs.device)] = 1
+    return basis
+
+
 def leading_basis(gram: Tensor, rank: int) -> Tensor:
     """An orthonormal basis ``[m, rank]`` of the leading eigenvectors of a symmetric PSD Gram ``[m, m]``.
 
     Rows and columns with a zero diagonal are zero in a PSD matrix (padding taps, 1x1 images,
-    dead units): the eigenproblem is solved on the support only and those coordinates get
-    eigenvalue-0 unit vectors when ``rank`` exceeds the support. (MKL's ``syevd`` fails to
-    converge, in float32 and float64 alike, on some Grams made mostly of such zeros: a timm
-    ResNet's 1x1 stage under torch 2.14; on the support it does not.)
-
-    Small supports are solved exactly (``torch.linalg.eigh``, float64 when the Gram's dtype fails);
-    larger ones (more than ``RANDOMIZED_MIN_FACTOR * (rank + BASIS_OVERSAMPLE)``) by a seeded
-    randomized subspace iteration (Halko, Martinsson, Tropp 2011: ``rank + BASIS_OVERSAMPLE``
-    columns, ``BASIS_POWER_ITERS`` power iterations, Rayleigh-Ritz): ``O(m^2 rank)`` instead of
-    ``O(m^3)``, deterministic, and accurate where the spectrum decays, which is all a warm start
-    needs. Columns in ascending order of their Ritz values.
+    dead units): the eigenproblem is solved on the support only (:func:`support_basis`: exact for
+    small supports, randomized subspace iteration for larger ones) and those coordinates get
+    eigenvalue-0 unit vectors when ``rank`` exceeds the support (:func:`embed_basis`). (MKL's
+    ``syevd`` fails to converge, in float32 and float64 alike, on some Grams made mostly of such
+    zeros: a timm ResNet's 1x1 stage under torch 2.14; on the support it does not.) Columns in
+    ascending order of their Ritz values.
     """
     m, rank = gram.shape[0], int(rank)
     support = (gram.diagonal() != 0).nonzero().squeeze(1)
-    s = support.numel()
-    take = min(rank, s)
-    sub = gram if s == m else gram.index_select(0, support).index_select(1, support)
-    width = take + BASIS_OVERSAMPLE
-    if take and s > RANDOMIZED_MIN_FACTOR * width:
-        omega = torch.randn(s, width, generator=torch.Generator().manual_seed(0), dtype=sub.dtype).to(sub.device)
-        y = sub @ omega
-        for _ in range(BASIS_POWER_ITERS):
-            y = sub @ torch.linalg.qr(y)[0]
-        qb = torch.linalg.qr(y)[0]  # [s, width] orthonormal
-        ritz = qb.mT @ sub @ qb
-        vecs = qb @ _eigh_vectors((ritz + ritz.mT) / 2)[:, width - take:]
-    else:
-        vecs = _eigh_vectors(sub)[:, s - take:]
-    if s == m:
-        return vecs
-    basis = gram.new_zeros(m, rank)
-    basis[support, rank - take:] = vecs
-    if take < rank:  # eigenvalue-0 directions outside the support
-        outside = torch.ones(m, dtype=torch.bool, device=gram.device)
-        outside[support] = False
-        zeros = outside.nonzero().squeeze(1)[:rank - take]
-        basis[zeros, torch.arange(zeros.numel(), device=gram.device)] = 1
-    return basis
+    sub = gram if support.numel() == m else gram.index_select(0, support).index_select(1, support)
+    vecs = support_basis(support.numel(), rank, lambda w: sub @ w, lambda qb: qb.mT @ sub @ qb, lambda: sub, sub)
+    return embed_basis(vecs, support, m, rank)
 
 
 def subspace_start(u: Tensor, q: Tensor, bias: bool, rank: int = WARM_RANK,

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .. import ops, reference
 from ..method.activations import activation_spec, get_activation
-from ..method.statistic import WARM_MIN_M, WARM_RANK, EigenPlan, EigenStatistic, leading_basis
+from ..method.statistic import WARM_MIN_M, WARM_RANK, EigenPlan, EigenStatistic, embed_basis, support_basis
 from ..registry import register
 from .base import Site, register_kind
 from .linear import ResidualLayerBlock, build_feature, check_matrix_phi, feature_spec, site_curvature
@@ -172,37 +172,76 @@ def conv_subspace_start(u: Tensor, q: Tensor, kernel_size: int, bias: bool, rank
     """Warm-start vectors ``[n, m]`` for the top eigenvectors of the conv blocks of ``(u, q)``.
 
     :func:`topoderiv.method.statistic.subspace_start` for patches: ``V`` = the ``rank`` leading
-    eigenvectors of the patches' Gram matrix (``Pt^T Pt``, from at most :data:`GRAM_ROWS` rows of
-    evenly spaced samples, unfolded in chunks of :data:`ROW_CHUNK_ELEMENTS`); every patch is
-    projected by one convolution (``z = conv2d(u, V)``, ``[N, rank, H, W]``); the projected blocks
-    ``V^T B_r V`` are the ``1 x 1`` conv blocks of ``(z, q)`` (:func:`topoderiv.ops.conv_sensitivity_blocks`),
-    and the top eigenvector ``y_r`` of each (Lanczos to 1%) gives ``V y_r``, plus 1% of a seeded
-    random direction (so a top eigenvector outside the subspace is still reached).
+    eigenvectors of the patches' Gram matrix ``G = Pt^T Pt`` (from at most :data:`GRAM_ROWS` rows
+    of evenly spaced samples), by :func:`topoderiv.method.statistic.support_basis` on the features
+    whose patches are not all zero: a randomized subspace iteration that applies ``G`` by two
+    convolutions (``Pt W`` = ``conv2d``, ``Pt^T Z`` = its weight gradient; ``G`` is never formed,
+    ``O(rows m rank)``), or, for small supports, an exact ``eigh`` of ``G`` accumulated from unfolded
+    chunks of :data:`ROW_CHUNK_ELEMENTS`. Every patch is projected by one convolution
+    (``z = conv2d(u, V)``, ``[N, rank, H, W]``); the projected blocks ``V^T B_r V`` are the ``1 x 1``
+    conv blocks of ``(z, q)`` (:func:`topoderiv.ops.conv_sensitivity_blocks`), and the top
+    eigenvector ``y_r`` of each (Lanczos to 1%) gives ``V y_r``, plus 1% of a seeded random
+    direction (so a top eigenvector outside the subspace is still reached).
 
     Args:
         u: features ``[N, C, H, W]``; q: costates ``[N, n, H, W]`` (same dtype).
         kernel_size: odd ``k``; bias: whether ``m = C k k + 1``; rank: subspace dimension.
     """
     N, C, H, W = u.shape
-    k = kernel_size
+    k, pad = kernel_size, kernel_size // 2
     d = C * k * k
     m = d + int(bias)
     acc = torch.float64 if u.dtype == torch.float64 else torch.float32
     step = max(1, -(-N * H * W // GRAM_ROWS))
-    us = u[::step]
-    gram = torch.zeros(m, m, dtype=acc, device=u.device)
-    max_rows = max(1, ROW_CHUNK_ELEMENTS // m)
-    per = max(1, max_rows // max(1, H * W))  # whole samples per chunk (pixel tiles of one when it is larger)
-    for s0 in range(0, us.shape[0], per):
-        chunk = us[s0:s0 + per].to(acc)
-        for pt, _ in reference.conv_rows(chunk, chunk.new_zeros(chunk.shape[0], 0, H, W), k, max_rows):
-            if bias:
-                pt = torch.cat([pt, pt.new_ones(pt.shape[0], 1)], dim=1)
-            gram.addmm_(pt.mT, pt)
+    us = u[::step].to(acc)
+    # diag(G): the sum of squares of each patch feature (a box sum of the squared input), the row
+    # count for the bias feature; features with a zero diagonal are zero in every patch
+    sq = us.square().sum(dim=0, keepdim=True)  # [1, C, H, W]
+    diag = F.unfold(sq, k, padding=pad).sum(dim=-1)[0]  # [C k k]
+    if bias:
+        diag = torch.cat([diag, diag.new_full((1,), float(us.shape[0] * H * W))])
+    support = (diag != 0).nonzero().squeeze(1)
     r = min(int(rank), m)
-    basis = leading_basis(gram, r)  # [m, r]
+
+    def embedded(w: Tensor) -> Tensor:  # [s, c] on the support -> [m, c]
+        if support.numel() == m:
+            return w
+        full = w.new_zeros(m, w.shape[1])
+        full[support] = w
+        return full
+
+    def project(w: Tensor) -> Tensor:  # Pt W: [N', c, H, W]
+        c = w.shape[1]
+        return F.conv2d(us, w[:d].mT.reshape(c, C, k, k), w[d] if bias else None, padding=pad)
+
+    def apply(w: Tensor) -> Tensor:  # G W on the support
+        full = embedded(w)
+        z = project(full)
+        gw = torch.nn.grad.conv2d_weight(us, (full.shape[1], C, k, k), z, padding=pad).reshape(-1, d).mT
+        out = torch.cat([gw, z.sum(dim=(0, 2, 3))[None]], dim=0) if bias else gw
+        return out[support]
+
+    def ritz(qb: Tensor) -> Tensor:  # qb^T G qb = (Pt qb)^T (Pt qb)
+        z = project(embedded(qb))
+        zf = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        return zf.mT @ zf
+
+    def gram_of() -> Tensor:  # G on the support, accumulated from unfolded chunks
+        gram = torch.zeros(support.numel(), support.numel(), dtype=acc, device=u.device)
+        max_rows = max(1, ROW_CHUNK_ELEMENTS // m)
+        per = max(1, max_rows // max(1, H * W))  # whole samples per chunk (pixel tiles of one when it is larger)
+        for s0 in range(0, us.shape[0], per):
+            chunk = us[s0:s0 + per]
+            for pt, _ in reference.conv_rows(chunk, chunk.new_zeros(chunk.shape[0], 0, H, W), k, max_rows):
+                if bias:
+                    pt = torch.cat([pt, pt.new_ones(pt.shape[0], 1)], dim=1)
+                pt = pt if support.numel() == m else pt[:, support]
+                gram.addmm_(pt.mT, pt)
+        return gram
+
+    basis = embed_basis(support_basis(support.numel(), r, apply, ritz, gram_of, us), support, m, r)  # [m, r]
     weight = basis[:d].mT.reshape(r, C, k, k)
-    z = F.conv2d(u.to(acc), weight, basis[d] if bias else None, padding=k // 2)  # [N, r, H, W]
+    z = F.conv2d(u.to(acc), weight, basis[d] if bias else None, padding=pad)  # [N, r, H, W]
     c = ops.conv_sensitivity_blocks(z, q.to(acc), 1, bias=False)  # [n, r, r]
     v0 = ops.lanczos_topk(c, 1, tol=1e-2).vectors[:, :, 0] @ basis.mT
     g = torch.randn(v0.shape, generator=torch.Generator().manual_seed(0), dtype=v0.dtype).to(v0.device)
