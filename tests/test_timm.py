@@ -139,6 +139,26 @@ def test_arbiter_timm_resnet_conv():
     assert blk.config()["activation"] == "td"
 
 
+def test_resnet18_at_32px_scores_its_1x1_stage(monkeypatch):
+    """resnet18 on 32 x 32 images: layer4 runs at 1 x 1, so 8 of the 9 taps of every patch are zero
+    padding and the warm start's Gram (m = 4609) is zero outside 513 features. MKL's eigh failed to
+    converge on such Grams, in float32 and float64 (torch 2.14): scoring raised. Every point must
+    score and converge, and agree with cold random-start solves at a tighter tolerance (a path
+    without the warm start)."""
+    from topoderiv.method import statistic
+    torch.manual_seed(0)
+    model = from_timm(timm.create_model("resnet18", pretrained=False, num_classes=4)).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 4, (16,), generator=g)
+    warm = score(model, [(x, y)], F.cross_entropy)
+    assert any(p.name.startswith("layer4.") for p in warm.points) and all(p.converged for p in warm.points)
+    monkeypatch.setattr(statistic, "WARM_MIN_M", 1 << 62)
+    cold = score(model, [(x, y)], F.cross_entropy, tol=1e-6)
+    top = max(abs(p.mu) for p in cold.points)
+    for a, b in zip(warm.points, cold.points):
+        assert abs(a.mu - b.mu) <= 1e-3 * top, (a.name, a.mu, b.mu)
+
+
 def test_function_preserved_and_grown_vit_is_a_timm_vit():
     model = _vit(seed=4)
     x = torch.randn(5, 2, 8, 8)
