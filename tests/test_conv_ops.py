@@ -236,6 +236,31 @@ def test_matvec_against_unfold(shape, dtype, gen):
         assert rel_err(ref.conv_sensitivity_matvec(x.double(), p.double(), v, k, bias=bias), exact) < 1e-12
 
 
+@pytest.mark.parametrize("n", [1, 8, 9, 20])  # the CPU kernel: direct convolution for n <= 8, GEMMs above
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_matvec_both_cpu_paths_against_unfold(n, layout, dtype, gen):
+    for N, C, H, W, k in ((2, 3, 5, 7, 3), (3, 2, 1, 6, 5), (1, 4, 9, 4, 1), (2, 5, 16, 19, 3)):
+        x = torch.randn(N, C, H, 2 * W, generator=gen, dtype=F64).to(dtype)
+        p = torch.randn(N, n, H, 2 * W, generator=gen, dtype=F64).to(dtype)
+        if layout == "strided":  # every other column: a non-unit W stride
+            x, p = x[..., ::2], p[..., ::2]
+        else:
+            x, p = x[..., :W].contiguous(), p[..., :W].contiguous()
+            if layout == "channels_last":
+                x, p = x.contiguous(memory_format=torch.channels_last), p.contiguous(memory_format=torch.channels_last)
+        acc = F64 if dtype == F64 else torch.float32
+        for bias in (True, False):
+            v = torch.randn(n, C * k * k + bias, generator=gen, dtype=F64)
+            exact = unfold_matvec(x.double(), p.double(), v, k, bias)
+            got = ops.conv_sensitivity_matvec(x, p, v.to(acc), k, bias=bias)
+            if dtype == F64:
+                assert rel_err(got, exact) < 1e-12, (N, C, H, W, k, bias)
+            else:
+                torch_err = rel_err(unfold_matvec(x.float(), p.float(), v.float(), k, bias), exact)
+                assert rel_err(got, exact) <= 2 * torch_err + 4 * torch.finfo(torch.float32).eps, (N, C, H, W, k, bias)
+
+
 def test_matvec_exact_small_integers_and_poisoned_output(gen):
     x, p = ints((3, 2, 5, 7), gen), ints((3, 4, 5, 7), gen)
     v = ints((4, 19), gen)

@@ -17,7 +17,9 @@
 // process shares the cores) and gathers every chunk itself (m values per row, against its tiles'
 // n m^2 / (2 threads) multiply-adds per row). The lower triangle is mirrored at the end.
 //
-// Matvec. Split-K over chunks: each thread gathers its own chunks, then Y^T = V Pt^T ([n, KC]; the
+// Matvec, n <= 8 (the Lanczos steps where most blocks have converged): direct convolution on a
+// zero-padded copy of each image, no patch buffers (matvec_direct below). Larger n:
+// split-K over chunks: each thread gathers its own chunks, then Y^T = V Pt^T ([n, KC]; the
 // channels along the micro-kernel's short side, so few channels waste little) and
 // acc += (P .* Y)^T Pt (the product with P fused into the second GEMM's A panels) into a private
 // [n, m] accumulator; the accumulators are summed in thread order at the end (deterministic for a
@@ -339,6 +341,118 @@ void matvec_impl(const ConvSensitivityMatvecParams& P) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// matvec for few channels: direct convolution, no patch buffers
+
+// With few output channels (the Lanczos steps where most blocks have converged) the GEMM path
+// above is bound by gathering and transposing m patch values per output pixel, whatever n is.
+// This path reads each image once into a zero-padded copy xs [C][Hp * Wp + k] (Hp = H + 2 pad,
+// Wp = W + 2 pad; the k trailing zeros keep the last window in bounds) and indexes output pixels
+// on the padded grid, j = oh * Wp + ow for j < L = Ho * Wp (columns ow >= Wo are scratch, masked
+// out below). Feature f = (c, ky, kx) of output j is then xs[c][j + ky Wp + kx] (its offset from
+// PatchAddress on the padded copy): one contiguous run per feature, so both GEMMs are unit-stride
+// loops over j:
+//   Y[r, j] = v[r, d] + sum_f v[r, f] xs_f[j]                       (GEMM-1, axpys)
+//   A[r, j] = p[img, r, oh, ow] Y[r, j]  (0 on scratch columns)
+//   acc[r, f] += sum_j A[r, j] xs_f[j],  acc[r, d] += sum_j A[r, j]   (GEMM-2, dots)
+// Images are split statically over the threads; each thread sums into its own [n, m] accumulator
+// and the accumulators are added in thread order (deterministic for a given thread count).
+constexpr int64_t kDirectMaxN = 8;  // channels up to which the direct path is used (measured)
+constexpr int64_t kDirectJB = 32;   // output positions per register block of GEMM-1
+
+template <typename Tin, typename Tacc>
+TD_TARGET_CLONES void direct_image(const Tin* x, const Strides4& xs, const Tin* p, const Strides4& ps,
+                                   const ConvGeometry& g, const Tacc* v, const int64_t* foff, Tacc* xbuf,
+                                   Tacc* ybuf, Tacc* acc) {
+  const int64_t C = g.C, H = g.H, W = g.W, k = g.k, pad = g.pad, n = g.n, m = g.m(), d = g.d();
+  const int64_t Ho = g.Ho(), Wo = g.Wo(), Hp = H + 2 * pad, Wp = W + 2 * pad;
+  const int64_t cs = Hp * Wp + k, L = Ho * Wp;
+  // the padded image (zeros are written once per call by the caller; only the interior changes)
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t ih = 0; ih < H; ++ih) {
+      Tacc* dst = xbuf + c * cs + (ih + pad) * Wp + pad;
+      const Tin* src = x + c * xs.c + ih * xs.h;
+      for (int64_t iw = 0; iw < W; ++iw) dst[iw] = convert<Tacc>(src[iw * xs.w]);
+    }
+  // GEMM-1 in register blocks of kDirectJB positions x n channels
+  for (int64_t j0 = 0; j0 < L; j0 += kDirectJB) {
+    const int64_t jb = std::min(kDirectJB, L - j0);
+    Tacc y[kDirectMaxN][kDirectJB];
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t jj = 0; jj < kDirectJB; ++jj) y[r][jj] = g.bias ? v[r * m + d] : Tacc(0);
+    for (int64_t f = 0; f < d; ++f) {
+      const Tacc* xr = xbuf + foff[f] + j0;
+      for (int64_t r = 0; r < n; ++r) {
+        const Tacc w = v[r * m + f];
+        for (int64_t jj = 0; jj < kDirectJB; ++jj) y[r][jj] += w * xr[jj];
+      }
+    }
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t jj = 0; jj < jb; ++jj) ybuf[r * L + j0 + jj] = y[r][jj];
+  }
+  // A = p .* Y on the output pixels, 0 on the scratch columns
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t oh = 0; oh < Ho; ++oh) {
+      Tacc* a = ybuf + r * L + oh * Wp;
+      const Tin* pr = p + r * ps.c + oh * ps.h;
+      for (int64_t ow = 0; ow < Wo; ++ow) a[ow] *= convert<Tacc>(pr[ow * ps.w]);
+      for (int64_t ow = Wo; ow < Wp; ++ow) a[ow] = Tacc(0);
+    }
+  // GEMM-2: one dot per (channel, feature) over the L positions
+  for (int64_t r = 0; r < n; ++r) {
+    const Tacc* a = ybuf + r * L;
+    Tacc* o = acc + r * m;
+    for (int64_t f = 0; f < d; ++f) o[f] += static_cast<Tacc>(dot<Tacc>(a, xbuf + foff[f], L));
+    if (g.bias) {
+      Tacc sum = 0;
+      for (int64_t j = 0; j < L; ++j) sum += a[j];
+      o[d] += sum;
+    }
+  }
+}
+
+template <typename Tin, typename Tacc>
+void matvec_direct(const ConvSensitivityMatvecParams& P) {
+  const ConvGeometry& g = P.g;
+  const int64_t C = g.C, k = g.k, n = g.n, m = g.m();
+  const int64_t Hp = g.H + 2 * g.pad, Wp = g.W + 2 * g.pad, cs = Hp * Wp + k, L = g.Ho() * Wp;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(1, P.num_threads), g.N)));
+  // the features' offsets by the kernels' one addressing scheme (PatchAddress), applied to the
+  // padded copy: an unpadded geometry of Hp x Wp images with strides (C cs, cs, Wp, 1)
+  ConvGeometry gp = g;
+  gp.H = Hp;
+  gp.W = Wp;
+  gp.pad = 0;
+  const FeatureTable F(PatchAddress(gp, Strides4{C * cs, cs, Wp, 1, 0}, P.ps));
+  const int64_t* foff = F.off.data();
+  // per thread: the padded image (C cs, plus kDirectJB zeros: GEMM-1's last register block reads
+  // up to kDirectJB - 3 elements past the last channel), Y/A (n L, rounded up to whole register
+  // blocks) and the accumulator (n m)
+  const int64_t xlen = C * cs + kDirectJB;
+  const int64_t ylen = n * ((L + kDirectJB - 1) / kDirectJB) * kDirectJB;
+  const int64_t per_thread = xlen + ylen + n * m;
+  AlignedBuffer<Tacc> work(static_cast<int64_t>(nt) * per_thread);
+  const Tin* x = static_cast<const Tin*>(P.x);
+  const Tin* p = static_cast<const Tin*>(P.p);
+  const Tacc* v = static_cast<const Tacc*>(P.v);
+  Tacc* out = static_cast<Tacc*>(P.out);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = thread_id(), T = team_size();
+    Tacc* xbuf = work.get() + static_cast<int64_t>(tid) * per_thread;
+    Tacc* ybuf = xbuf + xlen;
+    Tacc* acc = ybuf + ylen;
+    std::fill(xbuf, xbuf + xlen, Tacc(0));
+    std::fill(acc, acc + n * m, Tacc(0));
+    for (int64_t img = g.N * tid / T; img < g.N * (tid + 1) / T; ++img)
+      direct_image<Tin, Tacc>(x == nullptr ? x : x + img * P.xs.n, P.xs, p + img * P.ps.n, P.ps, g, v, foff, xbuf,
+                              ybuf, acc);
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) sum_accumulators(out, r, m, work.get() + (per_thread - n * m), per_thread, T);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // matrix-free Lanczos operator
 
 // A v for the Lanczos CPU backend (T = the Lanczos dtype = the matvec's acc dtype), problem by
@@ -468,7 +582,10 @@ void conv_sensitivity_matvec_cpu(const ConvSensitivityMatvecParams& params) {
     ConvSensitivityMatvecParams P = batch_item(params, b, b * nm);
     P.v = static_cast<const char*>(params.v) + static_cast<size_t>(b * nm) * dtype_size(params.acc_dtype);
     cpu::dispatch_dtypes(fn, P.in_dtype, P.acc_dtype, [&](auto tin, auto tacc) {
-      cpu::matvec_impl<decltype(tin), decltype(tacc)>(P);
+      if (P.g.n <= cpu::kDirectMaxN)
+        cpu::matvec_direct<decltype(tin), decltype(tacc)>(P);
+      else
+        cpu::matvec_impl<decltype(tin), decltype(tacc)>(P);
     });
   }
 }
