@@ -30,7 +30,6 @@
 // operator gathers the costate channels of the others and applies only those.
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
